@@ -1,0 +1,61 @@
+"""Shard-first parameter creation: shapes come from `jax.eval_shape`, shardings from the rules table,
+and parameters are born (random init) or loaded (Hugging Face) directly in their sharded layout."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+
+from tulu_jax import sharding as shd
+from tulu_jax.models import hf
+from tulu_jax.models.config import DecoderConfig
+from tulu_jax.models.decoder import Decoder
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def resolve_dtype(name: str) -> jnp.dtype:
+  """'auto' is bfloat16 on accelerators (GPU/TPU) and float32 on the CPU."""
+  if name == "auto":
+    return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+  if name not in DTYPES:
+    raise ValueError(f"unknown dtype {name!r}; expected auto or one of {sorted(DTYPES)}")
+  return DTYPES[name]
+
+
+def _init_fn(model: Decoder):
+  def init(rng):
+    ids = jnp.zeros((1, 8), jnp.int32)
+    return model.init(rng, ids)["params"]
+  return init
+
+
+def param_layout(model: Decoder, mesh: Mesh):
+  """(abstract params, their NamedShardings) without allocating anything."""
+  boxed = jax.eval_shape(_init_fn(model), jax.random.key(0))
+  shardings = shd.logical_sharding(nn.get_partition_spec(boxed), mesh)
+  abstract = nn.unbox(boxed)
+  shd.check_divisible(abstract, shardings)
+  return abstract, shardings
+
+
+def init_params(model: Decoder, mesh: Mesh, rng):
+  """Random parameters, each created directly on its shards."""
+  _, shardings = param_layout(model, mesh)
+  init = jax.jit(lambda r: nn.unbox(_init_fn(model)(r)), out_shardings=shardings)
+  return init(rng)
+
+
+def load_params(model_dir: str, model: Decoder, mesh: Mesh):
+  abstract, shardings = param_layout(model, mesh)
+  return hf.load_hf_params(model_dir, model.cfg, abstract, shardings, dtype=abstract_dtype(abstract))
+
+
+def abstract_dtype(abstract):
+  return jax.tree_util.tree_leaves(abstract)[0].dtype
+
+
+def build_model(cfg: DecoderConfig, *, dtype="float32", param_dtype="float32", remat=False) -> Decoder:
+  return Decoder(cfg, dtype=resolve_dtype(dtype), param_dtype=resolve_dtype(param_dtype), remat=remat)

@@ -1,0 +1,93 @@
+"""Device meshes and the one table that maps logical axis names to mesh axes.
+
+Model code names its dimensions ("embed", "heads", ...); nothing else in the library writes a
+PartitionSpec by hand. Mesh axes: `data` (pure data parallel), `fsdp` (data parallel with sharded
+parameters and optimizer state), `tensor` (Megatron-style model parallel over heads/MLP/vocab).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Logical name -> mesh axes. Parameters: embed over fsdp (ZeRO-3 style), heads/mlp/vocab over tensor.
+# Activations: batch over data+fsdp, hidden features replicated, head/mlp/vocab features over tensor.
+LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("embed", "fsdp"),
+    ("vocab", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("head_dim", None),
+    ("layers", None),
+    ("norm", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_kv_heads", "tensor"),
+    ("act_mlp", "tensor"),
+    ("act_vocab", "tensor"),
+)
+
+
+def resolve_mesh_shape(data: int, fsdp: int, tensor: int, num_devices: int) -> tuple[int, int, int]:
+  """Fills in at most one -1 with the remaining devices; the product must equal num_devices."""
+  sizes = [data, fsdp, tensor]
+  if sizes.count(-1) > 1:
+    raise ValueError(f"mesh: at most one axis may be -1, got data={data} fsdp={fsdp} tensor={tensor}")
+  if any(s == 0 or s < -1 for s in sizes):
+    raise ValueError(f"mesh: axis sizes must be positive or -1, got data={data} fsdp={fsdp} tensor={tensor}")
+  known = math.prod(s for s in sizes if s != -1)
+  if -1 in sizes:
+    if num_devices % known:
+      raise ValueError(f"mesh: {num_devices} devices are not divisible by the fixed axes (product {known})")
+    sizes[sizes.index(-1)] = num_devices // known
+  if math.prod(sizes) != num_devices:
+    raise ValueError(f"mesh: data*fsdp*tensor = {math.prod(sizes)} but {num_devices} devices are available")
+  return tuple(sizes)
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> Mesh:
+  devices = jax.devices() if devices is None else devices
+  shape = resolve_mesh_shape(data, fsdp, tensor, len(devices))
+  # Tensor-parallel neighbours should share the fastest links: keep it the innermost axis.
+  return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+
+
+def logical_sharding(logical_specs, mesh: Mesh):
+  """Pytree of logical PartitionSpecs -> pytree of NamedShardings on `mesh`."""
+  return nn.logical_to_mesh_sharding(logical_specs, mesh, LOGICAL_RULES)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P(("data", "fsdp")))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def check_divisible(abstract_tree, sharding_tree, what: str = "parameter") -> None:
+  """Raises if a sharded dimension does not divide evenly: we never replicate silently."""
+  flat_a = jax.tree_util.tree_flatten_with_path(abstract_tree)[0]
+  flat_s = jax.tree_util.tree_leaves(sharding_tree, is_leaf=lambda x: isinstance(x, NamedSharding))
+  for (path, leaf), sharding in zip(flat_a, flat_s):
+    spec = sharding.spec
+    for dim, axes in enumerate(spec):
+      if axes is None:
+        continue
+      axes = axes if isinstance(axes, tuple) else (axes,)
+      n = math.prod(sharding.mesh.shape[a] for a in axes)
+      if leaf.shape[dim] % n:
+        name = jax.tree_util.keystr(path)
+        raise ValueError(
+            f"{what} {name} of shape {leaf.shape}: dimension {dim} ({leaf.shape[dim]}) is not divisible by "
+            f"mesh axes {axes} (size {n}); choose another mesh.* shape")
