@@ -71,7 +71,7 @@ def sft_step(state: TrainState, batch, *, model: Decoder, tx: optax.GradientTran
   metrics = {
       "loss": loss,
       "nll_per_token": loss * denom / jnp.maximum(num_tokens, 1.0),
-      "grad_norm": optax.global_norm(grads),
+      "grad_norm": optax.tree.norm(grads),
       "learning_rate": schedule(state.step),
       "trained_tokens": num_tokens,
       "sequences": num_seqs,
