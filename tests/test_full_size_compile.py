@@ -24,7 +24,7 @@ def test_full_size_step_compiles_from_shapes(name, mesh_shape):
   if jax.device_count() < 8:
     pytest.skip("needs XLA_FLAGS=--xla_force_host_platform_device_count=8")
   cfg = configlib.load_config(SFTConfig, str(REPO / f"configs/sft/tulu3_{name}.yaml"), [])
-  dcfg = preset(f"llama3.1-{name}")
+  dcfg = preset(cfg.model.preset)
   model = build_model(dcfg, dtype="bfloat16", param_dtype=cfg.model.param_dtype, remat=cfg.model.remat)
   mesh = make_mesh(*mesh_shape)
   tx, schedule = make_optimizer(cfg.optim, 1000)
