@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import field
 from typing import Literal
 
@@ -21,6 +22,12 @@ class ModelConfig:
       "help": "compute dtype: auto (bfloat16 on GPU/TPU, float32 on CPU), float32, bfloat16"})
   param_dtype: str = field(default="float32", metadata={"help": "dtype of the master weights"})
   remat: bool = field(default=False, metadata={"help": "rematerialise each layer in the backward pass"})
+
+  def __post_init__(self):
+    for name in ("path", "tokenizer"):
+      value = getattr(self, name)
+      if value is not None:
+        object.__setattr__(self, name, os.path.expanduser(value))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -1,0 +1,92 @@
+"""Reading chat rows from JSONL, Parquet or a local `datasets.save_to_disk` folder, with validation.
+
+Every row is located as "<path> line N" (JSONL, 1-based line) or "<path> row N" (1-based row of a
+table), so a bad row can be found and fixed.
+"""
+
+import json
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from tulu_jax.data.chat import DataError, validate_messages
+
+ON_BAD_ROW = ("error", "skip")
+
+
+def _jsonl_rows(path: Path) -> Iterator[tuple[str, Any]]:
+    with path.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, start=1):
+            if not line.strip():  # Blank lines (e.g. a trailing newline) are not rows.
+                continue
+            where = f"{path} line {n}"
+            try:
+                yield where, json.loads(line)
+            except json.JSONDecodeError as e:
+                yield where, DataError(f"{where}: invalid JSON: {e.msg} (column {e.colno})", "invalid_json")
+
+
+def _parquet_rows(path: Path) -> Iterator[tuple[str, Any]]:
+    import pyarrow.parquet as pq
+
+    n = 0
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+        for row in batch.to_pylist():
+            n += 1
+            yield f"{path} row {n}", row
+
+
+def _hf_folder_rows(path: Path) -> Iterator[tuple[str, Any]]:
+    import datasets
+
+    ds = datasets.load_from_disk(str(path))
+    if isinstance(ds, datasets.DatasetDict):
+        if len(ds) != 1:
+            raise DataError(
+                f"{path}: a DatasetDict with splits {sorted(ds)}; pass one split's folder, e.g. {path}/train",
+                "bad_file",
+            )
+        ds = next(iter(ds.values()))
+    for n, row in enumerate(ds, start=1):
+        yield f"{path} row {n}", row
+
+
+def iter_raw_rows(path: str | Path) -> Iterator[tuple[str, Any]]:
+    """Yields (where, row) for one file; `row` is a DataError for an unparsable JSONL line."""
+    path = Path(path)
+    if path.is_dir():
+        return _hf_folder_rows(path)
+    if not path.exists():
+        raise FileNotFoundError(f"data file not found: {path}")
+    if path.suffix == ".jsonl":
+        return _jsonl_rows(path)
+    if path.suffix == ".parquet":
+        return _parquet_rows(path)
+    raise DataError(f"{path}: unsupported file type (expected .jsonl, .parquet or a datasets folder)", "bad_file")
+
+
+def iter_conversations(
+    files: Sequence[str | Path], on_bad_row: str, counts: dict[str, Any]
+) -> Iterator[list[dict[str, str]]]:
+    """Yields the validated conversations of `files` in order (streaming, so big files fit in memory).
+
+    Updates `counts` in place: `rows_read` and `rows_skipped` (reason -> count). With
+    on_bad_row="error" the first bad row raises DataError; with "skip" it is only counted.
+    """
+    if on_bad_row not in ON_BAD_ROW:
+        raise ValueError(f"on_bad_row must be one of {ON_BAD_ROW}, got {on_bad_row!r}")
+    counts.setdefault("rows_read", 0)
+    skipped = counts.setdefault("rows_skipped", {})
+    for path in files:
+        for where, row in iter_raw_rows(path):
+            counts["rows_read"] += 1
+            try:
+                if isinstance(row, DataError):
+                    raise row
+                messages = validate_messages(row, where)
+            except DataError as e:
+                if on_bad_row == "error":
+                    raise
+                skipped[e.reason] = skipped.get(e.reason, 0) + 1
+                continue
+            yield messages
