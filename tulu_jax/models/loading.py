@@ -32,9 +32,14 @@ def _init_fn(model: Decoder):
   return init
 
 
+def boxed_param_shapes(model: Decoder):
+  """Parameter shapes still wrapped in their logical-axis metadata (nothing allocated)."""
+  return jax.eval_shape(_init_fn(model), jax.random.key(0))
+
+
 def param_layout(model: Decoder, mesh: Mesh):
   """(abstract params, their NamedShardings) without allocating anything."""
-  boxed = jax.eval_shape(_init_fn(model), jax.random.key(0))
+  boxed = boxed_param_shapes(model)
   shardings = shd.logical_sharding(nn.get_partition_spec(boxed), mesh)
   abstract = nn.unbox(boxed)
   shd.check_divisible(abstract, shardings)
