@@ -15,7 +15,8 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 STEPS = 24
 ARGS = ["train.max_steps=%d" % STEPS, "checkpoint.every_steps=5", "data.max_seq_len=128", "train.batch_size=4",
-        "optim.lr=3e-3", "checkpoint.keep=2"]
+        "optim.lr=3e-3", "checkpoint.keep=2",
+        "train.eval_every=10"]
 
 
 def _cmd(out_dir):
@@ -31,7 +32,12 @@ def _env():
 
 def _losses(out_dir):
   rows = [json.loads(line) for line in open(Path(out_dir) / "metrics.jsonl")]
-  return {r["step"]: r["loss"] for r in rows}
+  return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def _eval_losses(out_dir):
+  rows = [json.loads(line) for line in open(Path(out_dir) / "metrics.jsonl")]
+  return {r["step"]: r["eval/nll_per_token"] for r in rows if "eval/nll_per_token" in r}
 
 
 def _logged_steps(out_dir):
@@ -53,6 +59,9 @@ def test_tiny_run_learns_checkpoints_and_exports(uninterrupted):
   assert sorted(losses) == list(range(1, STEPS + 1))
   first, last = sum(losses[s] for s in (1, 2, 3)) / 3, sum(losses[s] for s in (STEPS - 2, STEPS - 1, STEPS)) / 3
   assert last < 0.75 * first, (first, last)
+  evals = _eval_losses(out)  # step 0, every train.eval_every=10 steps, and the end
+  assert sorted(evals) == [0, 10, 20, 24]
+  assert evals[24] < 0.8 * evals[0], evals
   row = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
   for key in ("loss", "learning_rate", "grad_norm", "tokens_per_s", "packing_efficiency"):
     assert key in row
@@ -79,3 +88,4 @@ def test_sigkill_then_resume_gives_identical_losses(uninterrupted, tmp_path):
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert "resumed from" in resumed.stdout
   assert _losses(out) == _losses(full_out)  # bit-identical, every step
+  assert _eval_losses(out) == _eval_losses(full_out)

@@ -46,7 +46,8 @@ def test_short_sft_from_smollm2(smollm2_dir, tmp_path):
   env.pop("XLA_FLAGS", None)
   cmd = [sys.executable, "-m", "tulu_jax.cli", "sft", "--config", str(REPO / "configs/sft/smollm2_135m.yaml"),
          f"model.path={smollm2_dir}", f"output_dir={tmp_path}", "train.max_steps=3", "data.max_seq_len=128",
-         "train.batch_size=2", "checkpoint.every_steps=0", "export.dtype=float32"]
+         "train.batch_size=2", "checkpoint.every_steps=0", "export.dtype=float32",
+         "train.eval_every=-1"]
   proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-3000:]
   rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]

@@ -50,6 +50,8 @@ class TrainConfig:
   loss_reduction: Literal["sum", "mean"] = field(default="sum", metadata={
       "help": "sum: token NLL summed per sequence, averaged over sequences (Tülu 3); mean: per-token mean"})
   log_every: int = field(default=1, metadata={"help": "write metrics every N steps"})
+  eval_every: int = field(default=0, metadata={
+      "help": "evaluate on data.eval_files every N steps and at the end (0: only at the end; -1: never)"})
 
   def __post_init__(self):
     if self.batch_size <= 0 or self.grad_accum_steps <= 0 or self.batch_size % self.grad_accum_steps:

@@ -16,14 +16,14 @@ from tqdm import tqdm
 from tulu_jax import configlib
 from tulu_jax import sharding as shd
 from tulu_jax.config import ModelConfig, SFTConfig
-from tulu_jax.data import SFTPipeline, load_tokenizer
+from tulu_jax.data import SFTPipeline, load_tokenizer, resolve_files
 from tulu_jax.models import hf
 from tulu_jax.models.config import DecoderConfig, preset
 from tulu_jax.models.loading import build_model, init_params, load_params
 from tulu_jax.train.checkpoint import Checkpointer
 from tulu_jax.train.metrics import MetricsLogger
 from tulu_jax.train.optimizer import make_optimizer
-from tulu_jax.train.sft_step import BATCH_KEYS, jit_sft_step
+from tulu_jax.train.sft_step import BATCH_KEYS, jit_sft_eval, jit_sft_step
 from tulu_jax.train.state import create_state, state_layout
 
 
@@ -44,6 +44,34 @@ def load_model_and_tokenizer(mcfg: ModelConfig):
 def host_batch_stats(batch: dict[str, np.ndarray]) -> dict[str, float]:
   real = float(np.sum(batch["segment_ids"] > 0))
   return {"tokens": real, "packing_efficiency": real / batch["segment_ids"].size}
+
+
+class Evaluator:
+  """Loss on the held-out files, one pass in file order, with the training loss's reduction."""
+
+  def __init__(self, cfg: SFTConfig, tokenizer, model, mesh, param_shardings):
+    files = resolve_files(cfg.data, "eval")
+    self.enabled = bool(files) and cfg.train.eval_every >= 0
+    if not self.enabled:
+      return
+    self._pipeline = SFTPipeline(dataclasses.replace(cfg.data, shuffle=False), tokenizer,
+                                 batch_size=cfg.train.batch_size // jax.process_count(), seed=0, num_epochs=1,
+                                 files=files)
+    self._eval = jit_sft_eval(model, mesh, param_shardings)
+    self._sharding = shd.batch_sharding(mesh)
+    self._reduction = cfg.train.loss_reduction
+
+  def __call__(self, params) -> dict[str, float]:
+    sums = []
+    for host_batch in self._pipeline.iterator():
+      batch = {k: jax.make_array_from_process_local_data(self._sharding, host_batch[k]) for k in BATCH_KEYS}
+      sums.append(self._eval(params, batch))
+    if not sums:
+      raise ValueError("the eval files yield no full batch: lower train.batch_size or add eval data")
+    nll, tokens, seqs = (float(sum(x)) for x in zip(*jax.device_get(sums)))
+    per_token = nll / max(tokens, 1.0)
+    return {"eval/loss": nll / max(seqs, 1.0) if self._reduction == "sum" else per_token,
+            "eval/nll_per_token": per_token}
 
 
 def run_sft(cfg: SFTConfig) -> dict:
@@ -88,8 +116,12 @@ def run_sft(cfg: SFTConfig) -> dict:
 
   step_fn = jit_sft_step(model, tx, schedule, mesh, shardings, reduction=cfg.train.loss_reduction,
                          accum_steps=cfg.train.grad_accum_steps)
+  evaluate = Evaluator(cfg, tokenizer, model, mesh, shardings.params)
+  every = cfg.train.eval_every
   batch_sharding = shd.batch_sharding(mesh)
   logger = MetricsLogger(out_dir, resume_step=start, enabled=lead)
+  if start == 0 and evaluate.enabled:  # the starting point, so the eval curve shows what training bought
+    logger.log(0, evaluate(state.params))
   bar = tqdm(total=total_steps, initial=start, desc="sft", disable=not lead, dynamic_ncols=True)
   last = {}
   pending = None
@@ -97,8 +129,9 @@ def run_sft(cfg: SFTConfig) -> dict:
 
   def report(pending):
     nonlocal clock
-    step, metrics, stats = pending
+    step, metrics, stats, eval_metrics = pending
     metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}  # waits for that step
+    metrics.update(eval_metrics)
     if not math.isfinite(metrics["loss"]):
       raise FloatingPointError(f"loss is {metrics['loss']} at step {step}; the last good checkpoint is "
                                f"{ckpt.latest_step()} in {ckpt.directory}")
@@ -126,7 +159,8 @@ def run_sft(cfg: SFTConfig) -> dict:
       state, metrics = step_fn(state, batch)
       if pending is not None:  # read step N-1's metrics only after step N is dispatched
         report(pending)
-      pending = (step, metrics, host_batch_stats(host_batch))
+      due = evaluate.enabled and ((every > 0 and step % every == 0) or step == total_steps)
+      pending = (step, metrics, host_batch_stats(host_batch), evaluate(state.params) if due else {})
       if cfg.checkpoint.every_steps > 0 and step % cfg.checkpoint.every_steps == 0:
         ckpt.save(step, state, data_state)
     if pending is not None:

@@ -100,3 +100,23 @@ def jit_sft_step(model: Decoder, tx, schedule, mesh: Mesh, state_shardings: Trai
 def _lower(jitted, mesh, *args):
   with jax.set_mesh(mesh), nn.logical_axis_rules(shd.LOGICAL_RULES):
     return jitted.lower(*args)
+
+
+def sft_eval_sums(params, batch, *, model: Decoder):
+  """Forward only: (summed NLL of trained tokens, trained tokens, sequences) of one batch."""
+  logits = model.apply({"params": params}, batch["input_ids"], batch["positions"], batch["segment_ids"])
+  targets, weights = shift_for_next_token(batch["input_ids"], batch["loss_mask"], batch["segment_ids"])
+  nll_sum, count = cross_entropy_sums(logits, targets, weights)
+  return nll_sum, count, count_sequences(batch)
+
+
+def jit_sft_eval(model: Decoder, mesh: Mesh, param_shardings):
+  batch_shardings = {k: shd.batch_sharding(mesh) for k in BATCH_KEYS}
+  jitted = jax.jit(functools.partial(sft_eval_sums, model=model),
+                   in_shardings=(param_shardings, batch_shardings), out_shardings=NamedSharding(mesh, P()))
+
+  def run(params, batch):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(shd.LOGICAL_RULES):
+      return jitted(params, batch)
+
+  return run

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Sets up the environment and runs the whole test suite (what CI runs). Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+. .venv/bin/activate
+export HF_HUB_OFFLINE=1 JAX_PLATFORMS=cpu XLA_FLAGS="--xla_force_host_platform_device_count=8"
+python -m pytest -q -p no:cacheprovider --durations=15 tests "$@"
