@@ -16,6 +16,7 @@ from tqdm import tqdm
 from tulu_jax import configlib
 from tulu_jax import sharding as shd
 from tulu_jax.config import ModelConfig, SFTConfig
+from tulu_jax.configlib import ConfigError
 from tulu_jax.data import SFTPipeline, load_tokenizer, resolve_files
 from tulu_jax.models import hf
 from tulu_jax.models.config import DecoderConfig, preset
@@ -36,7 +37,7 @@ def load_model_and_tokenizer(mcfg: ModelConfig):
     dcfg = preset(mcfg.preset, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                   bos_token_id=tokenizer.bos_token_id)
   if len(tokenizer) > dcfg.vocab_size:
-    raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
+    raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
                      f"{dcfg.vocab_size}: token ids would index past the embedding table")
   return dcfg, tokenizer
 
@@ -82,11 +83,14 @@ def run_sft(cfg: SFTConfig) -> dict:
     with open(os.path.join(out_dir, "config.yaml"), "w") as f:
       yaml.safe_dump(configlib.to_dict(cfg), f, sort_keys=False)
 
-  mesh = shd.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+  try:
+    mesh = shd.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
   dp = mesh.shape["data"] * mesh.shape["fsdp"]
   micro_rows = cfg.train.batch_size // cfg.train.grad_accum_steps
   if micro_rows % dp:
-    raise ValueError(f"train.batch_size / train.grad_accum_steps = {micro_rows} rows per micro-batch is not "
+    raise ConfigError(f"train.batch_size / train.grad_accum_steps = {micro_rows} rows per micro-batch is not "
                      f"divisible by the data-parallel size data*fsdp = {dp}")
   dcfg, tokenizer = load_model_and_tokenizer(cfg.model)
   model = build_model(dcfg, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype, remat=cfg.model.remat)
@@ -99,7 +103,10 @@ def run_sft(cfg: SFTConfig) -> dict:
   if total_steps <= 0:
     raise ValueError("the training data yields no full batch: add data or lower train.batch_size")
   tx, schedule = make_optimizer(cfg.optim, total_steps)
-  abstract, shardings = state_layout(model, tx, mesh)
+  try:
+    abstract, shardings = state_layout(model, tx, mesh)
+  except ValueError as e:  # a dimension that the mesh does not divide
+    raise ConfigError(str(e)) from None
 
   ckpt = Checkpointer(os.path.join(out_dir, "checkpoints"), cfg.checkpoint.keep)
   data_iter = pipeline.iterator()
