@@ -14,6 +14,9 @@ def _sft(args, overrides):
     print(configlib.config_help(SFTConfig))
     return 0
   cfg = configlib.load_config(SFTConfig, args.config, overrides)
+  if args.distributed:  # multi-host (TPU pod, SLURM): every host runs the same command
+    import jax
+    jax.distributed.initialize()
   from tulu_jax.train.sft import run_sft
   run_sft(cfg)
   return 0
@@ -42,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="SFT. Overrides follow as dotted.key=value, e.g. train.max_steps=50.")
   sft.add_argument("--config", help="YAML config (default: the built-in defaults = configs/sft/tiny.yaml)")
   sft.add_argument("--help-config", action="store_true", help="list every config key with its type and default")
+  sft.add_argument("--distributed", action="store_true",
+                   help="call jax.distributed.initialize() first (multi-host: TPU pods, SLURM)")
   sft.set_defaults(fn=_sft)
 
   score = sub.add_parser("score", help="per-token log-probs of a text, as JSON")
