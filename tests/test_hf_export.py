@@ -57,3 +57,19 @@ def test_checkpoint_shape_mismatch_is_a_clear_error(tmp_path):
   wrong = build_model(cfg.__class__(**{**cfg.__dict__, "intermediate_size": 128}))
   with pytest.raises(ValueError, match=r"mlp\.\w+_proj\.weight has shape .* expected"):
     load_params(str(tmp_path / "src"), wrong, make_mesh(devices=jax.devices()[:1]))
+
+
+@pytest.mark.parametrize("mesh_shape", [(2, 2, 2), (1, 4, 2)])
+def test_load_places_shards_directly_on_a_mesh(tmp_path, mesh_shape):
+  if jax.device_count() < 8:
+    pytest.skip("needs 8 devices")
+  make_hf_model("olmo2", str(tmp_path))
+  cfg = hf.load_hf_config(str(tmp_path))
+  model = build_model(cfg)
+  single = load_params(str(tmp_path), model, make_mesh(devices=jax.devices()[:1]))
+  mesh = make_mesh(*mesh_shape)
+  sharded = load_params(str(tmp_path), model, mesh)
+  q = sharded["layers"]["self_attn"]["q_kernel"]  # [L, D, N, H]: D over fsdp, N over tensor
+  assert q.sharding.shard_shape(q.shape) == (2, 64 // mesh_shape[1], 4 // mesh_shape[2], 16)
+  for a, b in zip(jax.tree.leaves(single), jax.tree.leaves(sharded)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
