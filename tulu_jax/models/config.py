@@ -48,7 +48,7 @@ class DecoderConfig:
     attn = d * h * (2 * self.num_heads + 2 * self.num_kv_heads)
     if self.qkv_bias:
       attn += h * (self.num_heads + 2 * self.num_kv_heads)
-    norms = d * (2 if not self.post_norm else 2)
+    norms = 2 * d  # two RMSNorms per layer, before (Llama, Qwen2) or after (OLMo 2) the sublayers
     if self.qk_norm:
       norms += h * (self.num_heads + self.num_kv_heads)
     layer = attn + 3 * d * f + norms

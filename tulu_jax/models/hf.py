@@ -122,25 +122,20 @@ class _SafetensorsIndex:
 def _place(shape, dtype, sharding, num_layers: int | None, read: Callable[[int | None], np.ndarray]):
   """Builds a global array from per-layer host tensors, filling only this process's device shards."""
   index_map = sharding.addressable_devices_indices_map(shape)
-  buffers: dict[tuple, np.ndarray] = {}
-  for idx in index_map.values():
-    key = tuple((s.start, s.stop) for s in idx)
-    if key not in buffers:
-      buffers[key] = np.empty(_slice_shape(shape, idx), dtype=dtype)
-  layers = range(num_layers) if num_layers is not None else [None]
-  for i in layers:
-    full = read(i)
+  key = lambda idx: tuple(s.indices(n) for s, n in zip(idx, shape))
+  buffers = {key(idx): np.empty(_slice_shape(shape, idx), dtype=dtype) for idx in index_map.values()}
+  if num_layers is None:
+    full = read(None)
     for idx in index_map.values():
-      key = tuple((s.start, s.stop) for s in idx)
-      if i is None:
-        buffers[key][...] = full[idx]
-      elif idx[0].start in (None, 0) and idx[0].stop in (None, shape[0]):
-        buffers[key][i] = full[idx[1:]]
-      else:  # a layer-sharded layout: this shard holds a range of layers
-        lo = idx[0].start or 0
-        if lo <= i < (idx[0].stop or shape[0]):
-          buffers[key][i - lo] = full[idx[1:]]
-  arrays = [jax.device_put(buffers[tuple((s.start, s.stop) for s in idx)], d) for d, idx in index_map.items()]
+      buffers[key(idx)][...] = full[idx]
+  else:
+    if any(key(idx)[0] != (0, num_layers, 1) for idx in index_map.values()):
+      raise ValueError("the layers axis must not be sharded")  # the rules table keeps it whole
+    for i in range(num_layers):  # one layer tensor on the host at a time
+      full = read(i)
+      for idx in index_map.values():
+        buffers[key(idx)][i] = full[idx[1:]]
+  arrays = [jax.device_put(buffers[key(idx)], d) for d, idx in index_map.items()]
   return jax.make_array_from_single_device_arrays(shape, sharding, arrays)
 
 
