@@ -89,3 +89,17 @@ def test_sigkill_then_resume_gives_identical_losses(uninterrupted, tmp_path):
   assert "resumed from" in resumed.stdout
   assert _losses(out) == _losses(full_out)  # bit-identical, every step
   assert _eval_losses(out) == _eval_losses(full_out)
+
+
+def test_nan_loss_stops_the_run_with_a_clear_error(tmp_path):
+  from tulu_jax import configlib
+  from tulu_jax.config import SFTConfig
+  from tulu_jax.train.sft import run_sft
+  cfg = configlib.load_config(SFTConfig, str(REPO / "configs/sft/tiny.yaml"), [
+      f"output_dir={tmp_path}", "train.max_steps=4", "optim.lr=1e30", "optim.warmup_ratio=0",
+      "checkpoint.every_steps=1", "data.max_seq_len=64", "train.eval_every=-1"])
+  with pytest.raises(FloatingPointError, match=r"loss is nan at step \d; the last good checkpoint is \d") as e:
+    run_sft(cfg)
+  bad_step = int(str(e.value).split("at step ")[1].split(";")[0])
+  saved = [int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit()]
+  assert saved and max(saved) < bad_step  # only finite states were saved

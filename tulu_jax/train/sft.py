@@ -169,6 +169,8 @@ def run_sft(cfg: SFTConfig) -> dict:
       due = evaluate.enabled and ((every > 0 and step % every == 0) or step == total_steps)
       pending = (step, metrics, host_batch_stats(host_batch), evaluate(state.params) if due else {})
       if cfg.checkpoint.every_steps > 0 and step % cfg.checkpoint.every_steps == 0:
+        report(pending)  # check this step's loss first: never checkpoint a NaN state
+        pending = None
         ckpt.save(step, state, data_state)
     if pending is not None:
       report(pending)
