@@ -86,6 +86,10 @@ def parse_args(argv=None):
                   help="torch.optim.AdamW(fused=True), PyTorch's fastest CPU AdamW (default on)")
   ap.add_argument("--torch-attn", default="sdpa", choices=["sdpa", "eager"], help="transformers attention")
   ap.add_argument("--no-torch", action="store_true", help="time only the JAX step")
+  ap.add_argument("--scan-unroll", type=int, default=-1,
+                  help="layers per scan iteration in our model (-1: all, i.e. fully unrolled; default)")
+  ap.add_argument("--attention-block", type=int, default=128,
+                  help="query block of our causal attention (0: full T x T scores; default 128)")
   ap.add_argument("--json", metavar="OUT", default=None, help="also write the rows (and the run's setup) here")
   args = ap.parse_args(argv)
   args.sizes = [s for s in args.sizes.split(",") if s]
@@ -146,6 +150,7 @@ def main(argv=None) -> int:
                                            f"transformers {transformers.__version__}"))
   compiler_options = {d: (DEFAULT_COMPILER_OPTIONS.get(d, {}) if args.tuned else {}) for d in args.dtype}
   print(f"# XLA_FLAGS={os.environ['XLA_FLAGS']!r}; per-dtype compiler options: {compiler_options}")
+  print(f"# ours: layer scan unroll={args.scan_unroll} (-1 = all layers), causal attention query block={args.attention_block}")
   if torch is not None:
     print(f"# torch: LlamaForCausalLM attn={args.torch_attn}, AdamW fused={args.torch_fused_adamw}, "
           f"bf16 = torch.autocast over float32 parameters")
@@ -171,7 +176,8 @@ def main(argv=None) -> int:
     batch = bench.make_batch(cfg.vocab_size, args.batch, args.seq_len)
     runners = {}
     for d in args.dtype:
-      j = bench.JaxSFTBench(cfg, batch, d)
+      j = bench.JaxSFTBench(cfg, batch, d, attention_block=args.attention_block,
+                            scan_unroll=cfg.num_layers if args.scan_unroll < 0 else args.scan_unroll)
       compile_s = j.compile(compiler_options[d] or None)
       runners[("jax", d)] = j
       for _ in range(args.warmup):

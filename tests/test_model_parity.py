@@ -109,3 +109,21 @@ def test_bf16_compute_close_to_float32(hf_model):
   b = jax.nn.log_softmax(bf16.apply({"params": params}, ids))
   assert b.dtype == jnp.float32  # logits come back in float32 whatever the compute dtype
   assert 0 < float(jnp.abs(a - b).max()) < 0.1
+
+
+@pytest.mark.parametrize("block", [8, 16])
+def test_blocked_causal_attention_equals_full(hf_model, block):
+  _, path, _ = hf_model
+  model, params = _tiny(path)
+  blocked = build_model(model.cfg, attention_block=block, scan_unroll=2)
+  rng = np.random.default_rng(6)
+  ids = jnp.asarray(rng.integers(0, 1024, (2, 48)))
+  seg = jnp.asarray(np.repeat([[1] * 13 + [2] * 30 + [0] * 5], 2, 0))  # packed, with padding
+  pos = jnp.asarray(np.repeat([list(range(13)) + list(range(30)) + [0] * 5], 2, 0))
+  full = model.apply({"params": params}, ids, pos, seg)
+  out = blocked.apply({"params": params}, ids, pos, seg)
+  np.testing.assert_allclose(out, full, atol=1e-5)
+  g_full = jax.grad(lambda p: jnp.sum(model.apply({"params": p}, ids, pos, seg)[..., :3]))(params)
+  g_blk = jax.grad(lambda p: jnp.sum(blocked.apply({"params": p}, ids, pos, seg)[..., :3]))(params)
+  for a, b in zip(jax.tree.leaves(g_full), jax.tree.leaves(g_blk)):
+    np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)

@@ -87,7 +87,7 @@ class JaxSFTBench:
   """Our SFT train step (AdamW + global-norm clip, Tülu 3 sum reduction) on a 1-device mesh."""
 
   def __init__(self, cfg: DecoderConfig, batch: dict[str, np.ndarray], dtype: str = "float32",
-               remat: bool = False, seed: int = 0):
+               remat: bool = False, seed: int = 0, scan_unroll: int = 1, attention_block: int = 0):
     import jax
 
     from tulu_jax.models.loading import build_model, init_params
@@ -98,7 +98,8 @@ class JaxSFTBench:
 
     self.jax = jax
     mesh = make_mesh(devices=jax.devices()[:1])
-    model = build_model(cfg, dtype=dtype, param_dtype="float32", remat=remat)
+    model = build_model(cfg, dtype=dtype, param_dtype="float32", remat=remat, scan_unroll=scan_unroll,
+                        attention_block=attention_block)
     # A tiny learning rate keeps the weights (and hence the work) the same over many timed steps.
     tx, schedule = make_optimizer(OptimConfig(lr=1e-6, warmup_ratio=0.0), 1_000_000)
     _, shardings = state_layout(model, tx, mesh)

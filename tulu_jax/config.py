@@ -22,6 +22,12 @@ class ModelConfig:
       "help": "compute dtype: auto (bfloat16 on GPU/TPU, float32 on CPU), float32, bfloat16"})
   param_dtype: str = field(default="float32", metadata={"help": "dtype of the master weights"})
   remat: bool = field(default=False, metadata={"help": "rematerialise each layer in the backward pass"})
+  scan_unroll: int = field(default=1, metadata={
+      "help": "layers per iteration of the layer scan; a large value unrolls fully (faster steps on CPU and "
+              "small models, longer compiles)"})
+  attention_block: int = field(default=256, metadata={
+      "help": "causal attention in query blocks of this size that skip the masked upper triangle (same "
+              "result, about half the attention work at long lengths); 0: one full T x T block"})
 
   def __post_init__(self):
     for name in ("path", "tokenizer"):

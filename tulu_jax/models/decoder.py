@@ -5,7 +5,8 @@ K key/value heads, G query heads per KV head (N = K*G), H head dim, F MLP width,
 
 Parameters are float32 (`param_dtype`) and cast to `dtype` for compute; logits come back in float32.
 Layers are stacked on a leading `layers` axis and run with `nn.scan`, which keeps compile time flat in
-depth; `remat=True` rematerialises each layer in the backward pass. Packing: `segment_ids` stop
+depth (`scan_unroll` trades some of that back for speed); `remat=True` rematerialises each layer in the
+backward pass. Packing: `segment_ids` stop
 documents from attending to each other (0 = padding) and `positions` restart at each document.
 """
 
@@ -86,13 +87,31 @@ def dot_product_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS):
   return out_BxTxKxGxH.reshape(b, t, n, h)
 
 
+def causal_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, block: int):
+  """Causal, document-masked attention. With `block` > 0, queries go in blocks of `block` that only see
+  the keys up to their own block: the masked upper triangle is never computed (about half the scores,
+  and the softmax work with them, at long lengths)."""
+  t = q_BxTxNxH.shape[1]
+  if block <= 0 or t <= block or t % block:
+    return dot_product_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, attention_mask(segment_ids_BxT))
+  outs = []
+  for lo in range(0, t, block):
+    hi = lo + block
+    causal = jnp.arange(lo, hi)[:, None] >= jnp.arange(hi)[None, :]
+    same_doc = segment_ids_BxT[:, lo:hi, None] == segment_ids_BxT[:, None, :hi]
+    outs.append(dot_product_attention(q_BxTxNxH[:, lo:hi], k_BxTxKxH[:, :hi], v_BxTxKxH[:, :hi],
+                                      (causal[None] & same_doc)[:, None]))
+  return jnp.concatenate(outs, axis=1)
+
+
 class Attention(nn.Module):
   cfg: DecoderConfig
   dtype: jnp.dtype
   param_dtype: jnp.dtype
+  block: int = 0
 
   @nn.compact
-  def __call__(self, x_BxTxD, positions_BxT, mask_Bx1xTxS):
+  def __call__(self, x_BxTxD, positions_BxT, segment_ids_BxT):
     cfg, dt = self.cfg, self.dtype
     d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
 
@@ -119,7 +138,7 @@ class Attention(nn.Module):
     q_BxTxNxH = nn.with_logical_constraint(q_BxTxNxH, ("batch", "length", "act_heads", None))
     k_BxTxKxH = nn.with_logical_constraint(k_BxTxKxH, ("batch", "length", "act_kv_heads", None))
     v_BxTxKxH = nn.with_logical_constraint(v_BxTxKxH, ("batch", "length", "act_kv_heads", None))
-    out_BxTxNxH = dot_product_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask_Bx1xTxS)
+    out_BxTxNxH = causal_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, self.block)
     w_NxHxD = _param(self, "o_kernel", (n, h, d), ("heads", "head_dim", "embed"), self.param_dtype)
     return jnp.einsum("btnh,nhd->btd", out_BxTxNxH, w_NxHxD.astype(dt))
 
@@ -146,18 +165,19 @@ class Block(nn.Module):
   cfg: DecoderConfig
   dtype: jnp.dtype
   param_dtype: jnp.dtype
+  attention_block: int = 0
 
   @nn.compact
-  def __call__(self, x_BxTxD, positions_BxT, mask_Bx1xTxS):
+  def __call__(self, x_BxTxD, positions_BxT, segment_ids_BxT):
     cfg, dt, pdt = self.cfg, self.dtype, self.param_dtype
     norm = lambda name: RMSNorm(cfg.rms_norm_eps, dt, pdt, name=name)
-    attn = Attention(cfg, dt, pdt, name="self_attn")
+    attn = Attention(cfg, dt, pdt, self.attention_block, name="self_attn")
     mlp = MLP(cfg, dt, pdt, name="mlp")
     if cfg.post_norm:  # OLMo 2
-      h = x_BxTxD + norm("post_attention_layernorm")(attn(x_BxTxD, positions_BxT, mask_Bx1xTxS))
+      h = x_BxTxD + norm("post_attention_layernorm")(attn(x_BxTxD, positions_BxT, segment_ids_BxT))
       out = h + norm("post_feedforward_layernorm")(mlp(h))
     else:  # Llama, Qwen2
-      h = x_BxTxD + attn(norm("input_layernorm")(x_BxTxD), positions_BxT, mask_Bx1xTxS)
+      h = x_BxTxD + attn(norm("input_layernorm")(x_BxTxD), positions_BxT, segment_ids_BxT)
       out = h + mlp(norm("post_attention_layernorm")(h))
     out = nn.with_logical_constraint(out, ("batch", "length", "act_embed"))
     return out, None
@@ -173,6 +193,8 @@ class Decoder(nn.Module):
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
   remat: bool = False
+  scan_unroll: int = 1  # layers per scan iteration; num_layers unrolls fully (faster on CPU, slower compile)
+  attention_block: int = 0  # > 0: causal attention in query blocks that skip the masked triangle
 
   @nn.compact
   def __call__(self, input_ids_BxT, positions_BxT=None, segment_ids_BxT=None, output: str = "logits"):
@@ -184,15 +206,15 @@ class Decoder(nn.Module):
     embed_VxD = _param(self, "embed", (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), self.param_dtype)
     x_BxTxD = jnp.take(embed_VxD, input_ids_BxT, axis=0).astype(dt)
     x_BxTxD = nn.with_logical_constraint(x_BxTxD, ("batch", "length", "act_embed"))
-    mask = attention_mask(segment_ids_BxT)
 
     block = Block
     if self.remat:
       block = nn.remat(Block, prevent_cse=False, policy=jax.checkpoint_policies.nothing_saveable)
     layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
                      in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers,
-                     metadata_params={nn.PARTITION_NAME: "layers"})
-    x_BxTxD, _ = layers(cfg, dt, self.param_dtype, name="layers")(x_BxTxD, positions_BxT, mask)
+                     metadata_params={nn.PARTITION_NAME: "layers"}, unroll=min(self.scan_unroll, cfg.num_layers))
+    x_BxTxD, _ = layers(cfg, dt, self.param_dtype, self.attention_block, name="layers")(
+        x_BxTxD, positions_BxT, segment_ids_BxT)
     x_BxTxD = RMSNorm(cfg.rms_norm_eps, dt, self.param_dtype, name="final_norm")(x_BxTxD)
     if output == "hidden":
       return x_BxTxD

@@ -62,5 +62,7 @@ def abstract_dtype(abstract):
   return jax.tree_util.tree_leaves(abstract)[0].dtype
 
 
-def build_model(cfg: DecoderConfig, *, dtype="float32", param_dtype="float32", remat=False) -> Decoder:
-  return Decoder(cfg, dtype=resolve_dtype(dtype), param_dtype=resolve_dtype(param_dtype), remat=remat)
+def build_model(cfg: DecoderConfig, *, dtype="float32", param_dtype="float32", remat=False,
+                scan_unroll: int = 1, attention_block: int = 0) -> Decoder:
+  return Decoder(cfg, dtype=resolve_dtype(dtype), param_dtype=resolve_dtype(param_dtype), remat=remat,
+                 scan_unroll=scan_unroll, attention_block=attention_block)

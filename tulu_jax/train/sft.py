@@ -93,7 +93,8 @@ def run_sft(cfg: SFTConfig) -> dict:
     raise ConfigError(f"train.batch_size / train.grad_accum_steps = {micro_rows} rows per micro-batch is not "
                      f"divisible by the data-parallel size data*fsdp = {dp}")
   dcfg, tokenizer = load_model_and_tokenizer(cfg.model)
-  model = build_model(dcfg, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype, remat=cfg.model.remat)
+  model = build_model(dcfg, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype, remat=cfg.model.remat,
+                      scan_unroll=cfg.model.scan_unroll, attention_block=cfg.model.attention_block)
   _log(f"model: {dcfg.family}, {dcfg.num_params / 1e6:.1f}M parameters, compute {model.dtype.__name__}; "
        f"mesh {dict(mesh.shape)} on {jax.device_count()} {jax.default_backend()} device(s)")
 
