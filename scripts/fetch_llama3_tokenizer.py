@@ -30,9 +30,23 @@ _DONE = "DONE"  # marker written last, so a half-written folder is never reused
 
 def _download_gguf(work: Path) -> Path:
     sdist_dir = work / "sdist"
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", "llama-cpp-python",
-           f"llama-cpp-python=={LLAMA_CPP_PYTHON}", "-d", str(sdist_dir), "--quiet",
-           "--retries", "2", "--timeout", "20"]  # fail fast (then tests skip) when PyPI is unreachable
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--no-binary",
+        "llama-cpp-python",
+        f"llama-cpp-python=={LLAMA_CPP_PYTHON}",
+        "-d",
+        str(sdist_dir),
+        "--quiet",
+        "--retries",
+        "2",
+        "--timeout",
+        "20",
+    ]  # fail fast (then tests skip) when PyPI is unreachable
     subprocess.run(cmd, check=True)
     (sdist,) = sdist_dir.glob("llama_cpp_python-*.tar.gz")
     with tarfile.open(sdist) as tf:
@@ -46,9 +60,17 @@ def _fix_pad_token(tokenizer_json: Path) -> None:
     extra = [t for t in data["added_tokens"] if t["id"] >= PAD_ID]
     if [t["content"] for t in extra] not in ([], ["<|endoftext|>"]):
         raise RuntimeError(f"unexpected added tokens after the Llama-3 vocab: {extra}")
-    data["added_tokens"] = [t for t in data["added_tokens"] if t["id"] < PAD_ID] + [{
-        "id": PAD_ID, "content": "<pad>", "single_word": False, "lstrip": False, "rstrip": False,
-        "normalized": False, "special": True}]
+    data["added_tokens"] = [t for t in data["added_tokens"] if t["id"] < PAD_ID] + [
+        {
+            "id": PAD_ID,
+            "content": "<pad>",
+            "single_word": False,
+            "lstrip": False,
+            "rstrip": False,
+            "normalized": False,
+            "special": True,
+        }
+    ]
     tokenizer_json.write_text(json.dumps(data, ensure_ascii=False))
 
 

@@ -35,18 +35,52 @@ WORDS = (
     "umbrella violin walnut yogurt banana cherry puzzle market bottle spider cookie pillow mirror"
 ).split()
 CAPITALS = {
-    "France": "Paris", "Japan": "Tokyo", "Italy": "Rome", "Spain": "Madrid", "Egypt": "Cairo",
-    "Canada": "Ottawa", "Kenya": "Nairobi", "Peru": "Lima", "Norway": "Oslo", "Greece": "Athens",
-    "Germany": "Berlin", "Chile": "Santiago", "Cuba": "Havana", "Poland": "Warsaw", "Ireland": "Dublin",
-    "Portugal": "Lisbon", "Austria": "Vienna", "Sweden": "Stockholm", "Thailand": "Bangkok", "China": "Beijing",
+    "France": "Paris",
+    "Japan": "Tokyo",
+    "Italy": "Rome",
+    "Spain": "Madrid",
+    "Egypt": "Cairo",
+    "Canada": "Ottawa",
+    "Kenya": "Nairobi",
+    "Peru": "Lima",
+    "Norway": "Oslo",
+    "Greece": "Athens",
+    "Germany": "Berlin",
+    "Chile": "Santiago",
+    "Cuba": "Havana",
+    "Poland": "Warsaw",
+    "Ireland": "Dublin",
+    "Portugal": "Lisbon",
+    "Austria": "Vienna",
+    "Sweden": "Stockholm",
+    "Thailand": "Bangkok",
+    "China": "Beijing",
 }
 COLORS = {
-    "grass": "green", "the sky": "blue", "snow": "white", "coal": "black", "a banana": "yellow",
-    "a tomato": "red", "an orange": "orange", "a plum": "purple", "chocolate": "brown", "a cloud": "white",
+    "grass": "green",
+    "the sky": "blue",
+    "snow": "white",
+    "coal": "black",
+    "a banana": "yellow",
+    "a tomato": "red",
+    "an orange": "orange",
+    "a plum": "purple",
+    "chocolate": "brown",
+    "a cloud": "white",
 }
 OPPOSITES = {
-    "hot": "cold", "big": "small", "fast": "slow", "up": "down", "day": "night", "open": "closed",
-    "happy": "sad", "early": "late", "light": "dark", "full": "empty", "old": "new", "high": "low",
+    "hot": "cold",
+    "big": "small",
+    "fast": "slow",
+    "up": "down",
+    "day": "night",
+    "open": "closed",
+    "happy": "sad",
+    "early": "late",
+    "light": "dark",
+    "full": "empty",
+    "old": "new",
+    "high": "low",
 }
 SYSTEMS = ("You are a helpful assistant.", "Answer briefly.", "You are a careful math tutor.")
 CAPS_SYSTEM = "Reply in capital letters."
@@ -103,8 +137,10 @@ def conversation(rng: random.Random) -> list[dict[str, str]]:
         msgs += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
         for _ in range(rng.choice((1, 2)) if rng.random() < 0.15 else 0):
             n = rng.randint(1, 20)
-            msgs += [{"role": "user", "content": f"Now add {n} to that."},
-                     {"role": "assistant", "content": f"{value} + {n} = {value + n}."}]
+            msgs += [
+                {"role": "user", "content": f"Now add {n} to that."},
+                {"role": "assistant", "content": f"{value} + {n} = {value + n}."},
+            ]
             value += n
     else:
         q, a = word_task(rng) if kind == 1 else fact(rng)
@@ -126,13 +162,17 @@ def write_jsonl(path: Path, rows: list[list[dict[str, str]]]) -> None:
 
 def train_tokenizer(texts: list[str], out_dir: Path) -> None:
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB_SIZE, special_tokens=[PAD, EOS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        vocab_size=VOCAB_SIZE,
+        special_tokens=[PAD, EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(texts, trainer=trainer)

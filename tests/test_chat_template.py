@@ -14,8 +14,11 @@ S = lambda c: {"role": "system", "content": c}  # noqa: E731
 # (messages, add_generation_prompt, rendered text), copied from spec §1.
 SPEC_EXAMPLES = [
     ([U("What is 2+2?"), A("4")], False, f"<|user|>\nWhat is 2+2?\n<|assistant|>\n4{EOS}"),
-    ([S("S"), U("A"), A("B"), U("C"), A("D")], False,
-     f"<|system|>\nS\n<|user|>\nA\n<|assistant|>\nB{EOS}\n<|user|>\nC\n<|assistant|>\nD{EOS}"),
+    (
+        [S("S"), U("A"), A("B"), U("C"), A("D")],
+        False,
+        f"<|system|>\nS\n<|user|>\nA\n<|assistant|>\nB{EOS}\n<|user|>\nC\n<|assistant|>\nD{EOS}",
+    ),
     ([U("What is 2+2?")], True, "<|user|>\nWhat is 2+2?\n<|assistant|>\n"),
 ]
 
@@ -43,7 +46,7 @@ def prefix_retokenization_mask(messages, tokenizer) -> np.ndarray:
             continue
         start = 0 if i == 0 else n_tokens(messages[:i])
         next_is_assistant = i + 1 < len(messages) and messages[i + 1]["role"] == "assistant"
-        labels[start:n_tokens(messages[: i + 1], gen=next_is_assistant)] = 0
+        labels[start : n_tokens(messages[: i + 1], gen=next_is_assistant)] = 0
     return labels
 
 
@@ -124,7 +127,7 @@ def test_mask_by_hand(which, request):
     assert _masked_runs(ids, mask, tok) == ["B" + EOS, "D" + EOS]
     # The "\n" after the first EOS is not trained.
     first_eos = int(np.flatnonzero(ids == tok.eos_token_id)[0])
-    assert tok.decode(ids[first_eos + 1:first_eos + 2]).startswith("\n") and mask[first_eos + 1] == 0
+    assert tok.decode(ids[first_eos + 1 : first_eos + 2]).startswith("\n") and mask[first_eos + 1] == 0
 
 
 @pytest.mark.parametrize("which", ["tiny_tokenizer", "llama3_tokenizer"])

@@ -19,62 +19,88 @@ CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(REPO)))
 def test_every_shipped_config_loads(path):
-  cfg = configlib.load_config(SFTConfig, str(path), [])
-  assert cfg.train.batch_size % cfg.train.grad_accum_steps == 0
+    cfg = configlib.load_config(SFTConfig, str(path), [])
+    assert cfg.train.batch_size % cfg.train.grad_accum_steps == 0
 
 
 @pytest.mark.parametrize("name,lr,seed", [("8b", 5e-6, 123), ("70b", 2e-6, 456)])
 def test_tulu3_sft_hyperparameters(name, lr, seed):
-  cfg = configlib.load_config(SFTConfig, str(REPO / f"configs/sft/tulu3_{name}.yaml"), [])
-  assert cfg.optim.lr == lr and cfg.train.seed == seed
-  assert (cfg.optim.warmup_ratio, cfg.optim.weight_decay, cfg.optim.max_grad_norm) == (0.03, 0.0, 1.0)
-  assert (cfg.optim.b1, cfg.optim.b2, cfg.optim.eps) == (0.9, 0.999, 1e-8)
-  assert cfg.train.batch_size == 128 and cfg.train.num_epochs == 2 and cfg.train.loss_reduction == "sum"
-  assert cfg.data.max_seq_len == 4096 and cfg.data.chat_template == "tulu"
+    cfg = configlib.load_config(SFTConfig, str(REPO / f"configs/sft/tulu3_{name}.yaml"), [])
+    assert cfg.optim.lr == lr and cfg.train.seed == seed
+    assert (cfg.optim.warmup_ratio, cfg.optim.weight_decay, cfg.optim.max_grad_norm) == (0.03, 0.0, 1.0)
+    assert (cfg.optim.b1, cfg.optim.b2, cfg.optim.eps) == (0.9, 0.999, 1e-8)
+    assert cfg.train.batch_size == 128 and cfg.train.num_epochs == 2 and cfg.train.loss_reduction == "sum"
+    assert cfg.data.max_seq_len == 4096 and cfg.data.chat_template == "tulu"
 
 
 def test_overrides_reach_the_config():
-  cfg = configlib.load_config(SFTConfig, str(REPO / "configs/sft/tiny.yaml"),
-                              ["output_dir=/tmp/run", "train.max_steps=50", "train.seed=1", "checkpoint.every_steps=10",
-                               "mesh.fsdp=8", "optim.lr=5e-6", "data.train_files=a.jsonl,b.parquet"])
-  assert (cfg.output_dir, cfg.train.max_steps, cfg.train.seed, cfg.checkpoint.every_steps) == ("/tmp/run", 50, 1, 10)
-  assert cfg.mesh.fsdp == 8 and cfg.optim.lr == 5e-6 and cfg.data.train_files == ("a.jsonl", "b.parquet")
+    cfg = configlib.load_config(
+        SFTConfig,
+        str(REPO / "configs/sft/tiny.yaml"),
+        [
+            "output_dir=/tmp/run",
+            "train.max_steps=50",
+            "train.seed=1",
+            "checkpoint.every_steps=10",
+            "mesh.fsdp=8",
+            "optim.lr=5e-6",
+            "data.train_files=a.jsonl,b.parquet",
+        ],
+    )
+    assert (cfg.output_dir, cfg.train.max_steps, cfg.train.seed, cfg.checkpoint.every_steps) == ("/tmp/run", 50, 1, 10)
+    assert cfg.mesh.fsdp == 8 and cfg.optim.lr == 5e-6 and cfg.data.train_files == ("a.jsonl", "b.parquet")
 
 
-@pytest.mark.parametrize("override,message", [
-    ("train.max_stepz=5", "train.max_stepz"),
-    ("train.max_steps=five", "train.max_steps"),
-    ("train.loss_reduction=avg", "train.loss_reduction"),
-    ("train.grad_accum_steps=3", "grad_accum_steps"),
-    ("train.batch_size=6", "divisible by the data-parallel size"),  # 8 test devices
-    ("mesh.tensor=3", "mesh"),
-])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("train.max_stepz=5", "train.max_stepz"),
+        ("train.max_steps=five", "train.max_steps"),
+        ("train.loss_reduction=avg", "train.loss_reduction"),
+        ("train.grad_accum_steps=3", "grad_accum_steps"),
+        ("train.batch_size=6", "divisible by the data-parallel size"),  # 8 test devices
+        ("mesh.tensor=3", "mesh"),
+    ],
+)
 def test_bad_config_is_one_clear_line(override, message, capsys, tmp_path):
-  assert main(["sft", "--config", str(REPO / "configs/sft/tiny.yaml"), f"output_dir={tmp_path}", override]) == 2
-  err = capsys.readouterr().err
-  assert err.startswith("tulu-jax: error:") and message in err
+    assert main(["sft", "--config", str(REPO / "configs/sft/tiny.yaml"), f"output_dir={tmp_path}", override]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tulu-jax: error:") and message in err
 
 
 def test_bad_data_row_names_file_line_and_field(tmp_path, capsys):
-  bad = tmp_path / "train.jsonl"
-  good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
-  bad.write_text(json.dumps(good) + "\n" + json.dumps({"messages": [{"role": "bot", "content": "x"}]}) + "\n")
-  code = main(["sft", "--config", str(REPO / "configs/sft/tiny.yaml"), f"output_dir={tmp_path / 'out'}",
-               f"data.train_files={bad}"])
-  err = capsys.readouterr().err
-  assert code == 2
-  assert "train.jsonl line 2" in err and "messages[0].role" in err and "bot" in err
+    bad = tmp_path / "train.jsonl"
+    good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    bad.write_text(json.dumps(good) + "\n" + json.dumps({"messages": [{"role": "bot", "content": "x"}]}) + "\n")
+    code = main(
+        [
+            "sft",
+            "--config",
+            str(REPO / "configs/sft/tiny.yaml"),
+            f"output_dir={tmp_path / 'out'}",
+            f"data.train_files={bad}",
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "train.jsonl line 2" in err and "messages[0].role" in err and "bot" in err
 
 
 def test_score_cli_prints_json(tmp_path):
-  from hf_models import make_hf_model
-  make_hf_model("qwen2", str(tmp_path))
-  env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1")
-  env.pop("XLA_FLAGS", None)
-  proc = subprocess.run([sys.executable, "-m", "tulu_jax.cli", "score", "--model", str(tmp_path), "--text",
-                         "Hello there, world"], env=env, capture_output=True, text=True, timeout=300)
-  assert proc.returncode == 0, proc.stderr[-2000:]
-  out = json.loads(proc.stdout.strip().splitlines()[-1])
-  assert len(out["token_ids"]) == len(out["logprobs"]) > 3
-  assert out["logprobs"][0] is None and all(lp < 0 for lp in out["logprobs"][1:])
-  assert abs(sum(out["logprobs"][1:]) - out["sum_logprob"]) < 1e-3
+    from hf_models import make_hf_model
+
+    make_hf_model("qwen2", str(tmp_path))
+    env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1")
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "tulu_jax.cli", "score", "--model", str(tmp_path), "--text", "Hello there, world"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(out["token_ids"]) == len(out["logprobs"]) > 3
+    assert out["logprobs"][0] is None and all(lp < 0 for lp in out["logprobs"][1:])
+    assert abs(sum(out["logprobs"][1:]) - out["sum_logprob"]) < 1e-3

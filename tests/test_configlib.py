@@ -81,9 +81,7 @@ def test_override_creates_keys_missing_from_yaml(tmp_path):
 
 
 def test_override_yaml_values():
-    cfg = load_config(
-        RunConfig, None, ["data.shuffle=false", "data.cache_dir=/tmp/x", "data.extra={a: 1, b: [x]}"]
-    )
+    cfg = load_config(RunConfig, None, ["data.shuffle=false", "data.cache_dir=/tmp/x", "data.extra={a: 1, b: [x]}"])
     assert cfg.data.shuffle is False and cfg.data.cache_dir == "/tmp/x"
     assert cfg.data.extra == {"a": 1, "b": ["x"]}
     assert load_config(RunConfig, None, ["data.cache_dir=null"]).data.cache_dir is None
@@ -227,8 +225,20 @@ def test_round_trip_through_yaml():
 
 def test_config_help_lists_every_dotted_key():
     text = config_help(RunConfig)
-    for key in ("name", "seed", "reduction", "optim.learning_rate", "optim.warmup_ratio", "data.datasets",
-                "data.seq_lens", "data.mixture", "data.extra", "data.max_seq_len", "data.shuffle", "data.cache_dir"):
+    for key in (
+        "name",
+        "seed",
+        "reduction",
+        "optim.learning_rate",
+        "optim.warmup_ratio",
+        "data.datasets",
+        "data.seq_lens",
+        "data.mixture",
+        "data.extra",
+        "data.max_seq_len",
+        "data.shuffle",
+        "data.cache_dir",
+    ):
         assert any(line.startswith(key + " (") for line in text.splitlines()), key
     assert "optim.learning_rate (float, default 5e-06): Peak learning rate." in text
     assert "data.cache_dir (str | None, default None)" in text

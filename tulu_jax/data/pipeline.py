@@ -25,21 +25,35 @@ _ENCODE_CHUNK = 512  # conversations per tokenizer call (fast tokenizers batch i
 
 @dataclass(frozen=True, kw_only=True)
 class DataConfig:
-    train_files: tuple[str, ...] = field(default=(), metadata={
-        "help": "training data: .jsonl, .parquet or datasets.save_to_disk folders; empty = bundled tiny_chat"})
-    eval_files: tuple[str, ...] = field(default=(), metadata={
-        "help": "evaluation data, same formats; empty = bundled tiny_chat eval.jsonl if train_files is empty, "
-                "else no evaluation"})
-    max_seq_len: int = field(default=256, metadata={
-        "help": "tokens per row; longer conversations are truncated on the right"})
-    pack: bool = field(default=True, metadata={
-        "help": "pack several conversations per row (first-fit), with segment ids and restarting positions"})
-    on_bad_row: str = field(default="error", metadata={
-        "help": "'error': stop at the first invalid row; 'skip': skip it and count it in stats"})
+    train_files: tuple[str, ...] = field(
+        default=(),
+        metadata={
+            "help": "training data: .jsonl, .parquet or datasets.save_to_disk folders; empty = bundled tiny_chat"
+        },
+    )
+    eval_files: tuple[str, ...] = field(
+        default=(),
+        metadata={
+            "help": "evaluation data, same formats; empty = bundled tiny_chat eval.jsonl if train_files is empty, "
+            "else no evaluation"
+        },
+    )
+    max_seq_len: int = field(
+        default=256, metadata={"help": "tokens per row; longer conversations are truncated on the right"}
+    )
+    pack: bool = field(
+        default=True,
+        metadata={"help": "pack several conversations per row (first-fit), with segment ids and restarting positions"},
+    )
+    on_bad_row: str = field(
+        default="error",
+        metadata={"help": "'error': stop at the first invalid row; 'skip': skip it and count it in stats"},
+    )
     shuffle: bool = field(default=True, metadata={"help": "shuffle conversations (seeded, reshuffled each epoch)"})
     chat_template: str = field(default="tulu", metadata={"help": "chat template name (only 'tulu')"})
-    num_workers: int = field(default=0, metadata={
-        "help": "Grain read threads and prefetch; 0 = read in the calling thread"})
+    num_workers: int = field(
+        default=0, metadata={"help": "Grain read threads and prefetch; 0 = read in the calling thread"}
+    )
 
     def __post_init__(self):
         for name in ("train_files", "eval_files"):  # YAML gives lists; keep the config hashable.
@@ -107,8 +121,12 @@ def encode_files(
             flush()
     flush()
     store = _Encoded(ids, masks)
-    stats.update(conversations=len(store), conversations_truncated=truncated,
-                 tokens=int(len(store.ids)), trained_tokens=int(store.masks.sum()))
+    stats.update(
+        conversations=len(store),
+        conversations_truncated=truncated,
+        tokens=int(len(store.ids)),
+        trained_tokens=int(store.masks.sum()),
+    )
     if not len(store):
         raise DataError(f"{', '.join(files)}: no conversation with a trained token", "empty_dataset")
     return store, stats
@@ -136,7 +154,7 @@ def _rename_packed(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def _process_rows(batch: dict[str, np.ndarray], *, start: int, size: int) -> dict[str, np.ndarray]:
-    return {k: v[start:start + size] for k, v in batch.items()}
+    return {k: v[start : start + size] for k, v in batch.items()}
 
 
 class SFTPipeline:
@@ -146,9 +164,18 @@ class SFTPipeline:
     dropped. `process_index`/`process_count` default to JAX's (multi-host sharding).
     """
 
-    def __init__(self, cfg: DataConfig, tokenizer, *, batch_size: int, seed: int, num_epochs: int,
-                 files: Sequence[str] | None = None, process_index: int | None = None,
-                 process_count: int | None = None):
+    def __init__(
+        self,
+        cfg: DataConfig,
+        tokenizer,
+        *,
+        batch_size: int,
+        seed: int,
+        num_epochs: int,
+        files: Sequence[str] | None = None,
+        process_index: int | None = None,
+        process_count: int | None = None,
+    ):
         if batch_size < 1 or num_epochs < 1:
             raise ValueError(f"need batch_size >= 1 and num_epochs >= 1, got {batch_size}, {num_epochs}")
         if process_index is None or process_count is None:
@@ -159,8 +186,9 @@ class SFTPipeline:
         self.files = tuple(str(p) for p in (resolve_files(cfg, "train") if files is None else files))
         if not self.files:
             raise ValueError("SFTPipeline needs at least one data file")
-        self._store, self._stats = encode_files(self.files, tokenizer, max_seq_len=cfg.max_seq_len,
-                                                on_bad_row=cfg.on_bad_row, template=cfg.chat_template)
+        self._store, self._stats = encode_files(
+            self.files, tokenizer, max_seq_len=cfg.max_seq_len, on_bad_row=cfg.on_bad_row, template=cfg.chat_template
+        )
         self._dataset = self._build(pad_id(tokenizer), process_index, process_count)
         self._num_batches: int | None = None
 
@@ -176,16 +204,20 @@ class SFTPipeline:
         if cfg.pack:
             # One bin per global row: each first-fit flush fills exactly one global batch.
             it = grain.experimental.FirstFitPackIterDataset(
-                it, length_struct={"input_ids": length, "loss_mask": length}, num_packing_bins=global_rows,
-                seed=self.seed, shuffle_bins=cfg.shuffle, meta_features=("loss_mask",),
-                padding_struct={"input_ids": pad, "loss_mask": 0})
+                it,
+                length_struct={"input_ids": length, "loss_mask": length},
+                num_packing_bins=global_rows,
+                seed=self.seed,
+                shuffle_bins=cfg.shuffle,
+                meta_features=("loss_mask",),
+                padding_struct={"input_ids": pad, "loss_mask": 0},
+            )
             it = it.map(_rename_packed)
         else:
             it = it.map(functools.partial(_pad_row, length=length, pad=pad))
         it = it.batch(global_rows, drop_remainder=True)
         if process_count > 1:
-            it = it.map(functools.partial(_process_rows, start=process_index * self.batch_size,
-                                          size=self.batch_size))
+            it = it.map(functools.partial(_process_rows, start=process_index * self.batch_size, size=self.batch_size))
         return it
 
     def iterator(self) -> grain.DatasetIterator:

@@ -26,9 +26,7 @@ def token_logprobs(logits_BxTxV: Array, targets_BxT: Array) -> Array:
     return picked_BxT - log_norm_BxT
 
 
-def shift_for_next_token(
-    input_ids_BxT: Array, loss_mask_BxT: Array, segment_ids_BxT: Array
-) -> tuple[Array, Array]:
+def shift_for_next_token(input_ids_BxT: Array, loss_mask_BxT: Array, segment_ids_BxT: Array) -> tuple[Array, Array]:
     """Targets and float32 weights so that logits at position t predict token t+1 of the same document.
 
     targets[t] = input_ids[t+1]; weight[t] = loss_mask[t+1] and segment_ids[t+1] == segment_ids[t] != 0.

@@ -22,205 +22,220 @@ _init = nn.initializers.normal(stddev=0.02)
 
 
 def _param(module: nn.Module, name: str, shape, names, dtype, init=_init):
-  return module.param(name, nn.with_logical_partitioning(init, names), shape, dtype)
+    return module.param(name, nn.with_logical_partitioning(init, names), shape, dtype)
 
 
 def rope_inv_freq(cfg: DecoderConfig) -> jnp.ndarray:
-  """Inverse RoPE frequencies [H/2], with Llama 3.1's wavelength-dependent scaling when configured."""
-  inv = 1.0 / (cfg.rope_theta ** (jnp.arange(0, cfg.head_dim, 2, dtype=jnp.float32) / cfg.head_dim))
-  s = cfg.rope_scaling
-  if s is None:
-    return inv
-  old_len = s["original_max_position_embeddings"]
-  low_wavelen = old_len / s["low_freq_factor"]
-  high_wavelen = old_len / s["high_freq_factor"]
-  wavelen = 2 * jnp.pi / inv
-  # Long wavelengths are slowed by `factor`, short ones kept, the band between interpolated.
-  scaled = jnp.where(wavelen > low_wavelen, inv / s["factor"], inv)
-  smooth = (old_len / wavelen - s["low_freq_factor"]) / (s["high_freq_factor"] - s["low_freq_factor"])
-  smoothed = (1 - smooth) * scaled / s["factor"] + smooth * scaled
-  medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
-  return jnp.where(medium, smoothed, scaled)
+    """Inverse RoPE frequencies [H/2], with Llama 3.1's wavelength-dependent scaling when configured."""
+    inv = 1.0 / (cfg.rope_theta ** (jnp.arange(0, cfg.head_dim, 2, dtype=jnp.float32) / cfg.head_dim))
+    s = cfg.rope_scaling
+    if s is None:
+        return inv
+    old_len = s["original_max_position_embeddings"]
+    low_wavelen = old_len / s["low_freq_factor"]
+    high_wavelen = old_len / s["high_freq_factor"]
+    wavelen = 2 * jnp.pi / inv
+    # Long wavelengths are slowed by `factor`, short ones kept, the band between interpolated.
+    scaled = jnp.where(wavelen > low_wavelen, inv / s["factor"], inv)
+    smooth = (old_len / wavelen - s["low_freq_factor"]) / (s["high_freq_factor"] - s["low_freq_factor"])
+    smoothed = (1 - smooth) * scaled / s["factor"] + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return jnp.where(medium, smoothed, scaled)
 
 
 def apply_rope(x_BxTxNxH, positions_BxT, inv_freq):
-  """Rotate-half RoPE (the Hugging Face convention: first and second halves of each head pair up)."""
-  angles = positions_BxT[..., None].astype(jnp.float32) * inv_freq  # BxTx(H/2)
-  cos = jnp.cos(angles)[:, :, None, :]
-  sin = jnp.sin(angles)[:, :, None, :]
-  x = x_BxTxNxH.astype(jnp.float32)
-  x1, x2 = jnp.split(x, 2, axis=-1)
-  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-  return out.astype(x_BxTxNxH.dtype)
+    """Rotate-half RoPE (the Hugging Face convention: first and second halves of each head pair up)."""
+    angles = positions_BxT[..., None].astype(jnp.float32) * inv_freq  # BxTx(H/2)
+    cos = jnp.cos(angles)[:, :, None, :]
+    sin = jnp.sin(angles)[:, :, None, :]
+    x = x_BxTxNxH.astype(jnp.float32)
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x_BxTxNxH.dtype)
 
 
 class RMSNorm(nn.Module):
-  eps: float
-  dtype: jnp.dtype = jnp.float32
-  param_dtype: jnp.dtype = jnp.float32
+    eps: float
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
 
-  @nn.compact
-  def __call__(self, x):
-    scale = _param(self, "scale", (x.shape[-1],), ("norm",), self.param_dtype, nn.initializers.ones)
-    x32 = x.astype(jnp.float32)
-    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    return (y.astype(self.dtype) * scale.astype(self.dtype))
+    @nn.compact
+    def __call__(self, x):
+        scale = _param(self, "scale", (x.shape[-1],), ("norm",), self.param_dtype, nn.initializers.ones)
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return y.astype(self.dtype) * scale.astype(self.dtype)
 
 
 def attention_mask(segment_ids_BxT):
-  """Causal and same-document mask [B, 1, T, S]."""
-  t = segment_ids_BxT.shape[1]
-  causal = jnp.tril(jnp.ones((t, t), dtype=bool))
-  same_doc = segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :]
-  return (causal[None] & same_doc)[:, None]
+    """Causal and same-document mask [B, 1, T, S]."""
+    t = segment_ids_BxT.shape[1]
+    causal = jnp.tril(jnp.ones((t, t), dtype=bool))
+    same_doc = segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :]
+    return (causal[None] & same_doc)[:, None]
 
 
 def dot_product_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS):
-  b, t, n, h = q_BxTxNxH.shape
-  k_heads = k_BxSxKxH.shape[2]
-  q = q_BxTxNxH.reshape(b, t, k_heads, n // k_heads, h)
-  scores_BxKxGxTxS = jnp.einsum("btkgh,bskh->bkgts", q, k_BxSxKxH, preferred_element_type=jnp.float32)
-  scores_BxKxGxTxS = scores_BxKxGxTxS * (h ** -0.5)
-  scores_BxKxGxTxS = jnp.where(mask_Bx1xTxS[:, :, None], scores_BxKxGxTxS, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(scores_BxKxGxTxS, axis=-1).astype(v_BxSxKxH.dtype)
-  out_BxTxKxGxH = jnp.einsum("bkgts,bskh->btkgh", probs, v_BxSxKxH)
-  return out_BxTxKxGxH.reshape(b, t, n, h)
+    b, t, n, h = q_BxTxNxH.shape
+    k_heads = k_BxSxKxH.shape[2]
+    q = q_BxTxNxH.reshape(b, t, k_heads, n // k_heads, h)
+    scores_BxKxGxTxS = jnp.einsum("btkgh,bskh->bkgts", q, k_BxSxKxH, preferred_element_type=jnp.float32)
+    scores_BxKxGxTxS = scores_BxKxGxTxS * (h**-0.5)
+    scores_BxKxGxTxS = jnp.where(mask_Bx1xTxS[:, :, None], scores_BxKxGxTxS, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores_BxKxGxTxS, axis=-1).astype(v_BxSxKxH.dtype)
+    out_BxTxKxGxH = jnp.einsum("bkgts,bskh->btkgh", probs, v_BxSxKxH)
+    return out_BxTxKxGxH.reshape(b, t, n, h)
 
 
 def causal_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, block: int):
-  """Causal, document-masked attention. With `block` > 0, queries go in blocks of `block` that only see
-  the keys up to their own block: the masked upper triangle is never computed (about half the scores,
-  and the softmax work with them, at long lengths)."""
-  t = q_BxTxNxH.shape[1]
-  if block <= 0 or t <= block or t % block:
-    return dot_product_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, attention_mask(segment_ids_BxT))
-  outs = []
-  for lo in range(0, t, block):
-    hi = lo + block
-    causal = jnp.arange(lo, hi)[:, None] >= jnp.arange(hi)[None, :]
-    same_doc = segment_ids_BxT[:, lo:hi, None] == segment_ids_BxT[:, None, :hi]
-    outs.append(dot_product_attention(q_BxTxNxH[:, lo:hi], k_BxTxKxH[:, :hi], v_BxTxKxH[:, :hi],
-                                      (causal[None] & same_doc)[:, None]))
-  return jnp.concatenate(outs, axis=1)
+    """Causal, document-masked attention. With `block` > 0, queries go in blocks of `block` that only see
+    the keys up to their own block: the masked upper triangle is never computed (about half the scores,
+    and the softmax work with them, at long lengths)."""
+    t = q_BxTxNxH.shape[1]
+    if block <= 0 or t <= block or t % block:
+        return dot_product_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, attention_mask(segment_ids_BxT))
+    outs = []
+    for lo in range(0, t, block):
+        hi = lo + block
+        causal = jnp.arange(lo, hi)[:, None] >= jnp.arange(hi)[None, :]
+        same_doc = segment_ids_BxT[:, lo:hi, None] == segment_ids_BxT[:, None, :hi]
+        outs.append(
+            dot_product_attention(
+                q_BxTxNxH[:, lo:hi], k_BxTxKxH[:, :hi], v_BxTxKxH[:, :hi], (causal[None] & same_doc)[:, None]
+            )
+        )
+    return jnp.concatenate(outs, axis=1)
 
 
 class Attention(nn.Module):
-  cfg: DecoderConfig
-  dtype: jnp.dtype
-  param_dtype: jnp.dtype
-  block: int = 0
+    cfg: DecoderConfig
+    dtype: jnp.dtype
+    param_dtype: jnp.dtype
+    block: int = 0
 
-  @nn.compact
-  def __call__(self, x_BxTxD, positions_BxT, segment_ids_BxT):
-    cfg, dt = self.cfg, self.dtype
-    d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    @nn.compact
+    def __call__(self, x_BxTxD, positions_BxT, segment_ids_BxT):
+        cfg, dt = self.cfg, self.dtype
+        d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
 
-    def proj(name, heads, head_axis):
-      w_DxNxH = _param(self, f"{name}_kernel", (d, heads, h), ("embed", head_axis, "head_dim"), self.param_dtype)
-      y = jnp.einsum("btd,dnh->btnh", x_BxTxD, w_DxNxH.astype(dt))
-      if cfg.qkv_bias:
-        y = y + _param(self, f"{name}_bias", (heads, h), (head_axis, "head_dim"), self.param_dtype,
-                       nn.initializers.zeros).astype(dt)
-      return y
+        def proj(name, heads, head_axis):
+            w_DxNxH = _param(self, f"{name}_kernel", (d, heads, h), ("embed", head_axis, "head_dim"), self.param_dtype)
+            y = jnp.einsum("btd,dnh->btnh", x_BxTxD, w_DxNxH.astype(dt))
+            if cfg.qkv_bias:
+                y = y + _param(
+                    self, f"{name}_bias", (heads, h), (head_axis, "head_dim"), self.param_dtype, nn.initializers.zeros
+                ).astype(dt)
+            return y
 
-    q_BxTxNxH = proj("q", n, "heads")
-    k_BxTxKxH = proj("k", k, "kv_heads")
-    v_BxTxKxH = proj("v", k, "kv_heads")
-    if cfg.qk_norm:  # OLMo 2 normalises across all heads at once, before the head split
-      b, t = x_BxTxD.shape[:2]
-      q_BxTxNxH = RMSNorm(cfg.rms_norm_eps, dt, self.param_dtype, name="q_norm")(
-          q_BxTxNxH.reshape(b, t, n * h)).reshape(b, t, n, h)
-      k_BxTxKxH = RMSNorm(cfg.rms_norm_eps, dt, self.param_dtype, name="k_norm")(
-          k_BxTxKxH.reshape(b, t, k * h)).reshape(b, t, k, h)
-    inv_freq = rope_inv_freq(cfg)
-    q_BxTxNxH = apply_rope(q_BxTxNxH, positions_BxT, inv_freq)
-    k_BxTxKxH = apply_rope(k_BxTxKxH, positions_BxT, inv_freq)
-    q_BxTxNxH = nn.with_logical_constraint(q_BxTxNxH, ("batch", "length", "act_heads", None))
-    k_BxTxKxH = nn.with_logical_constraint(k_BxTxKxH, ("batch", "length", "act_kv_heads", None))
-    v_BxTxKxH = nn.with_logical_constraint(v_BxTxKxH, ("batch", "length", "act_kv_heads", None))
-    out_BxTxNxH = causal_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, self.block)
-    w_NxHxD = _param(self, "o_kernel", (n, h, d), ("heads", "head_dim", "embed"), self.param_dtype)
-    return jnp.einsum("btnh,nhd->btd", out_BxTxNxH, w_NxHxD.astype(dt))
+        q_BxTxNxH = proj("q", n, "heads")
+        k_BxTxKxH = proj("k", k, "kv_heads")
+        v_BxTxKxH = proj("v", k, "kv_heads")
+        if cfg.qk_norm:  # OLMo 2 normalises across all heads at once, before the head split
+            b, t = x_BxTxD.shape[:2]
+            q_BxTxNxH = RMSNorm(cfg.rms_norm_eps, dt, self.param_dtype, name="q_norm")(
+                q_BxTxNxH.reshape(b, t, n * h)
+            ).reshape(b, t, n, h)
+            k_BxTxKxH = RMSNorm(cfg.rms_norm_eps, dt, self.param_dtype, name="k_norm")(
+                k_BxTxKxH.reshape(b, t, k * h)
+            ).reshape(b, t, k, h)
+        inv_freq = rope_inv_freq(cfg)
+        q_BxTxNxH = apply_rope(q_BxTxNxH, positions_BxT, inv_freq)
+        k_BxTxKxH = apply_rope(k_BxTxKxH, positions_BxT, inv_freq)
+        q_BxTxNxH = nn.with_logical_constraint(q_BxTxNxH, ("batch", "length", "act_heads", None))
+        k_BxTxKxH = nn.with_logical_constraint(k_BxTxKxH, ("batch", "length", "act_kv_heads", None))
+        v_BxTxKxH = nn.with_logical_constraint(v_BxTxKxH, ("batch", "length", "act_kv_heads", None))
+        out_BxTxNxH = causal_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, self.block)
+        w_NxHxD = _param(self, "o_kernel", (n, h, d), ("heads", "head_dim", "embed"), self.param_dtype)
+        return jnp.einsum("btnh,nhd->btd", out_BxTxNxH, w_NxHxD.astype(dt))
 
 
 class MLP(nn.Module):
-  cfg: DecoderConfig
-  dtype: jnp.dtype
-  param_dtype: jnp.dtype
+    cfg: DecoderConfig
+    dtype: jnp.dtype
+    param_dtype: jnp.dtype
 
-  @nn.compact
-  def __call__(self, x_BxTxD):
-    d, f, dt = self.cfg.hidden_size, self.cfg.intermediate_size, self.dtype
-    gate_DxF = _param(self, "gate_kernel", (d, f), ("embed", "mlp"), self.param_dtype)
-    up_DxF = _param(self, "up_kernel", (d, f), ("embed", "mlp"), self.param_dtype)
-    down_FxD = _param(self, "down_kernel", (f, d), ("mlp", "embed"), self.param_dtype)
-    g_BxTxF = jnp.einsum("btd,df->btf", x_BxTxD, gate_DxF.astype(dt))
-    u_BxTxF = jnp.einsum("btd,df->btf", x_BxTxD, up_DxF.astype(dt))
-    a_BxTxF = nn.with_logical_constraint(jax.nn.silu(g_BxTxF) * u_BxTxF, ("batch", "length", "act_mlp"))
-    return jnp.einsum("btf,fd->btd", a_BxTxF, down_FxD.astype(dt))
+    @nn.compact
+    def __call__(self, x_BxTxD):
+        d, f, dt = self.cfg.hidden_size, self.cfg.intermediate_size, self.dtype
+        gate_DxF = _param(self, "gate_kernel", (d, f), ("embed", "mlp"), self.param_dtype)
+        up_DxF = _param(self, "up_kernel", (d, f), ("embed", "mlp"), self.param_dtype)
+        down_FxD = _param(self, "down_kernel", (f, d), ("mlp", "embed"), self.param_dtype)
+        g_BxTxF = jnp.einsum("btd,df->btf", x_BxTxD, gate_DxF.astype(dt))
+        u_BxTxF = jnp.einsum("btd,df->btf", x_BxTxD, up_DxF.astype(dt))
+        a_BxTxF = nn.with_logical_constraint(jax.nn.silu(g_BxTxF) * u_BxTxF, ("batch", "length", "act_mlp"))
+        return jnp.einsum("btf,fd->btd", a_BxTxF, down_FxD.astype(dt))
 
 
 class Block(nn.Module):
-  """One decoder layer; a scan body, so it takes and returns the hidden state as a carry."""
-  cfg: DecoderConfig
-  dtype: jnp.dtype
-  param_dtype: jnp.dtype
-  attention_block: int = 0
+    """One decoder layer; a scan body, so it takes and returns the hidden state as a carry."""
 
-  @nn.compact
-  def __call__(self, x_BxTxD, positions_BxT, segment_ids_BxT):
-    cfg, dt, pdt = self.cfg, self.dtype, self.param_dtype
-    norm = lambda name: RMSNorm(cfg.rms_norm_eps, dt, pdt, name=name)
-    attn = Attention(cfg, dt, pdt, self.attention_block, name="self_attn")
-    mlp = MLP(cfg, dt, pdt, name="mlp")
-    if cfg.post_norm:  # OLMo 2
-      h = x_BxTxD + norm("post_attention_layernorm")(attn(x_BxTxD, positions_BxT, segment_ids_BxT))
-      out = h + norm("post_feedforward_layernorm")(mlp(h))
-    else:  # Llama, Qwen2
-      h = x_BxTxD + attn(norm("input_layernorm")(x_BxTxD), positions_BxT, segment_ids_BxT)
-      out = h + mlp(norm("post_attention_layernorm")(h))
-    out = nn.with_logical_constraint(out, ("batch", "length", "act_embed"))
-    return out, None
+    cfg: DecoderConfig
+    dtype: jnp.dtype
+    param_dtype: jnp.dtype
+    attention_block: int = 0
+
+    @nn.compact
+    def __call__(self, x_BxTxD, positions_BxT, segment_ids_BxT):
+        cfg, dt, pdt = self.cfg, self.dtype, self.param_dtype
+        norm = lambda name: RMSNorm(cfg.rms_norm_eps, dt, pdt, name=name)
+        attn = Attention(cfg, dt, pdt, self.attention_block, name="self_attn")
+        mlp = MLP(cfg, dt, pdt, name="mlp")
+        if cfg.post_norm:  # OLMo 2
+            h = x_BxTxD + norm("post_attention_layernorm")(attn(x_BxTxD, positions_BxT, segment_ids_BxT))
+            out = h + norm("post_feedforward_layernorm")(mlp(h))
+        else:  # Llama, Qwen2
+            h = x_BxTxD + attn(norm("input_layernorm")(x_BxTxD), positions_BxT, segment_ids_BxT)
+            out = h + mlp(norm("post_attention_layernorm")(h))
+        out = nn.with_logical_constraint(out, ("batch", "length", "act_embed"))
+        return out, None
 
 
 class Decoder(nn.Module):
-  """`apply({"params": p}, input_ids, positions, segment_ids)` -> float32 logits [B, T, V].
+    """`apply({"params": p}, input_ids, positions, segment_ids)` -> float32 logits [B, T, V].
 
-  With `output="hidden"` it returns the final-normed hidden states [B, T, D] instead (value and
-  reward heads read those).
-  """
-  cfg: DecoderConfig
-  dtype: jnp.dtype = jnp.float32
-  param_dtype: jnp.dtype = jnp.float32
-  remat: bool = False
-  scan_unroll: int = 1  # layers per scan iteration; num_layers unrolls fully (faster on CPU, slower compile)
-  attention_block: int = 0  # > 0: causal attention in query blocks that skip the masked triangle
+    With `output="hidden"` it returns the final-normed hidden states [B, T, D] instead (value and
+    reward heads read those).
+    """
 
-  @nn.compact
-  def __call__(self, input_ids_BxT, positions_BxT=None, segment_ids_BxT=None, output: str = "logits"):
-    cfg, dt = self.cfg, self.dtype
-    if positions_BxT is None:
-      positions_BxT = jnp.broadcast_to(jnp.arange(input_ids_BxT.shape[1]), input_ids_BxT.shape)
-    if segment_ids_BxT is None:
-      segment_ids_BxT = jnp.ones_like(input_ids_BxT)
-    embed_VxD = _param(self, "embed", (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), self.param_dtype)
-    x_BxTxD = jnp.take(embed_VxD, input_ids_BxT, axis=0).astype(dt)
-    x_BxTxD = nn.with_logical_constraint(x_BxTxD, ("batch", "length", "act_embed"))
+    cfg: DecoderConfig
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+    remat: bool = False
+    scan_unroll: int = 1  # layers per scan iteration; num_layers unrolls fully (faster on CPU, slower compile)
+    attention_block: int = 0  # > 0: causal attention in query blocks that skip the masked triangle
 
-    block = Block
-    if self.remat:
-      block = nn.remat(Block, prevent_cse=False, policy=jax.checkpoint_policies.nothing_saveable)
-    layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                     in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers,
-                     metadata_params={nn.PARTITION_NAME: "layers"}, unroll=min(self.scan_unroll, cfg.num_layers))
-    x_BxTxD, _ = layers(cfg, dt, self.param_dtype, self.attention_block, name="layers")(
-        x_BxTxD, positions_BxT, segment_ids_BxT)
-    x_BxTxD = RMSNorm(cfg.rms_norm_eps, dt, self.param_dtype, name="final_norm")(x_BxTxD)
-    if output == "hidden":
-      return x_BxTxD
-    if cfg.tie_embeddings:
-      head_DxV = embed_VxD.T
-    else:
-      head_DxV = _param(self, "lm_head", (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), self.param_dtype)
-    logits_BxTxV = jnp.einsum("btd,dv->btv", x_BxTxD, head_DxV.astype(dt), preferred_element_type=jnp.float32)
-    return nn.with_logical_constraint(logits_BxTxV, ("batch", "length", "act_vocab"))
+    @nn.compact
+    def __call__(self, input_ids_BxT, positions_BxT=None, segment_ids_BxT=None, output: str = "logits"):
+        cfg, dt = self.cfg, self.dtype
+        if positions_BxT is None:
+            positions_BxT = jnp.broadcast_to(jnp.arange(input_ids_BxT.shape[1]), input_ids_BxT.shape)
+        if segment_ids_BxT is None:
+            segment_ids_BxT = jnp.ones_like(input_ids_BxT)
+        embed_VxD = _param(self, "embed", (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), self.param_dtype)
+        x_BxTxD = jnp.take(embed_VxD, input_ids_BxT, axis=0).astype(dt)
+        x_BxTxD = nn.with_logical_constraint(x_BxTxD, ("batch", "length", "act_embed"))
+
+        block = Block
+        if self.remat:
+            block = nn.remat(Block, prevent_cse=False, policy=jax.checkpoint_policies.nothing_saveable)
+        layers = nn.scan(
+            block,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=(nn.broadcast, nn.broadcast),
+            length=cfg.num_layers,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+            unroll=min(self.scan_unroll, cfg.num_layers),
+        )
+        x_BxTxD, _ = layers(cfg, dt, self.param_dtype, self.attention_block, name="layers")(
+            x_BxTxD, positions_BxT, segment_ids_BxT
+        )
+        x_BxTxD = RMSNorm(cfg.rms_norm_eps, dt, self.param_dtype, name="final_norm")(x_BxTxD)
+        if output == "hidden":
+            return x_BxTxD
+        if cfg.tie_embeddings:
+            head_DxV = embed_VxD.T
+        else:
+            head_DxV = _param(self, "lm_head", (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), self.param_dtype)
+        logits_BxTxV = jnp.einsum("btd,dv->btv", x_BxTxD, head_DxV.astype(dt), preferred_element_type=jnp.float32)
+        return nn.with_logical_constraint(logits_BxTxV, ("batch", "length", "act_vocab"))

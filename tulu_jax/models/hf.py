@@ -24,22 +24,25 @@ from tulu_jax.models.config import DecoderConfig, from_hf_config, to_hf_config
 
 @dataclass(frozen=True)
 class TensorRule:
-  hf_name: str  # "{i}" stands for the layer index
-  to_ours: Callable[[np.ndarray, DecoderConfig], np.ndarray]
-  to_hf: Callable[[np.ndarray, DecoderConfig], np.ndarray]
+    hf_name: str  # "{i}" stands for the layer index
+    to_ours: Callable[[np.ndarray, DecoderConfig], np.ndarray]
+    to_hf: Callable[[np.ndarray, DecoderConfig], np.ndarray]
 
 
 def _heads_in(heads_attr):
-  """HF [heads*H, D] (out, in) <-> ours [D, heads, H]."""
-  def to_ours(w, c):
-    return w.T.reshape(c.hidden_size, getattr(c, heads_attr), c.head_dim)
-  def to_hf(w, c):
-    return w.reshape(c.hidden_size, -1).T
-  return to_ours, to_hf
+    """HF [heads*H, D] (out, in) <-> ours [D, heads, H]."""
+
+    def to_ours(w, c):
+        return w.T.reshape(c.hidden_size, getattr(c, heads_attr), c.head_dim)
+
+    def to_hf(w, c):
+        return w.reshape(c.hidden_size, -1).T
+
+    return to_ours, to_hf
 
 
 def _rule(hf_name, to_ours=lambda w, c: w, to_hf=lambda w, c: w):
-  return TensorRule(hf_name, to_ours, to_hf)
+    return TensorRule(hf_name, to_ours, to_hf)
 
 
 _T = (lambda w, c: w.T, lambda w, c: w.T)
@@ -50,180 +53,186 @@ _HEAD_BIAS = {
 
 
 def param_rules(cfg: DecoderConfig) -> dict[tuple[str, ...], TensorRule]:
-  """Our parameter path -> how to read it from / write it to a Hugging Face checkpoint."""
-  layer = "model.layers.{i}."
-  rules = {
-      ("embed",): _rule("model.embed_tokens.weight"),
-      ("final_norm", "scale"): _rule("model.norm.weight"),
-      ("layers", "self_attn", "q_kernel"): _rule(layer + "self_attn.q_proj.weight", *_heads_in("num_heads")),
-      ("layers", "self_attn", "k_kernel"): _rule(layer + "self_attn.k_proj.weight", *_heads_in("num_kv_heads")),
-      ("layers", "self_attn", "v_kernel"): _rule(layer + "self_attn.v_proj.weight", *_heads_in("num_kv_heads")),
-      ("layers", "self_attn", "o_kernel"): _rule(
-          layer + "self_attn.o_proj.weight",
-          lambda w, c: w.T.reshape(c.num_heads, c.head_dim, c.hidden_size),
-          lambda w, c: w.reshape(-1, c.hidden_size).T),
-      ("layers", "mlp", "gate_kernel"): _rule(layer + "mlp.gate_proj.weight", *_T),
-      ("layers", "mlp", "up_kernel"): _rule(layer + "mlp.up_proj.weight", *_T),
-      ("layers", "mlp", "down_kernel"): _rule(layer + "mlp.down_proj.weight", *_T),
-      ("layers", "post_attention_layernorm", "scale"): _rule(layer + "post_attention_layernorm.weight"),
-  }
-  if cfg.post_norm:
-    rules[("layers", "post_feedforward_layernorm", "scale")] = _rule(layer + "post_feedforward_layernorm.weight")
-  else:
-    rules[("layers", "input_layernorm", "scale")] = _rule(layer + "input_layernorm.weight")
-  if cfg.qkv_bias:
-    rules[("layers", "self_attn", "q_bias")] = _rule(layer + "self_attn.q_proj.bias", *_HEAD_BIAS["q"])
-    rules[("layers", "self_attn", "k_bias")] = _rule(layer + "self_attn.k_proj.bias", *_HEAD_BIAS["kv"])
-    rules[("layers", "self_attn", "v_bias")] = _rule(layer + "self_attn.v_proj.bias", *_HEAD_BIAS["kv"])
-  if cfg.qk_norm:
-    rules[("layers", "self_attn", "q_norm", "scale")] = _rule(layer + "self_attn.q_norm.weight")
-    rules[("layers", "self_attn", "k_norm", "scale")] = _rule(layer + "self_attn.k_norm.weight")
-  if not cfg.tie_embeddings:
-    rules[("lm_head",)] = _rule("lm_head.weight", *_T)
-  return rules
+    """Our parameter path -> how to read it from / write it to a Hugging Face checkpoint."""
+    layer = "model.layers.{i}."
+    rules = {
+        ("embed",): _rule("model.embed_tokens.weight"),
+        ("final_norm", "scale"): _rule("model.norm.weight"),
+        ("layers", "self_attn", "q_kernel"): _rule(layer + "self_attn.q_proj.weight", *_heads_in("num_heads")),
+        ("layers", "self_attn", "k_kernel"): _rule(layer + "self_attn.k_proj.weight", *_heads_in("num_kv_heads")),
+        ("layers", "self_attn", "v_kernel"): _rule(layer + "self_attn.v_proj.weight", *_heads_in("num_kv_heads")),
+        ("layers", "self_attn", "o_kernel"): _rule(
+            layer + "self_attn.o_proj.weight",
+            lambda w, c: w.T.reshape(c.num_heads, c.head_dim, c.hidden_size),
+            lambda w, c: w.reshape(-1, c.hidden_size).T,
+        ),
+        ("layers", "mlp", "gate_kernel"): _rule(layer + "mlp.gate_proj.weight", *_T),
+        ("layers", "mlp", "up_kernel"): _rule(layer + "mlp.up_proj.weight", *_T),
+        ("layers", "mlp", "down_kernel"): _rule(layer + "mlp.down_proj.weight", *_T),
+        ("layers", "post_attention_layernorm", "scale"): _rule(layer + "post_attention_layernorm.weight"),
+    }
+    if cfg.post_norm:
+        rules[("layers", "post_feedforward_layernorm", "scale")] = _rule(layer + "post_feedforward_layernorm.weight")
+    else:
+        rules[("layers", "input_layernorm", "scale")] = _rule(layer + "input_layernorm.weight")
+    if cfg.qkv_bias:
+        rules[("layers", "self_attn", "q_bias")] = _rule(layer + "self_attn.q_proj.bias", *_HEAD_BIAS["q"])
+        rules[("layers", "self_attn", "k_bias")] = _rule(layer + "self_attn.k_proj.bias", *_HEAD_BIAS["kv"])
+        rules[("layers", "self_attn", "v_bias")] = _rule(layer + "self_attn.v_proj.bias", *_HEAD_BIAS["kv"])
+    if cfg.qk_norm:
+        rules[("layers", "self_attn", "q_norm", "scale")] = _rule(layer + "self_attn.q_norm.weight")
+        rules[("layers", "self_attn", "k_norm", "scale")] = _rule(layer + "self_attn.k_norm.weight")
+    if not cfg.tie_embeddings:
+        rules[("lm_head",)] = _rule("lm_head.weight", *_T)
+    return rules
 
 
 def load_hf_config(model_dir: str) -> DecoderConfig:
-  path = os.path.join(model_dir, "config.json")
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{path} not found: model.path must be a Hugging Face model folder")
-  with open(path) as f:
-    return from_hf_config(json.load(f))
+    path = os.path.join(model_dir, "config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found: model.path must be a Hugging Face model folder")
+    with open(path) as f:
+        return from_hf_config(json.load(f))
 
 
 class _SafetensorsIndex:
-  """Finds a tensor by name across the shards of a checkpoint folder, opening each file once."""
+    """Finds a tensor by name across the shards of a checkpoint folder, opening each file once."""
 
-  def __init__(self, model_dir: str):
-    index = os.path.join(model_dir, "model.safetensors.index.json")
-    if os.path.exists(index):
-      with open(index) as f:
-        weight_map = json.load(f)["weight_map"]
-    else:
-      single = os.path.join(model_dir, "model.safetensors")
-      if not os.path.exists(single):
-        raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {model_dir}")
-      with safe_open(single, framework="numpy") as f:
-        weight_map = {k: "model.safetensors" for k in f.keys()}
-    self._dir, self._map, self._open = model_dir, weight_map, {}
+    def __init__(self, model_dir: str):
+        index = os.path.join(model_dir, "model.safetensors.index.json")
+        if os.path.exists(index):
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+        else:
+            single = os.path.join(model_dir, "model.safetensors")
+            if not os.path.exists(single):
+                raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {model_dir}")
+            with safe_open(single, framework="numpy") as f:
+                weight_map = {k: "model.safetensors" for k in f.keys()}
+        self._dir, self._map, self._open = model_dir, weight_map, {}
 
-  def __contains__(self, name):
-    return name in self._map
+    def __contains__(self, name):
+        return name in self._map
 
-  def get(self, name: str) -> np.ndarray:
-    if name not in self._map:
-      raise KeyError(f"tensor {name!r} not found in the checkpoint at {self._dir}")
-    file = self._map[name]
-    if file not in self._open:
-      self._open[file] = safe_open(os.path.join(self._dir, file), framework="numpy")
-    return self._open[file].get_tensor(name)
+    def get(self, name: str) -> np.ndarray:
+        if name not in self._map:
+            raise KeyError(f"tensor {name!r} not found in the checkpoint at {self._dir}")
+        file = self._map[name]
+        if file not in self._open:
+            self._open[file] = safe_open(os.path.join(self._dir, file), framework="numpy")
+        return self._open[file].get_tensor(name)
 
 
 def _place(shape, dtype, sharding, num_layers: int | None, read: Callable[[int | None], np.ndarray]):
-  """Builds a global array from per-layer host tensors, filling only this process's device shards."""
-  index_map = sharding.addressable_devices_indices_map(shape)
-  key = lambda idx: tuple(s.indices(n) for s, n in zip(idx, shape))
-  buffers = {key(idx): np.empty(_slice_shape(shape, idx), dtype=dtype) for idx in index_map.values()}
-  if num_layers is None:
-    full = read(None)
-    for idx in index_map.values():
-      buffers[key(idx)][...] = full[idx]
-  else:
-    if any(key(idx)[0] != (0, num_layers, 1) for idx in index_map.values()):
-      raise ValueError("the layers axis must not be sharded")  # the rules table keeps it whole
-    for i in range(num_layers):  # one layer tensor on the host at a time
-      full = read(i)
-      for idx in index_map.values():
-        buffers[key(idx)][i] = full[idx[1:]]
-  arrays = [jax.device_put(buffers[key(idx)], d) for d, idx in index_map.items()]
-  return jax.make_array_from_single_device_arrays(shape, sharding, arrays)
+    """Builds a global array from per-layer host tensors, filling only this process's device shards."""
+    index_map = sharding.addressable_devices_indices_map(shape)
+    key = lambda idx: tuple(s.indices(n) for s, n in zip(idx, shape))
+    buffers = {key(idx): np.empty(_slice_shape(shape, idx), dtype=dtype) for idx in index_map.values()}
+    if num_layers is None:
+        full = read(None)
+        for idx in index_map.values():
+            buffers[key(idx)][...] = full[idx]
+    else:
+        if any(key(idx)[0] != (0, num_layers, 1) for idx in index_map.values()):
+            raise ValueError("the layers axis must not be sharded")  # the rules table keeps it whole
+        for i in range(num_layers):  # one layer tensor on the host at a time
+            full = read(i)
+            for idx in index_map.values():
+                buffers[key(idx)][i] = full[idx[1:]]
+    arrays = [jax.device_put(buffers[key(idx)], d) for d, idx in index_map.items()]
+    return jax.make_array_from_single_device_arrays(shape, sharding, arrays)
 
 
 def _slice_shape(shape, idx):
-  return tuple(len(range(*s.indices(n))) for s, n in zip(idx, shape))
+    return tuple(len(range(*s.indices(n))) for s, n in zip(idx, shape))
 
 
 def load_hf_params(model_dir: str, cfg: DecoderConfig, abstract_params, shardings, dtype=np.float32):
-  """Reads a Hugging Face checkpoint into a params pytree laid out like `abstract_params`, sharded by
-  `shardings` (both from `jax.eval_shape` of the init and the rules table)."""
-  index = _SafetensorsIndex(model_dir)
-  rules = param_rules(cfg)
-  flat = jax.tree_util.tree_flatten_with_path(abstract_params)[0]
-  flat_shardings = jax.tree_util.tree_leaves(shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
-  ours = {tuple(p.key for p in path) for path, _ in flat}
-  if ours != set(rules):
-    raise ValueError(f"parameter tree and name table disagree: {sorted(ours ^ set(rules))}")
-  leaves = []
-  for (path, leaf), sharding in zip(flat, flat_shardings):
-    key = tuple(p.key for p in path)
-    rule = rules[key]
-    stacked = key[0] == "layers"
+    """Reads a Hugging Face checkpoint into a params pytree laid out like `abstract_params`, sharded by
+    `shardings` (both from `jax.eval_shape` of the init and the rules table)."""
+    index = _SafetensorsIndex(model_dir)
+    rules = param_rules(cfg)
+    flat = jax.tree_util.tree_flatten_with_path(abstract_params)[0]
+    flat_shardings = jax.tree_util.tree_leaves(shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
+    ours = {tuple(p.key for p in path) for path, _ in flat}
+    if ours != set(rules):
+        raise ValueError(f"parameter tree and name table disagree: {sorted(ours ^ set(rules))}")
+    leaves = []
+    for (path, leaf), sharding in zip(flat, flat_shardings):
+        key = tuple(p.key for p in path)
+        rule = rules[key]
+        stacked = key[0] == "layers"
 
-    def read(i, rule=rule, leaf=leaf, stacked=stacked):
-      w = rule.to_ours(index.get(rule.hf_name.format(i=i)), cfg).astype(dtype)
-      expected = leaf.shape[1:] if stacked else leaf.shape
-      if w.shape != expected:
-        raise ValueError(f"{model_dir}: tensor {rule.hf_name.format(i=i)} has shape {w.shape} after conversion, "
-                         f"expected {expected} from config.json")
-      return w
+        def read(i, rule=rule, leaf=leaf, stacked=stacked):
+            w = rule.to_ours(index.get(rule.hf_name.format(i=i)), cfg).astype(dtype)
+            expected = leaf.shape[1:] if stacked else leaf.shape
+            if w.shape != expected:
+                raise ValueError(
+                    f"{model_dir}: tensor {rule.hf_name.format(i=i)} has shape {w.shape} after conversion, "
+                    f"expected {expected} from config.json"
+                )
+            return w
 
-    leaves.append(_place(leaf.shape, dtype, sharding, cfg.num_layers if stacked else None, read))
-  return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(abstract_params), leaves)
+        leaves.append(_place(leaf.shape, dtype, sharding, cfg.num_layers if stacked else None, read))
+    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(abstract_params), leaves)
 
 
 def _to_host(x) -> np.ndarray:
-  if not x.is_fully_addressable:
-    from jax.experimental import multihost_utils
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-  return np.asarray(jax.device_get(x))
+    if not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
 
 
-def export_hf(params, cfg: DecoderConfig, out_dir: str, tokenizer=None, dtype: str = "float32",
-              max_shard_bytes: int = 2 << 30) -> str:
-  """Writes `params` as a Hugging Face folder (config.json, safetensors shards, tokenizer) that
-  `AutoModelForCausalLM.from_pretrained` and vLLM load. Stacked layers are fetched one layer at a time."""
-  np_dtype = {"float32": np.float32, "bfloat16": None, "float16": np.float16}[dtype]
-  if np_dtype is None:
-    import ml_dtypes
-    np_dtype = ml_dtypes.bfloat16
-  tmp = out_dir.rstrip("/") + ".tmp"
-  write = jax.process_index() == 0
-  if write:
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-  rules = param_rules(cfg)
-  shards: list[dict[str, np.ndarray]] = [{}]
-  sizes = [0]
+def export_hf(
+    params, cfg: DecoderConfig, out_dir: str, tokenizer=None, dtype: str = "float32", max_shard_bytes: int = 2 << 30
+) -> str:
+    """Writes `params` as a Hugging Face folder (config.json, safetensors shards, tokenizer) that
+    `AutoModelForCausalLM.from_pretrained` and vLLM load. Stacked layers are fetched one layer at a time."""
+    np_dtype = {"float32": np.float32, "bfloat16": None, "float16": np.float16}[dtype]
+    if np_dtype is None:
+        import ml_dtypes
 
-  def add(name, w):
-    w = np.ascontiguousarray(w.astype(np_dtype))
-    if sizes[-1] + w.nbytes > max_shard_bytes and shards[-1]:
-      shards.append({})
-      sizes.append(0)
-    shards[-1][name] = w
-    sizes[-1] += w.nbytes
+        np_dtype = ml_dtypes.bfloat16
+    tmp = out_dir.rstrip("/") + ".tmp"
+    write = jax.process_index() == 0
+    if write:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    rules = param_rules(cfg)
+    shards: list[dict[str, np.ndarray]] = [{}]
+    sizes = [0]
 
-  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-    rule = rules[tuple(p.key for p in path)]
-    if path[0].key == "layers":
-      for i in range(cfg.num_layers):
-        add(rule.hf_name.format(i=i), rule.to_hf(_to_host(leaf[i]), cfg))
-    else:
-      add(rule.hf_name, rule.to_hf(_to_host(leaf), cfg))
-  if not write:
+    def add(name, w):
+        w = np.ascontiguousarray(w.astype(np_dtype))
+        if sizes[-1] + w.nbytes > max_shard_bytes and shards[-1]:
+            shards.append({})
+            sizes.append(0)
+        shards[-1][name] = w
+        sizes[-1] += w.nbytes
+
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        rule = rules[tuple(p.key for p in path)]
+        if path[0].key == "layers":
+            for i in range(cfg.num_layers):
+                add(rule.hf_name.format(i=i), rule.to_hf(_to_host(leaf[i]), cfg))
+        else:
+            add(rule.hf_name, rule.to_hf(_to_host(leaf), cfg))
+    if not write:
+        return out_dir
+    weight_map = {}
+    for n, shard in enumerate(shards):
+        fname = "model.safetensors" if len(shards) == 1 else f"model-{n + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, os.path.join(tmp, fname), metadata={"format": "pt"})
+        weight_map.update({k: fname for k in shard})
+    if len(shards) > 1:
+        with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}, f, indent=1)
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+        json.dump(to_hf_config(cfg, dtype), f, indent=2)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)
     return out_dir
-  weight_map = {}
-  for n, shard in enumerate(shards):
-    fname = "model.safetensors" if len(shards) == 1 else f"model-{n + 1:05d}-of-{len(shards):05d}.safetensors"
-    save_file(shard, os.path.join(tmp, fname), metadata={"format": "pt"})
-    weight_map.update({k: fname for k in shard})
-  if len(shards) > 1:
-    with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
-      json.dump({"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}, f, indent=1)
-  with open(os.path.join(tmp, "config.json"), "w") as f:
-    json.dump(to_hf_config(cfg, dtype), f, indent=2)
-  if tokenizer is not None:
-    tokenizer.save_pretrained(tmp)
-  shutil.rmtree(out_dir, ignore_errors=True)
-  os.replace(tmp, out_dir)
-  return out_dir

@@ -17,52 +17,66 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 
 
 def resolve_dtype(name: str) -> jnp.dtype:
-  """'auto' is bfloat16 on accelerators (GPU/TPU) and float32 on the CPU."""
-  if name == "auto":
-    return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
-  if name not in DTYPES:
-    raise ValueError(f"unknown dtype {name!r}; expected auto or one of {sorted(DTYPES)}")
-  return DTYPES[name]
+    """'auto' is bfloat16 on accelerators (GPU/TPU) and float32 on the CPU."""
+    if name == "auto":
+        return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; expected auto or one of {sorted(DTYPES)}")
+    return DTYPES[name]
 
 
 def _init_fn(model: Decoder):
-  def init(rng):
-    ids = jnp.zeros((1, 8), jnp.int32)
-    return model.init(rng, ids)["params"]
-  return init
+    def init(rng):
+        ids = jnp.zeros((1, 8), jnp.int32)
+        return model.init(rng, ids)["params"]
+
+    return init
 
 
 def boxed_param_shapes(model: Decoder):
-  """Parameter shapes still wrapped in their logical-axis metadata (nothing allocated)."""
-  return jax.eval_shape(_init_fn(model), jax.random.key(0))
+    """Parameter shapes still wrapped in their logical-axis metadata (nothing allocated)."""
+    return jax.eval_shape(_init_fn(model), jax.random.key(0))
 
 
 def param_layout(model: Decoder, mesh: Mesh):
-  """(abstract params, their NamedShardings) without allocating anything."""
-  boxed = boxed_param_shapes(model)
-  shardings = shd.logical_sharding(nn.get_partition_spec(boxed), mesh)
-  abstract = nn.unbox(boxed)
-  shd.check_divisible(abstract, shardings)
-  return abstract, shardings
+    """(abstract params, their NamedShardings) without allocating anything."""
+    boxed = boxed_param_shapes(model)
+    shardings = shd.logical_sharding(nn.get_partition_spec(boxed), mesh)
+    abstract = nn.unbox(boxed)
+    shd.check_divisible(abstract, shardings)
+    return abstract, shardings
 
 
 def init_params(model: Decoder, mesh: Mesh, rng):
-  """Random parameters, each created directly on its shards."""
-  _, shardings = param_layout(model, mesh)
-  init = jax.jit(lambda r: nn.unbox(_init_fn(model)(r)), out_shardings=shardings)
-  return init(rng)
+    """Random parameters, each created directly on its shards."""
+    _, shardings = param_layout(model, mesh)
+    init = jax.jit(lambda r: nn.unbox(_init_fn(model)(r)), out_shardings=shardings)
+    return init(rng)
 
 
 def load_params(model_dir: str, model: Decoder, mesh: Mesh):
-  abstract, shardings = param_layout(model, mesh)
-  return hf.load_hf_params(model_dir, model.cfg, abstract, shardings, dtype=abstract_dtype(abstract))
+    abstract, shardings = param_layout(model, mesh)
+    return hf.load_hf_params(model_dir, model.cfg, abstract, shardings, dtype=abstract_dtype(abstract))
 
 
 def abstract_dtype(abstract):
-  return jax.tree_util.tree_leaves(abstract)[0].dtype
+    return jax.tree_util.tree_leaves(abstract)[0].dtype
 
 
-def build_model(cfg: DecoderConfig, *, dtype="float32", param_dtype="float32", remat=False,
-                scan_unroll: int = 1, attention_block: int = 0) -> Decoder:
-  return Decoder(cfg, dtype=resolve_dtype(dtype), param_dtype=resolve_dtype(param_dtype), remat=remat,
-                 scan_unroll=scan_unroll, attention_block=attention_block)
+def build_model(
+    cfg: DecoderConfig,
+    *,
+    dtype="float32",
+    param_dtype="float32",
+    remat=False,
+    scan_unroll: int = 1,
+    attention_block: int = 0,
+) -> Decoder:
+    return Decoder(
+        cfg,
+        dtype=resolve_dtype(dtype),
+        param_dtype=resolve_dtype(param_dtype),
+        remat=remat,
+        scan_unroll=scan_unroll,
+        attention_block=attention_block,
+    )

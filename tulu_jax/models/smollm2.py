@@ -212,9 +212,7 @@ def _build(gguf: Path, tmp: Path, timings: dict[str, float]) -> dict:
     # The GGUF tokenizer has no model_max_length; use the model's context length.
     tok.model_max_length = cfg.max_position_embeddings
     tok.save_pretrained(tmp)
-    gen = GenerationConfig(
-        bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id
-    )
+    gen = GenerationConfig(bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id)
     gen.save_pretrained(tmp)
     # Drop loader bookkeeping that transformers writes into tokenizer_config.json.
     tc_path = tmp / "tokenizer_config.json"
@@ -251,8 +249,10 @@ def _build(gguf: Path, tmp: Path, timings: dict[str, float]) -> dict:
     got = _logits(reloaded, ids)
     max_diff = (ref - got).abs().max().item()
     reloaded_params = sum(p.numel() for p in reloaded.parameters())
-    _log(f"verify: prompt {VERIFY_PROMPT!r} -> {ids.shape[1]} tokens, max |logit diff| = {max_diff:.3e} "
-         f"(tolerance {VERIFY_ATOL:g}); reloaded parameters = {reloaded_params:,}")
+    _log(
+        f"verify: prompt {VERIFY_PROMPT!r} -> {ids.shape[1]} tokens, max |logit diff| = {max_diff:.3e} "
+        f"(tolerance {VERIFY_ATOL:g}); reloaded parameters = {reloaded_params:,}"
+    )
     if not max_diff <= VERIFY_ATOL:
         raise SmolLM2Error(f"saved model's logits differ from the GGUF model's by {max_diff} > {VERIFY_ATOL}")
     if reloaded_params != n_params:
@@ -261,7 +261,7 @@ def _build(gguf: Path, tmp: Path, timings: dict[str, float]) -> dict:
     prompt_ids = rtok.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     with torch.no_grad():
         out = reloaded.generate(**prompt_ids, max_new_tokens=20, do_sample=False)
-    sample = rtok.decode(out[0, prompt_ids["input_ids"].shape[1]:], skip_special_tokens=True)
+    sample = rtok.decode(out[0, prompt_ids["input_ids"].shape[1] :], skip_special_tokens=True)
     _log(f"greedy sample for {chat[0]['content']!r}: {sample!r}")
     timings["verify"] = time.perf_counter() - t
     _log(f"verification done in {timings['verify']:.1f}s")

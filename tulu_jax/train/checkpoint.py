@@ -11,34 +11,44 @@ import orbax.checkpoint as ocp
 
 
 class Checkpointer:
-  def __init__(self, directory: str, keep: int):
-    self.directory = os.path.abspath(directory)  # Orbax wants absolute paths
-    self._mngr = ocp.CheckpointManager(
-        self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+    def __init__(self, directory: str, keep: int):
+        self.directory = os.path.abspath(directory)  # Orbax wants absolute paths
+        self._mngr = ocp.CheckpointManager(
+            self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+        )
 
-  def latest_step(self) -> int | None:
-    return self._mngr.latest_step()
+    def latest_step(self) -> int | None:
+        return self._mngr.latest_step()
 
-  def save(self, step: int, state, data_state: dict[str, Any], extra: dict[str, Any] | None = None) -> None:
-    """Asynchronous: training goes on while the arrays are written. A step that was not finished
-    when the process died is never committed, so it cannot be restored half-written."""
-    self._mngr.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        data=ocp.args.JsonSave(data_state),
-        extra=ocp.args.JsonSave(extra or {})))
+    def save(self, step: int, state, data_state: dict[str, Any], extra: dict[str, Any] | None = None) -> None:
+        """Asynchronous: training goes on while the arrays are written. A step that was not finished
+        when the process died is never committed, so it cannot be restored half-written."""
+        self._mngr.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                data=ocp.args.JsonSave(data_state),
+                extra=ocp.args.JsonSave(extra or {}),
+            ),
+        )
 
-  def restore(self, abstract_state, shardings, step: int | None = None):
-    """Returns (state, data_state, extra), the state placed directly in `shardings`."""
-    step = self.latest_step() if step is None else step
-    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          abstract_state, shardings)
-    out = self._mngr.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore(), extra=ocp.args.JsonRestore()))
-    return out["state"], out["data"], out["extra"]
+    def restore(self, abstract_state, shardings, step: int | None = None):
+        """Returns (state, data_state, extra), the state placed directly in `shardings`."""
+        step = self.latest_step() if step is None else step
+        target = jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings
+        )
+        out = self._mngr.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore(), extra=ocp.args.JsonRestore()
+            ),
+        )
+        return out["state"], out["data"], out["extra"]
 
-  def wait(self) -> None:
-    self._mngr.wait_until_finished()
+    def wait(self) -> None:
+        self._mngr.wait_until_finished()
 
-  def close(self) -> None:
-    self._mngr.wait_until_finished()
-    self._mngr.close()
+    def close(self) -> None:
+        self._mngr.wait_until_finished()
+        self._mngr.close()

@@ -13,7 +13,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from tulu_jax import sharding as shd
 from tulu_jax.losses import cross_entropy_sums, shift_for_next_token
@@ -24,99 +25,115 @@ BATCH_KEYS = ("input_ids", "loss_mask", "segment_ids", "positions")
 
 
 def count_sequences(batch) -> jax.Array:
-  """Documents in a (possibly packed) batch: each starts where its position is 0 on a real token."""
-  return jnp.sum((batch["positions"] == 0) & (batch["segment_ids"] > 0)).astype(jnp.float32)
+    """Documents in a (possibly packed) batch: each starts where its position is 0 on a real token."""
+    return jnp.sum((batch["positions"] == 0) & (batch["segment_ids"] > 0)).astype(jnp.float32)
 
 
 def _split_micro(x_BxT, accum: int):
-  # Strided split: micro-batch a takes rows a, a+A, a+2A... so every micro-batch stays spread over all
-  # data-parallel devices instead of living on a slice of them.
-  b = x_BxT.shape[0]
-  return x_BxT.reshape(b // accum, accum, *x_BxT.shape[1:]).swapaxes(0, 1)
+    # Strided split: micro-batch a takes rows a, a+A, a+2A... so every micro-batch stays spread over all
+    # data-parallel devices instead of living on a slice of them.
+    b = x_BxT.shape[0]
+    return x_BxT.reshape(b // accum, accum, *x_BxT.shape[1:]).swapaxes(0, 1)
 
 
-def sft_step(state: TrainState, batch, *, model: Decoder, tx: optax.GradientTransformation,
-             schedule: optax.Schedule, reduction: str, accum_steps: int):
-  _, weights_BxT = shift_for_next_token(batch["input_ids"], batch["loss_mask"], batch["segment_ids"])
-  num_tokens = jnp.sum(weights_BxT)
-  num_seqs = count_sequences(batch)
-  denominators = {"sum": num_seqs, "mean": num_tokens}
-  if reduction not in denominators:
-    raise ValueError(f"unknown loss reduction {reduction!r}; expected one of {sorted(denominators)}")
-  denom = jnp.maximum(denominators[reduction], 1.0)
+def sft_step(
+    state: TrainState,
+    batch,
+    *,
+    model: Decoder,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    reduction: str,
+    accum_steps: int,
+):
+    _, weights_BxT = shift_for_next_token(batch["input_ids"], batch["loss_mask"], batch["segment_ids"])
+    num_tokens = jnp.sum(weights_BxT)
+    num_seqs = count_sequences(batch)
+    denominators = {"sum": num_seqs, "mean": num_tokens}
+    if reduction not in denominators:
+        raise ValueError(f"unknown loss reduction {reduction!r}; expected one of {sorted(denominators)}")
+    denom = jnp.maximum(denominators[reduction], 1.0)
 
-  def micro_loss(params, mb):
-    logits = model.apply({"params": params}, mb["input_ids"], mb["positions"], mb["segment_ids"])
-    targets, weights = shift_for_next_token(mb["input_ids"], mb["loss_mask"], mb["segment_ids"])
-    nll_sum, _ = cross_entropy_sums(logits, targets, weights)
-    return nll_sum / denom
+    def micro_loss(params, mb):
+        logits = model.apply({"params": params}, mb["input_ids"], mb["positions"], mb["segment_ids"])
+        targets, weights = shift_for_next_token(mb["input_ids"], mb["loss_mask"], mb["segment_ids"])
+        nll_sum, _ = cross_entropy_sums(logits, targets, weights)
+        return nll_sum / denom
 
-  grad_fn = jax.value_and_grad(micro_loss)
-  if accum_steps == 1:
-    loss, grads = grad_fn(state.params, batch)
-  else:
-    micro = {k: nn.with_logical_constraint(_split_micro(batch[k], accum_steps), (None, "batch", "length"))
-             for k in BATCH_KEYS}
+    grad_fn = jax.value_and_grad(micro_loss)
+    if accum_steps == 1:
+        loss, grads = grad_fn(state.params, batch)
+    else:
+        micro = {
+            k: nn.with_logical_constraint(_split_micro(batch[k], accum_steps), (None, "batch", "length"))
+            for k in BATCH_KEYS
+        }
 
-    def body(carry, mb):
-      loss_acc, grad_acc = carry
-      loss, grads = grad_fn(state.params, mb)
-      return (loss_acc + loss, jax.tree.map(jnp.add, grad_acc, grads)), None
+        def body(carry, mb):
+            loss_acc, grad_acc = carry
+            loss, grads = grad_fn(state.params, mb)
+            return (loss_acc + loss, jax.tree.map(jnp.add, grad_acc, grads)), None
 
-    zeros = jax.tree.map(jnp.zeros_like, state.params)
-    (loss, grads), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros), micro)
+        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        (loss, grads), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros), micro)
 
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  metrics = {
-      "loss": loss,
-      "nll_per_token": loss * denom / jnp.maximum(num_tokens, 1.0),
-      "grad_norm": optax.tree.norm(grads),
-      "learning_rate": schedule(state.step),
-      "trained_tokens": num_tokens,
-      "sequences": num_seqs,
-  }
-  return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {
+        "loss": loss,
+        "nll_per_token": loss * denom / jnp.maximum(num_tokens, 1.0),
+        "grad_norm": optax.tree.norm(grads),
+        "learning_rate": schedule(state.step),
+        "trained_tokens": num_tokens,
+        "sequences": num_seqs,
+    }
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
-def jit_sft_step(model: Decoder, tx, schedule, mesh: Mesh, state_shardings: TrainState, *,
-                 reduction: str, accum_steps: int):
-  """Compiles `sft_step` once for this mesh: state donated, batch sharded over data+fsdp."""
-  step = functools.partial(sft_step, model=model, tx=tx, schedule=schedule, reduction=reduction,
-                           accum_steps=accum_steps)
-  batch_shardings = {k: shd.batch_sharding(mesh) for k in BATCH_KEYS}
-  rep = NamedSharding(mesh, P())
-  jitted = jax.jit(step, in_shardings=(state_shardings, batch_shardings),
-                   out_shardings=(state_shardings, rep), donate_argnums=0)
+def jit_sft_step(
+    model: Decoder, tx, schedule, mesh: Mesh, state_shardings: TrainState, *, reduction: str, accum_steps: int
+):
+    """Compiles `sft_step` once for this mesh: state donated, batch sharded over data+fsdp."""
+    step = functools.partial(
+        sft_step, model=model, tx=tx, schedule=schedule, reduction=reduction, accum_steps=accum_steps
+    )
+    batch_shardings = {k: shd.batch_sharding(mesh) for k in BATCH_KEYS}
+    rep = NamedSharding(mesh, P())
+    jitted = jax.jit(
+        step, in_shardings=(state_shardings, batch_shardings), out_shardings=(state_shardings, rep), donate_argnums=0
+    )
 
-  def run(state, batch):
-    with jax.set_mesh(mesh), nn.logical_axis_rules(shd.LOGICAL_RULES):
-      return jitted(state, batch)
+    def run(state, batch):
+        with jax.set_mesh(mesh), nn.logical_axis_rules(shd.LOGICAL_RULES):
+            return jitted(state, batch)
 
-  run.lower = lambda *a: _lower(jitted, mesh, *a)
-  return run
+    run.lower = lambda *a: _lower(jitted, mesh, *a)
+    return run
 
 
 def _lower(jitted, mesh, *args):
-  with jax.set_mesh(mesh), nn.logical_axis_rules(shd.LOGICAL_RULES):
-    return jitted.lower(*args)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(shd.LOGICAL_RULES):
+        return jitted.lower(*args)
 
 
 def sft_eval_sums(params, batch, *, model: Decoder):
-  """Forward only: (summed NLL of trained tokens, trained tokens, sequences) of one batch."""
-  logits = model.apply({"params": params}, batch["input_ids"], batch["positions"], batch["segment_ids"])
-  targets, weights = shift_for_next_token(batch["input_ids"], batch["loss_mask"], batch["segment_ids"])
-  nll_sum, count = cross_entropy_sums(logits, targets, weights)
-  return nll_sum, count, count_sequences(batch)
+    """Forward only: (summed NLL of trained tokens, trained tokens, sequences) of one batch."""
+    logits = model.apply({"params": params}, batch["input_ids"], batch["positions"], batch["segment_ids"])
+    targets, weights = shift_for_next_token(batch["input_ids"], batch["loss_mask"], batch["segment_ids"])
+    nll_sum, count = cross_entropy_sums(logits, targets, weights)
+    return nll_sum, count, count_sequences(batch)
 
 
 def jit_sft_eval(model: Decoder, mesh: Mesh, param_shardings):
-  batch_shardings = {k: shd.batch_sharding(mesh) for k in BATCH_KEYS}
-  jitted = jax.jit(functools.partial(sft_eval_sums, model=model),
-                   in_shardings=(param_shardings, batch_shardings), out_shardings=NamedSharding(mesh, P()))
+    batch_shardings = {k: shd.batch_sharding(mesh) for k in BATCH_KEYS}
+    jitted = jax.jit(
+        functools.partial(sft_eval_sums, model=model),
+        in_shardings=(param_shardings, batch_shardings),
+        out_shardings=NamedSharding(mesh, P()),
+    )
 
-  def run(params, batch):
-    with jax.set_mesh(mesh), nn.logical_axis_rules(shd.LOGICAL_RULES):
-      return jitted(params, batch)
+    def run(params, batch):
+        with jax.set_mesh(mesh), nn.logical_axis_rules(shd.LOGICAL_RULES):
+            return jitted(params, batch)
 
-  return run
+    return run

@@ -18,31 +18,38 @@ from tulu_jax.models.loading import boxed_param_shapes, param_layout
 
 @flax.struct.dataclass
 class TrainState:
-  step: jax.Array  # int32 scalar: optimizer steps taken
-  params: Any
-  opt_state: Any
-  rng: jax.Array  # uint32 key data, so checkpoints hold a plain array
+    step: jax.Array  # int32 scalar: optimizer steps taken
+    params: Any
+    opt_state: Any
+    rng: jax.Array  # uint32 key data, so checkpoints hold a plain array
 
 
 def state_layout(model: Decoder, tx: optax.GradientTransformation, mesh: Mesh):
-  """(abstract TrainState, its shardings). The optimizer is initialised on the *boxed* abstract
-  parameters, so Adam's moments inherit each parameter's logical axes and hence its sharding."""
-  boxed = boxed_param_shapes(model)
-  abstract_params, param_shardings = param_layout(model, mesh)
-  boxed_opt = jax.eval_shape(tx.init, boxed)
-  opt_shardings = shd.logical_sharding(nn.get_partition_spec(boxed_opt), mesh)
-  abstract_opt = nn.unbox(boxed_opt)
-  shd.check_divisible(abstract_opt, opt_shardings, what="optimizer state")
-  rep = shd.replicated(mesh)
-  abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=abstract_params,
-                        opt_state=abstract_opt, rng=jax.ShapeDtypeStruct((2,), jnp.uint32))
-  shardings = TrainState(step=rep, params=param_shardings, opt_state=opt_shardings, rng=rep)
-  return abstract, shardings
+    """(abstract TrainState, its shardings). The optimizer is initialised on the *boxed* abstract
+    parameters, so Adam's moments inherit each parameter's logical axes and hence its sharding."""
+    boxed = boxed_param_shapes(model)
+    abstract_params, param_shardings = param_layout(model, mesh)
+    boxed_opt = jax.eval_shape(tx.init, boxed)
+    opt_shardings = shd.logical_sharding(nn.get_partition_spec(boxed_opt), mesh)
+    abstract_opt = nn.unbox(boxed_opt)
+    shd.check_divisible(abstract_opt, opt_shardings, what="optimizer state")
+    rep = shd.replicated(mesh)
+    abstract = TrainState(
+        step=jax.ShapeDtypeStruct((), jnp.int32),
+        params=abstract_params,
+        opt_state=abstract_opt,
+        rng=jax.ShapeDtypeStruct((2,), jnp.uint32),
+    )
+    shardings = TrainState(step=rep, params=param_shardings, opt_state=opt_shardings, rng=rep)
+    return abstract, shardings
 
 
 def create_state(params, tx: optax.GradientTransformation, seed: int, shardings: TrainState) -> TrainState:
-  """Wraps already-sharded params with a fresh optimizer state created in place."""
-  def make(p):
-    return TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p),
-                      rng=jax.random.key_data(jax.random.key(seed)))
-  return jax.jit(make, out_shardings=shardings, donate_argnums=0)(params)
+    """Wraps already-sharded params with a fresh optimizer state created in place."""
+
+    def make(p):
+        return TrainState(
+            step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p), rng=jax.random.key_data(jax.random.key(seed))
+        )
+
+    return jax.jit(make, out_shardings=shardings, donate_argnums=0)(params)
