@@ -149,92 +149,29 @@ def to_hf_config(cfg: DecoderConfig, torch_dtype: str = "float32") -> dict[str, 
     return out
 
 
-# Small architectures built from scratch (random init) for the embedded default, tests and benchmarks.
+def _arch(vocab, hidden, mlp, layers, heads, kv_heads, head_dim=64, rope_theta=10000.0, **extra) -> dict[str, Any]:
+    return dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=mlp, num_layers=layers, num_heads=heads,
+                num_kv_heads=kv_heads, head_dim=head_dim, rope_theta=rope_theta, **extra)  # fmt: skip
+
+
+_LLAMA31 = dict(  # Llama 3.1 8B/70B (vocab 128,264 after Tülu's <pad> and padding to a multiple of 8)
+    head_dim=128,
+    rope_theta=500000.0,
+    max_position_embeddings=131072,
+    rope_scaling=dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192.0),
+)
+
+# Architectures built from scratch (random init): the embedded default, benchmark sizes, and full-size
+# shapes for compile-only checks. Columns: vocab, hidden, MLP width, layers, heads, KV heads.
 PRESETS: dict[str, dict[str, Any]] = {
     # The embedded default: ~3.7M parameters; head_dim 64 because vLLM's CPU attention needs it.
-    "tiny": dict(
-        vocab_size=1024,
-        hidden_size=256,
-        intermediate_size=768,
-        num_layers=4,
-        num_heads=4,
-        num_kv_heads=2,
-        head_dim=64,
-        rope_theta=10000.0,
-        tie_embeddings=False,
-        max_position_embeddings=2048,
-    ),
-    # Benchmark sizes (Llama-style, vocab 32k).
-    "bench-15m": dict(
-        vocab_size=32000,
-        hidden_size=256,
-        intermediate_size=1024,
-        num_layers=4,
-        num_heads=4,
-        num_kv_heads=4,
-        head_dim=64,
-        rope_theta=10000.0,
-    ),
-    "bench-40m": dict(
-        vocab_size=32000,
-        hidden_size=512,
-        intermediate_size=1536,
-        num_layers=6,
-        num_heads=8,
-        num_kv_heads=4,
-        head_dim=64,
-        rope_theta=10000.0,
-    ),
-    "bench-100m": dict(
-        vocab_size=32000,
-        hidden_size=768,
-        intermediate_size=2048,
-        num_layers=10,
-        num_heads=12,
-        num_kv_heads=4,
-        head_dim=64,
-        rope_theta=10000.0,
-    ),
-    "bench-1b": dict(
-        vocab_size=128256,
-        hidden_size=2048,
-        intermediate_size=8192,
-        num_layers=16,
-        num_heads=32,
-        num_kv_heads=8,
-        head_dim=64,
-        rope_theta=500000.0,
-        tie_embeddings=True,
-    ),
-    # Full-size shapes, used for shape-only compile checks.
-    "llama3.1-8b": dict(
-        vocab_size=128264,
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_layers=32,
-        num_heads=32,
-        num_kv_heads=8,
-        head_dim=128,
-        rope_theta=500000.0,
-        max_position_embeddings=131072,
-        rope_scaling=dict(
-            factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192.0
-        ),
-    ),
-    "llama3.1-70b": dict(
-        vocab_size=128264,
-        hidden_size=8192,
-        intermediate_size=28672,
-        num_layers=80,
-        num_heads=64,
-        num_kv_heads=8,
-        head_dim=128,
-        rope_theta=500000.0,
-        max_position_embeddings=131072,
-        rope_scaling=dict(
-            factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192.0
-        ),
-    ),
+    "tiny": _arch(1024, 256, 768, 4, 4, 2, tie_embeddings=False, max_position_embeddings=2048),
+    "bench-15m": _arch(32000, 256, 1024, 4, 4, 4),
+    "bench-40m": _arch(32000, 512, 1536, 6, 8, 4),
+    "bench-100m": _arch(32000, 768, 2048, 10, 12, 4),
+    "bench-1b": _arch(128256, 2048, 8192, 16, 32, 8, rope_theta=500000.0, tie_embeddings=True),
+    "llama3.1-8b": _arch(128264, 4096, 14336, 32, 32, 8, **_LLAMA31),
+    "llama3.1-70b": _arch(128264, 8192, 28672, 80, 64, 8, **_LLAMA31),
 }
 
 
