@@ -86,6 +86,12 @@ def test_bad_data_row_names_file_line_and_field(tmp_path, capsys):
     assert "train.jsonl line 2" in err and "messages[0].role" in err and "bot" in err
 
 
+def test_missing_data_file_is_one_clear_line(tmp_path, capsys):
+    missing = tmp_path / "nope.jsonl"
+    code = main(["sft", f"output_dir={tmp_path / 'out'}", f"data.train_files={missing}"])
+    assert code == 2 and f"data file not found: {missing}" in capsys.readouterr().err
+
+
 def test_score_cli_prints_json(tmp_path):
     from hf_models import make_hf_model
 

@@ -80,11 +80,11 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"tulu-jax: unrecognised arguments {bad} (overrides are dotted.key=value)")
     try:
         return args.fn(args, overrides)
-    except ValueError as e:  # config and data errors: one clear line, no traceback
+    except (ValueError, FileNotFoundError) as e:  # config and data errors: one clear line, no traceback
         from tulu_jax.configlib import ConfigError
         from tulu_jax.data import DataError
 
-        if isinstance(e, (ConfigError, DataError)):
+        if isinstance(e, (ConfigError, DataError, FileNotFoundError)):
             print(f"tulu-jax: error: {e}", file=sys.stderr)
             return 2
         raise

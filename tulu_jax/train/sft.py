@@ -128,6 +128,12 @@ def run_sft(cfg: SFTConfig) -> dict:
         seed=cfg.train.seed,
         num_epochs=cfg.train.num_epochs,
     )
+    stats = pipeline.stats
+    _log(
+        f"data: {stats['conversations']} conversations from {stats['rows_read']} rows "
+        f"(skipped: {stats['rows_skipped'] or 'none'}; truncated to {cfg.data.max_seq_len} tokens: "
+        f"{stats['conversations_truncated']}); {stats['trained_tokens']} of {stats['tokens']} tokens trained"
+    )
     total_steps = cfg.train.max_steps if cfg.train.max_steps > 0 else pipeline.count_batches()
     if total_steps <= 0:
         raise ValueError("the training data yields no full batch: add data or lower train.batch_size")
