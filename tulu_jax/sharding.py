@@ -25,6 +25,9 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("length", None),
     ("embed", "fsdp"),
     ("vocab", "tensor"),
+    # The input embedding keeps its vocab rows whole: a token lookup from a vocab-sharded table makes
+    # XLA replicate and re-split the activations (it warns "involuntary full rematerialization").
+    ("embed_vocab", None),
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
     ("mlp", "tensor"),

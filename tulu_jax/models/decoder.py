@@ -211,7 +211,7 @@ class Decoder(nn.Module):
             positions_BxT = jnp.broadcast_to(jnp.arange(input_ids_BxT.shape[1]), input_ids_BxT.shape)
         if segment_ids_BxT is None:
             segment_ids_BxT = jnp.ones_like(input_ids_BxT)
-        embed_VxD = _param(self, "embed", (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), self.param_dtype)
+        embed_VxD = _param(self, "embed", (cfg.vocab_size, cfg.hidden_size), ("embed_vocab", "embed"), self.param_dtype)
         x_BxTxD = jnp.take(embed_VxD, input_ids_BxT, axis=0).astype(dt)
         x_BxTxD = nn.with_logical_constraint(x_BxTxD, ("batch", "length", "act_embed"))
 
