@@ -189,28 +189,41 @@ def export_hf(
     params, cfg: DecoderConfig, out_dir: str, tokenizer=None, dtype: str = "float32", max_shard_bytes: int = 2 << 30
 ) -> str:
     """Writes `params` as a Hugging Face folder (config.json, safetensors shards, tokenizer) that
-    `AutoModelForCausalLM.from_pretrained` and vLLM load. Stacked layers are fetched one layer at a time."""
+    `AutoModelForCausalLM.from_pretrained` and vLLM load. Stacked layers are fetched one layer at a time and
+    each file is written once it reaches `max_shard_bytes`, so the host holds at most one file's worth."""
     np_dtype = {"float32": np.float32, "bfloat16": None, "float16": np.float16}[dtype]
     if np_dtype is None:
         import ml_dtypes
 
         np_dtype = ml_dtypes.bfloat16
     tmp = out_dir.rstrip("/") + ".tmp"
-    write = jax.process_index() == 0
+    write = jax.process_index() == 0  # every process joins the gathers; only the first writes
     if write:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     rules = param_rules(cfg)
-    shards: list[dict[str, np.ndarray]] = [{}]
-    sizes = [0]
+    written: list[tuple[str, list[str]]] = []  # (file, tensor names), each file written as soon as it fills
+    pending: dict[str, np.ndarray] = {}
+    pending_bytes = total = 0
+
+    def flush():
+        nonlocal pending, pending_bytes
+        if pending:
+            fname = f"part-{len(written):05d}.safetensors"
+            save_file(pending, os.path.join(tmp, fname), metadata={"format": "pt"})
+            written.append((fname, list(pending)))
+        pending, pending_bytes = {}, 0
 
     def add(name, w):
+        nonlocal pending_bytes, total
+        if not write:
+            return
         w = np.ascontiguousarray(w.astype(np_dtype))
-        if sizes[-1] + w.nbytes > max_shard_bytes and shards[-1]:
-            shards.append({})
-            sizes.append(0)
-        shards[-1][name] = w
-        sizes[-1] += w.nbytes
+        if pending and pending_bytes + w.nbytes > max_shard_bytes:
+            flush()
+        pending[name] = w
+        pending_bytes += w.nbytes
+        total += w.nbytes
 
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
         rule = rules[tuple(p.key for p in path)]
@@ -219,16 +232,17 @@ def export_hf(
                 add(rule.hf_name.format(i=i), rule.to_hf(_to_host(leaf[i]), cfg))
         else:
             add(rule.hf_name, rule.to_hf(_to_host(leaf), cfg))
+    flush()
     if not write:
         return out_dir
     weight_map = {}
-    for n, shard in enumerate(shards):
-        fname = "model.safetensors" if len(shards) == 1 else f"model-{n + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, os.path.join(tmp, fname), metadata={"format": "pt"})
-        weight_map.update({k: fname for k in shard})
-    if len(shards) > 1:
+    for n, (part, names) in enumerate(written):
+        fname = "model.safetensors" if len(written) == 1 else f"model-{n + 1:05d}-of-{len(written):05d}.safetensors"
+        os.replace(os.path.join(tmp, part), os.path.join(tmp, fname))
+        weight_map.update({k: fname for k in names})
+    if len(written) > 1:
         with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
-            json.dump({"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}, f, indent=1)
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=1)
     with open(os.path.join(tmp, "config.json"), "w") as f:
         json.dump(to_hf_config(cfg, dtype), f, indent=2)
     if tokenizer is not None:
