@@ -272,22 +272,10 @@ def main(argv=None) -> int:
                 jax_peak_bf16_gflop_s=peak[("jax", "bfloat16")],
             )
             if not args.no_jax:
-                jt = _median(times[("jax", d)])
-                row.update(
-                    jax_step_s=jt,
-                    jax_tok_s=tokens / jt,
-                    jax_gflop_s=fpt * tokens / jt / 1e9,
-                    jax_step_s_all=times[("jax", d)],
-                    jax_loss=runners[("jax", d)].loss(),
-                )
+                row.update(_step_fields("jax", times[("jax", d)], runners[("jax", d)], fpt * tokens, tokens))
             if torch is not None:
-                tt = _median(times[("torch", d)])
+                row.update(_step_fields("torch", times[("torch", d)], runners[("torch", d)], fpt * tokens, tokens))
                 row.update(
-                    torch_step_s=tt,
-                    torch_tok_s=tokens / tt,
-                    torch_gflop_s=fpt * tokens / tt / 1e9,
-                    torch_step_s_all=times[("torch", d)],
-                    torch_loss=runners[("torch", d)].loss(),
                     torch_peak_gflop_s=peak[("torch", d)],
                     torch_peak_f32_gflop_s=peak[("torch", "float32")],
                     torch_peak_bf16_gflop_s=peak[("torch", "bfloat16")],
@@ -335,6 +323,18 @@ def main(argv=None) -> int:
             json.dump(out, f, indent=1)
         print(f"wrote {args.json}")
     return 0
+
+
+def _step_fields(fw: str, step_times: list[float], runner, flops: float, tokens: int) -> dict:
+    """One framework's columns of a row: median step time and what follows from it."""
+    t = _median(step_times)
+    return {
+        f"{fw}_step_s": t,
+        f"{fw}_tok_s": tokens / t,
+        f"{fw}_gflop_s": flops / t / 1e9,
+        f"{fw}_step_s_all": step_times,
+        f"{fw}_loss": runner.loss(),
+    }
 
 
 def _derive(row: dict) -> None:
