@@ -18,6 +18,7 @@ from tulu_jax import sharding as shd
 from tulu_jax.config import ModelConfig, SFTConfig
 from tulu_jax.configlib import ConfigError
 from tulu_jax.data import SFTPipeline, load_tokenizer, resolve_files
+from tulu_jax.losses import reduce_sft
 from tulu_jax.models import hf
 from tulu_jax.models.config import preset
 from tulu_jax.models.loading import build_model, init_params, load_params
@@ -81,11 +82,8 @@ class Evaluator:
         if not sums:
             raise ValueError("the eval files yield no full batch: lower train.batch_size or add eval data")
         nll, tokens, seqs = (float(sum(x)) for x in zip(*jax.device_get(sums)))
-        per_token = nll / max(tokens, 1.0)
-        return {
-            "eval/loss": nll / max(seqs, 1.0) if self._reduction == "sum" else per_token,
-            "eval/nll_per_token": per_token,
-        }
+        loss = reduce_sft(nll, tokens, reduction=self._reduction, num_sequences=max(seqs, 1.0))
+        return {"eval/loss": float(loss), "eval/nll_per_token": nll / max(tokens, 1.0)}
 
 
 def run_sft(cfg: SFTConfig) -> dict:

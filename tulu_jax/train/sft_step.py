@@ -17,7 +17,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from tulu_jax import sharding as shd
-from tulu_jax.losses import cross_entropy_sums, shift_for_next_token
+from tulu_jax.losses import cross_entropy_sums, reduce_sft, shift_for_next_token
 from tulu_jax.models.decoder import Decoder
 from tulu_jax.train.state import TrainState
 
@@ -49,20 +49,17 @@ def sft_step(
     _, weights_BxT = shift_for_next_token(batch["input_ids"], batch["loss_mask"], batch["segment_ids"])
     num_tokens = jnp.sum(weights_BxT)
     num_seqs = count_sequences(batch)
-    denominators = {"sum": num_seqs, "mean": num_tokens}
-    if reduction not in denominators:
-        raise ValueError(f"unknown loss reduction {reduction!r}; expected one of {sorted(denominators)}")
-    denom = jnp.maximum(denominators[reduction], 1.0)
 
     def micro_loss(params, mb):
         logits = model.apply({"params": params}, mb["input_ids"], mb["positions"], mb["segment_ids"])
         targets, weights = shift_for_next_token(mb["input_ids"], mb["loss_mask"], mb["segment_ids"])
         nll_sum, _ = cross_entropy_sums(logits, targets, weights)
-        return nll_sum / denom
+        # The *global* denominators: micro-batch losses then add up to the full-batch loss exactly.
+        return reduce_sft(nll_sum, num_tokens, reduction=reduction, num_sequences=jnp.maximum(num_seqs, 1.0)), nll_sum
 
-    grad_fn = jax.value_and_grad(micro_loss)
+    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
     if accum_steps == 1:
-        loss, grads = grad_fn(state.params, batch)
+        (loss, nll_sum), grads = grad_fn(state.params, batch)
     else:
         micro = {
             k: nn.with_logical_constraint(_split_micro(batch[k], accum_steps), (None, "batch", "length"))
@@ -70,18 +67,17 @@ def sft_step(
         }
 
         def body(carry, mb):
-            loss_acc, grad_acc = carry
-            loss, grads = grad_fn(state.params, mb)
-            return (loss_acc + loss, jax.tree.map(jnp.add, grad_acc, grads)), None
+            (loss, nll_sum), grads = grad_fn(state.params, mb)
+            return jax.tree.map(jnp.add, carry, (loss, nll_sum, grads)), None
 
-        zeros = jax.tree.map(jnp.zeros_like, state.params)
-        (loss, grads), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros), micro)
+        zero = jnp.zeros((), jnp.float32)
+        (loss, nll_sum, grads), _ = jax.lax.scan(body, (zero, zero, jax.tree.map(jnp.zeros_like, state.params)), micro)
 
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {
         "loss": loss,
-        "nll_per_token": loss * denom / jnp.maximum(num_tokens, 1.0),
+        "nll_per_token": nll_sum / jnp.maximum(num_tokens, 1.0),
         "grad_norm": optax.tree.norm(grads),
         "learning_rate": schedule(state.step),
         "trained_tokens": num_tokens,
