@@ -3,17 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
 import os
-import time
 
 import jax
 import numpy as np
-import yaml
-from tqdm import tqdm
 
-from tulu_jax import configlib
 from tulu_jax import sharding as shd
 from tulu_jax.config import ModelConfig, SFTConfig
 from tulu_jax.configlib import ConfigError
@@ -23,6 +17,14 @@ from tulu_jax.models import hf
 from tulu_jax.models.config import preset
 from tulu_jax.models.loading import build_model, init_params, load_params
 from tulu_jax.train.checkpoint import Checkpointer
+from tulu_jax.train.loop import (
+    log,
+    make_train_mesh,
+    prepare_output_dir,
+    restore_or_start,
+    train_loop,
+    write_summary,
+)
 from tulu_jax.train.metrics import MetricsLogger
 from tulu_jax.train.optimizer import make_optimizer
 from tulu_jax.train.sft_step import BATCH_KEYS, jit_sft_eval, jit_sft_step
@@ -86,35 +88,23 @@ class Evaluator:
         return {"eval/loss": float(loss), "eval/nll_per_token": nll / max(tokens, 1.0)}
 
 
-def run_sft(cfg: SFTConfig) -> dict:
-    out_dir = os.path.abspath(cfg.output_dir)
-    lead = jax.process_index() == 0
-    os.makedirs(out_dir, exist_ok=True)
-    if lead:
-        with open(os.path.join(out_dir, "config.yaml"), "w") as f:
-            yaml.safe_dump(configlib.to_dict(cfg), f, sort_keys=False)
-
-    try:
-        mesh = shd.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    dp = mesh.shape["data"] * mesh.shape["fsdp"]
-    micro_rows = cfg.train.batch_size // cfg.train.grad_accum_steps
-    if micro_rows % dp:
-        raise ConfigError(
-            f"train.batch_size / train.grad_accum_steps = {micro_rows} rows per micro-batch is not "
-            f"divisible by the data-parallel size data*fsdp = {dp}"
-        )
-    dcfg, tokenizer = load_model_and_tokenizer(cfg.model)
-    model = build_model(
+def build_train_model(mcfg: ModelConfig, dcfg):
+    return build_model(
         dcfg,
-        dtype=cfg.model.dtype,
-        param_dtype=cfg.model.param_dtype,
-        remat=cfg.model.remat,
-        scan_unroll=cfg.model.scan_unroll,
-        attention_block=cfg.model.attention_block,
+        dtype=mcfg.dtype,
+        param_dtype=mcfg.param_dtype,
+        remat=mcfg.remat,
+        scan_unroll=mcfg.scan_unroll,
+        attention_block=mcfg.attention_block,
     )
-    _log(
+
+
+def run_sft(cfg: SFTConfig) -> dict:
+    out_dir = prepare_output_dir(cfg)
+    mesh = make_train_mesh(cfg.mesh, cfg.train)
+    dcfg, tokenizer = load_model_and_tokenizer(cfg.model)
+    model = build_train_model(cfg.model, dcfg)
+    log(
         f"model: {dcfg.family}, {dcfg.num_params / 1e6:.1f}M parameters, compute {model.dtype.__name__}; "
         f"mesh {dict(mesh.shape)} on {jax.device_count()} {jax.default_backend()} device(s)"
     )
@@ -127,7 +117,7 @@ def run_sft(cfg: SFTConfig) -> dict:
         num_epochs=cfg.train.num_epochs,
     )
     stats = pipeline.stats
-    _log(
+    log(
         f"data: {stats['conversations']} conversations from {stats['rows_read']} rows "
         f"(skipped: {stats['rows_skipped'] or 'none'}; truncated to {cfg.data.max_seq_len} tokens: "
         f"{stats['conversations_truncated']}); {stats['trained_tokens']} of {stats['tokens']} tokens trained"
@@ -143,98 +133,50 @@ def run_sft(cfg: SFTConfig) -> dict:
 
     ckpt = Checkpointer(os.path.join(out_dir, "checkpoints"), cfg.checkpoint.keep)
     data_iter = pipeline.iterator()
-    start = ckpt.latest_step()
-    if start is not None:
-        state, data_state, _ = ckpt.restore(abstract, shardings)
-        data_iter.set_state(data_state)
-        _log(f"resumed from {ckpt.directory}/{start}")
-    else:
-        start = 0
-        params = (
-            load_params(cfg.model.path, model, mesh)
-            if cfg.model.path
-            else init_params(model, mesh, jax.random.key(cfg.train.seed))
-        )
-        state = create_state(params, tx, cfg.train.seed, shardings)
 
+    def fresh_state():
+        if cfg.model.path:
+            params = load_params(cfg.model.path, model, mesh)
+        else:
+            params = init_params(model, mesh, jax.random.key(cfg.train.seed))
+        return create_state(params, tx, cfg.train.seed, shardings)
+
+    state, start = restore_or_start(ckpt, abstract, shardings, data_iter, fresh_state)
     step_fn = jit_sft_step(
         model, tx, schedule, mesh, shardings, reduction=cfg.train.loss_reduction, accum_steps=cfg.train.grad_accum_steps
     )
     evaluate = Evaluator(cfg, tokenizer, model, mesh, shardings.params)
-    every = cfg.train.eval_every
-    batch_sharding = shd.batch_sharding(mesh)
-    logger = MetricsLogger(out_dir, resume_step=start, enabled=lead)
+    logger = MetricsLogger(out_dir, resume_step=start, enabled=jax.process_index() == 0)
     if start == 0 and evaluate.enabled:  # the starting point, so the eval curve shows what training bought
         logger.log(0, evaluate(state.params))
-    bar = tqdm(total=total_steps, initial=start, desc="sft", disable=not lead, dynamic_ncols=True)
-    last = {}
-    pending = None
-    clock = time.perf_counter()
+    batch_sharding = shd.batch_sharding(mesh)
+    result = train_loop(
+        name="sft",
+        state=state,
+        start=start,
+        total_steps=total_steps,
+        data_iter=data_iter,
+        to_device=lambda hb: {k: jax.make_array_from_process_local_data(batch_sharding, hb[k]) for k in BATCH_KEYS},
+        step_fn=step_fn,
+        host_stats=host_batch_stats,
+        evaluate=evaluate if evaluate.enabled else None,
+        eval_every=cfg.train.eval_every,
+        log_every=cfg.train.log_every,
+        ckpt=ckpt,
+        checkpoint_every=cfg.checkpoint.every_steps,
+        logger=logger,
+        show=("loss", "learning_rate"),
+    )
 
-    def report(pending):
-        nonlocal clock
-        step, metrics, stats, eval_metrics = pending
-        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}  # waits for that step
-        metrics.update(eval_metrics)
-        if not math.isfinite(metrics["loss"]):
-            raise FloatingPointError(
-                f"loss is {metrics['loss']} at step {step}; the last good checkpoint is "
-                f"{ckpt.latest_step()} in {ckpt.directory}"
-            )
-        now = time.perf_counter()
-        metrics["tokens_per_s"] = stats["tokens"] / max(now - clock, 1e-9)
-        metrics["packing_efficiency"] = stats["packing_efficiency"]
-        clock = now
-        if step % cfg.train.log_every == 0 or step == total_steps:
-            logger.log(step, metrics)
-        bar.set_postfix(
-            loss=f"{metrics['loss']:.4f}", lr=f"{metrics['learning_rate']:.2e}", tok_s=f"{metrics['tokens_per_s']:.0f}"
-        )
-        bar.update(1)
-        last.update(metrics, step=step)
-
-    step = start
-    try:
-        for step in range(start + 1, total_steps + 1):
-            try:
-                host_batch = next(data_iter)
-            except StopIteration:
-                step -= 1
-                break
-            data_state = data_iter.get_state()
-            batch = {k: jax.make_array_from_process_local_data(batch_sharding, host_batch[k]) for k in BATCH_KEYS}
-            state, metrics = step_fn(state, batch)
-            if pending is not None:  # read step N-1's metrics only after step N is dispatched
-                report(pending)
-            due = evaluate.enabled and ((every > 0 and step % every == 0) or step == total_steps)
-            pending = (step, metrics, host_batch_stats(host_batch), evaluate(state.params) if due else {})
-            if cfg.checkpoint.every_steps > 0 and step % cfg.checkpoint.every_steps == 0:
-                report(pending)  # check this step's loss first: never checkpoint a NaN state
-                pending = None
-                ckpt.save(step, state, data_state)
-        if pending is not None:
-            report(pending)
-        if step > start and ckpt.latest_step() != step:
-            ckpt.save(step, state, data_iter.get_state())
-        ckpt.wait()
-    finally:
-        bar.close()
-        logger.close()
-        ckpt.close()
-
-    summary = {"final_step": step, "final_loss": last.get("loss"), "output_dir": out_dir, "data": pipeline.stats}
+    summary = {
+        "final_step": result.step,
+        "final_loss": result.last_metrics.get("loss"),
+        "output_dir": out_dir,
+        "data": pipeline.stats,
+    }
     if cfg.export.enabled:
-        hf_dir = hf.export_hf(
-            state.params, dcfg, os.path.join(out_dir, "hf"), tokenizer=tokenizer, dtype=cfg.export.dtype
+        summary["hf_export"] = hf.export_hf(
+            result.state.params, dcfg, os.path.join(out_dir, "hf"), tokenizer=tokenizer, dtype=cfg.export.dtype
         )
-        summary["hf_export"] = hf_dir
-    if lead:
-        with open(os.path.join(out_dir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=2, default=str)
-        _log(json.dumps(summary, default=str))
+    write_summary(out_dir, summary)
     return summary
-
-
-def _log(msg: str) -> None:
-    if jax.process_index() == 0:
-        tqdm.write(f"[tulu_jax] {msg}")
