@@ -96,3 +96,20 @@ def check_divisible(abstract_tree, sharding_tree, what: str = "parameter") -> No
                     f"{what} {name} of shape {leaf.shape}: dimension {dim} ({leaf.shape[dim]}) is not divisible by "
                     f"mesh axes {axes} (size {n}); choose another mesh.* shape"
                 )
+
+
+def jit_on_mesh(fn, mesh: Mesh, *, in_shardings, out_shardings, donate_argnums=()):
+    """`jax.jit` whose calls (and `.lower`) run under `mesh` and the logical rules table, so the
+    model's logical constraints resolve to this mesh."""
+    jitted = jax.jit(fn, in_shardings=in_shardings, out_shardings=out_shardings, donate_argnums=donate_argnums)
+
+    def run(*args):
+        with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
+            return jitted(*args)
+
+    def lower(*args):
+        with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
+            return jitted.lower(*args)
+
+    run.lower = lower
+    return run

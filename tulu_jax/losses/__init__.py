@@ -1,5 +1,18 @@
-"""Pure loss functions (SFT now; DPO and RLVR losses join here)."""
+"""Pure loss functions: SFT next-token loss, preference losses (DPO family) and the reward-model loss."""
 
+from tulu_jax.losses.preference import (
+    DEFAULT_BETA,
+    PREFERENCE_LOSSES,
+    PreferenceOutput,
+    bradley_terry,
+    dpo,
+    dpo_norm,
+    ipo,
+    preference_loss,
+    sequence_logps,
+    simpo,
+    wpo,
+)
 from tulu_jax.losses.sft import (
     REDUCTIONS,
     cross_entropy_sums,
@@ -10,10 +23,21 @@ from tulu_jax.losses.sft import (
 )
 
 __all__ = [
+    "DEFAULT_BETA",
+    "PREFERENCE_LOSSES",
     "REDUCTIONS",
+    "PreferenceOutput",
+    "bradley_terry",
     "cross_entropy_sums",
+    "dpo",
+    "dpo_norm",
+    "ipo",
+    "preference_loss",
     "reduce_sft",
+    "sequence_logps",
     "sft_loss",
     "shift_for_next_token",
+    "simpo",
     "token_logprobs",
+    "wpo",
 ]

@@ -1,15 +1,14 @@
 """The SFT train step: a pure `(state, batch) -> (state, metrics)`, jitted once with explicit shardings.
 
-Gradient accumulation runs the micro-batches under `lax.scan`, each contributing the gradient of its
-*sum* of token losses divided by the *global* denominator (sequences for Tülu 3's sum reduction,
-trained tokens for the mean), so accumulated and full-batch gradients are the same number.
+Each micro-batch contributes the gradient of its *sum* of token losses divided by the *global*
+denominator (sequences for Tülu 3's sum reduction, trained tokens for the mean), so accumulated and
+full-batch gradients are the same number (`accumulate.accumulate_grads`).
 """
 
 from __future__ import annotations
 
 import functools
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
@@ -19,6 +18,7 @@ from jax.sharding import PartitionSpec as P
 from tulu_jax import sharding as shd
 from tulu_jax.losses import cross_entropy_sums, reduce_sft, shift_for_next_token
 from tulu_jax.models.decoder import Decoder
+from tulu_jax.train.accumulate import accumulate_grads
 from tulu_jax.train.state import TrainState
 
 BATCH_KEYS = ("input_ids", "loss_mask", "segment_ids", "positions")
@@ -27,13 +27,6 @@ BATCH_KEYS = ("input_ids", "loss_mask", "segment_ids", "positions")
 def count_sequences(batch) -> jax.Array:
     """Documents in a (possibly packed) batch: each starts where its position is 0 on a real token."""
     return jnp.sum((batch["positions"] == 0) & (batch["segment_ids"] > 0)).astype(jnp.float32)
-
-
-def _split_micro(x_BxT, accum: int):
-    # Strided split: micro-batch a takes rows a, a+A, a+2A... so every micro-batch stays spread over all
-    # data-parallel devices instead of living on a slice of them.
-    b = x_BxT.shape[0]
-    return x_BxT.reshape(b // accum, accum, *x_BxT.shape[1:]).swapaxes(0, 1)
 
 
 def sft_step(
@@ -57,21 +50,8 @@ def sft_step(
         # The *global* denominators: micro-batch losses then add up to the full-batch loss exactly.
         return reduce_sft(nll_sum, num_tokens, reduction=reduction, num_sequences=jnp.maximum(num_seqs, 1.0)), nll_sum
 
-    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
-    if accum_steps == 1:
-        (loss, nll_sum), grads = grad_fn(state.params, batch)
-    else:
-        micro = {
-            k: nn.with_logical_constraint(_split_micro(batch[k], accum_steps), (None, "batch", "length"))
-            for k in BATCH_KEYS
-        }
-
-        def body(carry, mb):
-            (loss, nll_sum), grads = grad_fn(state.params, mb)
-            return jax.tree.map(jnp.add, carry, (loss, nll_sum, grads)), None
-
-        zero = jnp.zeros((), jnp.float32)
-        (loss, nll_sum, grads), _ = jax.lax.scan(body, (zero, zero, jax.tree.map(jnp.zeros_like, state.params)), micro)
+    batch = {k: batch[k] for k in BATCH_KEYS}
+    (loss, nll_sum), grads = accumulate_grads(micro_loss, state.params, batch, accum_steps)
 
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -95,21 +75,13 @@ def jit_sft_step(
     )
     batch_shardings = {k: shd.batch_sharding(mesh) for k in BATCH_KEYS}
     rep = NamedSharding(mesh, P())
-    jitted = jax.jit(
-        step, in_shardings=(state_shardings, batch_shardings), out_shardings=(state_shardings, rep), donate_argnums=0
+    return shd.jit_on_mesh(
+        step,
+        mesh,
+        in_shardings=(state_shardings, batch_shardings),
+        out_shardings=(state_shardings, rep),
+        donate_argnums=0,
     )
-
-    def run(state, batch):
-        with jax.set_mesh(mesh), nn.logical_axis_rules(shd.LOGICAL_RULES):
-            return jitted(state, batch)
-
-    run.lower = lambda *a: _lower(jitted, mesh, *a)
-    return run
-
-
-def _lower(jitted, mesh, *args):
-    with jax.set_mesh(mesh), nn.logical_axis_rules(shd.LOGICAL_RULES):
-        return jitted.lower(*args)
 
 
 def sft_eval_sums(params, batch, *, model: Decoder):
@@ -122,14 +94,9 @@ def sft_eval_sums(params, batch, *, model: Decoder):
 
 def jit_sft_eval(model: Decoder, mesh: Mesh, param_shardings):
     batch_shardings = {k: shd.batch_sharding(mesh) for k in BATCH_KEYS}
-    jitted = jax.jit(
+    return shd.jit_on_mesh(
         functools.partial(sft_eval_sums, model=model),
+        mesh,
         in_shardings=(param_shardings, batch_shardings),
         out_shardings=NamedSharding(mesh, P()),
     )
-
-    def run(params, batch):
-        with jax.set_mesh(mesh), nn.logical_axis_rules(shd.LOGICAL_RULES):
-            return jitted(params, batch)
-
-    return run
