@@ -87,6 +87,36 @@ def param_rules(cfg: DecoderConfig) -> dict[tuple[str, ...], TensorRule]:
     return rules
 
 
+SCORE_NAME = "score.weight"  # the [num_labels, D] head of *ForSequenceClassification
+
+
+def decoder_body_rules(cfg: DecoderConfig) -> dict[tuple[str, ...], TensorRule]:
+    """The decoder's rules without the LM head: what a *ForSequenceClassification checkpoint shares with a
+    causal LM (same `model.` names, and no `lm_head` even for untied models)."""
+    return {k: r for k, r in param_rules(cfg).items() if k != ("lm_head",)}
+
+
+def reward_param_rules(cfg: DecoderConfig) -> dict[tuple[str, ...], TensorRule]:
+    """Rules for a RewardModel tree: the decoder body under `model`, plus the scalar `score` head [D, 1]."""
+    rules = {("model", *k): r for k, r in decoder_body_rules(cfg).items()}
+    rules[("score",)] = _rule(SCORE_NAME, *_T)
+    return rules
+
+
+def reward_hf_config(cfg: DecoderConfig, torch_dtype: str = "float32", pad_token_id: int | None = None) -> dict:
+    """config.json of a one-label *ForSequenceClassification. transformers reads the score at the rightmost
+    token that is not `pad_token_id`, so it must be set."""
+    pad = cfg.pad_token_id if pad_token_id is None else pad_token_id
+    if pad is None:
+        raise ValueError("a reward model export needs a pad_token_id (from the tokenizer or the model config)")
+    out = to_hf_config(cfg, torch_dtype)
+    out["architectures"] = [a.replace("ForCausalLM", "ForSequenceClassification") for a in out["architectures"]]
+    out["pad_token_id"] = int(pad)
+    out["id2label"] = {"0": "LABEL_0"}  # num_labels = 1
+    out["label2id"] = {"LABEL_0": 0}
+    return out
+
+
 def load_hf_config(model_dir: str) -> DecoderConfig:
     path = os.path.join(model_dir, "config.json")
     if not os.path.exists(path):
@@ -123,6 +153,11 @@ class _SafetensorsIndex:
         return self._open[file].get_tensor(name)
 
 
+def checkpoint_has(model_dir: str, name: str) -> bool:
+    """Whether the safetensors checkpoint in `model_dir` holds a tensor called `name`."""
+    return name in _SafetensorsIndex(model_dir)
+
+
 def _place(shape, dtype, sharding, num_layers: int | None, read: Callable[[int | None], np.ndarray]):
     """Builds a global array from per-layer host tensors, filling only this process's device shards."""
     index_map = sharding.addressable_devices_indices_map(shape)
@@ -147,11 +182,16 @@ def _slice_shape(shape, idx):
     return tuple(len(range(*s.indices(n))) for s, n in zip(idx, shape))
 
 
-def load_hf_params(model_dir: str, cfg: DecoderConfig, abstract_params, shardings, dtype=np.float32):
+def _stacked(rule: TensorRule) -> bool:
+    return "{i}" in rule.hf_name  # one HF tensor per layer, stacked on our leading layers axis
+
+
+def load_hf_params(model_dir: str, cfg: DecoderConfig, abstract_params, shardings, dtype=np.float32, rules=None):
     """Reads a Hugging Face checkpoint into a params pytree laid out like `abstract_params`, sharded by
-    `shardings` (both from `jax.eval_shape` of the init and the rules table)."""
+    `shardings` (both from `jax.eval_shape` of the init and the rules table). `rules` defaults to the
+    decoder's `param_rules(cfg)`; other trees (the reward model's) pass their own."""
     index = _SafetensorsIndex(model_dir)
-    rules = param_rules(cfg)
+    rules = param_rules(cfg) if rules is None else rules
     flat = jax.tree_util.tree_flatten_with_path(abstract_params)[0]
     flat_shardings = jax.tree_util.tree_leaves(shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
     ours = {tuple(p.key for p in path) for path, _ in flat}
@@ -161,7 +201,7 @@ def load_hf_params(model_dir: str, cfg: DecoderConfig, abstract_params, sharding
     for (path, leaf), sharding in zip(flat, flat_shardings):
         key = tuple(p.key for p in path)
         rule = rules[key]
-        stacked = key[0] == "layers"
+        stacked = _stacked(rule)
 
         def read(i, rule=rule, leaf=leaf, stacked=stacked):
             w = rule.to_ours(index.get(rule.hf_name.format(i=i)), cfg).astype(dtype)
@@ -191,6 +231,34 @@ def export_hf(
     """Writes `params` as a Hugging Face folder (config.json, safetensors shards, tokenizer) that
     `AutoModelForCausalLM.from_pretrained` and vLLM load. Stacked layers are fetched one layer at a time and
     each file is written once it reaches `max_shard_bytes`, so the host holds at most one file's worth."""
+    return write_hf_folder(
+        params, param_rules(cfg), cfg, to_hf_config(cfg, dtype), out_dir, tokenizer, dtype, max_shard_bytes
+    )
+
+
+def export_reward_hf(
+    params, cfg: DecoderConfig, out_dir: str, tokenizer=None, dtype: str = "float32", max_shard_bytes: int = 2 << 30
+) -> str:
+    """Writes a RewardModel's params as a one-label *ForSequenceClassification folder (`score.weight`, no
+    lm_head) that `AutoModelForSequenceClassification.from_pretrained` loads. The pad id comes from the
+    tokenizer when given, else from `cfg`."""
+    pad = getattr(tokenizer, "pad_token_id", None)
+    config = reward_hf_config(cfg, dtype, pad)
+    return write_hf_folder(params, reward_param_rules(cfg), cfg, config, out_dir, tokenizer, dtype, max_shard_bytes)
+
+
+def write_hf_folder(
+    params,
+    rules: dict[tuple[str, ...], TensorRule],
+    cfg: DecoderConfig,
+    config: dict,
+    out_dir: str,
+    tokenizer=None,
+    dtype: str = "float32",
+    max_shard_bytes: int = 2 << 30,
+) -> str:
+    """The streaming writer behind the exports: every leaf of `params` goes out under its name in `rules`,
+    with `config` as config.json. The folder appears at `out_dir` only once complete."""
     np_dtype = {"float32": np.float32, "bfloat16": None, "float16": np.float16}[dtype]
     if np_dtype is None:
         import ml_dtypes
@@ -201,7 +269,6 @@ def export_hf(
     if write:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
-    rules = param_rules(cfg)
     written: list[tuple[str, list[str]]] = []  # (file, tensor names), each file written as soon as it fills
     pending: dict[str, np.ndarray] = {}
     pending_bytes = total = 0
@@ -227,7 +294,7 @@ def export_hf(
 
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
         rule = rules[tuple(p.key for p in path)]
-        if path[0].key == "layers":
+        if _stacked(rule):
             for i in range(cfg.num_layers):
                 add(rule.hf_name.format(i=i), rule.to_hf(_to_host(leaf[i]), cfg))
         else:
@@ -244,7 +311,7 @@ def export_hf(
         with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=1)
     with open(os.path.join(tmp, "config.json"), "w") as f:
-        json.dump(to_hf_config(cfg, dtype), f, indent=2)
+        json.dump(config, f, indent=2)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     shutil.rmtree(out_dir, ignore_errors=True)

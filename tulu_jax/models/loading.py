@@ -1,5 +1,8 @@
 """Shard-first parameter creation: shapes come from `jax.eval_shape`, shardings from the rules table,
-and parameters are born (random init) or loaded (Hugging Face) directly in their sharded layout."""
+and parameters are born (random init) or loaded (Hugging Face) directly in their sharded layout.
+
+The layout and init helpers take any module with a `cfg` that is called as `model(input_ids)` (the Decoder,
+the RewardModel)."""
 
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ def resolve_dtype(name: str) -> jnp.dtype:
     return DTYPES[name]
 
 
-def _init_fn(model: Decoder):
+def _init_fn(model: nn.Module):
     def init(rng):
         ids = jnp.zeros((1, 8), jnp.int32)
         return model.init(rng, ids)["params"]
@@ -33,12 +36,12 @@ def _init_fn(model: Decoder):
     return init
 
 
-def boxed_param_shapes(model: Decoder):
+def boxed_param_shapes(model: nn.Module):
     """Parameter shapes still wrapped in their logical-axis metadata (nothing allocated)."""
     return jax.eval_shape(_init_fn(model), jax.random.key(0))
 
 
-def param_layout(model: Decoder, mesh: Mesh):
+def param_layout(model: nn.Module, mesh: Mesh):
     """(abstract params, their NamedShardings) without allocating anything."""
     boxed = boxed_param_shapes(model)
     shardings = shd.logical_sharding(nn.get_partition_spec(boxed), mesh)
@@ -47,10 +50,18 @@ def param_layout(model: Decoder, mesh: Mesh):
     return abstract, shardings
 
 
-def init_params(model: Decoder, mesh: Mesh, rng):
+def init_params(model: nn.Module, mesh: Mesh, rng):
     """Random parameters, each created directly on its shards."""
     _, shardings = param_layout(model, mesh)
     init = jax.jit(lambda r: nn.unbox(_init_fn(model)(r)), out_shardings=shardings)
+    return init(rng)
+
+
+def init_param_subtree(model: nn.Module, mesh: Mesh, rng, key: str):
+    """`init_params(model, mesh, rng)[key]` without the rest: XLA drops the unused part of the init, so only
+    this subtree is ever allocated, on its shards, with the same values a full init would give."""
+    _, shardings = param_layout(model, mesh)
+    init = jax.jit(lambda r: nn.unbox(_init_fn(model)(r))[key], out_shardings=shardings[key])
     return init(rng)
 
 
