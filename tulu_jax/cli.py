@@ -6,22 +6,35 @@ import argparse
 import json
 import sys
 
+# subcommand -> (config class, run function, help, description), imported lazily so `--help` stays fast
+TRAINERS = {
+    "sft": ("tulu_jax.config:SFTConfig", "tulu_jax.train.sft:run_sft", "supervised fine-tuning"),
+    "dpo": ("tulu_jax.config:DPOConfig", "tulu_jax.train.dpo:run_dpo", "preference tuning (DPO family)"),
+    "rm": ("tulu_jax.config:RMConfig", "tulu_jax.train.rm:run_rm", "reward model (Bradley-Terry)"),
+}
 
-def _sft(args, overrides):
+
+def _load(ref: str):
+    import importlib
+
+    module, name = ref.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _train(args, overrides):
     from tulu_jax import configlib
-    from tulu_jax.config import SFTConfig
 
+    config_ref, run_ref, _ = TRAINERS[args.command]
+    cls = _load(config_ref)
     if args.help_config:
-        print(configlib.config_help(SFTConfig))
+        print(configlib.config_help(cls))
         return 0
-    cfg = configlib.load_config(SFTConfig, args.config, overrides)
+    cfg = configlib.load_config(cls, args.config, overrides)
     if args.distributed:  # multi-host (TPU pod, SLURM): every host runs the same command
         import jax
 
         jax.distributed.initialize()
-    from tulu_jax.train.sft import run_sft
-
-    run_sft(cfg)
+    _load(run_ref)(cfg)
     return 0
 
 
@@ -46,19 +59,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tulu-jax", description="Tülu 3 post-training in JAX")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    sft = sub.add_parser(
-        "sft",
-        help="supervised fine-tuning",
-        description="SFT. Overrides follow as dotted.key=value, e.g. train.max_steps=50.",
-    )
-    sft.add_argument("--config", help="YAML config (default: the built-in defaults = configs/sft/tiny.yaml)")
-    sft.add_argument("--help-config", action="store_true", help="list every config key with its type and default")
-    sft.add_argument(
-        "--distributed",
-        action="store_true",
-        help="call jax.distributed.initialize() first (multi-host: TPU pods, SLURM)",
-    )
-    sft.set_defaults(fn=_sft)
+    for name, (_, _, what) in TRAINERS.items():
+        p = sub.add_parser(
+            name, help=what, description=f"{what}. Overrides follow as dotted.key=value, e.g. train.max_steps=50."
+        )
+        p.add_argument("--config", help=f"YAML config (default: the built-in defaults = configs/{name}/tiny.yaml)")
+        p.add_argument("--help-config", action="store_true", help="list every config key with its type and default")
+        p.add_argument(
+            "--distributed",
+            action="store_true",
+            help="call jax.distributed.initialize() first (multi-host: TPU pods, SLURM)",
+        )
+        p.set_defaults(fn=_train)
 
     score = sub.add_parser("score", help="per-token log-probs of a text, as JSON")
     score.add_argument("--model", required=True, help="Hugging Face model folder")

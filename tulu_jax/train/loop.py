@@ -89,12 +89,13 @@ def train_loop(
     checkpoint_every: int,
     logger: MetricsLogger,
     show: tuple[str, ...] = ("loss",),
+    extra_metrics: Callable[[int], dict[str, float]] | None = None,
 ) -> LoopResult:
     """Runs steps start+1..total_steps (or until the data ends) and checkpoints the last one.
 
     `host_stats` gives per-batch host-side figures; its "tokens" entry turns into tokens_per_s.
-    `evaluate(params)` runs at every `eval_every` steps (> 0) and at the end. A non-finite loss stops
-    the run before anything from that step is checkpointed.
+    `extra_metrics(step)` adds figures such as the epoch. `evaluate(params)` runs every `eval_every`
+    steps (> 0) and at the end. A non-finite loss stops the run before that step is checkpointed.
     """
     lead = jax.process_index() == 0
     bar = tqdm(total=total_steps, initial=start, desc=name, disable=not lead, dynamic_ncols=True)
@@ -115,6 +116,8 @@ def train_loop(
         now = time.perf_counter()
         metrics.update({k: v for k, v in stats.items() if k != "tokens"})
         metrics["tokens_per_s"] = stats.get("tokens", 0.0) / max(now - clock, 1e-9)
+        if extra_metrics is not None:
+            metrics.update(extra_metrics(step))
         clock = now
         if step % log_every == 0 or step == total_steps:
             logger.log(step, metrics)

@@ -1,0 +1,241 @@
+"""The DPO trainer (spec §3): preference pairs, a frozen reference (cached log-probs or live), the shared loop."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+
+from tulu_jax import sharding as shd
+from tulu_jax.config import DPOConfig
+from tulu_jax.configlib import ConfigError
+from tulu_jax.data.preference import PreferencePipeline, resolve_pref_files
+from tulu_jax.models import hf
+from tulu_jax.models.loading import init_params, load_params
+from tulu_jax.train import reference_cache
+from tulu_jax.train.checkpoint import Checkpointer
+from tulu_jax.train.dpo_step import PAIR_KEYS, jit_dpo_step, jit_eval_sums, jit_pair_logps
+from tulu_jax.train.loop import log, make_train_mesh, prepare_output_dir, restore_or_start, train_loop, write_summary
+from tulu_jax.train.metrics import MetricsLogger
+from tulu_jax.train.optimizer import make_optimizer
+from tulu_jax.train.sft import build_train_model, load_model_and_tokenizer
+from tulu_jax.train.state import create_state, state_layout
+
+
+def process_rows(batch: dict[str, np.ndarray], global_batch: int) -> dict[str, np.ndarray]:
+    """This process's slice of a global host batch (every key is split along its first axis)."""
+    per = global_batch // jax.process_count()
+    start = jax.process_index() * per
+    return {k: v[start : start + per] for k, v in batch.items()}
+
+
+class DPORun:
+    """Everything the DPO run builds before its loop; split out so tests can drive the pieces."""
+
+    def __init__(self, cfg: DPOConfig):
+        self.cfg = cfg
+        self.out_dir = prepare_output_dir(cfg)
+        self.mesh = make_train_mesh(cfg.mesh, cfg.train, what="pairs")
+        self.dcfg, self.tokenizer = load_model_and_tokenizer(cfg.model)
+        self.model = build_train_model(cfg.model, self.dcfg)
+        self.global_batch = cfg.train.batch_size
+        log(
+            f"model: {self.dcfg.family}, {self.dcfg.num_params / 1e6:.1f}M parameters, compute "
+            f"{self.model.dtype.__name__}; mesh {dict(self.mesh.shape)} on {jax.device_count()} "
+            f"{jax.default_backend()} device(s); loss {cfg.dpo.loss} (beta {cfg.dpo.beta}), reference "
+            f"{cfg.dpo.reference if cfg.dpo.needs_reference else 'none'}"
+        )
+        self.pipeline = PreferencePipeline(
+            cfg.data,
+            self.tokenizer,
+            batch_size=self.global_batch // jax.process_count(),
+            seed=cfg.train.seed,
+            num_epochs=cfg.train.num_epochs,
+        )
+        s = self.pipeline.stats
+        log(
+            f"data: {s['pairs']} pairs from {s['rows_read']} rows (skipped: {s['rows_skipped'] or 'none'}; "
+            f"pairs truncated to {cfg.data.max_seq_len} tokens: {s['pairs_truncated']}); "
+            f"{s['trained_tokens']} of {s['tokens']} tokens trained"
+        )
+        self.total_steps = cfg.train.max_steps if cfg.train.max_steps > 0 else self.pipeline.count_batches()
+        if self.total_steps <= 0:
+            raise ValueError("the preference data yields no full batch: add data or lower train.batch_size")
+        self.tx, self.schedule = make_optimizer(cfg.optim, self.total_steps)
+        try:
+            self.abstract, self.shardings = state_layout(self.model, self.tx, self.mesh)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        self._sharding = shd.batch_sharding(self.mesh)
+        self.logps_fn = jit_pair_logps(self.model, self.mesh, self.shardings.params)
+
+    # --- parameters ---------------------------------------------------------------------------------
+    def initial_params(self):
+        cfg = self.cfg
+        if cfg.model.path:
+            return load_params(cfg.model.path, self.model, self.mesh)
+        return init_params(self.model, self.mesh, jax.random.key(cfg.train.seed))
+
+    @property
+    def reference_path(self) -> str | None:
+        return self.cfg.dpo.reference_path or self.cfg.model.path
+
+    def reference_params(self):
+        """The frozen reference: reference_path, else the very model the policy starts from."""
+        if self.reference_path:
+            return load_params(self.reference_path, self.model, self.mesh)
+        return init_params(self.model, self.mesh, jax.random.key(self.cfg.train.seed))
+
+    # --- host -> device -----------------------------------------------------------------------------
+    def to_device(self, host_batch: dict[str, np.ndarray], keys) -> dict:
+        return {k: jax.make_array_from_process_local_data(self._sharding, host_batch[k]) for k in keys}
+
+    def reference_logps(self, pipeline: PreferencePipeline, params, desc: str) -> np.ndarray:
+        """[N, 2] summed reference log-probs of every pair of `pipeline`, from the on-disk cache or computed."""
+        cfg = self.cfg
+        model_id = reference_cache.reference_model_id(
+            self.reference_path, self.dcfg, self.model.dtype.__name__, cfg.train.seed
+        )
+        key = reference_cache.cache_key(pipeline.fingerprint(), model_id)
+        cache_dir = cfg.dpo.reference_cache_dir or os.path.join(self.out_dir, "reference_cache")
+
+        def compute():
+            p = params() if callable(params) else params
+            return reference_cache.compute_pair_logps(
+                self.logps_fn,
+                p,
+                pipeline,
+                global_batch=self.global_batch,
+                to_device=lambda b: self.to_device(process_rows(b, self.global_batch), PAIR_KEYS),
+                desc=desc,
+            )
+
+        logps, _ = reference_cache.load_or_compute(cache_dir, key, compute, log=log)
+        if logps.shape != (len(pipeline), 2):
+            raise ValueError(f"reference cache for {key} has shape {logps.shape}, expected ({len(pipeline)}, 2)")
+        return logps
+
+
+class DPOEvaluator:
+    """Held-out pairs, one ordered pass: mean loss, rewards, reward accuracy and policy-only accuracy."""
+
+    def __init__(self, run: DPORun, ref_params):
+        cfg = run.cfg
+        files = resolve_pref_files(cfg.data, "eval")
+        self.enabled = bool(files) and cfg.train.eval_every >= 0
+        if not self.enabled:
+            return
+        self.run = run
+        self.pipeline = PreferencePipeline(
+            cfg.data,
+            run.tokenizer,
+            batch_size=run.global_batch // jax.process_count(),
+            seed=0,
+            num_epochs=1,
+            files=files,
+        )
+        self.ref = (
+            run.reference_logps(self.pipeline, ref_params, desc="reference log-probs (eval)")
+            if cfg.dpo.needs_reference
+            else np.zeros((len(self.pipeline), 2), np.float32)
+        )
+        self._eval = jit_eval_sums(run.model, run.mesh, run.shardings.params, cfg.dpo)
+
+    def __call__(self, params) -> dict[str, float]:
+        sums = []
+        for batch in self.pipeline.ordered_batches(self.run.global_batch):
+            batch["ref_logps"] = self.ref[batch["index"]]
+            local = process_rows(batch, self.run.global_batch)
+            sums.append(self._eval(params, self.run.to_device(local, (*PAIR_KEYS, "ref_logps", "valid"))))
+        totals = {k: float(sum(float(s[k]) for s in jax.device_get(sums))) for k in sums[0]}
+        pairs = max(totals.pop("pairs"), 1.0)
+        out = {f"eval/{k}": v / pairs for k, v in totals.items()}
+        out["eval/rewards/average"] = (out["eval/rewards/chosen"] + out["eval/rewards/rejected"]) / 2
+        return out
+
+
+def run_dpo(cfg: DPOConfig) -> dict:
+    run = DPORun(cfg)
+    live = cfg.dpo.reference == "live" and cfg.dpo.needs_reference
+    ckpt = Checkpointer(os.path.join(run.out_dir, "checkpoints"), cfg.checkpoint.keep)
+    data_iter = run.pipeline.iterator()
+    state, start = restore_or_start(
+        ckpt,
+        run.abstract,
+        run.shardings,
+        data_iter,
+        lambda: create_state(run.initial_params(), run.tx, cfg.train.seed, run.shardings),
+    )
+
+    # The reference: live parameters, or per-pair log-probs looked up by example id.
+    ref_params = run.reference_params() if live else None
+    if live or not cfg.dpo.needs_reference:
+        ref_source = ref_params
+    elif start == 0 and not cfg.dpo.reference_path:
+        ref_source = state.params  # the policy at step 0 is the reference: no second copy in memory
+    else:
+        ref_source = run.reference_params  # loaded only if the cache misses
+    train_ref = None
+    if cfg.dpo.needs_reference and not live:
+        train_ref = run.reference_logps(run.pipeline, ref_source, desc="reference log-probs")
+    evaluate = DPOEvaluator(run, ref_source)
+
+    step_fn = jit_dpo_step(
+        run.model,
+        run.tx,
+        run.schedule,
+        run.mesh,
+        run.shardings,
+        cfg=cfg.dpo,
+        accum_steps=cfg.train.grad_accum_steps,
+        live=live,
+    )
+    keys = PAIR_KEYS if live else (*PAIR_KEYS, "ref_logps")
+
+    def to_device(host_batch):
+        if not live:
+            ref = train_ref if train_ref is not None else np.zeros((len(run.pipeline), 2), np.float32)
+            host_batch = {**host_batch, "ref_logps": ref[host_batch["index"]]}
+        return run.to_device(host_batch, keys)
+
+    train_step = (lambda s, b: step_fn(s, b, ref_params)) if live else step_fn
+    pairs = len(run.pipeline)
+    logger = MetricsLogger(run.out_dir, resume_step=start, enabled=jax.process_index() == 0)
+    if start == 0 and evaluate.enabled:
+        logger.log(0, evaluate(state.params))
+    result = train_loop(
+        name="dpo",
+        state=state,
+        start=start,
+        total_steps=run.total_steps,
+        data_iter=data_iter,
+        to_device=to_device,
+        step_fn=train_step,
+        host_stats=lambda b: {"tokens": float(np.sum(b["segment_ids"] > 0))},
+        evaluate=evaluate if evaluate.enabled else None,
+        eval_every=cfg.train.eval_every,
+        log_every=cfg.train.log_every,
+        ckpt=ckpt,
+        checkpoint_every=cfg.checkpoint.every_steps,
+        logger=logger,
+        show=("loss", "rewards/accuracy", "rewards/margin"),
+        extra_metrics=lambda step: {"epoch": step * run.global_batch / pairs},
+    )
+    summary = {
+        "final_step": result.step,
+        "final_loss": result.last_metrics.get("loss"),
+        "final_eval": {k: v for k, v in result.last_metrics.items() if k.startswith("eval/")},
+        "output_dir": run.out_dir,
+        "data": run.pipeline.stats,
+    }
+    if cfg.export.enabled:
+        summary["hf_export"] = hf.export_hf(
+            result.state.params,
+            run.dcfg,
+            os.path.join(run.out_dir, "hf"),
+            tokenizer=run.tokenizer,
+            dtype=cfg.export.dtype,
+        )
+    write_summary(run.out_dir, summary)
+    return summary
