@@ -11,16 +11,47 @@ import pytest
 
 from tulu_jax import configlib
 from tulu_jax.cli import main
-from tulu_jax.config import SFTConfig
+from tulu_jax.config import DPOConfig, RMConfig, SFTConfig
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
+CONFIG_CLASSES = {"sft": SFTConfig, "dpo": DPOConfig, "rm": RMConfig}
+
+
+def test_every_config_folder_has_a_config_class():
+    assert {p.parent.name for p in CONFIGS} == set(CONFIG_CLASSES)
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(REPO)))
 def test_every_shipped_config_loads(path):
-    cfg = configlib.load_config(SFTConfig, str(path), [])
+    cfg = configlib.load_config(CONFIG_CLASSES[path.parent.name], str(path), [])
     assert cfg.train.batch_size % cfg.train.grad_accum_steps == 0
+
+
+@pytest.mark.parametrize("name,lr,accum,reference", [("8b", 5e-7, 16, "live"), ("70b", 2e-7, 2, "cache")])
+def test_tulu3_dpo_hyperparameters(name, lr, accum, reference):
+    cfg = configlib.load_config(DPOConfig, str(REPO / f"configs/dpo/tulu3_{name}.yaml"), [])
+    assert (cfg.dpo.loss, cfg.dpo.beta, cfg.dpo.label_smoothing, cfg.dpo.reference) == ("dpo_norm", 5.0, 0.0, reference)
+    optim = cfg.optim
+    assert (optim.lr, optim.warmup_ratio, optim.weight_decay, optim.max_grad_norm) == (lr, 0.1, 0.0, 1.0)
+    assert (cfg.train.batch_size, cfg.train.grad_accum_steps, cfg.train.num_epochs) == (128, accum, 1)
+    assert cfg.data.max_seq_len == 2048 and cfg.data.label == "all"
+
+
+def test_tulu3_rm_hyperparameters():
+    cfg = configlib.load_config(RMConfig, str(REPO / "configs/rm/tulu3_8b.yaml"), [])
+    assert (cfg.optim.lr, cfg.optim.eps, cfg.train.batch_size, cfg.train.num_epochs) == (3e-6, 1e-5, 256, 1)
+    assert cfg.data.max_seq_len == 2048
+
+
+def test_dpo_beta_defaults_follow_the_loss():
+    # beta 5 only makes sense length-normalized (spec §9.8): an unset beta takes the loss's own default.
+    assert configlib.load_config(DPOConfig, None, []).dpo.beta == 5.0
+    assert configlib.load_config(DPOConfig, None, ["dpo.loss=dpo"]).dpo.beta == 0.1
+    assert configlib.load_config(DPOConfig, None, ["dpo.loss=simpo"]).dpo.beta == 2.0
+    assert configlib.load_config(DPOConfig, None, ["dpo.loss=dpo", "dpo.beta=0.5"]).dpo.beta == 0.5
+    with pytest.raises(configlib.ConfigError, match="dpo.loss"):
+        configlib.load_config(DPOConfig, None, ["dpo.loss=kto"])
 
 
 @pytest.mark.parametrize("name,lr,seed", [("8b", 5e-6, 123), ("70b", 2e-6, 456)])

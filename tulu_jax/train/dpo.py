@@ -7,67 +7,28 @@ import os
 import jax
 import numpy as np
 
-from tulu_jax import sharding as shd
 from tulu_jax.config import DPOConfig
-from tulu_jax.configlib import ConfigError
 from tulu_jax.data.preference import PreferencePipeline, resolve_pref_files
 from tulu_jax.models import hf
 from tulu_jax.models.loading import init_params, load_params
 from tulu_jax.train import reference_cache
 from tulu_jax.train.checkpoint import Checkpointer
 from tulu_jax.train.dpo_step import PAIR_KEYS, jit_dpo_step, jit_eval_sums, jit_pair_logps
-from tulu_jax.train.loop import log, make_train_mesh, prepare_output_dir, restore_or_start, train_loop, write_summary
+from tulu_jax.train.loop import log, restore_or_start, train_loop, write_summary
 from tulu_jax.train.metrics import MetricsLogger
-from tulu_jax.train.optimizer import make_optimizer
-from tulu_jax.train.sft import build_train_model, load_model_and_tokenizer
-from tulu_jax.train.state import create_state, state_layout
+from tulu_jax.train.preference_run import PreferenceRun, real_tokens
+from tulu_jax.train.sft import build_train_model
+from tulu_jax.train.state import create_state
 
 
-def process_rows(batch: dict[str, np.ndarray], global_batch: int) -> dict[str, np.ndarray]:
-    """This process's slice of a global host batch (every key is split along its first axis)."""
-    per = global_batch // jax.process_count()
-    start = jax.process_index() * per
-    return {k: v[start : start + per] for k, v in batch.items()}
-
-
-class DPORun:
-    """Everything the DPO run builds before its loop; split out so tests can drive the pieces."""
+class DPORun(PreferenceRun):
+    """The shared pairwise setup plus DPO's reference model and its log-prob cache."""
 
     def __init__(self, cfg: DPOConfig):
-        self.cfg = cfg
-        self.out_dir = prepare_output_dir(cfg)
-        self.mesh = make_train_mesh(cfg.mesh, cfg.train, what="pairs")
-        self.dcfg, self.tokenizer = load_model_and_tokenizer(cfg.model)
-        self.model = build_train_model(cfg.model, self.dcfg)
-        self.global_batch = cfg.train.batch_size
-        log(
-            f"model: {self.dcfg.family}, {self.dcfg.num_params / 1e6:.1f}M parameters, compute "
-            f"{self.model.dtype.__name__}; mesh {dict(self.mesh.shape)} on {jax.device_count()} "
-            f"{jax.default_backend()} device(s); loss {cfg.dpo.loss} (beta {cfg.dpo.beta}), reference "
-            f"{cfg.dpo.reference if cfg.dpo.needs_reference else 'none'}"
+        ref = cfg.dpo.reference if cfg.dpo.needs_reference else "none"
+        super().__init__(
+            cfg, build_train_model, describe=f"; loss {cfg.dpo.loss} (beta {cfg.dpo.beta}), reference {ref}"
         )
-        self.pipeline = PreferencePipeline(
-            cfg.data,
-            self.tokenizer,
-            batch_size=self.global_batch // jax.process_count(),
-            seed=cfg.train.seed,
-            num_epochs=cfg.train.num_epochs,
-        )
-        s = self.pipeline.stats
-        log(
-            f"data: {s['pairs']} pairs from {s['rows_read']} rows (skipped: {s['rows_skipped'] or 'none'}; "
-            f"pairs truncated to {cfg.data.max_seq_len} tokens: {s['pairs_truncated']}); "
-            f"{s['trained_tokens']} of {s['tokens']} tokens trained"
-        )
-        self.total_steps = cfg.train.max_steps if cfg.train.max_steps > 0 else self.pipeline.count_batches()
-        if self.total_steps <= 0:
-            raise ValueError("the preference data yields no full batch: add data or lower train.batch_size")
-        self.tx, self.schedule = make_optimizer(cfg.optim, self.total_steps)
-        try:
-            self.abstract, self.shardings = state_layout(self.model, self.tx, self.mesh)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-        self._sharding = shd.batch_sharding(self.mesh)
         self.logps_fn = jit_pair_logps(self.model, self.mesh, self.shardings.params)
 
     # --- parameters ---------------------------------------------------------------------------------
@@ -87,10 +48,6 @@ class DPORun:
             return load_params(self.reference_path, self.model, self.mesh)
         return init_params(self.model, self.mesh, jax.random.key(self.cfg.train.seed))
 
-    # --- host -> device -----------------------------------------------------------------------------
-    def to_device(self, host_batch: dict[str, np.ndarray], keys) -> dict:
-        return {k: jax.make_array_from_process_local_data(self._sharding, host_batch[k]) for k in keys}
-
     def reference_logps(self, pipeline: PreferencePipeline, params, desc: str) -> np.ndarray:
         """[N, 2] summed reference log-probs of every pair of `pipeline`, from the on-disk cache or computed."""
         cfg = self.cfg
@@ -107,7 +64,7 @@ class DPORun:
                 p,
                 pipeline,
                 global_batch=self.global_batch,
-                to_device=lambda b: self.to_device(process_rows(b, self.global_batch), PAIR_KEYS),
+                to_device=lambda b: self.ordered_to_device(b, PAIR_KEYS),
                 desc=desc,
             )
 
@@ -127,14 +84,7 @@ class DPOEvaluator:
         if not self.enabled:
             return
         self.run = run
-        self.pipeline = PreferencePipeline(
-            cfg.data,
-            run.tokenizer,
-            batch_size=run.global_batch // jax.process_count(),
-            seed=0,
-            num_epochs=1,
-            files=files,
-        )
+        self.pipeline = run.make_pipeline(files=files, shuffle=False, num_epochs=1)
         self.ref = (
             run.reference_logps(self.pipeline, ref_params, desc="reference log-probs (eval)")
             if cfg.dpo.needs_reference
@@ -146,8 +96,7 @@ class DPOEvaluator:
         sums = []
         for batch in self.pipeline.ordered_batches(self.run.global_batch):
             batch["ref_logps"] = self.ref[batch["index"]]
-            local = process_rows(batch, self.run.global_batch)
-            sums.append(self._eval(params, self.run.to_device(local, (*PAIR_KEYS, "ref_logps", "valid"))))
+            sums.append(self._eval(params, self.run.ordered_to_device(batch, (*PAIR_KEYS, "ref_logps", "valid"))))
         totals = {k: float(sum(float(s[k]) for s in jax.device_get(sums))) for k in sums[0]}
         pairs = max(totals.pop("pairs"), 1.0)
         out = {f"eval/{k}": v / pairs for k, v in totals.items()}
@@ -200,7 +149,6 @@ def run_dpo(cfg: DPOConfig) -> dict:
         return run.to_device(host_batch, keys)
 
     train_step = (lambda s, b: step_fn(s, b, ref_params)) if live else step_fn
-    pairs = len(run.pipeline)
     logger = MetricsLogger(run.out_dir, resume_step=start, enabled=jax.process_index() == 0)
     if start == 0 and evaluate.enabled:
         logger.log(0, evaluate(state.params))
@@ -212,7 +160,7 @@ def run_dpo(cfg: DPOConfig) -> dict:
         data_iter=data_iter,
         to_device=to_device,
         step_fn=train_step,
-        host_stats=lambda b: {"tokens": float(np.sum(b["segment_ids"] > 0))},
+        host_stats=real_tokens,
         evaluate=evaluate if evaluate.enabled else None,
         eval_every=cfg.train.eval_every,
         log_every=cfg.train.log_every,
@@ -220,7 +168,7 @@ def run_dpo(cfg: DPOConfig) -> dict:
         checkpoint_every=cfg.checkpoint.every_steps,
         logger=logger,
         show=("loss", "rewards/accuracy", "rewards/margin"),
-        extra_metrics=lambda step: {"epoch": step * run.global_batch / pairs},
+        extra_metrics=run.epoch,
     )
     summary = {
         "final_step": result.step,

@@ -1,0 +1,108 @@
+"""The reward-model trainer (spec §3.7): an SFT model plus a scalar head, trained with Bradley–Terry on
+preference pairs and exported as a Hugging Face *ForSequenceClassification (RLVR's value model starts
+from it)."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+
+from tulu_jax.config import ModelConfig, RMConfig
+from tulu_jax.data.preference import resolve_pref_files
+from tulu_jax.models import hf
+from tulu_jax.models.reward import build_reward_model, init_reward_params, load_reward_params
+from tulu_jax.train.checkpoint import Checkpointer
+from tulu_jax.train.dpo_step import PAIR_KEYS
+from tulu_jax.train.loop import restore_or_start, train_loop, write_summary
+from tulu_jax.train.metrics import MetricsLogger
+from tulu_jax.train.preference_run import PreferenceRun, real_tokens
+from tulu_jax.train.rm_step import jit_rm_eval, jit_rm_step
+from tulu_jax.train.state import create_state
+
+
+def _build(mcfg: ModelConfig, dcfg):
+    return build_reward_model(
+        dcfg,
+        dtype=mcfg.dtype,
+        param_dtype=mcfg.param_dtype,
+        remat=mcfg.remat,
+        scan_unroll=mcfg.scan_unroll,
+        attention_block=mcfg.attention_block,
+    )
+
+
+def pair_mean_evaluator(run: PreferenceRun, eval_fn):
+    """Held-out pairs in one ordered pass -> `eval/<metric>` means over the real pairs (None: no eval set)."""
+    files = resolve_pref_files(run.cfg.data, "eval")
+    if not files or run.cfg.train.eval_every < 0:
+        return None
+    pipeline = run.make_pipeline(files=files, shuffle=False, num_epochs=1)
+
+    def evaluate(params) -> dict[str, float]:
+        sums = [
+            eval_fn(params, run.ordered_to_device(b, (*PAIR_KEYS, "valid")))
+            for b in pipeline.ordered_batches(run.global_batch)
+        ]
+        totals = {k: sum(float(s[k]) for s in jax.device_get(sums)) for k in sums[0]}
+        pairs = max(totals.pop("pairs"), 1.0)
+        return {f"eval/{k}": v / pairs for k, v in totals.items()}
+
+    return evaluate
+
+
+def run_rm(cfg: RMConfig) -> dict:
+    run = PreferenceRun(cfg, _build, describe="; reward model (Bradley-Terry)")
+    ckpt = Checkpointer(os.path.join(run.out_dir, "checkpoints"), cfg.checkpoint.keep)
+    data_iter = run.pipeline.iterator()
+
+    def fresh_state():
+        rng = jax.random.key(cfg.train.seed)
+        if cfg.model.path:  # an SFT export (fresh head) or an existing reward model
+            params = load_reward_params(cfg.model.path, run.model, run.mesh, rng)
+        else:
+            params = init_reward_params(run.model, run.mesh, rng)
+        return create_state(params, run.tx, cfg.train.seed, run.shardings)
+
+    state, start = restore_or_start(ckpt, run.abstract, run.shardings, data_iter, fresh_state)
+    accum = cfg.train.grad_accum_steps
+    step_fn = jit_rm_step(run.model, run.tx, run.schedule, run.mesh, run.shardings, accum_steps=accum)
+    evaluate = pair_mean_evaluator(run, jit_rm_eval(run.model, run.mesh, run.shardings.params))
+    logger = MetricsLogger(run.out_dir, resume_step=start, enabled=jax.process_index() == 0)
+    if start == 0 and evaluate is not None:
+        logger.log(0, evaluate(state.params))
+    result = train_loop(
+        name="rm",
+        state=state,
+        start=start,
+        total_steps=run.total_steps,
+        data_iter=data_iter,
+        to_device=lambda b: run.to_device(b, PAIR_KEYS),
+        step_fn=step_fn,
+        host_stats=real_tokens,
+        evaluate=evaluate,
+        eval_every=cfg.train.eval_every,
+        log_every=cfg.train.log_every,
+        ckpt=ckpt,
+        checkpoint_every=cfg.checkpoint.every_steps,
+        logger=logger,
+        show=("loss", "accuracy"),
+        extra_metrics=run.epoch,
+    )
+    summary = {
+        "final_step": result.step,
+        "final_loss": result.last_metrics.get("loss"),
+        "final_eval": {k: v for k, v in result.last_metrics.items() if k.startswith("eval/")},
+        "output_dir": run.out_dir,
+        "data": run.pipeline.stats,
+    }
+    if cfg.export.enabled:
+        summary["hf_export"] = hf.export_reward_hf(
+            result.state.params,
+            run.dcfg,
+            os.path.join(run.out_dir, "hf"),
+            tokenizer=run.tokenizer,
+            dtype=cfg.export.dtype,
+        )
+    write_summary(run.out_dir, summary)
+    return summary
