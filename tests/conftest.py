@@ -35,3 +35,44 @@ def llama3_tokenizer():
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(path))
+
+
+def cli_env() -> dict:
+    """Environment for `python -m tulu_jax.cli` subprocesses: CPU, offline, one device (a laptop run)."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1")
+    env.pop("XLA_FLAGS", None)
+    return env
+
+
+@pytest.fixture(scope="session")
+def tiny_sft_export(tmp_path_factory):
+    """A briefly SFT-trained tiny model, exported to a Hugging Face folder: the start of DPO and RM tests."""
+    import sys
+
+    out = tmp_path_factory.mktemp("sft_for_prefs")
+    cmd = [
+        sys.executable,
+        "-m",
+        "tulu_jax.cli",
+        "sft",
+        "--config",
+        str(REPO / "configs/sft/tiny.yaml"),
+        f"output_dir={out}",
+        "train.max_steps=40",
+        "train.eval_every=-1",
+        "checkpoint.every_steps=0",
+    ]
+    proc = subprocess.run(cmd, env=cli_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out / "hf"
+
+
+@pytest.fixture(scope="session")
+def small_prefs(tmp_path_factory):
+    """The first 320 pairs of the bundled tiny_prefs train split (keeps reference passes short)."""
+    from tulu_jax.data.preference import bundled_prefs_file
+
+    path = tmp_path_factory.mktemp("prefs") / "train.jsonl"
+    lines = Path(bundled_prefs_file("train")).read_text().splitlines()[:320]
+    path.write_text("\n".join(lines) + "\n")
+    return path
