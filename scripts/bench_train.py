@@ -1,20 +1,33 @@
 #!/usr/bin/env python
-"""SFT train-step throughput: our jitted JAX step against transformers + PyTorch, on this machine, in one run.
+"""SFT and DPO train-step throughput: our jitted JAX steps against transformers + PyTorch, on this machine, in one run.
 
-    python scripts/bench_train.py [--sizes bench-15m,bench-40m,bench-100m] [--batch 4] [--seq-len 512]
+    python scripts/bench_train.py [--task sft,dpo] [--sizes bench-15m,bench-40m,bench-100m] [--batch 4]
+                                  [--pairs 2] [--seq-len 512] [--dpo-reference cache|live]
                                   [--steps 4] [--warmup 1] [--rounds 4] [--dtype float32,bfloat16]
                                   [--xla-flags "..."] [--no-tuned] [--json OUT]
 
-For each model size and compute dtype it times, with the same architecture and batch shape:
-  * jax:   tulu_jax's jitted SFT step (forward, sum-reduced masked cross entropy, backward,
-           global-norm clip, AdamW), parameters and optimizer in float32, compute in `dtype`;
+For each task, model size and compute dtype it times, with the same architecture and batch shape:
+  * jax:   tulu_jax's jitted step, parameters and optimizer in float32, compute in `dtype`:
+           sft: forward, sum-reduced masked cross entropy, backward, global-norm clip, AdamW;
+           dpo: one forward of the 2P chosen+rejected rows, per-side summed log-probs of the response
+           tokens, Tülu 3's length-normalized DPO loss (dpo_norm, beta 5) against cached reference
+           log-probs that come with the batch (`--dpo-reference live`: a frozen reference forward runs in
+           the step instead), backward, global-norm clip, AdamW;
   * torch: transformers' LlamaForCausalLM built from the same DecoderConfig, the same loss, backward,
-           clip_grad_norm_ and torch.optim.AdamW (bf16: float32 parameters under torch.autocast);
+           clip_grad_norm_ and torch.optim.AdamW (bf16: float32 parameters under torch.autocast). The DPO
+           step starts from our initial weights, and the run fails if the two frameworks' first DPO loss or
+           gradient norm differ by more than PARITY_TOL (they run in separate processes; the check is made
+           on the merged rows);
   * peak:  a square float32 / bfloat16 matrix multiply in JAX and in PyTorch (GFLOP/s).
+An SFT step takes `--batch` sequences of `--seq-len` tokens (loss on the second half of each); a DPO step
+takes `--pairs` pairs, each side `--seq-len` tokens (a shared prompt as the first half, the labelled
+response the second), i.e. 2 x pairs x seq-len tokens: the defaults give both tasks 2048 tokens a step.
 The timed steps run in `--rounds` rounds that alternate JAX steps, PyTorch steps and peak samples, so a
 load change on a shared machine hits all of them alike; each figure is the median over its samples
 (the warm-up steps are not timed). Model FLOPs are `DecoderConfig.flops_per_token(seq_len)` (6 x matmul
-parameters + 12 L T N H for attention, i.e. forward + backward), the same figure for both frameworks.
+parameters + 12 L T N H for attention, i.e. forward + backward), the same figure for both frameworks and
+both tasks (DPO: over its 2 x pairs x seq-len tokens; with a live reference 4/3 of that, the reference's
+forward included).
 "% jax pk" is our achieved FLOP/s over the JAX float32 matmul peak measured in the same rounds (for
 bf16 too: XLA:CPU upcasts bf16 dots to float32, so that is its ceiling); "jax % torch pk" is the same
 achieved FLOP/s over PyTorch's matmul peak of that dtype ("torch pk"; bf16 uses AMX there), and
@@ -62,15 +75,31 @@ DEFAULT_COMPILER_OPTIONS = {
 }
 
 SIZES = "bench-15m,bench-40m,bench-100m"
+TASKS = ("sft", "dpo")
+# The DPO step's first loss and pre-clip gradient norm, JAX against PyTorch from the same weights: (largest
+# |loss difference|, largest relative gradient-norm difference) per compute dtype. Measured at 15M, 2 x 128
+# tokens: float32 2e-6 and 6e-6, bfloat16 1e-3 and 5e-4 (bf16 rounds in different places in the two).
+PARITY_TOL = {"float32": (1e-4, 1e-3), "bfloat16": (2e-2, 2e-2)}
 
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(
         description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    ap.add_argument("--task", default=",".join(TASKS), help="train steps to time, comma-separated (default sft,dpo)")
     ap.add_argument("--sizes", default=SIZES, help=f"comma-separated model presets (default {SIZES})")
-    ap.add_argument("--batch", type=int, default=4, help="sequences per step (default 4)")
+    ap.add_argument("--batch", type=int, default=4, help="SFT sequences per step (default 4)")
+    ap.add_argument(
+        "--pairs", type=int, default=2, help="DPO pairs per step, 2 sequences each (default 2: as many tokens as SFT)"
+    )
     ap.add_argument("--seq-len", type=int, default=512, help="tokens per sequence (default 512)")
+    ap.add_argument(
+        "--dpo-reference",
+        default="cache",
+        choices=["cache", "live"],
+        help="DPO reference log-probs: cached, given with the batch (default; Tülu 3's 70B run), or live: a "
+        "frozen reference model's forward in every step",
+    )
     ap.add_argument("--steps", type=int, default=4, help="timed steps per framework, size and dtype (default 4)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps after compilation (default 1)")
     ap.add_argument(
@@ -121,12 +150,20 @@ def parse_args(argv=None):
     ap.add_argument("--json", metavar="OUT", default=None, help="also write the rows (and the run's setup) here")
     args = ap.parse_args(argv)
     args.sizes = [s for s in args.sizes.split(",") if s]
+    args.task = [t for t in args.task.split(",") if t]
+    for t in args.task:
+        if t not in TASKS:
+            ap.error(f"--task: {t!r} is not one of {', '.join(TASKS)}")
+    if not args.task or not args.sizes:
+        ap.error("--task and --sizes need at least one entry")
     args.dtype = [d for d in args.dtype.split(",") if d]
     for d in args.dtype:
         if d not in ("float32", "bfloat16"):
             ap.error(f"--dtype: {d!r} is not float32 or bfloat16")
     if args.steps < 1 or args.rounds < 1 or args.warmup < 0:
         ap.error("--steps and --rounds must be >= 1, --warmup >= 0")
+    if args.batch < 1 or args.pairs < 1 or args.seq_len < 2:
+        ap.error("--batch and --pairs must be >= 1, --seq-len >= 2")
     args.rounds = min(args.rounds, args.steps)
     return args
 
@@ -154,7 +191,7 @@ def _cpu_name() -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if not args.in_one_process and (len(args.sizes) > 1 or not (args.no_torch or args.no_jax)):
+    if not args.in_one_process and (len(args.sizes) > 1 or len(args.task) > 1 or not (args.no_torch or args.no_jax)):
         return _run_isolated(args, sys.argv[1:] if argv is None else list(argv))
     flags = DEFAULT_XLA_FLAGS if args.xla_flags is None else args.xla_flags
     if "jax" in sys.modules:
@@ -202,10 +239,11 @@ def main(argv=None) -> int:
             f"# torch: LlamaForCausalLM attn={args.torch_attn}, AdamW fused={args.torch_fused_adamw}, "
             f"bf16 = torch.autocast over float32 parameters"
         )
+    for task in args.task:
+        print(f"# {_task_caption(task, args.batch, args.pairs, args.seq_len, args.dpo_reference)}")
     print(
-        f"# batch {args.batch} x seq {args.seq_len} = {args.batch * args.seq_len} tokens/step; {args.warmup} warm-up"
-        f" + {args.steps} timed steps per framework in {args.rounds} interleaved rounds; peak: {args.peak_n}^2 "
-        f"matmul, median of samples taken in the same rounds; load average at start "
+        f"# {args.warmup} warm-up + {args.steps} timed steps per framework in {args.rounds} interleaved rounds; "
+        f"peak: {args.peak_n}^2 matmul, median of samples taken in the same rounds; load average at start "
         f"{os.getloadavg()[0]:.2f}",
         flush=True,
     )
@@ -219,81 +257,104 @@ def main(argv=None) -> int:
     torch_opts = bench.TorchOptions(attn_implementation=args.torch_attn, fused_adamw=args.torch_fused_adamw)
 
     rows = []
-    tokens = args.batch * args.seq_len
     t_start = time.perf_counter()
     for size in args.sizes:
         cfg = preset(size)
         fpt = cfg.flops_per_token(args.seq_len)
-        batch = bench.make_batch(cfg.vocab_size, args.batch, args.seq_len)
-        runners = {}
-        for d in args.dtype:
-            if not args.no_jax:
-                j = bench.JaxSFTBench(
-                    cfg,
-                    batch,
-                    d,
-                    attention_block=args.attention_block,
-                    scan_unroll=cfg.num_layers if args.scan_unroll < 0 else args.scan_unroll,
+        for task in args.task:
+            live = task == "dpo" and args.dpo_reference == "live"
+            if task == "sft":
+                batch = bench.make_batch(cfg.vocab_size, args.batch, args.seq_len)
+                tokens, examples = args.batch * args.seq_len, None
+            else:
+                batch = bench.make_pair_batch(cfg.vocab_size, args.pairs, args.seq_len)
+                tokens, examples = 2 * args.pairs * args.seq_len, args.pairs
+            # A live reference adds its forward: a third of forward + backward.
+            flops = fpt * tokens * (4 / 3 if live else 1)
+            label = f"{size} {task}"
+            runners = {}
+            for d in args.dtype:
+                if not args.no_jax:
+                    jax_cls, extra = (bench.JaxSFTBench, {}) if task == "sft" else (bench.JaxDPOBench, {"live": live})
+                    j = jax_cls(
+                        cfg,
+                        batch,
+                        d,
+                        attention_block=args.attention_block,
+                        scan_unroll=cfg.num_layers if args.scan_unroll < 0 else args.scan_unroll,
+                        **extra,
+                    )
+                    compile_s = j.compile(compiler_options[d] or None)
+                    runners[("jax", d)] = j
+                    for _ in range(args.warmup):
+                        j()
+                    first = "" if args.warmup == 0 else f", first loss {_first_loss(j)}"
+                    print(f"# {label} {d}: jax compiled in {compile_s:.1f}s{first}", flush=True)
+                if torch is not None:
+                    if task == "sft":
+                        t = bench.TorchSFTBench(cfg, batch, d, torch_opts)
+                    else:
+                        t = bench.TorchDPOBench(cfg, batch, d, torch_opts, live=live)
+                    runners[("torch", d)] = t
+                    for _ in range(args.warmup):
+                        t()
+                    first = "" if args.warmup == 0 else f", first loss {_first_loss(t)}"
+                    print(f"# {label} {d}: torch warm{first}", flush=True)
+            times = {k: [] for k in runners}
+            peaks = {k: [] for k in peak_fns}
+            for per_round in _split(args.steps, args.rounds):
+                for k, f in peak_fns.items():
+                    if k[0] == "jax":
+                        peaks[k] += bench.time_calls(f, args.peak_reps)
+                for k, r in runners.items():
+                    times[k] += bench.time_calls(r, per_round)
+                for k, f in peak_fns.items():
+                    if k[0] == "torch":
+                        peaks[k] += bench.time_calls(f, args.peak_reps)
+            for k, v in peaks.items():
+                all_peaks[k] += v
+            peak = {k: peak_flops / _median(v) / 1e9 for k, v in peaks.items()}
+            for d in args.dtype:
+                row = dict(
+                    task=task,
+                    size=size,
+                    params=cfg.num_params,
+                    dtype=d,
+                    seq_len=args.seq_len,
+                    tokens=tokens,
+                    flops_per_token=fpt,
+                    flops_per_step=flops,
+                    jax_peak_f32_gflop_s=peak[("jax", "float32")],
+                    jax_peak_bf16_gflop_s=peak[("jax", "bfloat16")],
                 )
-                compile_s = j.compile(compiler_options[d] or None)
-                runners[("jax", d)] = j
-                for _ in range(args.warmup):
-                    j()
-                print(f"# {size} {d}: jax compiled in {compile_s:.1f}s, first loss {j.loss():.1f}", flush=True)
-            if torch is not None:
-                t = bench.TorchSFTBench(cfg, batch, d, torch_opts)
-                runners[("torch", d)] = t
-                for _ in range(args.warmup):
-                    t()
-                print(f"# {size} {d}: torch warm, loss {t.loss():.1f}", flush=True)
-        times = {k: [] for k in runners}
-        peaks = {k: [] for k in peak_fns}
-        for per_round in _split(args.steps, args.rounds):
-            for k, f in peak_fns.items():
-                if k[0] == "jax":
-                    peaks[k] += bench.time_calls(f, args.peak_reps)
-            for k, r in runners.items():
-                times[k] += bench.time_calls(r, per_round)
-            for k, f in peak_fns.items():
-                if k[0] == "torch":
-                    peaks[k] += bench.time_calls(f, args.peak_reps)
-        for k, v in peaks.items():
-            all_peaks[k] += v
-        peak = {k: peak_flops / _median(v) / 1e9 for k, v in peaks.items()}
-        for d in args.dtype:
-            row = dict(
-                size=size,
-                params=cfg.num_params,
-                dtype=d,
-                batch=args.batch,
-                seq_len=args.seq_len,
-                flops_per_token=fpt,
-                jax_peak_f32_gflop_s=peak[("jax", "float32")],
-                jax_peak_bf16_gflop_s=peak[("jax", "bfloat16")],
-            )
-            if not args.no_jax:
-                row.update(_step_fields("jax", times[("jax", d)], runners[("jax", d)], fpt * tokens, tokens))
-            if torch is not None:
-                row.update(_step_fields("torch", times[("torch", d)], runners[("torch", d)], fpt * tokens, tokens))
-                row.update(
-                    torch_peak_gflop_s=peak[("torch", d)],
-                    torch_peak_f32_gflop_s=peak[("torch", "float32")],
-                    torch_peak_bf16_gflop_s=peak[("torch", "bfloat16")],
+                if task == "sft":
+                    row.update(batch=args.batch)
+                else:
+                    row.update(pairs=args.pairs, reference=args.dpo_reference, loss="dpo_norm", beta=5.0)
+                for fw in ("jax", "torch"):
+                    if (fw, d) in runners:
+                        row.update(_step_fields(fw, times[(fw, d)], runners[(fw, d)], flops, tokens, examples))
+                if torch is not None:
+                    row.update(
+                        torch_peak_gflop_s=peak[("torch", d)],
+                        torch_peak_f32_gflop_s=peak[("torch", "float32")],
+                        torch_peak_bf16_gflop_s=peak[("torch", "bfloat16")],
+                    )
+                _derive(row)
+                rows.append(row)
+                print(
+                    f"# {label} {d}:"
+                    + ("" if args.no_jax else f" jax {row['jax_step_s']:.3f}s/step")
+                    + ("" if torch is None else f" torch {row['torch_step_s']:.3f}s/step")
+                    + f"; jax fp32 peak {row['jax_peak_f32_gflop_s']:.0f} GFLOP/s",
+                    flush=True,
                 )
-            _derive(row)
-            rows.append(row)
-            print(
-                f"# {size} {d}:"
-                + ("" if args.no_jax else f" jax {row['jax_step_s']:.3f}s/step")
-                + ("" if torch is None else f" torch {row['torch_step_s']:.3f}s/step")
-                + f"; jax fp32 peak {row['jax_peak_f32_gflop_s']:.0f} GFLOP/s",
-                flush=True,
-            )
-        del runners
+            del runners
     elapsed = time.perf_counter() - t_start
 
     print()
     _print_table(rows, torch is not None, not args.no_jax)
+    failures = _parity_failures(rows)
     overall = {f"{fw}_{d}": peak_flops / _median(v) / 1e9 for (fw, d), v in all_peaks.items()}
     print(
         "\nmatmul peak over the whole run (median, GFLOP/s): " + ", ".join(f"{k} {v:.0f}" for k, v in overall.items())
@@ -310,7 +371,10 @@ def main(argv=None) -> int:
             cores=cores,
             jax_version=jax.__version__,
             torch_version=None if torch is None else torch.__version__,
+            tasks=args.task,
             batch=args.batch,
+            pairs=args.pairs,
+            dpo_reference=args.dpo_reference,
             seq_len=args.seq_len,
             steps=args.steps,
             warmup=args.warmup,
@@ -322,19 +386,41 @@ def main(argv=None) -> int:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)
         print(f"wrote {args.json}")
-    return 0
+    return _report_parity(failures)
 
 
-def _step_fields(fw: str, step_times: list[float], runner, flops: float, tokens: int) -> dict:
+def _task_caption(task: str, batch: int, pairs: int, seq_len: int, reference: str) -> str:
+    if task == "sft":
+        return f"SFT step: batch {batch} x seq {seq_len} = {batch * seq_len} tokens/step"
+    return (
+        f"DPO step (dpo_norm, beta 5, {reference} reference): {pairs} pairs x 2 sides x seq {seq_len} = "
+        f"{2 * pairs * seq_len} tokens/step"
+    )
+
+
+def _first_loss(runner) -> str:
+    first = getattr(runner, "first", None)
+    if first is None:
+        return f"{runner.loss():.1f}"
+    return f"{first['loss']:.6f} (grad norm {first['grad_norm']:.4f})"
+
+
+def _step_fields(fw: str, step_times: list[float], runner, flops: float, tokens: int, pairs: int | None) -> dict:
     """One framework's columns of a row: median step time and what follows from it."""
     t = _median(step_times)
-    return {
+    out = {
         f"{fw}_step_s": t,
         f"{fw}_tok_s": tokens / t,
         f"{fw}_gflop_s": flops / t / 1e9,
         f"{fw}_step_s_all": step_times,
         f"{fw}_loss": runner.loss(),
     }
+    if pairs is not None:
+        out[f"{fw}_pairs_s"] = pairs / t
+    if getattr(runner, "first", None) is not None:
+        out[f"{fw}_loss0"] = runner.first["loss"]
+        out[f"{fw}_grad_norm0"] = runner.first["grad_norm"]
+    return out
 
 
 def _derive(row: dict) -> None:
@@ -346,6 +432,37 @@ def _derive(row: dict) -> None:
         row["pct_torch_peak"] = 100 * row["jax_gflop_s"] / row["torch_peak_gflop_s"]
     if "torch_gflop_s" in row:
         row["torch_pct_torch_peak"] = 100 * row["torch_gflop_s"] / row["torch_peak_gflop_s"]
+    if "jax_loss0" in row and "torch_loss0" in row:
+        row["loss0_abs_diff"] = abs(row["jax_loss0"] - row["torch_loss0"])
+        row["grad_norm0_rel_diff"] = abs(row["jax_grad_norm0"] - row["torch_grad_norm0"]) / max(
+            abs(row["torch_grad_norm0"]), 1e-30
+        )
+
+
+def _parity_failures(rows) -> list[str]:
+    """The rows whose first DPO loss or gradient norm differ between the frameworks beyond PARITY_TOL."""
+    out = []
+    for r in rows:
+        if "loss0_abs_diff" not in r:
+            continue
+        loss_tol, grad_tol = PARITY_TOL[r["dtype"]]
+        if not (r["loss0_abs_diff"] <= loss_tol and r["grad_norm0_rel_diff"] <= grad_tol):
+            out.append(
+                f"{r['size']} {r['task']} {r['dtype']}: first loss jax {r['jax_loss0']:.6f} torch "
+                f"{r['torch_loss0']:.6f} (|diff| {r['loss0_abs_diff']:.2e}, tol {loss_tol:.0e}); grad norm jax "
+                f"{r['jax_grad_norm0']:.6f} torch {r['torch_grad_norm0']:.6f} (rel diff "
+                f"{r['grad_norm0_rel_diff']:.2e}, tol {grad_tol:.0e})"
+            )
+    return out
+
+
+def _report_parity(failures: list[str]) -> int:
+    if failures:
+        print("\nFAILED: the JAX and PyTorch DPO steps disagree on the same weights:", file=sys.stderr)
+        for f in failures:
+            print("  " + f, file=sys.stderr)
+        return 1
+    return 0
 
 
 def _run_isolated(args, argv: list[str]) -> int:
@@ -356,32 +473,51 @@ def _run_isolated(args, argv: list[str]) -> int:
     import subprocess
     import tempfile
 
-    def child(size: str, flag: str) -> list[dict]:
+    def child(size: str, task: str, flag: str) -> list[dict]:
         with tempfile.NamedTemporaryFile(suffix=".json") as tmp:
-            cmd = [sys.executable, os.path.abspath(__file__), *argv, flag, "--sizes", size, "--json", tmp.name]
-            subprocess.run(cmd, check=True)
+            cmd = [sys.executable, os.path.abspath(__file__), *argv, "--task", task, flag, "--sizes", size]
+            subprocess.run([*cmd, "--json", tmp.name], check=True)
             with open(tmp.name) as f:
                 return json.load(f)["rows"]
 
     rows = []
     for size in args.sizes:
-        jax_rows = child(size, "--no-torch")
-        torch_rows = child(size, "--no-jax") if not args.no_torch else [{}] * len(jax_rows)
-        for j, t in zip(jax_rows, torch_rows, strict=True):
-            row = {**t, **j}  # the JAX child's peak figures take precedence for the JAX columns
-            _derive(row)
-            rows.append(row)
-    print("\n# all sizes; each size and framework measured in its own process:")
-    _print_table(rows, not args.no_torch)
+        for task in args.task:
+            jax_rows = child(size, task, "--no-torch") if not args.no_jax else None
+            torch_rows = child(size, task, "--no-jax") if not args.no_torch else None
+            jax_rows = jax_rows or [{}] * len(torch_rows)
+            torch_rows = torch_rows or [{}] * len(jax_rows)
+            for j, t in zip(jax_rows, torch_rows, strict=True):
+                row = {**t, **j}  # the JAX child's peak figures take precedence for the JAX columns
+                _derive(row)
+                rows.append(row)
+    print("\n# all sizes; each task, size and framework measured in its own process:")
+    _print_table(rows, not args.no_torch, not args.no_jax)
+    failures = _parity_failures(rows)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(argv=sys.argv, rows=rows), f, indent=1)
         print(f"wrote {args.json}")
-    return 0
+    return _report_parity(failures)
 
 
 def _print_table(rows, with_torch: bool, with_jax: bool = True):
+    """One table per task, in the order the tasks first appear."""
+    for i, task in enumerate(dict.fromkeys(r.get("task", "sft") for r in rows)):
+        task_rows = [r for r in rows if r.get("task", "sft") == task]
+        r0 = task_rows[0]
+        caption = _task_caption(task, r0.get("batch", 0), r0.get("pairs", 0), r0["seq_len"], r0.get("reference", ""))
+        print(("\n" if i else "") + caption + ":")
+        _print_task_table(task, task_rows, with_torch, with_jax)
+
+
+def _print_task_table(task: str, rows, with_torch: bool, with_jax: bool):
     cols = [("size", "{size}"), ("params", "{params_m:.1f}M"), ("dtype", "{dtype}")]
+    if task == "dpo":
+        if with_jax:
+            cols += [("jax pairs/s", "{jax_pairs_s:.2f}")]
+        if with_torch:
+            cols += [("torch pairs/s", "{torch_pairs_s:.2f}")]
     if with_jax:
         cols += [("jax tok/s", "{jax_tok_s:.0f}")]
     if with_torch:
@@ -402,6 +538,10 @@ def _print_table(rows, with_torch: bool, with_jax: bool = True):
             ("torch pk", "{torch_peak_gflop_s:.0f}"),
             ("torch % pk", "{torch_pct_torch_peak:.0f}%"),
         ]
+    if task == "dpo" and with_jax:
+        cols += [("jax loss0", "{jax_loss0:.5f}")]
+    if task == "dpo" and with_jax and with_torch:
+        cols += [("loss0 |diff|", "{loss0_abs_diff:.1e}")]
     cells = [[fmt.format(params_m=r["params"] / 1e6, **r) for _, fmt in cols] for r in rows]
     widths = [max(len(h), *(len(c[i]) for c in cells)) for i, (h, _) in enumerate(cols)]
     line = lambda xs: "| " + " | ".join(x.rjust(w) for x, w in zip(xs, widths)) + " |"

@@ -7,6 +7,11 @@ processes on a shared machine hits all of them alike):
 * `JaxSFTBench`: our jitted SFT step (`tulu_jax.train.sft_step.jit_sft_step`) on one device.
 * `TorchSFTBench`: the same architecture and batch in transformers + PyTorch: forward, masked
   sum-reduced cross entropy, backward, global-norm clip and `torch.optim.AdamW`, i.e. what our step does.
+* `JaxDPOBench`: our jitted DPO step (`tulu_jax.train.dpo_step.jit_dpo_step`, Tülu 3's dpo_norm with
+  β = 5) on one device, with the reference log-probs cached in the batch or (`live=True`) from a frozen
+  reference forward.
+* `TorchDPOBench`: the same DPO step in transformers + PyTorch, started from *our* initial weights
+  (`hf_state_dict`), so that the two steps' first losses and gradient norms can be compared (`first`).
 * `jax_matmul` / `torch_matmul`: a square matrix multiply, the machine's practical matmul peak.
 
 Nothing here sets XLA flags: they must be in the environment before `jax` is first imported, which is
@@ -36,6 +41,31 @@ def make_batch(vocab_size: int, batch: int, seq_len: int, seed: int = 0) -> dict
         "loss_mask": loss_mask,
         "segment_ids": np.ones((batch, seq_len), np.int32),
         "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32), (batch, seq_len)).copy(),
+    }
+
+
+def make_pair_batch(
+    vocab_size: int, pairs: int, seq_len: int, seed: int = 0, ref_noise: float = 0.05
+) -> dict[str, np.ndarray]:
+    """A DPO batch of `pairs` pairs: int32 [P, 2, T] arrays (side 0 chosen, 1 rejected), each side one
+    document filling all T positions, with a prompt shared by both sides (the first half) and a response of
+    their own (the second half, which carries the loss). `ref_logps` float32 [P, 2] stands in for the cached
+    reference log-probs: per labelled token -log(V) (a random model's log-prob) plus N(0, ref_noise), so the
+    first loss differs from log 2 and depends on the policy's log-probs."""
+    rng = np.random.default_rng(seed)
+    half = seq_len // 2
+    ids = rng.integers(0, vocab_size, (pairs, 2, seq_len)).astype(np.int32)
+    ids[:, 1, :half] = ids[:, 0, :half]  # one prompt per pair
+    loss_mask = np.zeros((pairs, 2, seq_len), np.int32)
+    loss_mask[..., half:] = 1
+    labelled = loss_mask[..., 1:].sum(-1)  # targets: the next token, where it is labelled (no padding here)
+    per_token = -np.log(vocab_size) + ref_noise * rng.standard_normal((pairs, 2))
+    return {
+        "input_ids": ids,
+        "loss_mask": loss_mask,
+        "segment_ids": np.ones((pairs, 2, seq_len), np.int32),
+        "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32), (pairs, 2, seq_len)).copy(),
+        "ref_logps": (labelled * per_token).astype(np.float32),
     }
 
 
@@ -83,25 +113,15 @@ def torch_matmul(n: int, dtype: str) -> Callable[[], object]:
 # ----------------------------------------------------------------------------- our JAX step
 
 
-class JaxSFTBench:
-    """Our SFT train step (AdamW + global-norm clip, Tülu 3 sum reduction) on a 1-device mesh."""
+class _JaxStepBench:
+    """Model, optimizer and fresh train state on a 1-device mesh, shared by the SFT and DPO benches."""
 
-    def __init__(
-        self,
-        cfg: DecoderConfig,
-        batch: dict[str, np.ndarray],
-        dtype: str = "float32",
-        remat: bool = False,
-        seed: int = 0,
-        scan_unroll: int = 1,
-        attention_block: int = 0,
-    ):
+    def _setup(self, cfg, dtype, remat, seed, scan_unroll, attention_block):
         import jax
 
         from tulu_jax.models.loading import build_model, init_params
         from tulu_jax.sharding import make_mesh
         from tulu_jax.train.optimizer import OptimConfig, make_optimizer
-        from tulu_jax.train.sft_step import jit_sft_step
         from tulu_jax.train.state import create_state, state_layout
 
         self.jax = jax
@@ -118,24 +138,84 @@ class JaxSFTBench:
         tx, schedule = make_optimizer(OptimConfig(lr=1e-6, warmup_ratio=0.0), 1_000_000)
         _, shardings = state_layout(model, tx, mesh)
         self.state = create_state(init_params(model, mesh, jax.random.key(seed)), tx, seed, shardings)
-        self.step = jit_sft_step(model, tx, schedule, mesh, shardings, reduction="sum", accum_steps=1)
-        self.batch = {k: jax.device_put(v, jax.devices()[0]) for k, v in batch.items()}
         self.metrics = None
         self.compiled = None
+        self.extra_args = ()
+        return model, tx, schedule, mesh, shardings
+
+    def _put(self, batch):
+        return {k: self.jax.device_put(v, self.jax.devices()[0]) for k, v in batch.items()}
 
     def compile(self, compiler_options: dict | None = None) -> float:
         """Compiles the step ahead of the first call, with per-compilation XLA options (DebugOptions field
         names) on top of XLA_FLAGS; returns the compile time in seconds."""
         t0 = time.perf_counter()
-        self.compiled = self.step.lower(self.state, self.batch).compile(compiler_options=compiler_options)
+        lowered = self.step.lower(self.state, self.batch, *self.extra_args)
+        self.compiled = lowered.compile(compiler_options=compiler_options)
         return time.perf_counter() - t0
 
     def __call__(self):
-        self.state, self.metrics = (self.compiled or self.step)(self.state, self.batch)
+        self.state, self.metrics = (self.compiled or self.step)(self.state, self.batch, *self.extra_args)
         self.jax.block_until_ready((self.state, self.metrics))
 
     def loss(self) -> float:
         return float(self.metrics["loss"])
+
+
+class JaxSFTBench(_JaxStepBench):
+    """Our SFT train step (AdamW + global-norm clip, Tülu 3 sum reduction) on a 1-device mesh."""
+
+    def __init__(
+        self,
+        cfg: DecoderConfig,
+        batch: dict[str, np.ndarray],
+        dtype: str = "float32",
+        remat: bool = False,
+        seed: int = 0,
+        scan_unroll: int = 1,
+        attention_block: int = 0,
+    ):
+        from tulu_jax.train.sft_step import jit_sft_step
+
+        model, tx, schedule, mesh, shardings = self._setup(cfg, dtype, remat, seed, scan_unroll, attention_block)
+        self.step = jit_sft_step(model, tx, schedule, mesh, shardings, reduction="sum", accum_steps=1)
+        self.batch = self._put(batch)
+
+
+class JaxDPOBench(_JaxStepBench):
+    """Our DPO train step (dpo_norm, β = 5 unless `loss_cfg` says otherwise; AdamW + global-norm clip) on a
+    1-device mesh, over a `make_pair_batch` batch. Cached reference (default): the reference log-probs come
+    with the batch, as in Tülu 3's 70B run; `live=True`: a frozen copy of the initial weights runs the
+    reference forward inside the step. `first` holds the first step's loss and (pre-clip) gradient norm."""
+
+    def __init__(
+        self,
+        cfg: DecoderConfig,
+        batch: dict[str, np.ndarray],
+        dtype: str = "float32",
+        remat: bool = False,
+        seed: int = 0,
+        scan_unroll: int = 1,
+        attention_block: int = 0,
+        live: bool = False,
+        loss_cfg=None,
+    ):
+        from tulu_jax.config import DPOLossConfig
+        from tulu_jax.train.dpo_step import PAIR_KEYS, jit_dpo_step
+
+        model, tx, schedule, mesh, shardings = self._setup(cfg, dtype, remat, seed, scan_unroll, attention_block)
+        self.loss_cfg = loss_cfg or DPOLossConfig(loss="dpo_norm", beta=5.0)
+        self.step = jit_dpo_step(model, tx, schedule, mesh, shardings, cfg=self.loss_cfg, accum_steps=1, live=live)
+        keys = PAIR_KEYS if live else (*PAIR_KEYS, "ref_logps")
+        self.batch = self._put({k: batch[k] for k in keys})
+        if live:  # the policy's state is donated every step, so the reference gets its own copy
+            self.extra_args = (self.jax.tree.map(lambda x: x.copy(), self.state.params),)
+        self.first = None
+
+    def __call__(self):
+        super().__call__()
+        if self.first is None:
+            self.first = {"loss": float(self.metrics["loss"]), "grad_norm": float(self.metrics["grad_norm"])}
 
 
 # ----------------------------------------------------------------------------- transformers + PyTorch
@@ -162,7 +242,39 @@ class TorchOptions:
     compile: bool = False  # torch.compile the model
 
 
-class TorchSFTBench:
+class _TorchStepBench:
+    """transformers' LlamaForCausalLM of a DecoderConfig and its AdamW, shared by the SFT and DPO benches."""
+
+    def _setup(self, cfg: DecoderConfig, dtype: str, options: TorchOptions | None, seed: int, state_dict=None):
+        import torch
+        import torch.nn.functional as F
+        from transformers import LlamaForCausalLM
+
+        opts = options or TorchOptions()
+        self.torch, self.F = torch, F
+        torch.manual_seed(seed)
+        hf_cfg = hf_llama_config(cfg)
+        hf_cfg._attn_implementation = opts.attn_implementation
+        self.model = LlamaForCausalLM(hf_cfg).to(torch.float32)
+        if state_dict is not None:
+            missing, unexpected = self.model.load_state_dict(state_dict, strict=False)
+            tied = {"lm_head.weight"} if cfg.tie_embeddings else set()
+            if unexpected or not set(missing) <= tied:
+                raise ValueError(f"weights do not fit the model: missing {missing}, unexpected {unexpected}")
+        self.model.train()
+        kwargs = {"fused": True} if opts.fused_adamw else {}
+        self.opt = torch.optim.AdamW(
+            self.model.parameters(), lr=1e-6, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, **kwargs
+        )
+        self.forward = torch.compile(self.model) if opts.compile else self.model
+        self.autocast = dtype == "bfloat16"
+        self.vocab = cfg.vocab_size
+
+    def loss(self) -> float:
+        return float(self.last_loss)
+
+
+class TorchSFTBench(_TorchStepBench):
     """The same SFT step in transformers + PyTorch. `dtype="bfloat16"` is mixed precision like ours:
     float32 parameters and optimizer, bf16 compute under `torch.autocast`, float32 cross entropy."""
 
@@ -175,23 +287,9 @@ class TorchSFTBench:
         seed: int = 0,
     ):
         import torch
-        import torch.nn.functional as F
-        from transformers import LlamaForCausalLM
 
-        opts = options or TorchOptions()
-        self.torch, self.F = torch, F
-        torch.manual_seed(seed)
-        hf_cfg = hf_llama_config(cfg)
-        hf_cfg._attn_implementation = opts.attn_implementation
-        self.model = LlamaForCausalLM(hf_cfg).to(torch.float32)
-        self.model.train()
-        kwargs = {"fused": True} if opts.fused_adamw else {}
-        self.opt = torch.optim.AdamW(
-            self.model.parameters(), lr=1e-6, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, **kwargs
-        )
-        self.forward = torch.compile(self.model) if opts.compile else self.model
-        self.autocast = dtype == "bfloat16"
-        self.vocab = cfg.vocab_size
+        self._setup(cfg, dtype, options, seed)
+        F = self.F
         ids = torch.from_numpy(batch["input_ids"]).long()
         seg = torch.from_numpy(batch["segment_ids"])
         mask = torch.from_numpy(batch["loss_mask"])
@@ -218,5 +316,98 @@ class TorchSFTBench:
         self.opt.zero_grad(set_to_none=True)
         self.last_loss = loss.detach()
 
-    def loss(self) -> float:
-        return float(self.last_loss)
+
+def hf_state_dict(cfg: DecoderConfig, seed: int = 0) -> dict[str, np.ndarray]:
+    """Our random initial parameters (`init_params` with `jax.random.key(seed)`, float32, as `JaxSFTBench` /
+    `JaxDPOBench` create them) under their Hugging Face names, as host float32 arrays."""
+    import jax
+
+    from tulu_jax.models.hf import param_rules
+    from tulu_jax.models.loading import build_model, init_params
+    from tulu_jax.sharding import make_mesh
+
+    model = build_model(cfg, dtype="float32", param_dtype="float32")
+    params = init_params(model, make_mesh(devices=jax.devices()[:1]), jax.random.key(seed))
+    rules = param_rules(cfg)
+    out = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        rule = rules[tuple(p.key for p in path)]
+        host = np.asarray(jax.device_get(leaf), np.float32)
+        if "{i}" in rule.hf_name:  # stacked on our leading layer axis: one HF tensor per layer
+            for i in range(cfg.num_layers):
+                out[rule.hf_name.format(i=i)] = np.ascontiguousarray(rule.to_hf(host[i], cfg))
+        else:
+            out[rule.hf_name] = np.ascontiguousarray(rule.to_hf(host, cfg))
+    return out
+
+
+class TorchDPOBench(_TorchStepBench):
+    """The same DPO step in transformers + PyTorch, written out: one forward of the [2P, T] batch (all chosen
+    rows, then all rejected rows), float32 log-softmax gathered at the labelled next tokens, per-side sums and
+    counts, the length-normalized DPO loss -log σ(β (Δchosen - Δrejected)) with Δ = (policy - reference) /
+    count, mean over pairs, backward, `clip_grad_norm_(1.0)` and `torch.optim.AdamW`. The weights are ours
+    (`hf_state_dict(cfg, seed)`), so `first` (the first step's loss and pre-clip gradient norm) must match
+    `JaxDPOBench.first`. `live=True` runs a frozen copy of the initial model for the reference log-probs
+    (under `torch.no_grad`) instead of taking them from the batch."""
+
+    def __init__(
+        self,
+        cfg: DecoderConfig,
+        batch: dict[str, np.ndarray],
+        dtype: str = "float32",
+        options: TorchOptions | None = None,
+        seed: int = 0,
+        live: bool = False,
+        beta: float = 5.0,
+    ):
+        import copy
+
+        import torch
+
+        state = {k: torch.tensor(v) for k, v in hf_state_dict(cfg, seed).items()}
+        self._setup(cfg, dtype, options, seed, state)
+        pairs, _, seq_len = batch["input_ids"].shape
+        self.pairs, self.beta = pairs, beta
+
+        def rows(x):  # [P, 2, T] -> [2P, T]: chosen rows, then rejected rows
+            return torch.from_numpy(np.concatenate([x[:, 0], x[:, 1]])).long()
+
+        self.ids, self.positions = rows(batch["input_ids"]), rows(batch["positions"])
+        seg, mask = rows(batch["segment_ids"]), rows(batch["loss_mask"])
+        same_doc = (seg[:, 1:] == seg[:, :-1]) & (seg[:, :-1] != 0)
+        w = ((mask[:, 1:] != 0) & same_doc).float()
+        self.targets = torch.nn.functional.pad(self.ids[:, 1:], (0, 1))
+        self.weights = torch.nn.functional.pad(w, (0, 1))
+        self.counts = self.weights.sum(-1).clamp(min=1.0).view(2, pairs)
+        self.ref_logps = torch.from_numpy(np.ascontiguousarray(batch["ref_logps"].T)).float()  # [2, P]
+        self.ref_model = None
+        if live:
+            self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
+        self.first = None
+        self.last_loss = None
+
+    def _side_logps(self, model):
+        """Summed float32 log-probs of the labelled tokens, [2, P] (row 0 chosen, row 1 rejected)."""
+        torch = self.torch
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast):
+            logits = model(input_ids=self.ids, position_ids=self.positions, use_cache=False).logits
+        logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, self.targets.unsqueeze(-1)).squeeze(-1)
+        return (logp * self.weights).sum(-1).view(2, self.pairs)
+
+    def __call__(self):
+        torch, F = self.torch, self.F
+        policy = self._side_logps(self.forward)
+        if self.ref_model is not None:
+            with torch.no_grad():
+                ref = self._side_logps(self.ref_model)
+        else:
+            ref = self.ref_logps
+        ratio = (policy - ref) / self.counts  # per-token log-ratio of each side, [2, P]
+        loss = -F.logsigmoid(self.beta * (ratio[0] - ratio[1])).mean()
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.last_loss = loss.detach()
+        if self.first is None:
+            self.first = {"loss": float(self.last_loss), "grad_norm": float(grad_norm)}
