@@ -49,3 +49,36 @@ def test_full_size_step_compiles_from_shapes(name, mesh_shape):
         per_device = mem.argument_size_in_bytes
         expected = 3 * 4 * n_params / 8  # float32 params, mu, nu split over 8 devices
         assert 0.9 * expected < per_device < 1.3 * expected
+
+
+@pytest.mark.parametrize("name,mesh_shape,live", [("8b", (1, 4, 2), True), ("70b", (1, 2, 4), False)])
+def test_full_size_dpo_step_compiles_from_shapes(name, mesh_shape, live):
+    """Tülu 3's DPO steps as configured (8B: live reference; 70B: cached reference log-probs), 2,048 tokens
+    per side: the reference parameters, when live, are sharded like the policy's."""
+    if jax.device_count() < 8:
+        pytest.skip("needs XLA_FLAGS=--xla_force_host_platform_device_count=8")
+    from tulu_jax.config import DPOConfig
+    from tulu_jax.train.dpo_step import PAIR_KEYS, jit_dpo_step
+
+    cfg = configlib.load_config(DPOConfig, str(REPO / f"configs/dpo/tulu3_{name}.yaml"), [])
+    assert (cfg.dpo.reference == "live") == live
+    dcfg = preset(cfg.model.preset)
+    model = build_model(dcfg, dtype="bfloat16", param_dtype=cfg.model.param_dtype, remat=cfg.model.remat)
+    mesh = make_mesh(*mesh_shape)
+    tx, schedule = make_optimizer(cfg.optim, 1000)
+    abstract, shardings = state_layout(model, tx, mesh)
+    shaped = lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)  # noqa: E731
+    state = jax.tree.map(shaped, abstract, shardings)
+    pairs, seq = 8, cfg.data.max_seq_len
+    batch = {k: jax.ShapeDtypeStruct((pairs, 2, seq), np.int32, sharding=batch_sharding(mesh)) for k in PAIR_KEYS}
+    args = (state, batch)
+    if live:
+        args += (jax.tree.map(shaped, abstract.params, shardings.params),)
+    else:
+        batch["ref_logps"] = jax.ShapeDtypeStruct((pairs, 2), np.float32, sharding=batch_sharding(mesh))
+    step = jit_dpo_step(model, tx, schedule, mesh, shardings, cfg=cfg.dpo, accum_steps=2, live=live)
+    mem = step.lower(*args).compile().memory_analysis()
+    if mem is not None:
+        n_params = sum(np.prod(x.shape) for x in jax.tree.leaves(abstract.params))
+        expected = (3 + live) * 4 * n_params / 8  # params, mu, nu (+ the live reference), split over 8 devices
+        assert 0.9 * expected < mem.argument_size_in_bytes < 1.3 * expected

@@ -1,0 +1,5 @@
+"""Rollouts: the generation interface shared by RLVR, data generation and eval, and its backends."""
+
+from tulu_jax.rollout.types import Completion, RolloutBackend, SamplingParams
+
+__all__ = ["Completion", "RolloutBackend", "SamplingParams"]
