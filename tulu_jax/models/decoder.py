@@ -8,13 +8,18 @@ Layers are stacked on a leading `layers` axis and run with `nn.scan`, which keep
 depth (`scan_unroll` trades some of that back for speed); `remat=True` rematerialises each layer in the
 backward pass. Packing: `segment_ids` stop
 documents from attending to each other (0 = padding) and `positions` restart at each document.
+
+Generation passes a `KVCache` (`cache=`): a multi-token call is the prefill of an empty cache, a one-token
+call a decode step that attends to every valid slot; both return `(output, updated cache)`.
 """
 
 from __future__ import annotations
 
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
 from tulu_jax.models.config import DecoderConfig
 
@@ -67,6 +72,45 @@ class RMSNorm(nn.Module):
         return y.astype(self.dtype) * scale.astype(self.dtype)
 
 
+@flax.struct.dataclass
+class KVCache:
+    """Keys (after RoPE) and values of every layer for B sequences, S slots each.
+
+    A call writes its T tokens at slots [index, index + T) of every row alike, so a left-padded batch
+    keeps its pads in the cache; `valid` marks the slots that hold real tokens and is the decode mask.
+    """
+
+    k: jax.Array  # [L, B, S, K, H]
+    v: jax.Array  # [L, B, S, K, H]
+    valid: jax.Array  # [B, S] bool
+    index: jax.Array  # int32 []: the next slot to write
+
+    @classmethod
+    def empty(cls, cfg: DecoderConfig, batch: int, length: int, dtype=jnp.float32) -> KVCache:
+        shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
+        return cls(
+            k=jnp.zeros(shape, dtype),
+            v=jnp.zeros(shape, dtype),
+            valid=jnp.zeros((batch, length), bool),
+            index=jnp.zeros((), jnp.int32),
+        )
+
+    @staticmethod
+    def logical_axes() -> KVCache:
+        """Logical axis names of each field: rows shard like the batch, KV heads like the attention."""
+        kv = PartitionSpec("layers", "batch", "length", "act_kv_heads", "head_dim")
+        return KVCache(k=kv, v=kv, valid=PartitionSpec("batch", "length"), index=PartitionSpec())
+
+    def constrain(self) -> KVCache:
+        axes = KVCache.logical_axes()
+        return KVCache(
+            k=nn.with_logical_constraint(self.k, axes.k),
+            v=nn.with_logical_constraint(self.v, axes.v),
+            valid=nn.with_logical_constraint(self.valid, axes.valid),
+            index=self.index,
+        )
+
+
 def attention_mask(segment_ids_BxT):
     """Causal and same-document mask [B, 1, T, S]."""
     t = segment_ids_BxT.shape[1]
@@ -114,7 +158,8 @@ class Attention(nn.Module):
     block: int = 0
 
     @nn.compact
-    def __call__(self, x_BxTxD, positions_BxT, segment_ids_BxT):
+    def __call__(self, x_BxTxD, positions_BxT, segment_ids_BxT, cache=None, layer=None):
+        """-> (output [B, T, D], the cache with this layer's keys and values written, or None)."""
         cfg, dt = self.cfg, self.dtype
         d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
 
@@ -144,9 +189,21 @@ class Attention(nn.Module):
         q_BxTxNxH = nn.with_logical_constraint(q_BxTxNxH, ("batch", "length", "act_heads", None))
         k_BxTxKxH = nn.with_logical_constraint(k_BxTxKxH, ("batch", "length", "act_kv_heads", None))
         v_BxTxKxH = nn.with_logical_constraint(v_BxTxKxH, ("batch", "length", "act_kv_heads", None))
-        out_BxTxNxH = causal_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, self.block)
+        t = x_BxTxD.shape[1]
+        if cache is not None:
+            at = (layer, 0, cache.index, 0, 0)
+            cache = cache.replace(
+                k=jax.lax.dynamic_update_slice(cache.k, k_BxTxKxH[None].astype(cache.k.dtype), at),
+                v=jax.lax.dynamic_update_slice(cache.v, v_BxTxKxH[None].astype(cache.v.dtype), at),
+            )
+        if cache is None or t > 1:  # training, or a prefill: the chunk only sees itself
+            out_BxTxNxH = causal_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, self.block)
+        else:  # one decode step sees every valid slot so far (its own included)
+            k_BxSxKxH = jax.lax.dynamic_index_in_dim(cache.k, layer, keepdims=False).astype(dt)
+            v_BxSxKxH = jax.lax.dynamic_index_in_dim(cache.v, layer, keepdims=False).astype(dt)
+            out_BxTxNxH = dot_product_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, cache.valid[:, None, None, :])
         w_NxHxD = _param(self, "o_kernel", (n, h, d), ("heads", "head_dim", "embed"), self.param_dtype)
-        return jnp.einsum("btnh,nhd->btd", out_BxTxNxH, w_NxHxD.astype(dt))
+        return jnp.einsum("btnh,nhd->btd", out_BxTxNxH, w_NxHxD.astype(dt)), cache
 
 
 class MLP(nn.Module):
@@ -167,7 +224,8 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """One decoder layer; a scan body, so it takes and returns the hidden state as a carry."""
+    """One decoder layer; a scan body, so it takes and returns the hidden state as a carry. With a KV cache
+    the carry is (hidden, cache, layer index), so the stacked cache is updated in place layer by layer."""
 
     cfg: DecoderConfig
     dtype: jnp.dtype
@@ -175,26 +233,33 @@ class Block(nn.Module):
     attention_block: int = 0
 
     @nn.compact
-    def __call__(self, x_BxTxD, positions_BxT, segment_ids_BxT):
+    def __call__(self, carry, positions_BxT, segment_ids_BxT):
         cfg, dt, pdt = self.cfg, self.dtype, self.param_dtype
+        x_BxTxD, cache, layer = carry if isinstance(carry, tuple) else (carry, None, None)
         norm = lambda name: RMSNorm(cfg.rms_norm_eps, dt, pdt, name=name)
         attn = Attention(cfg, dt, pdt, self.attention_block, name="self_attn")
         mlp = MLP(cfg, dt, pdt, name="mlp")
         if cfg.post_norm:  # OLMo 2
-            h = x_BxTxD + norm("post_attention_layernorm")(attn(x_BxTxD, positions_BxT, segment_ids_BxT))
+            a, cache = attn(x_BxTxD, positions_BxT, segment_ids_BxT, cache, layer)
+            h = x_BxTxD + norm("post_attention_layernorm")(a)
             out = h + norm("post_feedforward_layernorm")(mlp(h))
         else:  # Llama, Qwen2
-            h = x_BxTxD + attn(norm("input_layernorm")(x_BxTxD), positions_BxT, segment_ids_BxT)
+            a, cache = attn(norm("input_layernorm")(x_BxTxD), positions_BxT, segment_ids_BxT, cache, layer)
+            h = x_BxTxD + a
             out = h + mlp(norm("post_attention_layernorm")(h))
         out = nn.with_logical_constraint(out, ("batch", "length", "act_embed"))
-        return out, None
+        if cache is None:
+            return out, None
+        return (out, cache, layer + 1), None
 
 
 class Decoder(nn.Module):
     """`apply({"params": p}, input_ids, positions, segment_ids)` -> float32 logits [B, T, V].
 
     With `output="hidden"` it returns the final-normed hidden states [B, T, D] instead (value and
-    reward heads read those).
+    reward heads read those); `output="last_logits"` only the last position's logits [B, 1, V].
+    With `cache=KVCache(...)` it returns `(output, cache)`: T > 1 tokens prefill an empty cache, one
+    token is a decode step at slot `cache.index`. `segment_ids` then only mark pads (0) versus tokens.
     """
 
     cfg: DecoderConfig
@@ -205,7 +270,7 @@ class Decoder(nn.Module):
     attention_block: int = 0  # > 0: causal attention in query blocks that skip the masked triangle
 
     @nn.compact
-    def __call__(self, input_ids_BxT, positions_BxT=None, segment_ids_BxT=None, output: str = "logits"):
+    def __call__(self, input_ids_BxT, positions_BxT=None, segment_ids_BxT=None, output: str = "logits", cache=None):
         cfg, dt = self.cfg, self.dtype
         if positions_BxT is None:
             positions_BxT = jnp.broadcast_to(jnp.arange(input_ids_BxT.shape[1]), input_ids_BxT.shape)
@@ -227,15 +292,27 @@ class Decoder(nn.Module):
             metadata_params={nn.PARTITION_NAME: "layers"},
             unroll=min(self.scan_unroll, cfg.num_layers),
         )
-        x_BxTxD, _ = layers(cfg, dt, self.param_dtype, self.attention_block, name="layers")(
-            x_BxTxD, positions_BxT, segment_ids_BxT
-        )
+        stack = layers(cfg, dt, self.param_dtype, self.attention_block, name="layers")
+        if cache is None:
+            x_BxTxD, _ = stack(x_BxTxD, positions_BxT, segment_ids_BxT)
+        else:
+            # The new slots' validity first: a decode step attends to its own slot.
+            t = input_ids_BxT.shape[1]
+            valid = jax.lax.dynamic_update_slice(cache.valid, segment_ids_BxT != 0, (0, cache.index))
+            cache = cache.replace(valid=valid).constrain()
+            (x_BxTxD, cache, _), _ = stack((x_BxTxD, cache, jnp.zeros((), jnp.int32)), positions_BxT, segment_ids_BxT)
+            cache = cache.replace(index=cache.index + t).constrain()
+        if output not in ("logits", "hidden", "last_logits"):
+            raise ValueError(f"output={output!r}; expected 'logits', 'hidden' or 'last_logits'")
+        if output == "last_logits":  # generation only needs the next token's distribution
+            x_BxTxD = x_BxTxD[:, -1:]
         x_BxTxD = RMSNorm(cfg.rms_norm_eps, dt, self.param_dtype, name="final_norm")(x_BxTxD)
         if output == "hidden":
-            return x_BxTxD
+            return x_BxTxD if cache is None else (x_BxTxD, cache)
         if cfg.tie_embeddings:
             head_DxV = embed_VxD.T
         else:
             head_DxV = _param(self, "lm_head", (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), self.param_dtype)
         logits_BxTxV = jnp.einsum("btd,dv->btv", x_BxTxD, head_DxV.astype(dt), preferred_element_type=jnp.float32)
-        return nn.with_logical_constraint(logits_BxTxV, ("batch", "length", "act_vocab"))
+        logits_BxTxV = nn.with_logical_constraint(logits_BxTxV, ("batch", "length", "act_vocab"))
+        return logits_BxTxV if cache is None else (logits_BxTxV, cache)
