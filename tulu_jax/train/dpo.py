@@ -16,7 +16,7 @@ from tulu_jax.train.checkpoint import Checkpointer
 from tulu_jax.train.dpo_step import PAIR_KEYS, jit_dpo_step, jit_eval_sums, jit_pair_logps
 from tulu_jax.train.loop import log, restore_or_start, train_loop, write_summary
 from tulu_jax.train.metrics import MetricsLogger
-from tulu_jax.train.preference_run import PreferenceRun, real_tokens
+from tulu_jax.train.preference_run import PreferenceRun, mean_over_pairs, real_tokens
 from tulu_jax.train.sft import build_train_model
 from tulu_jax.train.state import create_state
 
@@ -93,13 +93,14 @@ class DPOEvaluator:
         self._eval = jit_eval_sums(run.model, run.mesh, run.shardings.params, cfg.dpo)
 
     def __call__(self, params) -> dict[str, float]:
-        sums = []
-        for batch in self.pipeline.ordered_batches(self.run.global_batch):
-            batch["ref_logps"] = self.ref[batch["index"]]
-            sums.append(self._eval(params, self.run.ordered_to_device(batch, (*PAIR_KEYS, "ref_logps", "valid"))))
-        totals = {k: float(sum(float(s[k]) for s in jax.device_get(sums))) for k in sums[0]}
-        pairs = max(totals.pop("pairs"), 1.0)
-        out = {f"eval/{k}": v / pairs for k, v in totals.items()}
+        keys = (*PAIR_KEYS, "ref_logps", "valid")
+        out = mean_over_pairs(
+            self.run,
+            self.pipeline,
+            lambda b: self._eval(params, b),
+            keys,
+            prepare=lambda b: {**b, "ref_logps": self.ref[b["index"]]},
+        )
         out["eval/rewards/average"] = (out["eval/rewards/chosen"] + out["eval/rewards/rejected"]) / 2
         return out
 

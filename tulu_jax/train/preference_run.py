@@ -83,3 +83,16 @@ class PreferenceRun:
 
     def epoch(self, step: int) -> dict[str, float]:
         return {"epoch": step * self.global_batch / len(self.pipeline)}
+
+
+def mean_over_pairs(run: PreferenceRun, pipeline: PreferencePipeline, eval_fn, keys, prepare=None) -> dict:
+    """One ordered pass of `eval_fn(device_batch) -> sums` over every pair of `pipeline` (sums must
+    include "pairs", the number of real pairs), returned as `eval/<metric>` means over the real pairs.
+    `prepare(batch)` may add host-side arrays (e.g. cached reference log-probs) before the transfer."""
+    sums = []
+    for batch in pipeline.ordered_batches(run.global_batch):
+        batch = prepare(batch) if prepare is not None else batch
+        sums.append(eval_fn(run.ordered_to_device(batch, keys)))
+    totals = {k: sum(float(s[k]) for s in jax.device_get(sums)) for k in sums[0]}
+    pairs = max(totals.pop("pairs"), 1.0)
+    return {f"eval/{k}": v / pairs for k, v in totals.items()}

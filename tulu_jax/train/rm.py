@@ -16,7 +16,7 @@ from tulu_jax.train.checkpoint import Checkpointer
 from tulu_jax.train.dpo_step import PAIR_KEYS
 from tulu_jax.train.loop import restore_or_start, train_loop, write_summary
 from tulu_jax.train.metrics import MetricsLogger
-from tulu_jax.train.preference_run import PreferenceRun, real_tokens
+from tulu_jax.train.preference_run import PreferenceRun, mean_over_pairs, real_tokens
 from tulu_jax.train.rm_step import jit_rm_eval, jit_rm_step
 from tulu_jax.train.state import create_state
 
@@ -32,23 +32,14 @@ def _build(mcfg: ModelConfig, dcfg):
     )
 
 
-def pair_mean_evaluator(run: PreferenceRun, eval_fn):
-    """Held-out pairs in one ordered pass -> `eval/<metric>` means over the real pairs (None: no eval set)."""
+def rm_evaluator(run: PreferenceRun):
+    """Held-out pairs in one ordered pass -> `eval/<metric>` means (None: no eval set)."""
     files = resolve_pref_files(run.cfg.data, "eval")
     if not files or run.cfg.train.eval_every < 0:
         return None
     pipeline = run.make_pipeline(files=files, shuffle=False, num_epochs=1)
-
-    def evaluate(params) -> dict[str, float]:
-        sums = [
-            eval_fn(params, run.ordered_to_device(b, (*PAIR_KEYS, "valid")))
-            for b in pipeline.ordered_batches(run.global_batch)
-        ]
-        totals = {k: sum(float(s[k]) for s in jax.device_get(sums)) for k in sums[0]}
-        pairs = max(totals.pop("pairs"), 1.0)
-        return {f"eval/{k}": v / pairs for k, v in totals.items()}
-
-    return evaluate
+    eval_sums = jit_rm_eval(run.model, run.mesh, run.shardings.params)
+    return lambda params: mean_over_pairs(run, pipeline, lambda b: eval_sums(params, b), (*PAIR_KEYS, "valid"))
 
 
 def run_rm(cfg: RMConfig) -> dict:
@@ -67,7 +58,7 @@ def run_rm(cfg: RMConfig) -> dict:
     state, start = restore_or_start(ckpt, run.abstract, run.shardings, data_iter, fresh_state)
     accum = cfg.train.grad_accum_steps
     step_fn = jit_rm_step(run.model, run.tx, run.schedule, run.mesh, run.shardings, accum_steps=accum)
-    evaluate = pair_mean_evaluator(run, jit_rm_eval(run.model, run.mesh, run.shardings.params))
+    evaluate = rm_evaluator(run)
     logger = MetricsLogger(run.out_dir, resume_step=start, enabled=jax.process_index() == 0)
     if start == 0 and evaluate is not None:
         logger.log(0, evaluate(state.params))
