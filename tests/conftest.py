@@ -76,3 +76,67 @@ def small_prefs(tmp_path_factory):
     lines = Path(bundled_prefs_file("train")).read_text().splitlines()[:320]
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+# ---------------------------------------------------------------- a real vLLM server (tests marked `vllm`)
+
+
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+@pytest.fixture(scope="session")
+def vllm_python():
+    """The interpreter that has vLLM (.venv-vllm from scripts/setup_vllm.sh). Without it a local run skips
+    the vLLM tests (so does TULU_JAX_SKIP_VLLM=1, or `-m "not vllm"`); in CI (CI=true) they fail instead."""
+    from tulu_jax.rollout.server import vllm_python as find
+
+    if os.environ.get("TULU_JAX_SKIP_VLLM") == "1" and not _in_ci():
+        pytest.skip("TULU_JAX_SKIP_VLLM=1")
+    python = find()
+    proc = subprocess.run([python, "-c", "import vllm"], capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        msg = f"{python} cannot import vllm; run scripts/setup_vllm.sh:\n{proc.stderr[-3000:]}"
+        if _in_ci():
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return python
+
+
+@pytest.fixture(scope="session")
+def vllm_tiny_model(tmp_path_factory):
+    """(HF folder, cfg, params): our tiny preset with *tied* embeddings (head_dim 64, as vLLM's CPU attention
+    needs), random weights with the norms moved off 1, and the tiny tokenizer. The init is scaled up 3x:
+    at its own scale a tied model's greedy output just repeats the prompt's last token."""
+    import jax
+    import numpy as np
+
+    from tulu_jax.data import load_tokenizer
+    from tulu_jax.models import hf
+    from tulu_jax.models.config import preset
+    from tulu_jax.models.loading import build_model, init_params
+    from tulu_jax.sharding import make_mesh
+
+    cfg = preset("tiny", tie_embeddings=True, max_position_embeddings=512)
+    params = init_params(build_model(cfg), make_mesh(devices=jax.devices()[:1]), jax.random.key(0))
+    rng = np.random.default_rng(0)
+    params = jax.tree_util.tree_map_with_path(
+        lambda path, x: x + 0.2 * rng.standard_normal(x.shape).astype(x.dtype) if "norm" in str(path) else 3 * x,
+        params,
+    )
+    path = str(tmp_path_factory.mktemp("vllm_tiny") / "hf")
+    hf.export_hf(params, cfg, path, tokenizer=load_tokenizer(None))
+    return path, cfg, jax.device_get(params)
+
+
+@pytest.fixture(scope="session")
+def vllm_server(vllm_python, vllm_tiny_model, tmp_path_factory):
+    """One vLLM server on the tiny model for the whole session, on a free loopback port. A start failure
+    raises with the server log's tail."""
+    from tulu_jax.rollout.server import start_vllm_server
+
+    work = tmp_path_factory.mktemp("vllm_server")
+    server = start_vllm_server(vllm_tiny_model[0], python=vllm_python, max_model_len=512, work_dir=str(work))
+    print(f"\n[vllm] server ready at {server.url} in {server.ready_s:.1f} s (log: {server.log_path})")
+    yield server
+    server.stop()

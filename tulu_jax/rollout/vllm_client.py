@@ -1,0 +1,385 @@
+"""`VLLMClient`: the `RolloutBackend` that drives one or more vLLM servers over HTTP.
+
+Generation: one `/v1/completions` request per prompt (token ids in, token ids and processed log-probs out),
+spread over the servers by a thread pool. A request that fails with a connection error, a timeout or a 5xx
+is retried with exponential backoff on the next server, and its result replaces (never adds to) the
+prompt's slot, so every prompt comes back exactly once and in order.
+
+Weights: `push_weights` writes the policy as Hugging Face safetensors into a fresh folder under `weights_dir`
+(which every server must be able to read: a shared filesystem when they run elsewhere) and, per server,
+pauses it (in-flight requests finish, the prefix cache is dropped), reloads from the folder, sets and checks
+the version tag, then resumes. A reload that fails can leave vLLM's model half-loaded while /health still
+says 200, so a failed server is reloaded from the last good folder while still paused, and is never resumed
+broken. A server that restarts comes back on its startup weights: the client notices (a failed request, or
+the version check at the start of each `generate`) and reloads the current folder before using it again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import os
+import random
+import re
+import shutil
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from typing import Any
+
+from tulu_jax.models import hf
+from tulu_jax.models.config import DecoderConfig
+from tulu_jax.rollout.types import Completion, SamplingParams
+from tulu_jax.rollout.weight_sync import check_folder, expected_tensors, write_weights
+
+
+class RolloutServerError(RuntimeError):
+    """A server refused a request, or stayed unreachable through every retry."""
+
+
+class _Retryable(Exception):
+    """Connection refused or reset, a timeout, or a 5xx: worth another try, maybe on another server."""
+
+
+class _Server:
+    def __init__(self, url: str):
+        self.url = url.rstrip("/")
+        self.version: str | None = None  # the tag we last set on it; None: still on its startup weights
+        self.stale = False  # lost contact since: check its weights before the next request
+        self.lock = threading.Lock()  # one weight reload at a time
+
+
+class _Gate:
+    """Many `generate` calls at once, or one push alone: every completion's version tag is then exact."""
+
+    def __init__(self):
+        self._cond, self._readers, self._writer = threading.Condition(), 0, False
+
+    @contextlib.contextmanager
+    def reading(self):
+        with self._cond:
+            self._cond.wait_for(lambda: not self._writer)
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def writing(self):
+        with self._cond:
+            self._cond.wait_for(lambda: not self._writer)
+            self._writer = True
+            self._cond.wait_for(lambda: self._readers == 0)
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writer = False
+                self._cond.notify_all()
+
+
+def _http(url: str, body: Any = None, *, method: str | None = None, timeout: float) -> Any:
+    """One JSON request -> the decoded answer (None when empty). 4xx -> RolloutServerError, and
+    unreachable / timed out / 5xx -> _Retryable, both naming the URL."""
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method=method or ("GET" if body is None else "POST"))
+    req.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            raw = r.read()
+    except urllib.error.HTTPError as e:
+        detail = e.read()[:2000].decode(errors="replace")
+        err = f"{url}: HTTP {e.code}: {detail}"
+        raise (_Retryable(err) if e.code >= 500 else RolloutServerError(err)) from None
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as e:  # refused, reset, timed out
+        raise _Retryable(f"{url}: {type(e).__name__}: {getattr(e, 'reason', e)}") from None
+    return json.loads(raw) if raw.strip() else None
+
+
+class VLLMClient:
+    """Implements `RolloutBackend` against vLLM servers started with `--logprobs-mode processed_logprobs`
+    (`tulu_jax.rollout.server` does). `cfg` (our model config) is needed only to push weights."""
+
+    def __init__(
+        self,
+        urls: Sequence[str],
+        *,
+        eos_token_id: int,
+        pad_token_id: int,
+        cfg: DecoderConfig | None = None,
+        weights_dir: str | None = None,
+        weights_dtype: str = "float32",
+        timeout_s: float = 600.0,
+        max_retries: int = 5,
+        backoff_s: float = 0.5,
+        max_backoff_s: float = 30.0,
+        max_concurrency: int = 64,
+        push_timeout_s: float = 600.0,
+        keep_folders: int = 2,
+    ):
+        if not urls:
+            raise ValueError("VLLMClient needs at least one server URL")
+        self.eos_token_id, self.pad_token_id, self.cfg = int(eos_token_id), int(pad_token_id), cfg
+        self._servers = [_Server(u) for u in urls]
+        self.weights_dir, self.weights_dtype = weights_dir, weights_dtype
+        self.timeout_s, self.max_retries, self.backoff_s, self.max_backoff_s = (
+            timeout_s,
+            max_retries,
+            backoff_s,
+            max_backoff_s,
+        )
+        self.max_concurrency, self.push_timeout_s, self.keep_folders = max_concurrency, push_timeout_s, keep_folders
+        self._gate = _Gate()
+        self._folder: str | None = None  # the folder of `weight_version`, what a restarted server reloads
+        self._folders: list[str] = []  # folders we wrote, oldest first (pruned to keep_folders)
+        self._pushes = 0
+        self.weight_version: str | None = None
+        self.last_push: dict[str, float] = {}
+        self.last_generate: dict[str, float] = {}
+
+    @property
+    def urls(self) -> list[str]:
+        return [s.url for s in self._servers]
+
+    # ------------------------------------------------------------------ generation
+
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[Completion]:
+        """`params.n` completions per prompt, prompt-major; each stops at EOS or a stop token (kept)."""
+        prompts = [tuple(int(t) for t in p) for p in prompts]
+        if not prompts:
+            return []
+        if any(not p for p in prompts):
+            raise ValueError("every prompt needs at least one token")
+        # A seed shared by many requests would give every prompt the same random stream: derive one per
+        # prompt instead (vLLM gives the n samples of a request seeds s, s+1, ...; 48-bit draws keep those
+        # ranges apart).
+        rng = random.Random(params.seed)
+        seeds = [rng.getrandbits(48) if params.seed is not None else None for _ in prompts]
+        start = time.perf_counter()
+        with self._gate.reading():
+            self._check_versions()
+            results: list[list[Completion] | None] = [None] * len(prompts)
+            with ThreadPoolExecutor(min(self.max_concurrency, len(prompts))) as pool:
+                futures = {pool.submit(self._complete, i, p, params, seeds[i]): i for i, p in enumerate(prompts)}
+                done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+                failed = [f for f in done if f.exception() is not None]
+                if failed:
+                    pool.shutdown(cancel_futures=True)
+                    raise failed[0].exception()
+                retries = 0
+                for f, i in futures.items():
+                    results[i], attempts = f.result()  # each prompt's slot is filled once, by its own task
+                    retries += attempts - 1
+        out = [c for row in results for c in row]
+        elapsed = time.perf_counter() - start
+        new_tokens = sum(len(c.token_ids) for c in out)
+        self.last_generate = {
+            "seconds": elapsed,
+            "new_tokens": new_tokens,
+            "tokens_per_s": new_tokens / elapsed,
+            "retries": retries,
+        }
+        return out
+
+    def _request(self, prompt: tuple[int, ...], sp: SamplingParams, seed: int | None) -> dict:
+        body = {
+            "prompt": list(prompt),
+            "max_tokens": sp.max_tokens,
+            "n": 1 if sp.greedy else sp.n,  # vLLM refuses n > 1 when greedy; the copies are identical anyway
+            "temperature": sp.temperature,
+            "top_p": sp.top_p,
+            "logprobs": 0,  # the sampled token's log-prob only
+            "return_token_ids": True,
+            "return_tokens_as_token_ids": True,
+            # Our EOS, not the one in the server's generation config: ignore_eos turns the latter off and
+            # leaves stop_token_ids in force.
+            "ignore_eos": True,
+            "stop_token_ids": sorted({self.eos_token_id, *sp.stop_token_ids}),
+        }
+        if sp.top_k > 0:
+            body["top_k"] = sp.top_k
+        if seed is not None:
+            body["seed"] = seed
+        return body
+
+    def _complete(self, i: int, prompt: tuple[int, ...], sp: SamplingParams, seed: int | None):
+        """-> (prompt `i`'s n completions, attempts); retries rotate over the servers from prompt i's own."""
+        body, last = self._request(prompt, sp, seed), None
+        for attempt in range(self.max_retries + 1):
+            if attempt:
+                time.sleep(min(self.backoff_s * 2 ** (attempt - 1), self.max_backoff_s))
+            server = self._servers[(i + attempt) % len(self._servers)]
+            try:
+                if server.stale:
+                    self._resync(server)
+                version = server.version
+                answer = _http(server.url + "/v1/completions", body, timeout=self.timeout_s)
+                return self._parse(i, prompt, sp, answer, version), attempt + 1
+            except _Retryable as e:
+                server.stale, last = True, e
+        raise RolloutServerError(f"prompt {i}: no answer after {self.max_retries + 1} attempts; last error: {last}")
+
+    def _parse(self, i: int, prompt: tuple[int, ...], sp: SamplingParams, answer: dict, version) -> list[Completion]:
+        choices = sorted(answer["choices"], key=lambda c: c["index"])
+        out = []
+        for k, c in enumerate(choices):
+            if c["finish_reason"] not in ("stop", "length"):  # aborted or errored inside the engine
+                raise _Retryable(f"prompt {i} finished with {c['finish_reason']!r}")
+            if tuple(c["prompt_token_ids"]) != prompt:
+                raise RolloutServerError(f"prompt {i}: the server echoed different prompt tokens")
+            tokens, logprobs = tuple(c["token_ids"]), tuple(c["logprobs"]["token_logprobs"])
+            if len(tokens) != len(logprobs):
+                raise RolloutServerError(f"prompt {i}: {len(tokens)} tokens but {len(logprobs)} log-probs")
+            completion = Completion(
+                prompt_index=i,
+                sample_index=k,
+                prompt_token_ids=prompt,
+                token_ids=tokens,
+                logprobs=logprobs,
+                finish_reason=c["finish_reason"],
+                weight_version=version,
+            )
+            out.append(completion)
+        if sp.greedy:  # one greedy request stands for all n samples
+            out = [Completion(**{**vars(out[0]), "sample_index": k}) for k in range(sp.n)]
+        if len(out) != sp.n:
+            raise RolloutServerError(f"prompt {i}: asked for {sp.n} samples, got {len(out)}")
+        return out
+
+    # ------------------------------------------------------------------ weights
+
+    def push_weights(self, params, version: str | None = None, cfg: DecoderConfig | None = None) -> dict[str, float]:
+        """Writes `params` (our layout) to a fresh folder and loads it on every server, tagged `version`.
+        Waits for running `generate` calls; returns (and keeps in `last_push`) the time spent per phase."""
+        cfg = cfg or self.cfg
+        if cfg is None:
+            raise ValueError("push_weights needs the model config: pass cfg here or to VLLMClient")
+        self._pushes += 1
+        version = str(version) if version is not None else f"push-{self._pushes}"
+        if self.weights_dir is None:
+            self.weights_dir = tempfile.mkdtemp(prefix="tulu_jax_weights_")
+        name = re.sub(r"[^A-Za-z0-9_.-]", "_", version)
+        folder = os.path.abspath(os.path.join(self.weights_dir, f"{self._pushes:05d}-{name}"))
+        start = time.perf_counter()
+        with self._gate.writing():
+            write_weights(params, cfg, folder, dtype=self.weights_dtype)
+            self._folders.append(folder)
+            written = time.perf_counter()
+            self._load_all(folder, version, cfg)
+        end = time.perf_counter()
+        self.last_push = {"write_s": written - start, "load_s": end - written, "total_s": end - start}
+        return self.last_push
+
+    def load_folder(self, folder: str, version: str, cfg: DecoderConfig | None = None) -> None:
+        """Loads an already written Hugging Face folder on every server (what `push_weights` does after
+        writing). The folder is checked against the model config (`cfg`, the client's, else its own
+        config.json) before any server is touched."""
+        with self._gate.writing():
+            self._load_all(os.path.abspath(folder), str(version), cfg)
+
+    def _load_all(self, folder: str, version: str, cfg: DecoderConfig | None) -> None:
+        cfg = cfg or self.cfg
+        if cfg is None and os.path.exists(os.path.join(folder, "config.json")):
+            cfg = hf.load_hf_config(folder)
+        # vLLM skips a missing tensor without a word (the old values stay), so check names and shapes here.
+        problems = check_folder(folder, expected_tensors(cfg)) if cfg is not None else ["no config to check it by"]
+        if problems:
+            raise RolloutServerError(
+                f"weight push {version!r} refused before touching any server: {folder}: " + "; ".join(problems[:5])
+            )
+        with ThreadPoolExecutor(len(self._servers)) as pool:
+            results = pool.map(lambda s: self._try_load(s, folder, version), self._servers)
+            errors = [err for err in results if err is not None]
+        if len(errors) < len(self._servers):  # at least one server runs it: it is now the current folder
+            self._folder, self.weight_version = folder, version
+            self._prune()
+        if errors:
+            raise RolloutServerError(
+                f"weight push {version!r} ({folder}) failed on {len(errors)} server(s):\n" + "\n".join(errors)
+            )
+
+    def _try_load(self, server: _Server, folder: str, version: str) -> str | None:
+        with server.lock:
+            try:
+                self._load(server, folder, version)
+                server.stale = False
+            except (RolloutServerError, _Retryable) as e:
+                return str(e)
+        return None
+
+    def _load(self, server: _Server, folder: str, version: str) -> None:
+        """pause -> reload -> tag -> check -> resume on one server. A failed reload is undone from the last
+        good folder while paused; a server that cannot be restored is left paused (never serving a broken
+        model) and the error says so."""
+        url, t = server.url, self.push_timeout_s
+        _http(url + "/pause?mode=wait", {}, timeout=t)  # lets in-flight requests finish, clears the prefix cache
+        try:
+            self._reload(url, folder, version, t)
+        except (RolloutServerError, _Retryable) as e:
+            fallback = self._folder or self._served_root(url)
+            try:
+                self._reload(url, fallback, server.version or "default", t)
+            except (RolloutServerError, _Retryable) as e2:
+                raise RolloutServerError(
+                    f"{url}: reload from {folder} failed ({e}); restoring {fallback} failed too ({e2}): "
+                    f"the server stays paused"
+                ) from None
+            _http(url + "/resume", {}, timeout=t)
+            raise RolloutServerError(
+                f"{url}: reload from {folder} refused ({e}); restored {fallback} and resumed"
+            ) from None
+        server.version = version
+        _http(url + "/resume", {}, timeout=t)
+
+    @staticmethod
+    def _reload(url: str, folder: str, version: str, timeout: float) -> None:
+        rpc = {"method": "reload_weights", "kwargs": {"weights_path": folder}}  # kwargs travel as strings
+        _http(url + "/collective_rpc", rpc, timeout=timeout)
+        _http(url + "/update_weight_version", {"new_version": version}, timeout=timeout)
+        got = _http(url + "/weight_info", timeout=timeout)["weight_version"]
+        if got != version:
+            raise RolloutServerError(f"{url}: weight_info reports {got!r} after setting {version!r}")
+
+    def _served_root(self, url: str) -> str:
+        """The folder the server started from: the fallback before any push succeeded."""
+        return _http(url + "/v1/models", timeout=self.timeout_s)["data"][0]["root"]
+
+    def _check_versions(self) -> None:
+        """Marks servers whose weights are not the ones we set (restarted since) for a reload before use."""
+        for server in self._servers:
+            if server.version is None or server.stale:
+                continue
+            try:
+                if _http(server.url + "/weight_info", timeout=self.timeout_s)["weight_version"] != server.version:
+                    server.stale = True
+            except (_Retryable, RolloutServerError):
+                server.stale = True
+
+    def _resync(self, server: _Server) -> None:
+        """Brings a server that lost contact back to the current weights (raises _Retryable while it is down)."""
+        with server.lock:
+            if not server.stale:
+                return  # another request got there first
+            if self._folder is not None:
+                got = _http(server.url + "/weight_info", timeout=self.timeout_s)["weight_version"]
+                if got != self.weight_version:
+                    try:
+                        self._load(server, self._folder, self.weight_version)
+                    except RolloutServerError as e:
+                        raise _Retryable(str(e)) from None
+            server.stale = False
+
+    def _prune(self) -> None:
+        """Deletes our old folders, keeping the newest `keep_folders` and always the current one."""
+        keep = set(self._folders[-self.keep_folders :]) | {self._folder}
+        for folder in [f for f in self._folders if f not in keep]:
+            shutil.rmtree(folder, ignore_errors=True)
+            self._folders.remove(folder)
