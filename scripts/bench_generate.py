@@ -106,11 +106,44 @@ def time_torch(model_dir: str, batch: int, prompt_len: int, new_tokens: int, rep
     }
 
 
-def time_vllm(model_dir: str, prompts: int, prompt_len: int, new_tokens: int) -> list[dict]:
-    """Throughput of `prompts` concurrent requests through VLLMClient, and weight-push times."""
-    from tulu_jax.rollout import vllm_bench
+def time_vllm(model_dir: str, prompts: int, prompt_len: int, new_tokens: int, reps: int) -> list[dict]:
+    """A real vLLM server through our client: throughput of `prompts` concurrent requests (sampling at
+    temperature 1, exactly `new_tokens` each unless EOS) and the time of a weight push of the same model."""
+    import jax
 
-    return vllm_bench.measure(model_dir, prompts=prompts, prompt_len=prompt_len, new_tokens=new_tokens)
+    from tulu_jax.models import hf
+    from tulu_jax.models.loading import build_model, load_params
+    from tulu_jax.rollout.server import start_vllm_server
+    from tulu_jax.rollout.types import SamplingParams
+    from tulu_jax.rollout.vllm_client import VLLMClient
+    from tulu_jax.sharding import make_mesh
+
+    cfg = hf.load_hf_config(model_dir)
+    with start_vllm_server(model_dir, max_model_len=prompt_len + new_tokens + 16) as server:
+        client = VLLMClient([server.url], eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id or 0, cfg=cfg)
+        sp = SamplingParams(max_tokens=new_tokens, temperature=1.0)
+        rows = random_prompts(cfg.vocab_size, prompts, prompt_len)
+        client.generate(rows[:4], sp)  # warm-up
+        times, tokens = [], []
+        for _ in range(reps):
+            t = time.perf_counter()
+            out = client.generate(rows, sp)
+            times.append(time.perf_counter() - t)
+            tokens.append(sum(len(c.token_ids) for c in out))
+        secs = statistics.median(times)
+        params = load_params(model_dir, build_model(cfg), make_mesh(devices=jax.devices()[:1]))
+        pushes = [client.push_weights(params, f"bench-{i}") for i in range(reps)]
+    push = statistics.median(p["total_s"] for p in pushes)
+    return [
+        {
+            "engine": f"vLLM via VLLMClient ({prompts} concurrent)",
+            "batch": prompts,
+            "seconds": secs,
+            "tokens_per_s": statistics.median(tokens) / secs,
+            "server_start_s": server.ready_s,
+        },
+        {"what": f"{cfg.num_params / 1e6:.1f}M parameters", "push_s": push},
+    ]
 
 
 def main(argv=None) -> int:
@@ -133,7 +166,7 @@ def main(argv=None) -> int:
                 rows.append(time_torch(model_dir, b, args.prompt_len, args.new_tokens, args.reps))
                 print(f"# {rows[-1]}", flush=True)
         if args.vllm:
-            rows.extend(time_vllm(model_dir, args.vllm_prompts, args.prompt_len, args.new_tokens))
+            rows.extend(time_vllm(model_dir, args.vllm_prompts, args.prompt_len, args.new_tokens, args.reps))
     print()
     print("| engine | batch | new tokens/s | seconds |")
     print("|---|---|---|---|")
