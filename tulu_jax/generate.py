@@ -18,7 +18,7 @@ import numpy as np
 from tqdm import tqdm
 
 from tulu_jax.data.chat import DataError, render_tulu, validate_messages
-from tulu_jax.data.sources import ON_BAD_ROW, iter_raw_rows
+from tulu_jax.data.sources import iter_valid_rows
 from tulu_jax.rollout.types import Completion, RolloutBackend, SamplingParams
 
 _PLACEHOLDER_REPLY = {"role": "assistant", "content": "-"}
@@ -42,18 +42,9 @@ def prompt_messages(row: Any, where: str) -> list[dict[str, str]]:
     return checked
 
 
-def iter_prompts(path: str, on_bad_row: str, skipped: dict[str, int]) -> Iterator[tuple[dict, list[dict]]]:
-    if on_bad_row not in ON_BAD_ROW:
-        raise ValueError(f"on_bad_row must be one of {ON_BAD_ROW}, got {on_bad_row!r}")
-    for where, row in iter_raw_rows(path):
-        try:
-            if isinstance(row, DataError):
-                raise row
-            yield row, prompt_messages(row, where)
-        except DataError as e:
-            if on_bad_row == "error":
-                raise
-            skipped[e.reason] = skipped.get(e.reason, 0) + 1
+def iter_prompts(path: str, on_bad_row: str, counts: dict[str, Any]) -> Iterator[tuple[dict, list[dict]]]:
+    """(row, chat to complete) for every valid row of `path`; see `iter_valid_rows`."""
+    return iter_valid_rows([path], on_bad_row, counts, lambda row, where: (row, prompt_messages(row, where)))
 
 
 def _completion_json(c: Completion, tokenizer) -> dict:
@@ -78,12 +69,12 @@ def generate_file(
     overwrite: bool = False,
 ) -> dict:
     """Completes every prompt of `prompts_path` into `out_path`; returns counters."""
-    skipped: dict[str, int] = {}
+    counts: dict[str, Any] = {}
     done = 0
     if os.path.exists(out_path) and not overwrite:
         with open(out_path) as f:
             done = sum(1 for line in f if line.strip())
-    rows = list(iter_prompts(prompts_path, on_bad_row, skipped))
+    rows = list(iter_prompts(prompts_path, on_bad_row, counts))
     todo = rows[done:]
     mode = "a" if done else "w"
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
@@ -114,7 +105,7 @@ def generate_file(
         "already_done": done,
         "generated": len(todo),
         "new_tokens": new_tokens,
-        "rows_skipped": skipped,
+        "rows_skipped": counts.get("rows_skipped", {}),
         "out": out_path,
     }
 

@@ -25,7 +25,7 @@ import grain
 import numpy as np
 
 from tulu_jax.data.chat import TEMPLATES, DataError, spans_to_token_mask, validate_messages
-from tulu_jax.data.sources import ON_BAD_ROW, iter_raw_rows
+from tulu_jax.data.sources import ON_BAD_ROW, iter_valid_rows
 from tulu_jax.data.tokenizer import pad_id
 
 LABEL_MODES = ("all", "final")
@@ -202,28 +202,8 @@ def parse_preference_row(row: Any, where: str) -> tuple[list[dict[str, str]], li
 def iter_preference_pairs(
     files: Sequence[str], on_bad_row: str, counts: dict[str, Any]
 ) -> Iterator[tuple[list[dict[str, str]], list[dict[str, str]]]]:
-    """Yields the validated (chosen, rejected) conversations of `files` in order.
-
-    Updates `counts` in place: `rows_read` and `rows_skipped` (reason -> count). With
-    on_bad_row="error" the first bad row raises DataError; with "skip" it is only counted.
-    """
-    if on_bad_row not in ON_BAD_ROW:
-        raise ValueError(f"on_bad_row must be one of {ON_BAD_ROW}, got {on_bad_row!r}")
-    counts.setdefault("rows_read", 0)
-    skipped = counts.setdefault("rows_skipped", {})
-    for path in files:
-        for where, row in iter_raw_rows(path):
-            counts["rows_read"] += 1
-            try:
-                if isinstance(row, DataError):
-                    raise row
-                pair = parse_preference_row(row, where)
-            except DataError as e:
-                if on_bad_row == "error":
-                    raise
-                skipped[e.reason] = skipped.get(e.reason, 0) + 1
-                continue
-            yield pair
+    """The validated (chosen, rejected) conversations of `files`, in order; see `iter_valid_rows`."""
+    return iter_valid_rows(files, on_bad_row, counts, parse_preference_row)
 
 
 # ---------------------------------------------------------------------------------------------------------

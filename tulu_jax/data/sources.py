@@ -5,13 +5,14 @@ table), so a bad row can be found and fixed.
 """
 
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from tulu_jax.data.chat import DataError, validate_messages
 
 ON_BAD_ROW = ("error", "skip")
+T = TypeVar("T")
 
 
 def _jsonl_rows(path: Path) -> Iterator[tuple[str, Any]]:
@@ -65,13 +66,13 @@ def iter_raw_rows(path: str | Path) -> Iterator[tuple[str, Any]]:
     raise DataError(f"{path}: unsupported file type (expected .jsonl, .parquet or a datasets folder)", "bad_file")
 
 
-def iter_conversations(
-    files: Sequence[str | Path], on_bad_row: str, counts: dict[str, Any]
-) -> Iterator[list[dict[str, str]]]:
-    """Yields the validated conversations of `files` in order (streaming, so big files fit in memory).
+def iter_valid_rows(
+    files: Sequence[str | Path], on_bad_row: str, counts: dict[str, Any], parse: Callable[[Any, str], T]
+) -> Iterator[T]:
+    """Yields `parse(row, where)` for every row of `files` in order (streaming, so big files fit in memory).
 
-    Updates `counts` in place: `rows_read` and `rows_skipped` (reason -> count). With
-    on_bad_row="error" the first bad row raises DataError; with "skip" it is only counted.
+    Updates `counts` in place: `rows_read` and `rows_skipped` (reason -> count). A row that `parse`
+    rejects with a DataError stops the run under on_bad_row="error" and is only counted under "skip".
     """
     if on_bad_row not in ON_BAD_ROW:
         raise ValueError(f"on_bad_row must be one of {ON_BAD_ROW}, got {on_bad_row!r}")
@@ -83,10 +84,17 @@ def iter_conversations(
             try:
                 if isinstance(row, DataError):
                     raise row
-                messages = validate_messages(row, where)
+                parsed = parse(row, where)
             except DataError as e:
                 if on_bad_row == "error":
                     raise
                 skipped[e.reason] = skipped.get(e.reason, 0) + 1
                 continue
-            yield messages
+            yield parsed
+
+
+def iter_conversations(
+    files: Sequence[str | Path], on_bad_row: str, counts: dict[str, Any]
+) -> Iterator[list[dict[str, str]]]:
+    """The validated conversations (`messages`) of `files`, in order; see `iter_valid_rows`."""
+    return iter_valid_rows(files, on_bad_row, counts, validate_messages)
