@@ -82,8 +82,10 @@ def build_model(
     remat=False,
     scan_unroll: int = 1,
     attention_block: int = 0,
-) -> Decoder:
-    return Decoder(
+    module: type[nn.Module] = Decoder,
+) -> nn.Module:
+    """`module` (the Decoder, or a head on it such as the RewardModel) with dtypes resolved by name."""
+    return module(
         cfg,
         dtype=resolve_dtype(dtype),
         param_dtype=resolve_dtype(param_dtype),

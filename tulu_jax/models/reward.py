@@ -19,7 +19,7 @@ from tulu_jax.models import hf
 from tulu_jax.models.config import DecoderConfig
 from tulu_jax.models.decoder import Decoder, _param
 from tulu_jax.models.hf import export_reward_hf
-from tulu_jax.models.loading import abstract_dtype, init_param_subtree, init_params, param_layout, resolve_dtype
+from tulu_jax.models.loading import abstract_dtype, build_model, init_param_subtree, init_params, param_layout
 
 __all__ = [
     "RewardModel",
@@ -84,13 +84,14 @@ def build_reward_model(
     scan_unroll: int = 1,
     attention_block: int = 0,
 ) -> RewardModel:
-    return RewardModel(
+    return build_model(
         cfg,
-        dtype=resolve_dtype(dtype),
-        param_dtype=resolve_dtype(param_dtype),
+        dtype=dtype,
+        param_dtype=param_dtype,
         remat=remat,
         scan_unroll=scan_unroll,
         attention_block=attention_block,
+        module=RewardModel,
     )
 
 

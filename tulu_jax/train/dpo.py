@@ -14,7 +14,7 @@ from tulu_jax.models.loading import init_params, load_params
 from tulu_jax.train import reference_cache
 from tulu_jax.train.checkpoint import Checkpointer
 from tulu_jax.train.dpo_step import PAIR_KEYS, jit_dpo_step, jit_eval_sums, jit_pair_logps
-from tulu_jax.train.loop import log, restore_or_start, train_loop, write_summary
+from tulu_jax.train.loop import finish_run, log, restore_or_start, train_loop
 from tulu_jax.train.metrics import MetricsLogger
 from tulu_jax.train.preference_run import PreferenceRun, mean_over_pairs, real_tokens
 from tulu_jax.train.sft import build_train_model
@@ -171,20 +171,6 @@ def run_dpo(cfg: DPOConfig) -> dict:
         show=("loss", "rewards/accuracy", "rewards/margin"),
         extra_metrics=run.epoch,
     )
-    summary = {
-        "final_step": result.step,
-        "final_loss": result.last_metrics.get("loss"),
-        "final_eval": {k: v for k, v in result.last_metrics.items() if k.startswith("eval/")},
-        "output_dir": run.out_dir,
-        "data": run.pipeline.stats,
-    }
-    if cfg.export.enabled:
-        summary["hf_export"] = hf.export_hf(
-            result.state.params,
-            run.dcfg,
-            os.path.join(run.out_dir, "hf"),
-            tokenizer=run.tokenizer,
-            dtype=cfg.export.dtype,
-        )
-    write_summary(run.out_dir, summary)
-    return summary
+    return finish_run(
+        cfg, run.out_dir, result, run.pipeline.stats, exporter=hf.export_hf, dcfg=run.dcfg, tokenizer=run.tokenizer
+    )

@@ -65,6 +65,23 @@ def write_summary(out_dir: str, summary: dict) -> None:
         log(json.dumps(summary, default=str))
 
 
+def finish_run(cfg, out_dir: str, result: LoopResult, data_stats: dict, *, exporter: Callable, dcfg, tokenizer) -> dict:
+    """Exports the final parameters to OUTPUT_DIR/hf when `cfg.export.enabled` (`exporter` is
+    `hf.export_hf` or `hf.export_reward_hf`) and writes summary.json."""
+    summary = {
+        "final_step": result.step,
+        "final_loss": result.last_metrics.get("loss"),
+        "final_eval": {k: v for k, v in result.last_metrics.items() if k.startswith("eval/")},
+        "output_dir": out_dir,
+        "data": data_stats,
+    }
+    if cfg.export.enabled:
+        hf_dir = os.path.join(out_dir, "hf")
+        summary["hf_export"] = exporter(result.state.params, dcfg, hf_dir, tokenizer=tokenizer, dtype=cfg.export.dtype)
+    write_summary(out_dir, summary)
+    return summary
+
+
 @dataclass
 class LoopResult:
     state: Any

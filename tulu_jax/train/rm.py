@@ -11,25 +11,19 @@ import jax
 from tulu_jax.config import ModelConfig, RMConfig
 from tulu_jax.data.preference import resolve_pref_files
 from tulu_jax.models import hf
-from tulu_jax.models.reward import build_reward_model, init_reward_params, load_reward_params
+from tulu_jax.models.reward import RewardModel, init_reward_params, load_reward_params
 from tulu_jax.train.checkpoint import Checkpointer
 from tulu_jax.train.dpo_step import PAIR_KEYS
-from tulu_jax.train.loop import restore_or_start, train_loop, write_summary
+from tulu_jax.train.loop import finish_run, restore_or_start, train_loop
 from tulu_jax.train.metrics import MetricsLogger
 from tulu_jax.train.preference_run import PreferenceRun, mean_over_pairs, real_tokens
 from tulu_jax.train.rm_step import jit_rm_eval, jit_rm_step
+from tulu_jax.train.sft import build_train_model
 from tulu_jax.train.state import create_state
 
 
 def _build(mcfg: ModelConfig, dcfg):
-    return build_reward_model(
-        dcfg,
-        dtype=mcfg.dtype,
-        param_dtype=mcfg.param_dtype,
-        remat=mcfg.remat,
-        scan_unroll=mcfg.scan_unroll,
-        attention_block=mcfg.attention_block,
-    )
+    return build_train_model(mcfg, dcfg, module=RewardModel)
 
 
 def rm_evaluator(run: PreferenceRun):
@@ -80,20 +74,12 @@ def run_rm(cfg: RMConfig) -> dict:
         show=("loss", "accuracy"),
         extra_metrics=run.epoch,
     )
-    summary = {
-        "final_step": result.step,
-        "final_loss": result.last_metrics.get("loss"),
-        "final_eval": {k: v for k, v in result.last_metrics.items() if k.startswith("eval/")},
-        "output_dir": run.out_dir,
-        "data": run.pipeline.stats,
-    }
-    if cfg.export.enabled:
-        summary["hf_export"] = hf.export_reward_hf(
-            result.state.params,
-            run.dcfg,
-            os.path.join(run.out_dir, "hf"),
-            tokenizer=run.tokenizer,
-            dtype=cfg.export.dtype,
-        )
-    write_summary(run.out_dir, summary)
-    return summary
+    return finish_run(
+        cfg,
+        run.out_dir,
+        result,
+        run.pipeline.stats,
+        exporter=hf.export_reward_hf,
+        dcfg=run.dcfg,
+        tokenizer=run.tokenizer,
+    )

@@ -18,12 +18,12 @@ from tulu_jax.models.config import preset
 from tulu_jax.models.loading import build_model, init_params, load_params
 from tulu_jax.train.checkpoint import Checkpointer
 from tulu_jax.train.loop import (
+    finish_run,
     log,
     make_train_mesh,
     prepare_output_dir,
     restore_or_start,
     train_loop,
-    write_summary,
 )
 from tulu_jax.train.metrics import MetricsLogger
 from tulu_jax.train.optimizer import make_optimizer
@@ -88,7 +88,9 @@ class Evaluator:
         return {"eval/loss": float(loss), "eval/nll_per_token": nll / max(tokens, 1.0)}
 
 
-def build_train_model(mcfg: ModelConfig, dcfg):
+def build_train_model(mcfg: ModelConfig, dcfg, module=None):
+    """The network a run trains (the Decoder unless `module` says otherwise), as `model.*` configures it."""
+    extra = {} if module is None else {"module": module}
     return build_model(
         dcfg,
         dtype=mcfg.dtype,
@@ -96,6 +98,7 @@ def build_train_model(mcfg: ModelConfig, dcfg):
         remat=mcfg.remat,
         scan_unroll=mcfg.scan_unroll,
         attention_block=mcfg.attention_block,
+        **extra,
     )
 
 
@@ -168,15 +171,4 @@ def run_sft(cfg: SFTConfig) -> dict:
         show=("loss", "learning_rate"),
     )
 
-    summary = {
-        "final_step": result.step,
-        "final_loss": result.last_metrics.get("loss"),
-        "output_dir": out_dir,
-        "data": pipeline.stats,
-    }
-    if cfg.export.enabled:
-        summary["hf_export"] = hf.export_hf(
-            result.state.params, dcfg, os.path.join(out_dir, "hf"), tokenizer=tokenizer, dtype=cfg.export.dtype
-        )
-    write_summary(out_dir, summary)
-    return summary
+    return finish_run(cfg, out_dir, result, pipeline.stats, exporter=hf.export_hf, dcfg=dcfg, tokenizer=tokenizer)
