@@ -287,11 +287,11 @@ def test_config_fields_and_defaults(tiny_tokenizer):
         "train_files",
         "eval_files",
         "max_seq_len",
-        "pack",
         "on_bad_row",
         "shuffle",
         "chat_template",
         "num_workers",
+        "pack",
     ]
     assert all(f.metadata.get("help") for f in fields.values())
     with pytest.raises(ValueError, match="on_bad_row"):

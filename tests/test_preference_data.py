@@ -409,8 +409,8 @@ def test_config_fields_and_validation():
         "on_bad_row",
         "shuffle",
         "chat_template",
-        "label",
         "num_workers",
+        "label",
     ]
     assert all(f.metadata.get("help") for f in fields.values())
     for bad, match in (

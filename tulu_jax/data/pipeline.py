@@ -11,7 +11,7 @@ import functools
 import importlib.resources
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import grain
 import numpy as np
@@ -24,32 +24,31 @@ _ENCODE_CHUNK = 512  # conversations per tokenizer call (fast tokenizers batch i
 
 
 @dataclass(frozen=True, kw_only=True)
-class DataConfig:
+class DataFilesConfig:
+    """What every data section has: files, row length, bad-row policy, shuffling, template, readers.
+    `bundled` names the asset folder used when no training files are given."""
+
+    bundled: ClassVar[str] = "tiny_chat"
+
     train_files: tuple[str, ...] = field(
         default=(),
-        metadata={
-            "help": "training data: .jsonl, .parquet or datasets.save_to_disk folders; empty = bundled tiny_chat"
-        },
+        metadata={"help": "training data: .jsonl, .parquet or datasets.save_to_disk folders; empty = the bundled set"},
     )
     eval_files: tuple[str, ...] = field(
         default=(),
         metadata={
-            "help": "evaluation data, same formats; empty = bundled tiny_chat eval.jsonl if train_files is empty, "
+            "help": "evaluation data, same formats; empty = the bundled eval split if train_files is empty, "
             "else no evaluation"
         },
     )
     max_seq_len: int = field(
         default=256, metadata={"help": "tokens per row; longer conversations are truncated on the right"}
     )
-    pack: bool = field(
-        default=True,
-        metadata={"help": "pack several conversations per row (first-fit), with segment ids and restarting positions"},
-    )
     on_bad_row: str = field(
         default="error",
         metadata={"help": "'error': stop at the first invalid row; 'skip': skip it and count it in stats"},
     )
-    shuffle: bool = field(default=True, metadata={"help": "shuffle conversations (seeded, reshuffled each epoch)"})
+    shuffle: bool = field(default=True, metadata={"help": "shuffle examples (seeded, reshuffled each epoch)"})
     chat_template: str = field(default="tulu", metadata={"help": "chat template name (only 'tulu')"})
     num_workers: int = field(
         default=0, metadata={"help": "Grain read threads and prefetch; 0 = read in the calling thread"}
@@ -66,17 +65,27 @@ class DataConfig:
             raise ValueError(f"need max_seq_len >= 1 and num_workers >= 0, got {self}")
 
 
-def bundled_file(split: str) -> str:
-    """Path of the bundled tiny_chat split ("train" or "eval")."""
-    return str(importlib.resources.files("tulu_jax") / "assets" / "tiny_chat" / f"{split}.jsonl")
+@dataclass(frozen=True, kw_only=True)
+class DataConfig(DataFilesConfig):
+    """SFT data: conversations with `messages` (bundled: tiny_chat)."""
+
+    pack: bool = field(
+        default=True,
+        metadata={"help": "pack several conversations per row (first-fit), with segment ids and restarting positions"},
+    )
 
 
-def resolve_files(cfg: DataConfig, split: str) -> tuple[str, ...]:
-    """The files of `split`, falling back to the bundled data set when no training files are given."""
+def bundled_file(split: str, name: str = "tiny_chat") -> str:
+    """Path of a bundled data set's split ("train" or "eval")."""
+    return str(importlib.resources.files("tulu_jax") / "assets" / name / f"{split}.jsonl")
+
+
+def resolve_files(cfg: DataFilesConfig, split: str) -> tuple[str, ...]:
+    """The files of `split`, falling back to the config's bundled set when no training files are given."""
     if split == "train":
-        return cfg.train_files or (bundled_file("train"),)
+        return cfg.train_files or (bundled_file("train", cfg.bundled),)
     if split == "eval":
-        return cfg.eval_files or (() if cfg.train_files else (bundled_file("eval"),))
+        return cfg.eval_files or (() if cfg.train_files else (bundled_file("eval", cfg.bundled),))
     raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
 
 
@@ -153,7 +162,7 @@ def _rename_packed(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     }
 
 
-def _process_rows(batch: dict[str, np.ndarray], *, start: int, size: int) -> dict[str, np.ndarray]:
+def slice_rows(batch: dict[str, np.ndarray], *, start: int, size: int) -> dict[str, np.ndarray]:
     return {k: v[start : start + size] for k, v in batch.items()}
 
 
@@ -217,7 +226,7 @@ class SFTPipeline:
             it = it.map(functools.partial(_pad_row, length=length, pad=pad))
         it = it.batch(global_rows, drop_remainder=True)
         if process_count > 1:
-            it = it.map(functools.partial(_process_rows, start=process_index * self.batch_size, size=self.batch_size))
+            it = it.map(functools.partial(slice_rows, start=process_index * self.batch_size, size=self.batch_size))
         return it
 
     def iterator(self) -> grain.DatasetIterator:

@@ -15,17 +15,17 @@ batch holds [B, 2, T] arrays, side 0 chosen and side 1 rejected, plus the pair's
 import copy
 import functools
 import hashlib
-import importlib.resources
 import json
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import grain
 import numpy as np
 
 from tulu_jax.data.chat import TEMPLATES, DataError, spans_to_token_mask, validate_messages
-from tulu_jax.data.sources import ON_BAD_ROW, iter_valid_rows
+from tulu_jax.data.pipeline import DataFilesConfig, bundled_file, resolve_files, slice_rows
+from tulu_jax.data.sources import iter_valid_rows
 from tulu_jax.data.tokenizer import pad_id
 
 LABEL_MODES = ("all", "final")
@@ -34,68 +34,33 @@ BATCH_KEYS = ("input_ids", "loss_mask", "segment_ids", "positions")
 
 
 @dataclass(frozen=True, kw_only=True)
-class PreferenceDataConfig:
-    train_files: tuple[str, ...] = field(
-        default=(),
-        metadata={
-            "help": "preference pairs: .jsonl, .parquet or datasets.save_to_disk folders; empty = bundled tiny_prefs"
-        },
-    )
-    eval_files: tuple[str, ...] = field(
-        default=(),
-        metadata={
-            "help": "evaluation pairs, same formats; empty = bundled tiny_prefs eval.jsonl if train_files is empty, "
-            "else no evaluation"
-        },
-    )
-    max_seq_len: int = field(
-        default=256,
-        metadata={
-            "help": "tokens per side; chosen and rejected are each cut on the right, pairs whose prompt "
-            "leaves no room for a reply token are skipped"
-        },
-    )
-    on_bad_row: str = field(
-        default="error",
-        metadata={"help": "'error': stop at the first invalid row; 'skip': skip it and count it in stats"},
-    )
-    shuffle: bool = field(default=True, metadata={"help": "shuffle pairs (seeded, reshuffled each epoch)"})
-    chat_template: str = field(default="tulu", metadata={"help": "chat template name (only 'tulu')"})
+class PreferenceDataConfig(DataFilesConfig):
+    """Preference pairs (bundled: tiny_prefs). max_seq_len counts tokens per side: chosen and rejected are
+    each cut on the right, and pairs whose prompt leaves no room for a reply token are skipped."""
+
+    bundled: ClassVar[str] = "tiny_prefs"
+
     label: str = field(
         default="all",
         metadata={
             "help": "'all': train every assistant turn, as the reference does; 'final': only the last reply and its EOS"
         },
     )
-    num_workers: int = field(
-        default=0, metadata={"help": "Grain read threads and prefetch; 0 = read in the calling thread"}
-    )
 
     def __post_init__(self):
-        for name in ("train_files", "eval_files"):  # YAML gives lists; keep the config hashable.
-            object.__setattr__(self, name, tuple(str(p) for p in getattr(self, name)))
-        if self.on_bad_row not in ON_BAD_ROW:
-            raise ValueError(f"on_bad_row must be one of {ON_BAD_ROW}, got {self.on_bad_row!r}")
-        if self.chat_template not in TEMPLATES:
-            raise ValueError(f"unknown chat_template {self.chat_template!r}; known: {sorted(TEMPLATES)}")
+        super().__post_init__()
         if self.label not in LABEL_MODES:
             raise ValueError(f"label must be one of {LABEL_MODES}, got {self.label!r}")
-        if self.max_seq_len < 2 or self.num_workers < 0:
-            raise ValueError(f"need max_seq_len >= 2 and num_workers >= 0, got {self}")
+        if self.max_seq_len < 2:
+            raise ValueError(f"need max_seq_len >= 2 (a prompt token and a reply token), got {self.max_seq_len}")
 
 
 def bundled_prefs_file(split: str) -> str:
     """Path of the bundled tiny_prefs split ("train" or "eval")."""
-    return str(importlib.resources.files("tulu_jax") / "assets" / "tiny_prefs" / f"{split}.jsonl")
+    return bundled_file(split, "tiny_prefs")
 
 
-def resolve_pref_files(cfg: PreferenceDataConfig, split: str) -> tuple[str, ...]:
-    """The files of `split`, falling back to the bundled pairs when no training files are given."""
-    if split == "train":
-        return cfg.train_files or (bundled_prefs_file("train"),)
-    if split == "eval":
-        return cfg.eval_files or (() if cfg.train_files else (bundled_prefs_file("eval"),))
-    raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+resolve_pref_files = resolve_files  # the same fallback rule, to PreferenceDataConfig.bundled
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -317,10 +282,6 @@ def _pad_pair(example: dict[str, Any], *, length: int, pad: int) -> dict[str, np
     return out
 
 
-def _slice_rows(batch: dict[str, np.ndarray], *, start: int, size: int) -> dict[str, np.ndarray]:
-    return {k: v[start : start + size] for k, v in batch.items()}
-
-
 class PreferencePipeline:
     """Batches of preference pairs: input_ids, loss_mask, segment_ids, positions as [batch_size, 2, T] int32
     (side 0 chosen, 1 rejected; T = max_seq_len) and `index` [batch_size] int32, the pair's id.
@@ -376,7 +337,7 @@ class PreferencePipeline:
         it = it.map(functools.partial(_pad_pair, length=cfg.max_seq_len, pad=self._pad))
         it = it.batch(self._global_rows, drop_remainder=True)
         if process_count > 1:
-            it = it.map(functools.partial(_slice_rows, start=process_index * self.batch_size, size=self.batch_size))
+            it = it.map(functools.partial(slice_rows, start=process_index * self.batch_size, size=self.batch_size))
         return it
 
     def iterator(self) -> grain.DatasetIterator:
