@@ -42,7 +42,11 @@ class DataFilesConfig:
         },
     )
     max_seq_len: int = field(
-        default=256, metadata={"help": "tokens per row; longer conversations are truncated on the right"}
+        default=256,
+        metadata={
+            "help": "tokens per row (preference pairs: per side); longer examples are cut on the right (pairs lose "
+            "the end of the reply, never the prompt)"
+        },
     )
     on_bad_row: str = field(
         default="error",
