@@ -411,6 +411,7 @@ def test_config_fields_and_validation():
         "chat_template",
         "num_workers",
         "label",
+        "trim_padding",
     ]
     assert all(f.metadata.get("help") for f in fields.values())
     for bad, match in (
@@ -454,3 +455,30 @@ def test_bundled_set_loads_cleanly(tiny_tokenizer):
         (c_ids, c_mask), (r_ids, r_mask) = sides(b, r)
         start = len(c_mask) - c_mask[::-1].index(0)  # the final reply is the trailing run of trained tokens
         assert c_ids[:start] == r_ids[:start] and c_ids != r_ids
+
+
+def test_trim_padding_cuts_shared_padding_columns_only(tiny_tokenizer):
+    # tiny_prefs sides are 30 tokens on average (max 83): with max_seq_len 512 most batches fit in 64 or 128.
+    files = [bundled_prefs_file("train")]
+    full = make(tiny_tokenizer, files, batch_size=4, max_seq_len=512, trim_padding=False)
+    trim = make(tiny_tokenizer, files, batch_size=4, max_seq_len=512)
+    lengths = set()
+    for a, b in zip(full.iterator(), trim.iterator()):
+        t = b["input_ids"].shape[-1]
+        longest = int(a["segment_ids"].sum(-1).max())
+        assert t == max(64, 1 << (longest - 1).bit_length()) and t >= longest
+        for k in ("input_ids", "loss_mask", "segment_ids", "positions"):
+            np.testing.assert_array_equal(b[k], a[k][..., :t])
+        assert not a["segment_ids"][..., t:].any()  # only padding was cut
+        np.testing.assert_array_equal(a["index"], b["index"])
+        lengths.add(t)
+    assert lengths <= {64, 128} and 64 in lengths
+    # Every process of a multi-host run cuts its slice to the global batch's length.
+    parts = [
+        make(tiny_tokenizer, files, batch_size=2, max_seq_len=512, process_index=i, process_count=2) for i in (0, 1)
+    ]
+    for a, b, whole in zip(parts[0].iterator(), parts[1].iterator(), trim.iterator()):
+        assert a["input_ids"].shape == b["input_ids"].shape == (2, 2, whole["input_ids"].shape[-1])
+    ordered = list(trim.ordered_batches(8))
+    assert {b["input_ids"].shape[-1] for b in ordered} <= {64, 128}
+    assert sum(int(b["valid"].sum()) for b in ordered) == len(trim)

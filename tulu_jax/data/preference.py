@@ -47,6 +47,14 @@ class PreferenceDataConfig(DataFilesConfig):
         },
     )
 
+    trim_padding: bool = field(
+        default=True,
+        metadata={
+            "help": "pad each batch only to its longest side rounded up to a power of two (at least 64, at most "
+            "max_seq_len) instead of always to max_seq_len: no compute on padding columns, a few compiled shapes"
+        },
+    )
+
     def __post_init__(self):
         super().__post_init__()
         if self.label not in LABEL_MODES:
@@ -282,6 +290,21 @@ def _pad_pair(example: dict[str, Any], *, length: int, pad: int) -> dict[str, np
     return out
 
 
+MIN_TRIMMED_LENGTH = 64
+
+
+def trimmed_length(longest: int, max_seq_len: int) -> int:
+    """The padded length of a batch whose longest side has `longest` tokens: the next power of two (at
+    least MIN_TRIMMED_LENGTH), capped at max_seq_len, so a run compiles only a handful of shapes."""
+    return min(max_seq_len, max(MIN_TRIMMED_LENGTH, 1 << max(longest - 1, 0).bit_length()))
+
+
+def trim_padding(batch: dict[str, np.ndarray], *, max_seq_len: int) -> dict[str, np.ndarray]:
+    """Drops the padding columns every row of a (global) batch shares; per-pair arrays pass through."""
+    length = trimmed_length(int(batch["segment_ids"].sum(-1).max()), max_seq_len)
+    return {k: v[..., :length] if k in BATCH_KEYS else v for k, v in batch.items()}
+
+
 class PreferencePipeline:
     """Batches of preference pairs: input_ids, loss_mask, segment_ids, positions as [batch_size, 2, T] int32
     (side 0 chosen, 1 rejected; T = max_seq_len) and `index` [batch_size] int32, the pair's id.
@@ -336,6 +359,8 @@ class PreferencePipeline:
         it = ds.to_iter_dataset(read)
         it = it.map(functools.partial(_pad_pair, length=cfg.max_seq_len, pad=self._pad))
         it = it.batch(self._global_rows, drop_remainder=True)
+        if cfg.trim_padding:  # on the global batch, so that every process cuts to the same length
+            it = it.map(functools.partial(trim_padding, max_seq_len=cfg.max_seq_len))
         if process_count > 1:
             it = it.map(functools.partial(slice_rows, start=process_index * self.batch_size, size=self.batch_size))
         return it
@@ -385,4 +410,4 @@ class PreferencePipeline:
             rows = [_pad_pair(self._store[i], length=length, pad=self._pad) for i in ids]
             batch = {k: np.stack([r[k] for r in rows]) for k in (*BATCH_KEYS, "index")}
             batch["valid"] = (np.arange(start, start + batch_size) < n).astype(np.int32)
-            yield batch
+            yield trim_padding(batch, max_seq_len=length) if self.cfg.trim_padding else batch
