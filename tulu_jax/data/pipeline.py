@@ -93,6 +93,28 @@ def resolve_files(cfg: DataFilesConfig, split: str) -> tuple[str, ...]:
     raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
 
 
+def run_inputs(
+    cfg: DataFilesConfig,
+    batch_size: int,
+    num_epochs: int,
+    files: Sequence[str] | None,
+    process_index: int | None,
+    process_count: int | None,
+) -> tuple[tuple[str, ...], int, int]:
+    """A pipeline's checked arguments: (training files, process index, process count), the files
+    defaulting to the config's and the processes to JAX's."""
+    if batch_size < 1 or num_epochs < 1:
+        raise ValueError(f"need batch_size >= 1 and num_epochs >= 1, got {batch_size}, {num_epochs}")
+    if process_index is None or process_count is None:
+        import jax
+
+        process_index, process_count = jax.process_index(), jax.process_count()
+    files = tuple(str(p) for p in (resolve_files(cfg, "train") if files is None else files))
+    if not files:
+        raise ValueError("a data pipeline needs at least one data file")
+    return files, process_index, process_count
+
+
 class _Encoded:
     """Random-access store of encoded conversations: flat token/mask arrays plus offsets."""
 
@@ -189,16 +211,10 @@ class SFTPipeline:
         process_index: int | None = None,
         process_count: int | None = None,
     ):
-        if batch_size < 1 or num_epochs < 1:
-            raise ValueError(f"need batch_size >= 1 and num_epochs >= 1, got {batch_size}, {num_epochs}")
-        if process_index is None or process_count is None:
-            import jax
-
-            process_index, process_count = jax.process_index(), jax.process_count()
+        self.files, process_index, process_count = run_inputs(
+            cfg, batch_size, num_epochs, files, process_index, process_count
+        )
         self.cfg, self.batch_size, self.seed, self.num_epochs = cfg, batch_size, seed, num_epochs
-        self.files = tuple(str(p) for p in (resolve_files(cfg, "train") if files is None else files))
-        if not self.files:
-            raise ValueError("SFTPipeline needs at least one data file")
         self._store, self._stats = encode_files(
             self.files, tokenizer, max_seq_len=cfg.max_seq_len, on_bad_row=cfg.on_bad_row, template=cfg.chat_template
         )

@@ -24,7 +24,7 @@ import grain
 import numpy as np
 
 from tulu_jax.data.chat import TEMPLATES, DataError, spans_to_token_mask, validate_messages
-from tulu_jax.data.pipeline import DataFilesConfig, bundled_file, resolve_files, slice_rows
+from tulu_jax.data.pipeline import DataFilesConfig, bundled_file, resolve_files, run_inputs, slice_rows
 from tulu_jax.data.sources import iter_valid_rows
 from tulu_jax.data.tokenizer import pad_id
 
@@ -325,16 +325,10 @@ class PreferencePipeline:
         process_index: int | None = None,
         process_count: int | None = None,
     ):
-        if batch_size < 1 or num_epochs < 1:
-            raise ValueError(f"need batch_size >= 1 and num_epochs >= 1, got {batch_size}, {num_epochs}")
-        if process_index is None or process_count is None:
-            import jax
-
-            process_index, process_count = jax.process_index(), jax.process_count()
+        self.files, process_index, process_count = run_inputs(
+            cfg, batch_size, num_epochs, files, process_index, process_count
+        )
         self.cfg, self.batch_size, self.seed, self.num_epochs = cfg, batch_size, seed, num_epochs
-        self.files = tuple(str(p) for p in (resolve_pref_files(cfg, "train") if files is None else files))
-        if not self.files:
-            raise ValueError("PreferencePipeline needs at least one data file")
         self._store, self._stats = encode_preference_files(
             self.files,
             tokenizer,
