@@ -1,4 +1,4 @@
-"""Every shipped config loads; the Tülu configs carry the spec's hyperparameters; the CLI turns bad
+"""Every shipped config loads; the Tülu configs carry the paper's hyperparameters; the CLI turns bad
 configs and bad data into one clear line, and `score` prints JSON."""
 
 import json
@@ -45,7 +45,7 @@ def test_tulu3_rm_hyperparameters():
 
 
 def test_dpo_beta_defaults_follow_the_loss():
-    # beta 5 only makes sense length-normalized (spec §9.8): an unset beta takes the loss's own default.
+    # beta 5 only makes sense length-normalized (Tülu 3 §5): an unset beta takes the loss's own default.
     assert configlib.load_config(DPOConfig, None, []).dpo.beta == 5.0
     assert configlib.load_config(DPOConfig, None, ["dpo.loss=dpo"]).dpo.beta == 0.1
     assert configlib.load_config(DPOConfig, None, ["dpo.loss=simpo"]).dpo.beta == 2.0
