@@ -62,8 +62,24 @@ def export_random_model(preset_name: str, out_dir: str) -> str:
     return hf.export_hf(params, cfg, out_dir, tokenizer=tok)
 
 
+def time_decode(sampler, batch: int, prompt_len: int, new_tokens: int, *, temperature: float = 1.0, seed: int = 0):
+    """Times `batch` random prompts of `prompt_len` tokens decoding exactly `new_tokens` each, after one
+    untimed call that compiles. -> the sampler's `last_stats` (prefill_s, decode_s, decode_tokens_per_s)."""
+    from tulu_jax.rollout.types import SamplingParams
+
+    rows = random_prompts(sampler.model.cfg.vocab_size, batch, prompt_len, seed)
+    sp = SamplingParams(max_tokens=new_tokens, temperature=temperature, seed=seed)
+    eos, sampler.eos_token_id = sampler.eos_token_id, -1  # no id is -1: every row runs all new_tokens steps
+    try:
+        for _ in range(2):
+            sampler.generate(rows, sp)
+    finally:
+        sampler.eos_token_id = eos
+    return dict(sampler.last_stats, batch=batch, prompt_len=prompt_len)
+
+
 def time_local(model_dir: str, batch: int, prompt_len: int, new_tokens: int, reps: int) -> dict:
-    from tulu_jax.sampling.sampler import LocalSampler, time_decode
+    from tulu_jax.sampling.sampler import LocalSampler
 
     sampler = LocalSampler.from_hf(model_dir)
     runs = [time_decode(sampler, batch, prompt_len, new_tokens, temperature=0.0) for _ in range(reps)]

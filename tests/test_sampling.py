@@ -201,7 +201,7 @@ def test_greedy_equals_transformers_generate(family_sampler):
         seq = list(c.prompt_token_ids) + list(c.token_ids)
         ref_lp = np.asarray(jax.nn.log_softmax(_full_logits(sampler, seq), -1))
         n = len(c.prompt_token_ids)
-        np.testing.assert_allclose(c.logprobs, ref_lp[np.arange(n - 1, len(seq) - 1), c.token_ids], atol=1e-4)
+        np.testing.assert_allclose(c.logps, ref_lp[np.arange(n - 1, len(seq) - 1), c.token_ids], atol=1e-4)
 
 
 def _score(sampler, completion, temperature=1.0):
@@ -222,9 +222,9 @@ def llama(samplers):
 def test_sampled_logprobs_equal_full_forward_scores(llama, temperature):
     _, sampler = llama
     out = sampler.generate(_prompts(6), SamplingParams(max_tokens=M, temperature=temperature, seed=0))
-    errs = [np.abs(np.asarray(c.logprobs) - _score(sampler, c, temperature)).max() for c in out]
+    errs = [np.abs(np.asarray(c.logps) - _score(sampler, c, temperature)).max() for c in out]
     assert max(errs) < 1e-4, errs
-    assert all(len(c.token_ids) == len(c.logprobs) > 0 for c in out)
+    assert all(len(c.token_ids) == len(c.logps) > 0 for c in out)
 
 
 def test_stop_tokens_max_tokens_and_finish_reasons(llama):
@@ -236,7 +236,7 @@ def test_stop_tokens_max_tokens_and_finish_reasons(llama):
     out = sampler.generate(prompts, SamplingParams(max_tokens=M, seed=1, stop_token_ids=(stop,)))
     for b, c in zip(base, out):
         cut = b.token_ids.index(stop) + 1 if stop in b.token_ids else len(b.token_ids)
-        assert c.token_ids == b.token_ids[:cut] and c.logprobs == b.logprobs[:cut]
+        assert c.token_ids == b.token_ids[:cut] and c.logps == b.logps[:cut]
         hit = c.token_ids[-1] in (stop, EOS)
         assert c.finish_reason == ("stop" if hit else "length")
         assert hit or len(c.token_ids) == M
@@ -256,7 +256,7 @@ def test_n_samples_prompt_major_seeded(llama):
     assert len({c.token_ids for c in out}) == 6  # different samples
     again = sampler.generate(prompts, sp)
     assert [c.token_ids for c in again] == [c.token_ids for c in out]
-    assert [c.logprobs for c in again] == [c.logprobs for c in out]
+    assert [c.logps for c in again] == [c.logps for c in out]
     other = sampler.generate(prompts, SamplingParams(max_tokens=M, n=3, seed=6))
     assert [c.token_ids for c in other] != [c.token_ids for c in out]
 
@@ -288,4 +288,4 @@ def test_sharded_sampler_equals_single_device(llama):
         a, b = single.generate(prompts, sp), sharded.generate(prompts, sp)
         assert [c.token_ids for c in a] == [c.token_ids for c in b]
         for x, y in zip(a, b):
-            np.testing.assert_allclose(x.logprobs, y.logprobs, atol=1e-5)
+            np.testing.assert_allclose(x.logps, y.logps, atol=1e-5)
