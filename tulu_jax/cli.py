@@ -301,4 +301,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the imported module's main, not this __main__ copy's: the launcher raises tulu_jax.cli.UsageError,
+    # which must be the class main catches.
+    from tulu_jax.cli import main as _main
+
+    sys.exit(_main())
