@@ -203,6 +203,8 @@ def _get_smollm2(args, overrides):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `tulu-jax` parser: trainer subcommands from TRAINERS, score, generate, vllm (help only) and
+    get-smollm2; each subcommand sets `fn(args, overrides) -> exit code`."""
     parser = argparse.ArgumentParser(prog="tulu-jax", description="Tülu 3 post-training in JAX")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -213,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(
             "--config",
             help="YAML config; keys it leaves out keep the config class's built-in defaults (see --help-config), "
-            "and without --config every key does. The tiny recipes are in configs/NAME/tiny.yaml",
+            f"and without --config every key does. The tiny recipe is configs/{name}/tiny.yaml",
         )
         p.add_argument("--help-config", action="store_true", help="list every config key with its type and default")
         p.add_argument(

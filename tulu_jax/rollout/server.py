@@ -52,6 +52,8 @@ class VLLMServer:
         self.ready_s: float | None = None  # seconds from launch to ready, once known
 
     def launch(self) -> VLLMServer:
+        """Starts the command in its own process group, appending its output to `log_path`; returns at once
+        (see `wait_ready`). RuntimeError if it is already running."""
         if self.alive():
             raise RuntimeError(f"the server at {self.url} is already running")
         with open(self.log_path, "ab") as log:
@@ -67,9 +69,11 @@ class VLLMServer:
         return self
 
     def alive(self) -> bool:
+        """Whether the launched process is still running."""
         return self.process is not None and self.process.poll() is None
 
     def log_tail(self, chars: int = 6000) -> str:
+        """The last `chars` characters of the server log ("" if it cannot be read)."""
         try:
             return Path(self.log_path).read_text(errors="replace")[-chars:]
         except OSError:

@@ -39,6 +39,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
+        """Temperature 0: argmax decoding."""
         return self.temperature == 0
 
 
@@ -138,6 +139,9 @@ def check_score_inputs(prompts: Sequence[Sequence[int]], completions: Sequence[S
 
 @runtime_checkable
 class RolloutBackend(Protocol):
+    """What a generator offers (`LocalSampler`, `VLLMClient`): sampling, the same as arrays, scoring, and
+    weight pushes from the trainer. Token ids are ints; log-probs are natural logs."""
+
     eos_token_id: int
     pad_token_id: int
 

@@ -75,6 +75,7 @@ class _Gate:
 
     @contextlib.contextmanager
     def reading(self):
+        """Held by each `generate` / `score`: waits while a push runs."""
         with self._cond:
             self._cond.wait_for(lambda: not self._writer)
             self._readers += 1
@@ -87,6 +88,7 @@ class _Gate:
 
     @contextlib.contextmanager
     def writing(self):
+        """Held by a push: waits for running readers, keeps new ones out until it ends."""
         with self._cond:
             self._cond.wait_for(lambda: not self._writer)
             self._writer = True
@@ -161,6 +163,7 @@ class VLLMClient:
 
     @property
     def urls(self) -> list[str]:
+        """The servers' base URLs, without a trailing slash."""
         return [s.url for s in self._servers]
 
     # ------------------------------------------------------------------ generation
