@@ -172,7 +172,7 @@ def make_backend(
     vllm: a `VLLMClient` on the comma-separated `servers` URLs, given the folder's config so it can push
     weights. `tokenizer` defaults to the folder's. Raises ValueError for a missing `servers`, a mesh with
     the vllm backend, an unknown backend or a mesh that does not fit the devices."""
-    from tulu_jax.data.tokenizer import load_tokenizer, pad_id
+    from tulu_jax.data.tokenizer import load_tokenizer, pad_token_id
     from tulu_jax.models import hf
 
     if backend not in ("local", "vllm"):
@@ -192,6 +192,6 @@ def make_backend(
 
     urls = [u.strip() for u in servers.split(",") if u.strip()]
     client = VLLMClient(
-        urls, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad_id(tokenizer), cfg=hf.load_hf_config(model)
+        urls, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad_token_id(tokenizer), cfg=hf.load_hf_config(model)
     )
     return client, tokenizer

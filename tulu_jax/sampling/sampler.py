@@ -117,11 +117,12 @@ class LocalSampler:
         eos = eos_token_id if eos_token_id is not None else cfg.eos_token_id
         pad = pad_token_id if pad_token_id is not None else cfg.pad_token_id
         if eos is None or pad is None:
-            from tulu_jax.data.tokenizer import load_tokenizer, pad_id
+            from tulu_jax.data.tokenizer import load_tokenizer
+            from tulu_jax.data.tokenizer import pad_token_id as tokenizer_pad_token_id
 
             tok = load_tokenizer(path)
             eos = tok.eos_token_id if eos is None else eos
-            pad = pad_id(tok) if pad is None else pad
+            pad = tokenizer_pad_token_id(tok) if pad is None else pad
         return cls(model, load_params(path, model, mesh), mesh, eos_token_id=eos, pad_token_id=pad, **kwargs)
 
     def push_weights(self, params, version: str | None) -> None:
