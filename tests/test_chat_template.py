@@ -1,4 +1,5 @@
-"""The Tülu chat template and label masks (open-instruct `dataset_processor.py`, `finetune.py`), on the tiny and the real Llama-3 tokenizer."""
+"""The Tülu chat template and label masks (open-instruct `dataset_processor.py`, `finetune.py`), on the tiny
+and the real Llama-3 tokenizer."""
 
 import numpy as np
 import pytest

@@ -1,7 +1,7 @@
 """The DPO train step (tulu_jax/train/dpo_step.py): a sharded step gives the single-device numbers, gradient
 accumulation gives the full-batch numbers, cached reference log-probs give the live reference's numbers,
-the loss and metrics match a float64 NumPy reading of Tülu 3's dpo_norm formula on top of transformers' log-probs, and the
-held-out eval sums skip filler rows. Needs 8 host devices (conftest sets XLA_FLAGS).
+the loss and metrics match a float64 NumPy reading of Tülu 3's dpo_norm formula on top of transformers'
+log-probs, and the held-out eval sums skip filler rows. Needs 8 host devices (conftest sets XLA_FLAGS).
 
 Policy and reference are two tiny random Hugging Face Llamas (different seeds) loaded into our decoder; the
 batch is 8 real pairs of the bundled tiny_prefs eval split, some with chosen and rejected of different

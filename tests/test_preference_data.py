@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 from tulu_jax.configlib import ConfigError
-
 from tulu_jax.data import (
     DataError,
     PreferenceDataConfig,

@@ -4,8 +4,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
+
+from tulu_jax.inputs import (
+    InputError,
+    check_model_dir,
+    check_readable_file,
+    check_writable_output,
+    load_chat_tokenizer,
+    parse_mesh,
+)
 
 # subcommand -> (config class, run function, help, description), imported lazily so `--help` stays fast
 TRAINERS = {
@@ -13,100 +21,6 @@ TRAINERS = {
     "dpo": ("tulu_jax.config:DPOConfig", "tulu_jax.train.dpo:run_dpo", "preference tuning (DPO family)"),
     "rm": ("tulu_jax.config:RMConfig", "tulu_jax.train.rm:run_rm", "reward model (Bradley-Terry)"),
 }
-
-
-class UsageError(ValueError):
-    """A bad command-line input (a flag's path or value): reported as one `tulu-jax: error:` line, exit 2."""
-
-
-def check_readable_file(path: str, flag: str) -> str:
-    """`path` if it is a readable file; else UsageError naming `flag` and `path`."""
-    if not os.path.exists(path):
-        raise UsageError(f"{flag} {path}: no such file")
-    if os.path.isdir(path):
-        raise UsageError(f"{flag} {path}: is a directory, expected a file")
-    try:
-        with open(path, "rb") as f:
-            f.read(1)
-    except OSError as e:
-        raise UsageError(f"{flag} {path}: cannot read it: {e.strerror or e}") from None
-    return path
-
-
-def check_model_dir(path: str, flag: str = "--model", *, weights: bool = True) -> str:
-    """`path` if it is a Hugging Face model folder (a config.json we can read and, with `weights`,
-    model.safetensors or its index); else UsageError naming `flag` and `path`."""
-    if not os.path.exists(path):
-        raise UsageError(f"{flag} {path}: no such directory")
-    if not os.path.isdir(path):
-        raise UsageError(f"{flag} {path}: not a directory; expected a Hugging Face model folder")
-    config = os.path.join(path, "config.json")
-    if not os.path.isfile(config):
-        raise UsageError(f"{flag} {path}: not a Hugging Face model folder (no config.json)")
-    from tulu_jax.models import hf
-
-    try:
-        hf.load_hf_config(path)
-    except (OSError, ValueError, KeyError, TypeError) as e:  # unreadable, bad JSON, missing or wrong keys
-        raise UsageError(f"{flag} {path}: config.json is not a usable model config: {e}") from None
-    names = ("model.safetensors", "model.safetensors.index.json")
-    if weights and not any(os.path.isfile(os.path.join(path, n)) for n in names):
-        raise UsageError(f"{flag} {path}: no model.safetensors or model.safetensors.index.json")
-    return path
-
-
-def load_chat_tokenizer(path: str, flag: str = "--model"):
-    """The tokenizer of the folder `path`, checked for what the Tülu chat template needs: an EOS token that
-    encodes to its own id (it ends every assistant turn). UsageError naming `flag` and `path` otherwise."""
-    from tulu_jax.data.tokenizer import load_tokenizer
-
-    try:
-        tokenizer = load_tokenizer(path)
-    except (OSError, ValueError, TypeError) as e:  # transformers' "not a tokenizer folder" errors are OSErrors
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UsageError(f"{flag} {path}: cannot load its tokenizer: {first}") from None
-    ids = tokenizer(tokenizer.eos_token, add_special_tokens=False)["input_ids"]
-    if ids != [tokenizer.eos_token_id]:
-        raise UsageError(
-            f"{flag} {path}: the tokenizer's eos_token {tokenizer.eos_token!r} encodes to {ids}, not to its id "
-            f"{tokenizer.eos_token_id}: the chat template's end of turn would not be the EOS token"
-        )
-    return tokenizer
-
-
-def check_writable_output(path: str, flag: str) -> str:
-    """`path` if it is (or can be created as) a writable file; else UsageError naming `flag` and `path`."""
-    if os.path.isdir(path):
-        raise UsageError(f"{flag} {path}: is a directory, expected a file")
-    parent = os.path.dirname(os.path.abspath(path))
-    try:
-        os.makedirs(parent, exist_ok=True)
-    except OSError as e:
-        raise UsageError(f"{flag} {path}: cannot create its folder: {e.strerror or e}") from None
-    target = path if os.path.exists(path) else parent
-    if not os.access(target, os.W_OK):
-        raise UsageError(f"{flag} {path}: not writable")
-    return path
-
-
-def parse_mesh(text: str | None, flag: str = "--mesh") -> tuple[int, int, int] | None:
-    """ "data,fsdp,tensor" (e.g. "2,2,2" or "-1,1,1", at most one -1 for the rest of the devices) -> a tuple."""
-    if text is None:
-        return None
-    try:
-        sizes = tuple(int(x) for x in text.split(","))
-    except ValueError:
-        sizes = ()
-    if len(sizes) != 3:
-        raise UsageError(f"{flag} {text}: expected three comma-separated integers data,fsdp,tensor")
-    import jax
-
-    from tulu_jax.sharding import resolve_mesh_shape
-
-    try:
-        return resolve_mesh_shape(*sizes, jax.device_count())
-    except ValueError as e:
-        raise UsageError(f"{flag} {text}: {e}") from None
 
 
 def _load(ref: str):
@@ -145,7 +59,7 @@ def _score(args, overrides):
     try:
         load_tokenizer(args.model)
     except (OSError, ValueError, TypeError) as e:
-        raise UsageError(f"--model {args.model}: cannot load its tokenizer: {str(e).strip().splitlines()[0]}") from None
+        raise InputError(f"--model {args.model}: cannot load its tokenizer: {str(e).strip().splitlines()[0]}") from None
     out = score_text(args.model, args.text, dtype=args.dtype, add_special_tokens=not args.no_special_tokens)
     print(json.dumps(out, ensure_ascii=False))
     return 0
@@ -165,7 +79,7 @@ def _generate(args, overrides):
     try:
         stop_ids = tuple(int(t) for t in args.stop_token_ids.split(",") if t.strip())
     except ValueError:
-        raise UsageError(f"--stop-token-ids {args.stop_token_ids}: expected comma-separated integers") from None
+        raise InputError(f"--stop-token-ids {args.stop_token_ids}: expected comma-separated integers") from None
     try:
         params = SamplingParams(
             max_tokens=args.max_tokens,
@@ -177,7 +91,7 @@ def _generate(args, overrides):
             stop_token_ids=stop_ids,
         )
     except ValueError as e:
-        raise UsageError(str(e)) from None
+        raise InputError(str(e)) from None
     backend, tokenizer = make_backend(
         args.backend, args.model, servers=args.servers, dtype=args.dtype, mesh_shape=mesh_shape, tokenizer=tokenizer
     )
@@ -279,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Runs one subcommand -> exit code. Bad inputs (UsageError, ConfigError, DataError, FileNotFoundError)
+    """Runs one subcommand -> exit code. Bad inputs (InputError, ConfigError, DataError, FileNotFoundError)
     print one `tulu-jax: error: ...` line on stderr and return 2."""
     argv = sys.argv[1:] if argv is None else argv
     try:
@@ -296,15 +210,11 @@ def main(argv: list[str] | None = None) -> int:
         from tulu_jax.configlib import ConfigError
         from tulu_jax.data import DataError
 
-        if isinstance(e, (UsageError, ConfigError, DataError, FileNotFoundError)):
+        if isinstance(e, (InputError, ConfigError, DataError, FileNotFoundError)):
             print(f"tulu-jax: error: {e}", file=sys.stderr)
             return 2
         raise
 
 
 if __name__ == "__main__":
-    # Run the imported module's main, not this __main__ copy's: the launcher raises tulu_jax.cli.UsageError,
-    # which must be the class main catches.
-    from tulu_jax.cli import main as _main
-
-    sys.exit(_main())
+    sys.exit(main())

@@ -186,7 +186,7 @@ def start_vllm_server(
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`tulu-jax vllm --model DIR [--port 8000]`: serve a model for `VLLMClient` until interrupted. Raises
-    `tulu_jax.cli.UsageError` for a --model that is not a model folder or a --python that is not a program
+    `tulu_jax.inputs.InputError` for a --model that is not a model folder or a --python that is not a program
     (the CLI prints it as one line, exit code 2)."""
     p = argparse.ArgumentParser(prog="tulu-jax vllm", description=main.__doc__)
     p.add_argument("--model", required=True, help="Hugging Face model folder")
@@ -199,12 +199,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the server to come up")
     p.add_argument("extra", nargs=argparse.REMAINDER, help="after --: passed to vLLM unchanged")
     args = p.parse_args(argv)
-    from tulu_jax.cli import UsageError, check_model_dir
+    from tulu_jax.inputs import InputError, check_model_dir
 
     check_model_dir(args.model, "--model")
     python = vllm_python(args.python)
     if not (os.path.isfile(python) and os.access(python, os.X_OK)):
-        raise UsageError(f"--python {python}: not an executable file (make .venv-vllm with scripts/setup_vllm.sh)")
+        raise InputError(f"--python {python}: not an executable file (make .venv-vllm with scripts/setup_vllm.sh)")
     extra = args.extra[1:] if args.extra[:1] == ["--"] else args.extra
     server = start_vllm_server(
         args.model,
