@@ -67,10 +67,10 @@ def _hf_scores(model, ids, seg):
     return pooled, per_token
 
 
-def _ours(model, params, ids, seg):
+def _ours(model, params, ids, seg, pad=PAD):
     apply = jax.jit(lambda p, x, s: model.apply({"params": p}, x, None, s))
     per_token = apply(params, jnp.asarray(ids), jnp.asarray(seg))
-    return np.asarray(last_token_scores(per_token, jnp.asarray(seg))), np.asarray(per_token)
+    return np.asarray(last_token_scores(per_token, jnp.asarray(ids), jnp.asarray(seg), pad)), np.asarray(per_token)
 
 
 def _single():

@@ -203,7 +203,12 @@ class Attention(nn.Module):
             v_BxSxKxH = jax.lax.dynamic_index_in_dim(cache.v, layer, keepdims=False).astype(dt)
             out_BxTxNxH = dot_product_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, cache.valid[:, None, None, :])
         w_NxHxD = _param(self, "o_kernel", (n, h, d), ("heads", "head_dim", "embed"), self.param_dtype)
-        return jnp.einsum("btnh,nhd->btd", out_BxTxNxH, w_NxHxD.astype(dt)), cache
+        out_BxTxD = jnp.einsum("btnh,nhd->btd", out_BxTxNxH, w_NxHxD.astype(dt))
+        if cfg.o_bias:  # Llama / OLMo 2 with attention_bias: o_proj has a bias too
+            out_BxTxD = out_BxTxD + _param(
+                self, "o_bias", (d,), ("embed",), self.param_dtype, nn.initializers.zeros
+            ).astype(dt)
+        return out_BxTxD, cache
 
 
 class MLP(nn.Module):
