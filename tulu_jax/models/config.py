@@ -42,9 +42,9 @@ class DecoderConfig:
 
     def __post_init__(self):
         if self.family not in FAMILIES:
-            raise ValueError(f"unknown model family {self.family!r}; expected one of {FAMILIES}")
+            raise ConfigError(f"unknown model family {self.family!r}; expected one of {FAMILIES}")
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
+            raise ConfigError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
 
     @property
     def num_params(self) -> int:
@@ -193,28 +193,31 @@ def from_hf_config(hf: dict[str, Any], source: str = "config.json") -> DecoderCo
     eos = get("eos_token_id")
     if isinstance(eos, list):
         eos = eos[0]
-    return DecoderConfig(
-        family=family,
-        vocab_size=hf["vocab_size"],
-        hidden_size=hf["hidden_size"],
-        intermediate_size=hf["intermediate_size"],
-        num_layers=hf["num_hidden_layers"],
-        num_heads=heads,
-        num_kv_heads=get("num_key_value_heads") or heads,
-        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
-        rope_theta=rope_theta,
-        rope_scaling=rope_scaling,
-        rms_norm_eps=float(get("rms_norm_eps")),
-        tie_embeddings=bool(get("tie_word_embeddings")),
-        qkv_bias=True if bias is None else bias,
-        o_bias=False if bias is None else bias,
-        qk_norm=family == "olmo2",
-        post_norm=family == "olmo2",
-        max_position_embeddings=get("max_position_embeddings"),
-        bos_token_id=get("bos_token_id"),
-        eos_token_id=eos,
-        pad_token_id=get("pad_token_id"),
-    )
+    try:  # DecoderConfig checks the head counts
+        return DecoderConfig(
+            family=family,
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"],
+            num_layers=hf["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=get("num_key_value_heads") or heads,
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+            rope_theta=rope_theta,
+            rope_scaling=rope_scaling,
+            rms_norm_eps=float(get("rms_norm_eps")),
+            tie_embeddings=bool(get("tie_word_embeddings")),
+            qkv_bias=True if bias is None else bias,
+            o_bias=False if bias is None else bias,
+            qk_norm=family == "olmo2",
+            post_norm=family == "olmo2",
+            max_position_embeddings=get("max_position_embeddings"),
+            bos_token_id=get("bos_token_id"),
+            eos_token_id=eos,
+            pad_token_id=get("pad_token_id"),
+        )
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
 
 
 def to_hf_config(cfg: DecoderConfig, torch_dtype: str = "float32") -> dict[str, Any]:
