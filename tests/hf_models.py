@@ -50,10 +50,12 @@ U_BF16 = 2.0**-8  # bfloat16's unit roundoff: 8 significant bits
 
 
 def model_reductions(seq_len: int, c: dict = COMMON) -> int:
-    """Sum of the reduction lengths one value goes through in the tiny decoder: per layer the projections (D),
+    """Sum of the reduction lengths one value goes through in the decoder `c` (a config.json dict; default the
+    tiny one): per layer the projections (D),
     the MLP down projection (F), the attention scores (H) and the attention-weighted sum (T), then the LM head
     (D). Rounding in a length-n float32 sum changes it by at most ~n*eps relative to its terms' scale."""
-    d, f, h = c["hidden_size"], c["intermediate_size"], c["head_dim"]
+    d, f = c["hidden_size"], c["intermediate_size"]
+    h = c.get("head_dim") or d // c["num_attention_heads"]
     return c["num_hidden_layers"] * (d + f + h + seq_len) + d
 
 

@@ -22,7 +22,11 @@ from tulu_jax.models.config import HF_DEFAULTS, DecoderConfig, from_hf_config, t
 from tulu_jax.models.loading import build_model, load_params
 from tulu_jax.sharding import make_mesh
 
-HF_CONFIG_CLASSES = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config, "olmo2": transformers.Olmo2Config}
+HF_CONFIG_CLASSES = {
+    "llama": transformers.LlamaConfig,
+    "qwen2": transformers.Qwen2Config,
+    "olmo2": transformers.Olmo2Config,
+}
 SEQ_LEN = 24
 _DROP = object()  # _edit_config: remove the key
 
@@ -68,8 +72,10 @@ def test_attention_bias_includes_o_proj(family, tmp_path):
     ids = np.random.default_rng(0).integers(0, COMMON["vocab_size"], (2, SEQ_LEN))
     cfg, model, params, ours = _ours_logits(src, ids)
     assert cfg.qkv_bias and cfg.o_bias
+    assert cfg.num_params == torch_model.num_parameters()
     np.testing.assert_array_equal(
-        np.asarray(params["layers"]["self_attn"]["o_bias"][1]), torch_model.model.layers[1].self_attn.o_proj.bias.detach()
+        np.asarray(params["layers"]["self_attn"]["o_bias"][1]),
+        torch_model.model.layers[1].self_attn.o_proj.bias.detach(),
     )
     _assert_logits_match(torch_model, ours, ids)
 
@@ -87,7 +93,9 @@ def test_unused_checkpoint_tensor_is_an_error(tmp_path):
     tensors["model.layers.0.self_attn.o_proj.bias"] = np.zeros(COMMON["hidden_size"], np.float32)
     save_file(tensors, file, metadata={"format": "pt"})
     model = build_model(hf.load_hf_config(str(tmp_path)))
-    with pytest.raises(ConfigError, match=rf"{re.escape(str(tmp_path))}: checkpoint tensor model\.layers\.0\.self_attn\.o_proj\.bias"):
+    with pytest.raises(
+        ConfigError, match=rf"{re.escape(str(tmp_path))}: checkpoint tensor model\.layers\.0\.self_attn\.o_proj\.bias"
+    ):
         load_params(str(tmp_path), model, _single())
 
 
@@ -132,12 +140,19 @@ UNSUPPORTED = [
     ("llama", {"hidden_act": "gelu"}, "hidden_act"),
     ("olmo2", {"hidden_act": "relu"}, "hidden_act"),
     ("qwen2", {"attention_dropout": 0.1}, "attention_dropout"),
-    ("llama", {"rope_scaling": {"rope_type": "yarn", "factor": 4.0}, "rope_parameters": _DROP}, "rope_scaling.rope_type"),
+    (
+        "llama",
+        {"rope_scaling": {"rope_type": "yarn", "factor": 4.0}, "rope_parameters": _DROP},
+        "rope_scaling.rope_type",
+    ),
     ("llama", {"rope_parameters": {"rope_type": "linear", "factor": 2.0}}, "rope_parameters.rope_type"),
     ("olmo2", {"rope_parameters": {"rope_type": "dynamic", "factor": 2.0}}, "rope_parameters.rope_type"),
     ("qwen2", {"partial_rotary_factor": 0.5}, "partial_rotary_factor"),
-    ("qwen2", {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 1, "layer_types": _DROP},
-     "use_sliding_window"),  # fmt: skip
+    (
+        "qwen2",
+        {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 1, "layer_types": _DROP},
+        "use_sliding_window",
+    ),  # fmt: skip
     ("qwen2", {"layer_types": ["full_attention", "sliding_attention"]}, "layer_types"),
     ("llama", {"model_type": "mistral"}, "model_type"),
 ]
@@ -177,8 +192,14 @@ def test_missing_keys_take_transformers_defaults(family):
             assert config_cls.__dataclass_fields__[key].default == value
         else:
             assert getattr(defaults, key) == value, key
-    minimal = {"model_type": family, "vocab_size": 256, "hidden_size": 64, "intermediate_size": 96,
-               "num_hidden_layers": 2, "num_attention_heads": 32}  # fmt: skip  (Qwen2 defaults to 32 KV heads)
+    minimal = {
+        "model_type": family,
+        "vocab_size": 256,
+        "hidden_size": 64,
+        "intermediate_size": 96,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 32,
+    }  # fmt: skip  (Qwen2 defaults to 32 KV heads)
     theirs = config_cls(**minimal)
     ours = from_hf_config(minimal)
     assert ours.tie_embeddings == theirs.tie_word_embeddings
@@ -205,6 +226,7 @@ def test_config_without_tie_key_loads_like_transformers(family, tmp_path):
     ids = np.random.default_rng(2).integers(0, COMMON["vocab_size"], (1, SEQ_LEN))
     cfg, _, params, ours = _ours_logits(str(tmp_path), ids)
     assert not cfg.tie_embeddings and "lm_head" in params
+    assert cfg.num_params == torch_model.num_parameters()
     _assert_logits_match(torch_model, ours, ids)
 
 

@@ -128,7 +128,9 @@ def test_scores_match_transformers(hf_rm):
     real = seg > 0
     err_tok = np.abs(tok[real] - ref_tok[real]).max()
     tol = _score_atol(params, ids.shape[1])
-    print(f"{family}: max |Δ last-token score| = {err_last:.2e}, max |Δ per-token score| = {err_tok:.2e}, tol {tol:.1e}")
+    print(
+        f"{family}: max |Δ last-token score| = {err_last:.2e}, max |Δ per-token score| = {err_tok:.2e}, tol {tol:.1e}"
+    )
     assert err_last < tol, f"{family}: max |Δ last-token score| = {err_last}"
     assert err_tok < tol, f"{family}: max |Δ per-token score| = {err_tok}"
 

@@ -17,6 +17,10 @@ FAMILIES = ("llama", "qwen2", "olmo2")
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DecoderConfig:
+    """The decoder's architecture (sizes, RoPE, norms, biases, tying, special token ids), as transformers'
+    LlamaConfig / Qwen2Config / Olmo2Config describe it. Raises ConfigError for an unknown family or a
+    query-head count that is not a multiple of the KV-head count."""
+
     family: str = "llama"
     vocab_size: int
     hidden_size: int
@@ -48,6 +52,7 @@ class DecoderConfig:
 
     @property
     def num_params(self) -> int:
+        """Parameter count (tied embeddings counted once), the same as transformers' model.num_parameters()."""
         d, f, h = self.hidden_size, self.intermediate_size, self.head_dim
         attn = d * h * (2 * self.num_heads + 2 * self.num_kv_heads)
         if self.qkv_bias:
@@ -290,6 +295,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 def preset(name: str, **overrides) -> DecoderConfig:
+    """A DecoderConfig from `PRESETS[name]` with `overrides` applied; ValueError for an unknown name."""
     if name not in PRESETS:
         raise ValueError(f"unknown model preset {name!r}; expected one of {sorted(PRESETS)}")
     return DecoderConfig(**{**PRESETS[name], **overrides})

@@ -26,6 +26,9 @@ from tulu_jax.models.config import DecoderConfig, from_hf_config, to_hf_config
 
 @dataclass(frozen=True)
 class TensorRule:
+    """How one parameter maps to Hugging Face: its tensor name and the layout conversions both ways
+    (transformers stores Linear weights as [out, in]; we keep [in, heads, head_dim]-style kernels)."""
+
     hf_name: str  # "{i}" stands for the layer index
     to_ours: Callable[[np.ndarray, DecoderConfig], np.ndarray]
     to_hf: Callable[[np.ndarray, DecoderConfig], np.ndarray]
@@ -121,7 +124,9 @@ def reward_pad_token_id(tokenizer) -> int:
         if value is not None:
             return int(value)
     name = getattr(tokenizer, "name_or_path", type(tokenizer).__name__)
-    raise ConfigError(f"tokenizer {name}: a reward model needs a pad or EOS token to read its score by, and it has none")
+    raise ConfigError(
+        f"tokenizer {name}: a reward model needs a pad or EOS token to read its score by, and it has none"
+    )
 
 
 def reward_hf_config(cfg: DecoderConfig, torch_dtype: str = "float32", pad_token_id: int | None = None) -> dict:
@@ -204,12 +209,14 @@ class _SafetensorsIndex:
             raise ConfigError(f"{path}: not a readable safetensors file ({e})") from None
 
     def names(self) -> set[str]:
+        """Every tensor name in the checkpoint."""
         return set(self._map)
 
     def __contains__(self, name):
         return name in self._map
 
     def get(self, name: str) -> np.ndarray:
+        """The tensor as stored (numpy, its file dtype); ConfigError if the checkpoint lacks it."""
         if name not in self._map:
             raise ConfigError(f"{self._dir}: checkpoint has no tensor {name}, which config.json's model needs")
         file = self._map[name]

@@ -95,6 +95,8 @@ def build_reward_model(
     scan_unroll: int = 1,
     attention_block: int = 0,
 ) -> RewardModel:
+    """A RewardModel for `cfg` with dtypes given by name ('float32', 'bfloat16', 'float16', or 'auto':
+    bfloat16 on accelerators, float32 on the CPU); see `loading.build_model` for the other arguments."""
     return build_model(
         cfg,
         dtype=dtype,
