@@ -215,6 +215,33 @@ def test_missing_keys_take_transformers_defaults(family):
     )
 
 
+LLAMA3_ROPE = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                   original_max_position_embeddings=32)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "rope",
+    [
+        {"rope_scaling": LLAMA3_ROPE, "rope_theta": 5e5},  # transformers 4's keys
+        {"rope_parameters": {**LLAMA3_ROPE, "rope_theta": 5e5}},  # transformers 5's
+        {"rope_scaling": LLAMA3_ROPE, "rope_parameters": {"rope_type": "default", "rope_theta": 5e5}},  # both
+        {"rope_scaling": None, "rope_theta": 5e5},
+    ],
+)
+def test_rope_keys_read_like_transformers(rope):
+    minimal = {"model_type": "llama", "vocab_size": 256, "hidden_size": 64, "intermediate_size": 96,
+               "num_hidden_layers": 2, "num_attention_heads": 4}  # fmt: skip
+    theirs = transformers.LlamaConfig(**minimal, **json.loads(json.dumps(rope))).rope_parameters
+    ours = from_hf_config({**minimal, **rope})
+    assert ours.rope_theta == theirs["rope_theta"]
+    if theirs["rope_type"] == "default":
+        assert ours.rope_scaling is None
+    else:
+        assert theirs["rope_type"] == "llama3"
+        assert ours.rope_scaling == {k: float(theirs[k]) for k in ours.rope_scaling}
+        assert set(ours.rope_scaling) == set(LLAMA3_ROPE) - {"rope_type"}
+
+
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_config_without_tie_key_loads_like_transformers(family, tmp_path):
     """No tie_word_embeddings in config.json: every supported family's transformers class leaves the head

@@ -123,44 +123,42 @@ def _refuse(source: str, key: str, value: Any, why: str) -> typing.NoReturn:
 
 
 def _rope(hf: dict[str, Any], source: str, default_theta: float) -> tuple[float, dict[str, float] | None]:
-    """(rope_theta, Llama 3.1 scaling or None) from either transformers 4's `rope_theta` + `rope_scaling` or
-    transformers 5's `rope_parameters`; any other RoPE variant is refused."""
-    theta = hf.get("rope_theta")
-    key, scaling = "rope_scaling", hf.get("rope_scaling")
-    params = hf.get("rope_parameters")
-    if isinstance(params, dict):
-        theta = params.get("rope_theta", theta)
-        key, scaling = "rope_parameters", params
-    elif params is not None:
-        _refuse(source, "rope_parameters", params, "expected a JSON object")
-    for where, d in (("", hf), (key + ".", scaling if isinstance(scaling, dict) else {})):
-        factor = d.get("partial_rotary_factor", 1.0)
-        if factor != 1.0:
-            _refuse(source, where + "partial_rotary_factor", factor, "RoPE is applied to the full head only")
-    if scaling is not None and not isinstance(scaling, dict):
-        _refuse(source, key, scaling, "expected a JSON object")
-    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
-    theta = float(default_theta if theta is None else theta)
+    """(rope_theta, Llama 3.1 scaling or None) read as transformers 5 reads them: a non-empty `rope_scaling`
+    (transformers 4's key) wins over `rope_parameters`; rope_theta and partial_rotary_factor come from that
+    dict, else from the top level. RoPE variants other than plain and 'llama3', or a partial rotation, are
+    refused."""
+    key = "rope_scaling" if hf.get("rope_scaling") else "rope_parameters"
+    rope = hf.get(key)
+    if rope is not None and not isinstance(rope, dict):
+        _refuse(source, key, rope, "expected a JSON object")
+    rope = rope or {}
+    theta = float(rope.get("rope_theta", hf.get("rope_theta", default_theta)))
+    if "partial_rotary_factor" in rope:
+        _require(source, f"{key}.partial_rotary_factor", rope["partial_rotary_factor"], 1.0, "full-head RoPE only")
+    else:
+        _require(source, "partial_rotary_factor", hf.get("partial_rotary_factor", 1.0), 1.0, "full-head RoPE only")
+    kind = rope.get("rope_type", rope.get("type", "default"))
     if kind == "default":
         return theta, None
     if kind != "llama3":
         _refuse(source, key + ".rope_type", kind, "only 'default' and 'llama3' RoPE are implemented")
-    missing = [k for k in _LLAMA3_ROPE if k not in scaling]
+    missing = [k for k in _LLAMA3_ROPE if k not in rope]
     if missing:
         raise ConfigError(f"{source}: {key} of rope_type 'llama3' lacks {', '.join(missing)}")
-    return theta, {k: float(scaling[k]) for k in _LLAMA3_ROPE}
+    return theta, {k: float(rope[k]) for k in _LLAMA3_ROPE}
+
+
+def _require(source: str, key: str, value: Any, supported: Any, why: str) -> None:
+    if value != supported:
+        _refuse(source, key, value, why)
 
 
 def _check_layers(hf: dict[str, Any], family: str, source: str, layers: int) -> None:
     """Refuses the settings transformers would honour but our decoder does not implement."""
-    act = hf.get("hidden_act", "silu")
-    if act != "silu":
-        _refuse(source, "hidden_act", act, "the MLP is SwiGLU with 'silu'")
-    dropout = hf.get("attention_dropout", 0.0)
-    if dropout:
-        _refuse(source, "attention_dropout", dropout, "attention dropout is not implemented")
-    if family == "llama" and hf.get("mlp_bias", False):
-        _refuse(source, "mlp_bias", hf["mlp_bias"], "MLP biases are not implemented")
+    _require(source, "hidden_act", hf.get("hidden_act", "silu"), "silu", "the MLP is SwiGLU with 'silu'")
+    _require(source, "attention_dropout", hf.get("attention_dropout", 0.0), 0.0, "no attention dropout")
+    if family == "llama":  # Qwen2 and OLMo 2 have no MLP biases whatever the key says
+        _require(source, "mlp_bias", hf.get("mlp_bias", False), False, "MLP biases are not implemented")
     if family == "qwen2":  # Qwen2Config: sliding layers are those >= max_window_layers when switched on
         kinds = hf.get("layer_types")
         if kinds is not None:
