@@ -257,6 +257,14 @@ def test_config_without_tie_key_loads_like_transformers(family, tmp_path):
     _assert_logits_match(torch_model, ours, ids)
 
 
+def test_export_refuses_an_unknown_dtype(tmp_path):
+    cfg = DecoderConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=1, num_heads=2,
+                        num_kv_heads=1, head_dim=16)  # fmt: skip
+    with pytest.raises(ConfigError, match="export dtype 'int8' is not one of"):
+        hf.write_hf_folder({}, {}, cfg, {}, str(tmp_path / "out"), dtype="int8")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.tmp").exists()
+
+
 def test_export_refuses_bias_layouts_the_family_cannot_express():
     cfg = DecoderConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=1, num_heads=2,
                         num_kv_heads=1, head_dim=16)  # fmt: skip

@@ -348,7 +348,10 @@ def export_hf(
 ) -> str:
     """Writes `params` as a Hugging Face folder (config.json, safetensors shards, tokenizer) that
     `AutoModelForCausalLM.from_pretrained` and vLLM load. Stacked layers are fetched one layer at a time and
-    each file is written once it reaches `max_shard_bytes`, so the host holds at most one file's worth."""
+    each file is written once it reaches `max_shard_bytes`, so the host holds at most one file's worth.
+    `dtype` ('float32', 'bfloat16' or 'float16') is the stored tensors' and config.json's torch_dtype. Raises
+    ConfigError for another dtype or a bias layout the family's config.json cannot express (`to_hf_config`).
+    Returns `out_dir`."""
     return write_hf_folder(
         params, param_rules(cfg), cfg, to_hf_config(cfg, dtype), out_dir, tokenizer, dtype, max_shard_bytes
     )
@@ -383,8 +386,13 @@ def write_hf_folder(
     max_shard_bytes: int = 2 << 30,
 ) -> str:
     """The streaming writer behind the exports: every leaf of `params` goes out under its name in `rules`,
-    with `config` as config.json. The folder appears at `out_dir` only once complete."""
-    np_dtype = {"float32": np.float32, "bfloat16": None, "float16": np.float16}[dtype]
+    with `config` as config.json, as `dtype` ('float32', 'bfloat16', 'float16'; else ConfigError). The folder
+    appears at `out_dir` only once complete (written to `out_dir`.tmp, then renamed); with several processes
+    every one joins the gathers and only process 0 writes. Returns `out_dir`."""
+    dtypes = {"float32": np.float32, "bfloat16": None, "float16": np.float16}
+    if dtype not in dtypes:
+        raise ConfigError(f"export dtype {dtype!r} is not one of {sorted(dtypes)}")
+    np_dtype = dtypes[dtype]
     if np_dtype is None:
         import ml_dtypes
 
