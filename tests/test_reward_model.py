@@ -1,6 +1,7 @@
 """Reward model against Hugging Face *ForSequenceClassification (PyTorch, CPU, float32) on the same weights:
 last-token and per-token scores, export roundtrip, start from a causal LM, and sharded loading."""
 
+import copy
 import math
 
 import flax.linen as nn
@@ -10,9 +11,10 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from hf_models import COMMON, FAMILIES, make_hf_model
+from hf_models import COMMON, FAMILIES, f32_atol, make_hf_model, model_reductions
 
 from tulu_jax import sharding as shd
+from tulu_jax.configlib import ConfigError
 from tulu_jax.data import load_tokenizer
 from tulu_jax.models import hf
 from tulu_jax.models.config import DecoderConfig
@@ -23,6 +25,7 @@ from tulu_jax.models.reward import (
     init_reward_params,
     last_token_scores,
     load_reward_params,
+    reward_pad_token_id,
     reward_param_layout,
 )
 from tulu_jax.sharding import make_mesh
@@ -67,14 +70,22 @@ def _hf_scores(model, ids, seg):
     return pooled, per_token
 
 
-def _ours(model, params, ids, seg):
+def _ours(model, params, ids, seg, pad=PAD):
     apply = jax.jit(lambda p, x, s: model.apply({"params": p}, x, None, s))
     per_token = apply(params, jnp.asarray(ids), jnp.asarray(seg))
-    return np.asarray(last_token_scores(per_token, jnp.asarray(seg))), np.asarray(per_token)
+    return np.asarray(last_token_scores(per_token, jnp.asarray(ids), jnp.asarray(seg), pad)), np.asarray(per_token)
 
 
 def _single():
     return make_mesh(devices=jax.devices()[:1])
+
+
+def _score_atol(params, seq_len):
+    """float32 bound for a score computed two ways: the final hidden state is RMS-normed, so each entry is
+    at most sqrt(D) * max|final norm scale|; the score sums D of them times the head, so its magnitude is at
+    most that times ||w||_1, and each path's rounding is eps per term of the reductions it went through."""
+    h_max = math.sqrt(COMMON["hidden_size"]) * float(jnp.abs(params["model"]["final_norm"]["scale"]).max())
+    return f32_atol(h_max * float(jnp.abs(params["score"]).sum()), model_reductions(seq_len))
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
@@ -88,9 +99,15 @@ def hf_rm(request, tmp_path_factory):
 
 
 def test_last_token_scores():
-    scores = jnp.asarray([[1.0, 2.0, 3.0, 4.0], [5.0, 6.0, 7.0, 8.0], [9.0, 10.0, 11.0, 12.0]])
-    seg = jnp.asarray([[1, 1, 1, 0], [1, 1, 1, 1], [0, 0, 0, 0]])
-    np.testing.assert_array_equal(np.asarray(last_token_scores(scores, seg)), [3.0, 8.0, 9.0])
+    """transformers' rule: the last position whose id is not the pad id (and, here, not padding)."""
+    scores = jnp.asarray([[1.0, 2.0, 3.0, 4.0], [5.0, 6.0, 7.0, 8.0], [9.0, 10.0, 11.0, 12.0], [13.0, 14, 15, 16]])
+    seg = jnp.asarray([[1, 1, 1, 0], [1, 1, 1, 1], [0, 0, 0, 0], [1, 1, 1, 0]])
+    ids = jnp.asarray([[5, 6, 7, 0], [5, 6, 7, 8], [0, 0, 0, 0], [5, 9, 9, 9]])
+    np.testing.assert_array_equal(np.asarray(last_token_scores(scores, ids, seg, 0)), [3.0, 8.0, 9.0, 15.0])
+    # Pad id 9 (say the EOS): a trailing 9 is skipped, so row 3 reads position 0, row 1 is unaffected.
+    np.testing.assert_array_equal(np.asarray(last_token_scores(scores, ids, seg, 9)), [3.0, 8.0, 9.0, 13.0])
+    # Padding columns filled with any id (segment 0) are never read.
+    np.testing.assert_array_equal(np.asarray(last_token_scores(scores, ids * 0 + 4, seg, 0)), [3.0, 8.0, 9.0, 15.0])
 
 
 def test_param_tree_matches_hf_sequence_classification(hf_rm):
@@ -110,9 +127,12 @@ def test_scores_match_transformers(hf_rm):
     err_last = np.abs(last - ref_last).max()
     real = seg > 0
     err_tok = np.abs(tok[real] - ref_tok[real]).max()
-    print(f"{family}: max |Δ last-token score| = {err_last:.2e}, max |Δ per-token score| = {err_tok:.2e}")
-    assert err_last < 1e-4, f"{family}: max |Δ last-token score| = {err_last}"
-    assert err_tok < 1e-4, f"{family}: max |Δ per-token score| = {err_tok}"
+    tol = _score_atol(params, ids.shape[1])
+    print(
+        f"{family}: max |Δ last-token score| = {err_last:.2e}, max |Δ per-token score| = {err_tok:.2e}, tol {tol:.1e}"
+    )
+    assert err_last < tol, f"{family}: max |Δ last-token score| = {err_last}"
+    assert err_tok < tol, f"{family}: max |Δ per-token score| = {err_tok}"
 
 
 def test_export_roundtrip(hf_rm, tmp_path):
@@ -137,15 +157,75 @@ def test_export_roundtrip(hf_rm, tmp_path):
     last, tok = _ours(model, params, ids, seg)
     err = max(np.abs(last - ref_last).max(), np.abs(tok - ref_tok)[seg > 0].max())
     print(f"{family}: export roundtrip max |Δ score| = {err:.2e}")
-    assert err < 1e-4, f"{family}: export roundtrip max |Δ score| = {err}"
+    assert err < _score_atol(params, ids.shape[1]), f"{family}: export roundtrip max |Δ score| = {err}"
 
 
 def test_export_needs_a_pad_id(hf_rm, tmp_path):
     _, _, _, model, params = hf_rm
-    cfg = DecoderConfig(**{**model.cfg.__dict__, "pad_token_id": None})
-    with pytest.raises(ValueError, match="pad_token_id"):
+    cfg = DecoderConfig(**{**model.cfg.__dict__, "pad_token_id": None, "eos_token_id": None})
+    with pytest.raises(ConfigError, match="pad_token_id"):
         export_reward_hf(params, cfg, str(tmp_path / "rm"))
     assert not (tmp_path / "rm").exists()
+
+
+def _tokenizer(pad):
+    """The bundled tokenizer with a distinct <pad> (id 0), its EOS as pad (like SmolLM2), or no pad token."""
+    tok = copy.deepcopy(load_tokenizer(None))
+    if pad == "eos":
+        tok.pad_token = tok.eos_token
+    elif pad == "none":
+        tok.pad_token = None
+    return tok
+
+
+def test_reward_pad_token_id():
+    assert reward_pad_token_id(_tokenizer("distinct")) == PAD != _tokenizer("distinct").eos_token_id
+    assert reward_pad_token_id(_tokenizer("eos")) == _tokenizer("eos").eos_token_id
+    assert reward_pad_token_id(_tokenizer("none")) == _tokenizer("none").eos_token_id
+    bare = _tokenizer("none")
+    bare.eos_token = None
+    with pytest.raises(ConfigError, match="needs a pad or EOS token"):
+        reward_pad_token_id(bare)
+
+
+@pytest.mark.parametrize("pad", ["distinct", "eos", "none"])
+def test_export_scores_like_transformers_whatever_the_pad(pad, tmp_path):
+    """Train-time rule == exported model in transformers, for sequences ending in EOS right-padded with the
+    pad id; with pad == EOS both read the token before the final EOS."""
+    tok = _tokenizer(pad)
+    pad_id, eos = reward_pad_token_id(tok), tok.eos_token_id
+    cfg = hf.load_hf_config(str(_make_lm_folder(tmp_path)))
+    model = build_reward_model(cfg)
+    params = init_reward_params(model, _single(), jax.random.key(11))
+    params["score"] = params["score"] * 10.0  # scores of order 1-10, not near zero
+    out = export_reward_hf(params, cfg, str(tmp_path / "rm"), tokenizer=tok)
+    torch_model = transformers.AutoModelForSequenceClassification.from_pretrained(out, dtype=torch.float32).eval()
+    assert torch_model.config.pad_token_id == pad_id
+    assert transformers.AutoTokenizer.from_pretrained(out).pad_token_id == pad_id  # the folder pads as it scores
+    assert tok.pad_token_id == (None if pad == "none" else pad_id)  # the caller's tokenizer is left alone
+
+    lengths = np.array([12, 7, 3, 1])
+    rng = np.random.default_rng(5)
+    ids = np.full((len(lengths), lengths.max()), pad_id, np.int64)
+    seg = (np.arange(lengths.max())[None] < lengths[:, None]).astype(np.int32)
+    for row, n in enumerate(lengths):
+        ids[row, : n - 1] = rng.integers(2, COMMON["vocab_size"], n - 1)  # 0 is <pad>, 1 the EOS
+        ids[row, n - 1] = eos
+    with torch.no_grad():
+        ref = torch_model(torch.tensor(ids), attention_mask=torch.tensor(seg)).logits[:, 0].numpy()
+    per_token = model.apply({"params": params}, jnp.asarray(ids), None, jnp.asarray(seg))
+    ours = np.asarray(last_token_scores(per_token, jnp.asarray(ids), jnp.asarray(seg), pad_id))
+    np.testing.assert_allclose(ours, ref, atol=_score_atol(params, ids.shape[1]), rtol=0)
+    # The position read: the EOS itself, or with pad == EOS the token before it (position 0 for [EOS] alone).
+    want = np.maximum(lengths - 2, 0) if pad_id == eos else lengths - 1
+    np.testing.assert_array_equal(ours, np.asarray(per_token)[np.arange(len(lengths)), want])
+    assert np.abs(ref).mean() > 0.1
+
+
+def _make_lm_folder(tmp_path):
+    path = tmp_path / "lm"
+    make_hf_model("llama", str(path))
+    return path
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))

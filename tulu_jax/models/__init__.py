@@ -10,6 +10,7 @@ from tulu_jax.models.reward import (
     init_reward_params,
     last_token_scores,
     load_reward_params,
+    reward_pad_token_id,
     reward_param_layout,
 )
 
@@ -30,6 +31,7 @@ __all__ = [
     "load_reward_params",
     "param_layout",
     "preset",
+    "reward_pad_token_id",
     "reward_param_layout",
     "to_hf_config",
 ]

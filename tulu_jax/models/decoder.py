@@ -60,6 +60,9 @@ def apply_rope(x_BxTxNxH, positions_BxT, inv_freq):
 
 
 class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) * scale over the last axis, computed in float32, returned as `dtype` (as
+    transformers' LlamaRMSNorm). Parameter `scale` [D], initialised to ones."""
+
     eps: float
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
@@ -87,6 +90,7 @@ class KVCache:
 
     @classmethod
     def empty(cls, cfg: DecoderConfig, batch: int, length: int, dtype=jnp.float32) -> KVCache:
+        """A zeroed cache of `length` slots for `batch` rows, keys/values in `dtype`, no slot valid."""
         shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
         return cls(
             k=jnp.zeros(shape, dtype),
@@ -102,6 +106,7 @@ class KVCache:
         return KVCache(k=kv, v=kv, valid=PartitionSpec("batch", "length"), index=PartitionSpec())
 
     def constrain(self) -> KVCache:
+        """The same cache with its fields pinned to `logical_axes()` inside a jit with logical axis rules."""
         axes = KVCache.logical_axes()
         return KVCache(
             k=nn.with_logical_constraint(self.k, axes.k),
@@ -120,6 +125,9 @@ def attention_mask(segment_ids_BxT):
 
 
 def dot_product_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS):
+    """Grouped-query softmax attention: each of the K key/value heads serves G = N/K query heads. Scores and
+    softmax in float32 (scaled by 1/sqrt(H), masked entries at float32's minimum), the weighted sum in v's
+    dtype. -> [B, T, N, H]."""
     b, t, n, h = q_BxTxNxH.shape
     k_heads = k_BxSxKxH.shape[2]
     q = q_BxTxNxH.reshape(b, t, k_heads, n // k_heads, h)
@@ -152,6 +160,10 @@ def causal_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, block: in
 
 
 class Attention(nn.Module):
+    """Self-attention of one layer: q/k/v projections (optional biases, OLMo 2's q/k RMSNorm), RoPE, causal
+    document-masked attention (or a KV-cache step) and the output projection (optional bias), as
+    transformers' LlamaAttention / Qwen2Attention / Olmo2Attention. Kernels are [D, heads, H] and [N, H, D]."""
+
     cfg: DecoderConfig
     dtype: jnp.dtype
     param_dtype: jnp.dtype
@@ -203,10 +215,17 @@ class Attention(nn.Module):
             v_BxSxKxH = jax.lax.dynamic_index_in_dim(cache.v, layer, keepdims=False).astype(dt)
             out_BxTxNxH = dot_product_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, cache.valid[:, None, None, :])
         w_NxHxD = _param(self, "o_kernel", (n, h, d), ("heads", "head_dim", "embed"), self.param_dtype)
-        return jnp.einsum("btnh,nhd->btd", out_BxTxNxH, w_NxHxD.astype(dt)), cache
+        out_BxTxD = jnp.einsum("btnh,nhd->btd", out_BxTxNxH, w_NxHxD.astype(dt))
+        if cfg.o_bias:  # Llama / OLMo 2 with attention_bias: o_proj has a bias too
+            out_BxTxD = out_BxTxD + _param(
+                self, "o_bias", (d,), ("embed",), self.param_dtype, nn.initializers.zeros
+            ).astype(dt)
+        return out_BxTxD, cache
 
 
 class MLP(nn.Module):
+    """SwiGLU feed-forward: down(silu(x @ gate) * (x @ up)), kernels [D, F], [D, F], [F, D], no biases."""
+
     cfg: DecoderConfig
     dtype: jnp.dtype
     param_dtype: jnp.dtype

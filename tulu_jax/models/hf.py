@@ -8,6 +8,7 @@ The name table below is the only place that knows Hugging Face's parameter names
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -19,11 +20,15 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from tulu_jax.configlib import ConfigError
 from tulu_jax.models.config import DecoderConfig, from_hf_config, to_hf_config
 
 
 @dataclass(frozen=True)
 class TensorRule:
+    """How one parameter maps to Hugging Face: its tensor name and the layout conversions both ways
+    (transformers stores Linear weights as [out, in]; we keep [in, heads, head_dim]-style kernels)."""
+
     hf_name: str  # "{i}" stands for the layer index
     to_ours: Callable[[np.ndarray, DecoderConfig], np.ndarray]
     to_hf: Callable[[np.ndarray, DecoderConfig], np.ndarray]
@@ -79,6 +84,8 @@ def param_rules(cfg: DecoderConfig) -> dict[tuple[str, ...], TensorRule]:
         rules[("layers", "self_attn", "q_bias")] = _rule(layer + "self_attn.q_proj.bias", *_HEAD_BIAS["q"])
         rules[("layers", "self_attn", "k_bias")] = _rule(layer + "self_attn.k_proj.bias", *_HEAD_BIAS["kv"])
         rules[("layers", "self_attn", "v_bias")] = _rule(layer + "self_attn.v_proj.bias", *_HEAD_BIAS["kv"])
+    if cfg.o_bias:
+        rules[("layers", "self_attn", "o_bias")] = _rule(layer + "self_attn.o_proj.bias")
     if cfg.qk_norm:
         rules[("layers", "self_attn", "q_norm", "scale")] = _rule(layer + "self_attn.q_norm.weight")
         rules[("layers", "self_attn", "k_norm", "scale")] = _rule(layer + "self_attn.k_norm.weight")
@@ -103,12 +110,32 @@ def reward_param_rules(cfg: DecoderConfig) -> dict[tuple[str, ...], TensorRule]:
     return rules
 
 
+def reward_pad_token_id(tokenizer) -> int:
+    """The pad id a reward model trains with and its export writes: the tokenizer's pad token, else its EOS.
+
+    transformers' *ForSequenceClassification reads the score at the last token that is not
+    `config.pad_token_id` and refuses batches without one, so an exported reward model needs a pad id, and it
+    must be the one training read the score by (`reward.last_token_scores`). Without a pad token, EOS is the
+    usual stand-in (as for SmolLM2, whose pad token is its EOS); the score is then read at the token before
+    a trailing EOS, in training and in transformers alike. Raises ConfigError, at start-up rather than at the
+    export, when the tokenizer has neither."""
+    for attr in ("pad_token_id", "eos_token_id"):
+        value = getattr(tokenizer, attr, None)
+        if value is not None:
+            return int(value)
+    name = getattr(tokenizer, "name_or_path", type(tokenizer).__name__)
+    raise ConfigError(
+        f"tokenizer {name}: a reward model needs a pad or EOS token to read its score by, and it has none"
+    )
+
+
 def reward_hf_config(cfg: DecoderConfig, torch_dtype: str = "float32", pad_token_id: int | None = None) -> dict:
     """config.json of a one-label *ForSequenceClassification. transformers reads the score at the rightmost
-    token that is not `pad_token_id`, so it must be set."""
-    pad = cfg.pad_token_id if pad_token_id is None else pad_token_id
+    token that is not `pad_token_id` (default: `cfg.pad_token_id`, else `cfg.eos_token_id`, as
+    `reward_pad_token_id` picks for a tokenizer), so it must be set; ConfigError when none is known."""
+    pad = next((p for p in (pad_token_id, cfg.pad_token_id, cfg.eos_token_id) if p is not None), None)
     if pad is None:
-        raise ValueError("a reward model export needs a pad_token_id (from the tokenizer or the model config)")
+        raise ConfigError("a reward model export needs a pad_token_id (from the tokenizer or the model config)")
     out = to_hf_config(cfg, torch_dtype)
     out["architectures"] = [a.replace("ForCausalLM", "ForSequenceClassification") for a in out["architectures"]]
     out["pad_token_id"] = int(pad)
@@ -117,39 +144,84 @@ def reward_hf_config(cfg: DecoderConfig, torch_dtype: str = "float32", pad_token
     return out
 
 
+def _model_dir(model_dir: str) -> str:
+    if not os.path.exists(model_dir):
+        raise FileNotFoundError(f"model folder {model_dir} does not exist")
+    if not os.path.isdir(model_dir):
+        raise ConfigError(f"model path {model_dir} is not a folder: expected a Hugging Face model folder")
+    return model_dir
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read it ({e.strerror})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
 def load_hf_config(model_dir: str) -> DecoderConfig:
-    path = os.path.join(model_dir, "config.json")
-    if not os.path.exists(path):
+    """The DecoderConfig of a Hugging Face model folder's config.json (see `config.from_hf_config`).
+
+    Raises FileNotFoundError when the folder or its config.json is missing, ConfigError when the path is not
+    a folder, config.json is unreadable or not a JSON object, or it describes a model we do not implement."""
+    path = os.path.join(_model_dir(model_dir), "config.json")
+    if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} not found: model.path must be a Hugging Face model folder")
-    with open(path) as f:
-        return from_hf_config(json.load(f))
+    return from_hf_config(_read_json(path), source=path)
 
 
 class _SafetensorsIndex:
-    """Finds a tensor by name across the shards of a checkpoint folder, opening each file once."""
+    """Finds a tensor by name across the shards of a checkpoint folder, opening each file once.
+
+    Raises FileNotFoundError when the folder has no safetensors (or a shard its index names is missing),
+    ConfigError when the index or a shard cannot be parsed."""
 
     def __init__(self, model_dir: str):
+        _model_dir(model_dir)
         index = os.path.join(model_dir, "model.safetensors.index.json")
         if os.path.exists(index):
-            with open(index) as f:
-                weight_map = json.load(f)["weight_map"]
+            weight_map = _read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise ConfigError(f"{index}: no 'weight_map' object")
         else:
             single = os.path.join(model_dir, "model.safetensors")
             if not os.path.exists(single):
-                raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {model_dir}")
-            with safe_open(single, framework="numpy") as f:
-                weight_map = {k: "model.safetensors" for k in f.keys()}
+                others = sorted(f for f in os.listdir(model_dir) if f.endswith((".bin", ".pt", ".pth", ".gguf")))
+                hint = f" (it has {', '.join(others)}: convert to safetensors)" if others else ""
+                raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {model_dir}{hint}")
+            weight_map = {k: "model.safetensors" for k in self._open_file(model_dir, "model.safetensors").keys()}
         self._dir, self._map, self._open = model_dir, weight_map, {}
+
+    @staticmethod
+    def _open_file(model_dir: str, file: str):
+        path = os.path.join(model_dir, file)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path} not found (listed in model.safetensors.index.json)")
+        try:
+            return safe_open(path, framework="numpy")
+        except Exception as e:  # safetensors raises its own SafetensorError on a bad header
+            raise ConfigError(f"{path}: not a readable safetensors file ({e})") from None
+
+    def names(self) -> set[str]:
+        """Every tensor name in the checkpoint."""
+        return set(self._map)
 
     def __contains__(self, name):
         return name in self._map
 
     def get(self, name: str) -> np.ndarray:
+        """The tensor as stored (numpy, its file dtype); ConfigError if the checkpoint lacks it."""
         if name not in self._map:
-            raise KeyError(f"tensor {name!r} not found in the checkpoint at {self._dir}")
+            raise ConfigError(f"{self._dir}: checkpoint has no tensor {name}, which config.json's model needs")
         file = self._map[name]
         if file not in self._open:
-            self._open[file] = safe_open(os.path.join(self._dir, file), framework="numpy")
+            self._open[file] = self._open_file(self._dir, file)
         return self._open[file].get_tensor(name)
 
 
@@ -186,10 +258,55 @@ def _stacked(rule: TensorRule) -> bool:
     return "{i}" in rule.hf_name  # one HF tensor per layer, stacked on our leading layers axis
 
 
-def load_hf_params(model_dir: str, cfg: DecoderConfig, abstract_params, shardings, dtype=np.float32, rules=None):
+# Buffers some older checkpoints saved: RoPE frequencies, recomputed from config.json (transformers skips them too).
+_DERIVED_SUFFIXES = (".rotary_emb.inv_freq",)
+EMBED, LM_HEAD = "model.embed_tokens.weight", "lm_head.weight"
+
+
+def expected_tensor_names(rules: dict[tuple[str, ...], TensorRule], num_layers: int) -> set[str]:
+    """Every checkpoint tensor name `rules` reads, per-layer names expanded for `num_layers` layers."""
+    names = set()
+    for rule in rules.values():
+        layers = range(num_layers) if _stacked(rule) else [None]
+        names.update(rule.hf_name.format(i=i) for i in layers)
+    return names
+
+
+def _check_tensor_names(index: _SafetensorsIndex, expected: set[str], cfg: DecoderConfig, ignore) -> None:
+    """ConfigError naming the folder and the first tensor the model needs but the checkpoint lacks, or the
+    checkpoint holds but the model would not read (never dropped silently: it would change the outputs)."""
+    have = index.names()
+    missing = sorted(expected - have)
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise ConfigError(f"{index._dir}: checkpoint has no tensor {missing[0]}{more}, which config.json's model needs")
+    unused = {n for n in have - expected - set(ignore) if not n.endswith(_DERIVED_SUFFIXES)}
+    if cfg.tie_embeddings and LM_HEAD in unused and EMBED in have:
+        # Some tied checkpoints also store the head; transformers ties it to the embedding, so it must equal it.
+        if np.array_equal(index.get(LM_HEAD), index.get(EMBED)):
+            unused.discard(LM_HEAD)
+    if unused:
+        first = sorted(unused)[0]
+        more = f" (and {len(unused) - 1} more)" if len(unused) > 1 else ""
+        raise ConfigError(
+            f"{index._dir}: checkpoint tensor {first}{more} is not used by the model config.json describes "
+            f"({cfg.family}, {cfg.num_layers} layers, qkv_bias={cfg.qkv_bias}, o_bias={cfg.o_bias}, "
+            f"tie_word_embeddings={cfg.tie_embeddings})"
+        )
+
+
+def load_hf_params(
+    model_dir: str, cfg: DecoderConfig, abstract_params, shardings, dtype=np.float32, rules=None, ignore=()
+):
     """Reads a Hugging Face checkpoint into a params pytree laid out like `abstract_params`, sharded by
     `shardings` (both from `jax.eval_shape` of the init and the rules table). `rules` defaults to the
-    decoder's `param_rules(cfg)`; other trees (the reward model's) pass their own."""
+    decoder's `param_rules(cfg)`; other trees (the reward model's) pass their own. Leaves come back as `dtype`
+    with our shapes ([L, ...] for per-layer tensors).
+
+    Every tensor in the checkpoint must be read by `rules`, except the names in `ignore` (e.g. a causal
+    LM's lm_head when it seeds a reward model) and RoPE inv_freq buffers. Raises FileNotFoundError /
+    ConfigError (naming `model_dir` and the tensor) for a missing folder or safetensors, a tensor the model
+    needs but the checkpoint lacks, one it holds but the model would not use, or a shape mismatch."""
     index = _SafetensorsIndex(model_dir)
     rules = param_rules(cfg) if rules is None else rules
     flat = jax.tree_util.tree_flatten_with_path(abstract_params)[0]
@@ -197,6 +314,7 @@ def load_hf_params(model_dir: str, cfg: DecoderConfig, abstract_params, sharding
     ours = {tuple(p.key for p in path) for path, _ in flat}
     if ours != set(rules):
         raise ValueError(f"parameter tree and name table disagree: {sorted(ours ^ set(rules))}")
+    _check_tensor_names(index, expected_tensor_names(rules, cfg.num_layers), cfg, ignore)
     leaves = []
     for (path, leaf), sharding in zip(flat, flat_shardings):
         key = tuple(p.key for p in path)
@@ -207,7 +325,7 @@ def load_hf_params(model_dir: str, cfg: DecoderConfig, abstract_params, sharding
             w = rule.to_ours(index.get(rule.hf_name.format(i=i)), cfg).astype(dtype)
             expected = leaf.shape[1:] if stacked else leaf.shape
             if w.shape != expected:
-                raise ValueError(
+                raise ConfigError(
                     f"{model_dir}: tensor {rule.hf_name.format(i=i)} has shape {w.shape} after conversion, "
                     f"expected {expected} from config.json"
                 )
@@ -230,7 +348,10 @@ def export_hf(
 ) -> str:
     """Writes `params` as a Hugging Face folder (config.json, safetensors shards, tokenizer) that
     `AutoModelForCausalLM.from_pretrained` and vLLM load. Stacked layers are fetched one layer at a time and
-    each file is written once it reaches `max_shard_bytes`, so the host holds at most one file's worth."""
+    each file is written once it reaches `max_shard_bytes`, so the host holds at most one file's worth.
+    `dtype` ('float32', 'bfloat16' or 'float16') is the stored tensors' and config.json's torch_dtype. Raises
+    ConfigError for another dtype or a bias layout the family's config.json cannot express (`to_hf_config`).
+    Returns `out_dir`."""
     return write_hf_folder(
         params, param_rules(cfg), cfg, to_hf_config(cfg, dtype), out_dir, tokenizer, dtype, max_shard_bytes
     )
@@ -240,9 +361,16 @@ def export_reward_hf(
     params, cfg: DecoderConfig, out_dir: str, tokenizer=None, dtype: str = "float32", max_shard_bytes: int = 2 << 30
 ) -> str:
     """Writes a RewardModel's params as a one-label *ForSequenceClassification folder (`score.weight`, no
-    lm_head) that `AutoModelForSequenceClassification.from_pretrained` loads. The pad id comes from the
-    tokenizer when given, else from `cfg`."""
-    pad = getattr(tokenizer, "pad_token_id", None)
+    lm_head) that `AutoModelForSequenceClassification.from_pretrained` loads and scores exactly as
+    `reward.last_token_scores` does. The pad id is `reward_pad_token_id(tokenizer)` when a tokenizer is
+    given (the id training read the score by), else `cfg`'s pad or EOS id; a tokenizer without a pad token
+    is saved with its EOS as pad, so the folder pads as its config says. ConfigError when no id is known."""
+    pad = None
+    if tokenizer is not None:
+        pad = reward_pad_token_id(tokenizer)
+        if tokenizer.pad_token_id is None:
+            tokenizer = copy.deepcopy(tokenizer)  # the caller's tokenizer stays as it was
+            tokenizer.pad_token = tokenizer.eos_token
     config = reward_hf_config(cfg, dtype, pad)
     return write_hf_folder(params, reward_param_rules(cfg), cfg, config, out_dir, tokenizer, dtype, max_shard_bytes)
 
@@ -258,8 +386,13 @@ def write_hf_folder(
     max_shard_bytes: int = 2 << 30,
 ) -> str:
     """The streaming writer behind the exports: every leaf of `params` goes out under its name in `rules`,
-    with `config` as config.json. The folder appears at `out_dir` only once complete."""
-    np_dtype = {"float32": np.float32, "bfloat16": None, "float16": np.float16}[dtype]
+    with `config` as config.json, as `dtype` ('float32', 'bfloat16', 'float16'; else ConfigError). The folder
+    appears at `out_dir` only once complete (written to `out_dir`.tmp, then renamed); with several processes
+    every one joins the gathers and only process 0 writes. Returns `out_dir`."""
+    dtypes = {"float32": np.float32, "bfloat16": None, "float16": np.float16}
+    if dtype not in dtypes:
+        raise ConfigError(f"export dtype {dtype!r} is not one of {sorted(dtypes)}")
+    np_dtype = dtypes[dtype]
     if np_dtype is None:
         import ml_dtypes
 

@@ -1,7 +1,10 @@
-"""Reward model (Tülu 3 §3.7): the decoder's final hidden states through a scalar `score` head.
+"""Reward model: the decoder's final hidden states through a scalar `score` head, as open-instruct's
+`reward_modeling.py` trains it (an AutoModelForSequenceClassification with one label; Tülu 3 uses such a model
+to compare PPO with RLVR, Lambert et al. 2024, §6).
 
 The head is applied at every position, so the same module serves as PPO's value model (per-token values,
-§4); a reward model reads the score at the last real token (`last_token_scores`). The parameter tree is
+open-instruct `ppo_vllm_thread_ray_gtrl.py`); a reward model reads the score where transformers'
+*ForSequenceClassification does (`last_token_scores`). The parameter tree is
 `{"model": <Decoder params, no lm_head>, "score": [D, 1]}`, which maps name for name onto Hugging Face's
 *ForSequenceClassification (`model.*` and `score.weight`, no bias, no lm_head).
 """
@@ -18,7 +21,7 @@ from jax.sharding import Mesh
 from tulu_jax.models import hf
 from tulu_jax.models.config import DecoderConfig
 from tulu_jax.models.decoder import Decoder, _param
-from tulu_jax.models.hf import export_reward_hf
+from tulu_jax.models.hf import export_reward_hf, reward_pad_token_id
 from tulu_jax.models.loading import abstract_dtype, build_model, init_param_subtree, init_params, param_layout
 
 __all__ = [
@@ -28,6 +31,7 @@ __all__ = [
     "init_reward_params",
     "last_token_scores",
     "load_reward_params",
+    "reward_pad_token_id",
     "reward_param_layout",
     "score_init",
 ]
@@ -67,11 +71,18 @@ class RewardModel(nn.Module):
         return nn.with_logical_constraint(scores_BxTx1[..., 0], ("batch", "length"))
 
 
-def last_token_scores(scores_BxT, segment_ids_BxT):
-    """Score at each row's last real token (segment_ids > 0), for right-padded rows; an all-pad row reads
-    position 0. Float32 [B]."""
+def last_token_scores(scores_BxT, input_ids_BxT, segment_ids_BxT, pad_token_id: int):
+    """Float32 [B]: each row's score at its last position whose token is not `pad_token_id` (and is not
+    padding, segment_ids > 0); a row with no such position reads position 0.
+
+    This is transformers' rule for *ForSequenceClassification (the last index where input_ids !=
+    config.pad_token_id), so with the `pad_token_id` the export writes (`reward_pad_token_id`) the exported
+    model scores a right-padded batch exactly as training did. When the pad token is also the EOS token (as
+    for SmolLM2), the score is read at the token before a trailing EOS. scores_BxT: float [B, T];
+    input_ids_BxT, segment_ids_BxT: int [B, T]; rows hold one sequence each."""
     t = scores_BxT.shape[1]
-    last_B = jnp.max(jnp.where(segment_ids_BxT > 0, jnp.arange(t), 0), axis=1)
+    real_BxT = (input_ids_BxT != pad_token_id) & (segment_ids_BxT > 0)
+    last_B = jnp.max(jnp.where(real_BxT, jnp.arange(t), 0), axis=1)
     return jnp.take_along_axis(scores_BxT, last_B[:, None], axis=1)[:, 0].astype(jnp.float32)
 
 
@@ -84,6 +95,8 @@ def build_reward_model(
     scan_unroll: int = 1,
     attention_block: int = 0,
 ) -> RewardModel:
+    """A RewardModel for `cfg` with dtypes given by name ('float32', 'bfloat16', 'float16', or 'auto':
+    bfloat16 on accelerators, float32 on the CPU); see `loading.build_model` for the other arguments."""
     return build_model(
         cfg,
         dtype=dtype,
@@ -109,7 +122,8 @@ def load_reward_params(model_dir: str, model: RewardModel, mesh: Mesh, rng=None)
     """Parameters from a Hugging Face folder, placed directly on their shards.
 
     A *ForSequenceClassification folder (it has `score.weight`) loads whole. A causal-LM folder (an SFT
-    export) gives the decoder, its lm_head is skipped, and the score head is initialised fresh from `rng`
+    export) gives the decoder, its lm_head is deliberately skipped (any other unused tensor is an error, see
+    `hf.load_hf_params`), and the score head is initialised fresh from `rng`
     (the same head `init_reward_params(model, mesh, rng)` would give)."""
     abstract, shardings = reward_param_layout(model, mesh)
     dtype = abstract_dtype(abstract)
@@ -117,6 +131,8 @@ def load_reward_params(model_dir: str, model: RewardModel, mesh: Mesh, rng=None)
         rules = hf.reward_param_rules(model.cfg)
         return hf.load_hf_params(model_dir, model.cfg, abstract, shardings, dtype=dtype, rules=rules)
     rules = hf.decoder_body_rules(model.cfg)
-    decoder = hf.load_hf_params(model_dir, model.cfg, abstract["model"], shardings["model"], dtype=dtype, rules=rules)
+    decoder = hf.load_hf_params(
+        model_dir, model.cfg, abstract["model"], shardings["model"], dtype=dtype, rules=rules, ignore={hf.LM_HEAD}
+    )
     rng = jax.random.key(0) if rng is None else rng
     return {"model": decoder, "score": init_param_subtree(model, mesh, rng, "score")}

