@@ -96,5 +96,69 @@ def test_export_is_a_sequence_classifier_and_loads_back_as_value_model(rm_run, t
     params = load_reward_params(str(export), model, make_mesh(1, 1, 1, jax.devices()[:1]))
     values = model.apply({"params": params}, batch, None, seg)  # per-token values, as PPO's value model reads them
     assert values.shape == batch.shape
-    got = np.asarray(last_token_scores(values, seg))
+    got = np.asarray(last_token_scores(values, batch, seg, pad))
     np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+@pytest.mark.parametrize("pad", ["eos", "none"])
+def test_reward_model_scores_in_transformers_whatever_the_pad_token(pad, tmp_path, tiny_sft_export, small_prefs):
+    """Trained from a tokenizer whose pad token is its EOS (as SmolLM2's) or that has none: the run finds its
+    pad id at start-up, trains, exports, and transformers' *ForSequenceClassification on the export gives
+    our reward (read at the same position) to float32 precision."""
+    import shutil
+
+    import jax
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from tulu_jax.models import hf
+    from tulu_jax.models.reward import build_reward_model, last_token_scores, load_reward_params
+    from tulu_jax.sharding import make_mesh
+
+    start = tmp_path / "start"
+    shutil.copytree(tiny_sft_export, start)
+    tok_cfg = json.loads((start / "tokenizer_config.json").read_text())
+    tok_cfg["pad_token"] = tok_cfg["eos_token"] if pad == "eos" else None
+    (start / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
+    out = tmp_path / "rm"
+    cmd = [
+        sys.executable,
+        "-m",
+        "tulu_jax.cli",
+        "rm",
+        "--config",
+        str(REPO / "configs/rm/tiny.yaml"),
+        f"output_dir={out}",
+        f"model.path={start}",
+        "data.use_bundled=false",
+        f"data.train_files={small_prefs}",
+        "train.max_steps=6",
+        "train.eval_every=-1",
+        "checkpoint.every_steps=0",
+    ]
+    proc = subprocess.run(cmd, env=cli_env(), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    export = out / "hf"
+    config = json.loads((export / "config.json").read_text())
+    tokenizer = AutoTokenizer.from_pretrained(str(start))
+    eos = tokenizer.eos_token_id
+    assert config["pad_token_id"] == eos  # no distinct pad token: EOS pads, as transformers will read it
+
+    texts = ["<|user|>\nWhat is 2 + 3?\n<|assistant|>\n2 + 3 = 5.", "<|user|>\nReverse 'cat'.\n<|assistant|>\ntac"]
+    ids = [tokenizer(t + tokenizer.eos_token, add_special_tokens=False)["input_ids"] for t in texts]
+    width = max(map(len, ids)) + 3  # right padding with the pad id (= EOS) after every row
+    batch = np.full((len(ids), width), eos, np.int32)
+    seg = np.zeros((len(ids), width), np.int32)
+    for i, row in enumerate(ids):
+        batch[i, : len(row)], seg[i, : len(row)] = row, 1
+    torch_model = AutoModelForSequenceClassification.from_pretrained(str(export)).eval()
+    with torch.no_grad():
+        want = torch_model(torch.tensor(batch, dtype=torch.long), attention_mask=torch.tensor(seg)).logits[:, 0]
+    model = build_reward_model(hf.load_hf_config(str(export)))
+    params = load_reward_params(str(export), model, make_mesh(1, 1, 1, jax.devices()[:1]))
+    values = np.asarray(model.apply({"params": params}, batch, None, seg))
+    got = np.asarray(last_token_scores(values, batch, seg, config["pad_token_id"]))
+    np.testing.assert_allclose(got, want.numpy(), rtol=1e-5, atol=1e-5 * float(np.abs(values).max()))
+    # The position read is the token before each row's final EOS (transformers' rule with pad = EOS).
+    before_eos = [values[i, len(row) - 2] for i, row in enumerate(ids)]
+    np.testing.assert_array_equal(got, before_eos)

@@ -19,13 +19,14 @@ from tulu_jax.train.batches import TOKEN_KEYS, batch_shardings
 from tulu_jax.train.state import TrainState
 
 
-def pair_scores(params, batch, *, model: RewardModel):
-    """Rewards [B, 2] float32 (chosen, rejected) of a [B, 2, T] pair batch: the score at the last real token
-    of each side."""
+def pair_scores(params, batch, *, model: RewardModel, pad_token_id: int):
+    """Rewards [B, 2] float32 (chosen, rejected) of a [B, 2, T] pair batch: the score at the last token of
+    each side that is not `pad_token_id`, where transformers' *ForSequenceClassification reads it (with
+    pad = EOS that is the token before the final EOS), so the export scores what training trained."""
     b, _, t = batch["input_ids"].shape
     flat = {k: batch[k].reshape(2 * b, t) for k in TOKEN_KEYS}
     scores = model.apply({"params": params}, flat["input_ids"], flat["positions"], flat["segment_ids"])
-    return last_token_scores(scores, flat["segment_ids"]).reshape(b, 2)
+    return last_token_scores(scores, flat["input_ids"], flat["segment_ids"], pad_token_id).reshape(b, 2)
 
 
 def rm_sums(scores_Bx2, weights_B) -> dict[str, jax.Array]:
@@ -42,13 +43,13 @@ def rm_sums(scores_Bx2, weights_B) -> dict[str, jax.Array]:
     return {k: jnp.sum(v * weights_B) for k, v in per_pair.items()}
 
 
-def rm_step(state: TrainState, batch, *, model: RewardModel, tx, schedule, accum_steps: int):
+def rm_step(state: TrainState, batch, *, model: RewardModel, tx, schedule, accum_steps: int, pad_token_id: int):
     """One optimizer step: mean Bradley–Terry loss over the pairs of the global batch. Metrics (float32):
     loss, accuracy, rewards/{chosen,rejected,margin}, grad_norm, learning_rate."""
     num_pairs = batch["input_ids"].shape[0]
 
     def micro_loss(params, mb):
-        scores = pair_scores(params, mb, model=model)
+        scores = pair_scores(params, mb, model=model, pad_token_id=pad_token_id)
         sums = rm_sums(scores, jnp.ones(scores.shape[0], jnp.float32))
         return sums["loss"] / num_pairs, sums
 
@@ -60,8 +61,10 @@ def rm_step(state: TrainState, batch, *, model: RewardModel, tx, schedule, accum
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
-def jit_rm_step(model: RewardModel, tx, schedule, mesh: Mesh, state_shardings, *, accum_steps: int):
-    step = functools.partial(rm_step, model=model, tx=tx, schedule=schedule, accum_steps=accum_steps)
+def jit_rm_step(model: RewardModel, tx, schedule, mesh: Mesh, state_shardings, *, accum_steps: int, pad_token_id: int):
+    step = functools.partial(
+        rm_step, model=model, tx=tx, schedule=schedule, accum_steps=accum_steps, pad_token_id=pad_token_id
+    )
     return shd.jit_on_mesh(
         step,
         mesh,
@@ -71,17 +74,18 @@ def jit_rm_step(model: RewardModel, tx, schedule, mesh: Mesh, state_shardings, *
     )
 
 
-def rm_eval_sums(params, batch, *, model: RewardModel):
+def rm_eval_sums(params, batch, *, model: RewardModel, pad_token_id: int):
+    """Forward only over a batch with `valid` [B]: metric sums over the real pairs, plus "pairs"."""
     valid = batch["valid"].astype(jnp.float32)
-    sums = rm_sums(pair_scores(params, batch, model=model), valid)
+    sums = rm_sums(pair_scores(params, batch, model=model, pad_token_id=pad_token_id), valid)
     sums["pairs"] = jnp.sum(valid)
     return sums
 
 
-def jit_rm_eval(model: RewardModel, mesh: Mesh, param_shardings):
+def jit_rm_eval(model: RewardModel, mesh: Mesh, param_shardings, *, pad_token_id: int):
     shardings = batch_shardings(mesh, (*TOKEN_KEYS, "valid"))
     return shd.jit_on_mesh(
-        functools.partial(rm_eval_sums, model=model),
+        functools.partial(rm_eval_sums, model=model, pad_token_id=pad_token_id),
         mesh,
         in_shardings=(param_shardings, shardings),
         out_shardings=NamedSharding(mesh, P()),
