@@ -51,9 +51,16 @@ def _load(cls, path: str, mesh_shape=None):
 
 
 def _model(cfg, module=None):
-    extra = {} if module is None else {"module": module}
+    """The configured model in bfloat16 compute (what `model.dtype: auto` picks on a GPU)."""
+    m = cfg.model
     return build_model(
-        preset(cfg.model.preset), dtype="bfloat16", param_dtype=cfg.model.param_dtype, remat=cfg.model.remat, **extra
+        preset(m.preset),
+        dtype="bfloat16",
+        param_dtype=m.param_dtype,
+        remat=m.remat,
+        scan_unroll=m.scan_unroll,
+        attention_block=m.attention_block,
+        **({} if module is None else {"module": module}),
     )
 
 

@@ -1,4 +1,4 @@
-"""Reusable pieces of the training-throughput benchmark (`scripts/bench_train.py`).
+"""Reusable pieces of the training-throughput benchmarks (`scripts/bench_train.py`, `scripts/bench_gpu.py`).
 
 Three kinds of measurement, each returning per-repetition wall times so that callers can interleave
 them (the benchmark alternates JAX, PyTorch and matmul-peak samples in rounds, so load from other
