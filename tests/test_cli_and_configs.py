@@ -75,6 +75,7 @@ def test_overrides_reach_the_config():
             "checkpoint.every_steps=10",
             "mesh.fsdp=8",
             "optim.lr=5e-6",
+            "data.use_bundled=false",
             "data.train_files=a.jsonl,b.parquet",
         ],
     )
@@ -109,6 +110,7 @@ def test_bad_data_row_names_file_line_and_field(tmp_path, capsys):
             "--config",
             str(REPO / "configs/sft/tiny.yaml"),
             f"output_dir={tmp_path / 'out'}",
+            "data.use_bundled=false",
             f"data.train_files={bad}",
         ]
     )
@@ -117,10 +119,52 @@ def test_bad_data_row_names_file_line_and_field(tmp_path, capsys):
     assert "train.jsonl line 2" in err and "messages[0].role" in err and "bot" in err
 
 
+def _one_line_error(capsys, argv) -> str:
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("tulu-jax: error:") and err.count("\n") == 1, err
+    return err
+
+
 def test_missing_data_file_is_one_clear_line(tmp_path, capsys):
     missing = tmp_path / "nope.jsonl"
-    code = main(["sft", f"output_dir={tmp_path / 'out'}", f"data.train_files={missing}"])
-    assert code == 2 and f"data file not found: {missing}" in capsys.readouterr().err
+    tiny = ["sft", "--config", str(REPO / "configs/sft/tiny.yaml"), f"output_dir={tmp_path / 'out'}"]
+    err = _one_line_error(capsys, [*tiny, "data.use_bundled=false", f"data.train_files={missing}"])
+    assert f"data.train_files[0]: {missing}: no such file or folder" in err
+    err = _one_line_error(capsys, [*tiny, f"data.train_files={missing}"])  # both the toy set and files
+    assert "data.use_bundled=false" in err
+    err = _one_line_error(capsys, [*tiny, "data.use_bundled=false"])
+    assert "data.train_files: no training files given" in err
+    assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+@pytest.mark.parametrize("stage", ["sft", "dpo", "rm"])
+def test_production_configs_fail_closed(stage, tmp_path, capsys):
+    """A Tülu 3 config with a forgotten override refuses to start (no random 8B on the toy set)."""
+    cfg = ["--config", str(REPO / f"configs/{stage}/tulu3_8b.yaml"), f"output_dir={tmp_path / 'out'}"]
+    err = _one_line_error(capsys, [stage, *cfg])
+    assert "model.path: required" in err
+    model = tmp_path / "model"
+    model.mkdir()
+    err = _one_line_error(capsys, [stage, *cfg, f"model.path={model}"])
+    assert f"model.path: {model}: not a Hugging Face model folder (no config.json)" in err
+    err = _one_line_error(capsys, [stage, *cfg, f"model.path={tmp_path / 'nope'}"])
+    assert f"model.path: {tmp_path / 'nope'}: no such folder" in err
+    (model / "config.json").write_text("{}")
+    err = _one_line_error(capsys, [stage, *cfg, f"model.path={model}"])
+    assert "data.train_files: no training files given" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_stage_before_its_input_exists_is_one_clear_line(tmp_path, capsys):
+    """`tulu-jax dpo` before the SFT stage wrote its export: the key and the path, no transformers traceback."""
+    args = ["--config", str(REPO / "configs/dpo/tiny.yaml"), f"output_dir={tmp_path / 'o'}"]
+    err = _one_line_error(capsys, ["dpo", *args, f"model.path={tmp_path / 'sft/hf'}"])
+    assert f"model.path: {tmp_path / 'sft/hf'}: no such folder" in err
+    err = _one_line_error(
+        capsys, ["dpo", *args, "model.path=null", "model.preset=tiny", f"model.tokenizer={tmp_path}/t"]
+    )
+    assert f"model.tokenizer: {tmp_path}/t: no such folder" in err
 
 
 def test_score_cli_prints_json(tmp_path):

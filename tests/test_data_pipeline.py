@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tulu_jax.configlib import ConfigError
 from tulu_jax.data import DataConfig, DataError, SFTPipeline, bundled_file, encode_chat, pad_id
 
 BAD_ROWS = Path(__file__).parent / "data" / "bad_rows.jsonl"
@@ -286,6 +287,7 @@ def test_config_fields_and_defaults(tiny_tokenizer):
     assert list(fields) == [
         "train_files",
         "eval_files",
+        "use_bundled",
         "max_seq_len",
         "on_bad_row",
         "shuffle",
@@ -298,5 +300,9 @@ def test_config_fields_and_defaults(tiny_tokenizer):
         DataConfig(on_bad_row="ignore")
     with pytest.raises(ValueError, match="chat_template"):
         DataConfig(chat_template="chatml")
-    default = SFTPipeline(DataConfig(), tiny_tokenizer, batch_size=8, seed=0, num_epochs=1)
+    with pytest.raises(ConfigError, match=r"data.train_files: no training files given.*use_bundled"):
+        SFTPipeline(DataConfig(), tiny_tokenizer, batch_size=8, seed=0, num_epochs=1)  # fails closed
+    with pytest.raises(ValueError, match="use_bundled"):
+        DataConfig(use_bundled=True, train_files=["a.jsonl"])
+    default = SFTPipeline(DataConfig(use_bundled=True), tiny_tokenizer, batch_size=8, seed=0, num_epochs=1)
     assert default.stats["rows_read"] == 3000 and default.stats["rows_skipped"] == {}

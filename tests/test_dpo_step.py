@@ -21,16 +21,18 @@ import torch
 from hf_models import make_hf_model
 
 from tulu_jax import sharding as shd
-from tulu_jax.config import DPOLossConfig
+from tulu_jax.config import DEFAULT_BETA
 from tulu_jax.data import load_tokenizer
-from tulu_jax.data.preference import PreferenceDataConfig, PreferencePipeline, resolve_pref_files
+from tulu_jax.data.preference import PreferenceDataConfig, PreferencePipeline, bundled_prefs_file
 from tulu_jax.models import hf
 from tulu_jax.models.loading import build_model, load_params
 from tulu_jax.sharding import make_mesh
-from tulu_jax.train.dpo_step import PAIR_KEYS, dpo_step, jit_dpo_step, jit_eval_sums, jit_pair_logps
+from tulu_jax.train.batches import TOKEN_KEYS
+from tulu_jax.train.dpo_step import LossParams, dpo_step, jit_dpo_step, jit_eval_sums, jit_pair_logps
 from tulu_jax.train.state import TrainState, state_layout
 
 SEQ = 48
+DPO_NORM = LossParams("dpo_norm", DEFAULT_BETA["dpo_norm"])  # Tülu 3: length-normalized, β 5
 # Pairs of the eval split: 17 has its rejected side cut at SEQ; 17, 22, 48, 58 and 75 have chosen and
 # rejected replies of different lengths (so a length mix-up in dpo_norm would show).
 PAIR_IDS = [0, 17, 22, 48, 58, 75, 5, 1]
@@ -107,13 +109,13 @@ class Env:
             batch_size=8,
             seed=0,
             num_epochs=1,
-            files=resolve_pref_files(data_cfg, "eval"),
+            files=(bundled_prefs_file("eval"),),
             process_index=0,
             process_count=1,
         )
         everything = next(pipe.ordered_batches(len(pipe)))
-        self.pairs = {k: everything[k][PAIR_IDS] for k in PAIR_KEYS}
-        self.spare = {k: everything[k][[101, 102]] for k in PAIR_KEYS}  # other pairs, for filler rows
+        self.pairs = {k: everything[k][PAIR_IDS] for k in TOKEN_KEYS}
+        self.spare = {k: everything[k][[101, 102]] for k in TOKEN_KEYS}  # other pairs, for filler rows
         self.counts = self.pairs["loss_mask"][:, :, 1:].sum(-1).astype(np.float64)
         assert (self.counts[:, 0] != self.counts[:, 1]).sum() >= 4 and self.pairs["segment_ids"][1, 1].all()
 
@@ -141,7 +143,7 @@ class Env:
                 optax.constant_schedule(1.0),
                 mesh,
                 shardings,
-                cfg=DPOLossConfig(loss="dpo_norm"),
+                cfg=DPO_NORM,
                 accum_steps=accum,
                 live=live,
             )
@@ -180,11 +182,20 @@ def _grad_diff(g, ref):
     return max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(ref))) / scale
 
 
+def _metric_atol(k: str, m_ref: dict, scale_pairs: float = 1.0) -> float:
+    """Absolute float32 error allowed on metric `k`: rewards and margins are β-scaled *differences* of
+    per-token log-probs (|β·logp| ~ 35 here), so a mean reward near 0 carries the rounding of its inputs'
+    magnitude, not of its own. 16 ulps of that magnitude (times `scale_pairs` for sums over pairs)."""
+    logp_scale = max(abs(m_ref["logps/chosen"]), abs(m_ref["logps/rejected"]))
+    scale = DPO_NORM.beta * logp_scale if k.startswith("rewards/") else max(abs(m_ref[k]), logp_scale)
+    return 16 * float(np.finfo(np.float32).eps) * scale * scale_pairs
+
+
 def _assert_same(got, want, tol):
     (m, g, _), (m_ref, g_ref, _) = got, want
     assert set(m) == set(m_ref) >= set(METRICS)
     for k in METRICS:
-        np.testing.assert_allclose(m[k], m_ref[k], rtol=tol, atol=tol * 1e-3, err_msg=k)
+        np.testing.assert_allclose(m[k], m_ref[k], rtol=tol, atol=_metric_atol(k, m_ref), err_msg=k)
     assert _grad_diff(g, g_ref) < tol
 
 
@@ -230,11 +241,16 @@ def other_losses(env):
     other_ref = env.ref_logps + np.float32(25.0) * np.array([[1.0, -1.0]], np.float32)
 
     def run(state, batch, ref_params, other_ref):
-        pairs = {k: batch[k] for k in PAIR_KEYS}
+        pairs = {k: batch[k] for k in TOKEN_KEYS}
         out = {}
         for loss in ("dpo", "ipo", "wpo", "simpo"):
             step = functools.partial(
-                dpo_step, model=env.model, tx=tx, schedule=schedule, cfg=DPOLossConfig(loss=loss), accum_steps=1
+                dpo_step,
+                model=env.model,
+                tx=tx,
+                schedule=schedule,
+                cfg=LossParams(loss, DEFAULT_BETA[loss]),
+                accum_steps=1,
             )
             out[loss] = {"cached": step(state, batch), "live": step(state, pairs, ref_params)}
             if loss == "simpo":
@@ -322,7 +338,7 @@ def test_matches_transformers_and_spec(env):
         p.grad = None
     pol = _torch_logps(env.hf_policy, env.pairs).double()
     counts = torch.from_numpy(env.counts)
-    beta = DPOLossConfig().beta
+    beta = DPO_NORM.beta
     z = beta * (
         (pol[:, 0] - torch.from_numpy(ref[:, 0])) / counts[:, 0]
         - (pol[:, 1] - torch.from_numpy(ref[:, 1])) / counts[:, 1]
@@ -350,7 +366,7 @@ def test_matches_transformers_and_spec(env):
 
 
 def test_eval_sums_skip_filler_rows_and_match_step_metrics(env, single):
-    eval_fn = jit_eval_sums(env.model, env.mesh1, env.param_shardings1, DPOLossConfig())
+    eval_fn = jit_eval_sums(env.model, env.mesh1, env.param_shardings1, DPO_NORM)
     n = len(PAIR_IDS)
 
     def sums(batch, valid):
@@ -370,7 +386,8 @@ def test_eval_sums_skip_filler_rows_and_match_step_metrics(env, single):
         "logps/chosen",
         "logps/rejected",
     ):
-        np.testing.assert_allclose(full[k] / n, step_metrics[k], rtol=1e-6, atol=1e-9, err_msg=k)
+        atol = _metric_atol(k, step_metrics)
+        np.testing.assert_allclose(full[k] / n, step_metrics[k], rtol=1e-6, atol=atol, err_msg=k)
 
     # The last two rows are filler: copies of pair 0 (as ordered_batches fills), or other pairs with
     # other reference log-probs. Neither changes the sums, which are those of the six real pairs.
@@ -390,5 +407,6 @@ def test_eval_sums_skip_filler_rows_and_match_step_metrics(env, single):
     expected["pairs"] = n - 2
     assert set(a) == set(expected)
     for k, v in expected.items():
-        np.testing.assert_allclose(a[k], v, rtol=1e-5, atol=1e-6, err_msg=k)
+        atol = _metric_atol(k, step_metrics, scale_pairs=n) if k in step_metrics else 0.0
+        np.testing.assert_allclose(a[k], v, rtol=1e-5, atol=atol, err_msg=k)
     assert a["loss"] != full["loss"]  # the filler rows would have counted

@@ -7,6 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tulu_jax.configlib import ConfigError
+
 from tulu_jax.data import (
     DataError,
     PreferenceDataConfig,
@@ -405,6 +407,7 @@ def test_config_fields_and_validation():
     assert list(fields) == [
         "train_files",
         "eval_files",
+        "use_bundled",
         "max_seq_len",
         "on_bad_row",
         "shuffle",
@@ -426,7 +429,10 @@ def test_config_fields_and_validation():
     cfg = PreferenceDataConfig(train_files=["a.jsonl"])
     assert cfg.train_files == ("a.jsonl",) and hash(cfg)
     assert resolve_pref_files(cfg, "train") == ("a.jsonl",) and resolve_pref_files(cfg, "eval") == ()
-    default = PreferenceDataConfig()
+    with pytest.raises(ConfigError, match="data.train_files"):
+        resolve_pref_files(PreferenceDataConfig(), "train")  # no silent fallback to the toy set
+    assert resolve_pref_files(PreferenceDataConfig(), "eval") == ()
+    default = PreferenceDataConfig(use_bundled=True)
     assert resolve_pref_files(default, "train") == (bundled_prefs_file("train"),)
     assert resolve_pref_files(default, "eval") == (bundled_prefs_file("eval"),)
     with pytest.raises(ValueError, match="split"):
@@ -434,14 +440,14 @@ def test_config_fields_and_validation():
 
 
 def test_bundled_set_loads_cleanly(tiny_tokenizer):
-    p = PreferencePipeline(PreferenceDataConfig(), tiny_tokenizer, batch_size=8, seed=0, num_epochs=1)
+    p = PreferencePipeline(PreferenceDataConfig(use_bundled=True), tiny_tokenizer, batch_size=8, seed=0, num_epochs=1)
     s = p.stats
     assert s["rows_read"] == s["pairs"] == 2000 and s["rows_skipped"] == {} and s["pairs_truncated"] == 0
     assert s["tokens"] / (2 * s["pairs"]) < 40 and p.count_batches() == 250
     unk = tiny_tokenizer.unk_token_id
     assert unk is None or not (p._store.ids == unk).any()
     ev = PreferencePipeline(
-        PreferenceDataConfig(),
+        PreferenceDataConfig(use_bundled=True),
         tiny_tokenizer,
         batch_size=8,
         seed=0,

@@ -1,15 +1,20 @@
-"""Typed run configs. One YAML per experiment in `configs/`, overridable as `dotted.key=value`."""
+"""Typed run configs, all of them: one YAML per experiment in `configs/`, overridable as `dotted.key=value`.
+
+This module is the one home of every config class and imports nothing heavy (no JAX, Grain or train code),
+so tools, launchers and tests can read and check a config without building anything. Validation here is
+about the values themselves; whether files exist is checked when a run starts (`tulu_jax.train.setup`).
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import os
 from dataclasses import field
-from typing import Literal
+from typing import ClassVar, Literal
 
-from tulu_jax.data.pipeline import DataConfig
-from tulu_jax.data.preference import PreferenceDataConfig
-from tulu_jax.train.optimizer import OptimConfig
+ON_BAD_ROW = ("error", "skip")
+CHAT_TEMPLATES = ("tulu",)
+LABEL_MODES = ("all", "final")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -17,13 +22,23 @@ class ModelConfig:
     path: str | None = field(
         default=None,
         metadata={
-            "help": "Hugging Face model folder (config.json + safetensors); null builds `preset` with random weights"
+            "help": "Hugging Face model folder (config.json + safetensors) to start from; required unless `preset` "
+            "is set"
         },
     )
-    preset: str = field(default="tiny", metadata={"help": "architecture preset used when path is null"})
+    preset: str | None = field(
+        default=None,
+        metadata={
+            "help": "build this architecture preset with random weights instead of loading model.path (toy runs and "
+            "shape checks only; the tiny configs set `tiny`); must be null when path is set"
+        },
+    )
     tokenizer: str | None = field(
         default=None,
-        metadata={"help": "tokenizer folder; null uses model.path, or the bundled tiny tokenizer when path is null"},
+        metadata={
+            "help": "tokenizer folder; null: model.path's tokenizer, or the bundled 1,024-token tiny tokenizer when "
+            "a preset is built"
+        },
     )
     dtype: str = field(
         default="auto",
@@ -46,11 +61,135 @@ class ModelConfig:
         },
     )
 
+    logits_chunk: int = field(
+        default=512,
+        metadata={
+            "help": "next-token log-probs in chunks of this many positions, so the float32 [batch, length, vocab] "
+            "logits never exist whole (the backward pass recomputes each chunk); 0: all positions at once"
+        },
+    )
+
     def __post_init__(self):
         for name in ("path", "tokenizer"):
             value = getattr(self, name)
             if value is not None:
                 object.__setattr__(self, name, os.path.expanduser(value))
+        if self.path is not None and self.preset is not None:
+            raise ValueError(f"set model.path or model.preset, not both (got {self.path!r} and {self.preset!r})")
+        if self.logits_chunk < 0:
+            raise ValueError(f"logits_chunk must be >= 0, got {self.logits_chunk}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class OptimConfig:
+    lr: float = field(default=5e-6, metadata={"help": "peak learning rate (Tülu 3 SFT: 5e-6 for 8B, 2e-6 for 70B)"})
+    warmup_ratio: float = field(default=0.03, metadata={"help": "fraction of the steps spent warming up linearly"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW decoupled weight decay"})
+    b1: float = field(default=0.9, metadata={"help": "Adam beta1"})
+    b2: float = field(default=0.999, metadata={"help": "Adam beta2"})
+    eps: float = field(default=1e-8, metadata={"help": "Adam epsilon"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "global-norm gradient clip; <= 0 disables it"})
+
+    def __post_init__(self):
+        if self.lr < 0 or not 0 <= self.warmup_ratio <= 1:
+            raise ValueError(
+                f"lr must be >= 0 and warmup_ratio in [0, 1] (got lr={self.lr}, warmup_ratio={self.warmup_ratio})"
+            )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DataFilesConfig:
+    """What every data section has: files, row length, bad-row policy, shuffling, template, readers.
+    `bundled` names the asset folder that `use_bundled: true` trains on."""
+
+    bundled: ClassVar[str] = "tiny_chat"
+
+    train_files: tuple[str, ...] = field(
+        default=(),
+        metadata={"help": "training data: .jsonl, .parquet or datasets.save_to_disk folders (required)"},
+    )
+    eval_files: tuple[str, ...] = field(
+        default=(),
+        metadata={"help": "held-out data, same formats; empty: no evaluation (or the bundled eval split)"},
+    )
+    use_bundled: bool = field(
+        default=False,
+        metadata={
+            "help": "train and evaluate on the bundled toy set shipped with the package instead of train_files "
+            "(the tiny configs); never a silent fallback"
+        },
+    )
+    max_seq_len: int = field(
+        default=256,
+        metadata={
+            "help": "tokens per row (preference pairs: per side); longer examples are cut on the right (pairs lose "
+            "the end of the reply, never the prompt)"
+        },
+    )
+    on_bad_row: str = field(
+        default="error",
+        metadata={"help": "'error': stop at the first invalid row; 'skip': skip it and count it in stats"},
+    )
+    shuffle: bool = field(default=True, metadata={"help": "shuffle examples (seeded, reshuffled each epoch)"})
+    chat_template: str = field(default="tulu", metadata={"help": "chat template name (only 'tulu')"})
+    num_workers: int = field(
+        default=0, metadata={"help": "Grain read threads and prefetch; 0 = read in the calling thread"}
+    )
+
+    def __post_init__(self):
+        for name in ("train_files", "eval_files"):  # YAML gives lists; keep the config hashable.
+            object.__setattr__(self, name, tuple(os.path.expanduser(str(p)) for p in getattr(self, name)))
+        if self.on_bad_row not in ON_BAD_ROW:
+            raise ValueError(f"on_bad_row must be one of {ON_BAD_ROW}, got {self.on_bad_row!r}")
+        if self.chat_template not in CHAT_TEMPLATES:
+            raise ValueError(f"unknown chat_template {self.chat_template!r}; known: {list(CHAT_TEMPLATES)}")
+        if self.max_seq_len < 1 or self.num_workers < 0:
+            raise ValueError(f"need max_seq_len >= 1 and num_workers >= 0, got {self}")
+        if self.use_bundled and (self.train_files or self.eval_files):
+            raise ValueError(
+                "use_bundled=true (train on the bundled toy set) and train_files/eval_files are both set: add "
+                "data.use_bundled=false to use your files"
+            )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DataConfig(DataFilesConfig):
+    """SFT data: conversations with `messages` (bundled: tiny_chat)."""
+
+    pack: bool = field(
+        default=True,
+        metadata={"help": "pack several conversations per row (first-fit), with segment ids and restarting positions"},
+    )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PreferenceDataConfig(DataFilesConfig):
+    """Preference pairs (bundled: tiny_prefs). max_seq_len counts tokens per side: chosen and rejected are
+    each cut on the right, and pairs whose prompt leaves no room for a reply token are skipped."""
+
+    bundled: ClassVar[str] = "tiny_prefs"
+
+    label: str = field(
+        default="all",
+        metadata={
+            "help": "'all': train every assistant turn, as the reference does; 'final': only the last reply and its EOS"
+        },
+    )
+
+    trim_padding: bool = field(
+        default=True,
+        metadata={
+            "help": "pad each batch only to its longest side rounded up to a power of two (at least 64, at most "
+            "max_seq_len) instead of always to max_seq_len: no compute on padding columns, a few compiled shapes"
+        },
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.label not in LABEL_MODES:
+            raise ValueError(f"label must be one of {LABEL_MODES}, got {self.label!r}")
+        if self.max_seq_len < 2:
+            raise ValueError(f"need max_seq_len >= 2 (a prompt token and a reply token), got {self.max_seq_len}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -139,6 +278,10 @@ class DPOOptimConfig(OptimConfig):
     warmup_ratio: float = field(default=0.1, metadata={"help": "fraction of the steps spent warming up linearly"})
 
 
+# β when dpo.beta is null: Tülu 3's 5 for the length-normalized loss, SimPO's paper value, 0.1 (TRL) else.
+DEFAULT_BETA: dict[str, float] = {"dpo": 0.1, "dpo_norm": 5.0, "simpo": 2.0, "ipo": 0.1, "wpo": 0.1}
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DPOLossConfig:
     loss: Literal["dpo", "dpo_norm", "simpo", "ipo", "wpo"] = field(
@@ -166,9 +309,7 @@ class DPOLossConfig:
     )
 
     def __post_init__(self):
-        if self.beta is None:  # β = 5 is only sensible with length normalization (spec §9.8)
-            from tulu_jax.losses.preference import DEFAULT_BETA
-
+        if self.beta is None:  # β = 5 only makes sense with length normalization (Tülu 3 §5, dpo_norm)
             object.__setattr__(self, "beta", DEFAULT_BETA[self.loss])
         if self.beta <= 0 or not 0 <= self.label_smoothing < 0.5:
             raise ValueError(f"need beta > 0 and 0 <= label_smoothing < 0.5, got {self.beta}, {self.label_smoothing}")

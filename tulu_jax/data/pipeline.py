@@ -9,74 +9,20 @@ and keeps its own slice: all hosts then see the same number of steps, even with 
 import copy
 import functools
 import importlib.resources
-from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import grain
 import numpy as np
 
-from tulu_jax.data.chat import TEMPLATES, DataError, encode_chats
-from tulu_jax.data.sources import ON_BAD_ROW, iter_conversations
+from tulu_jax.config import DataConfig, DataFilesConfig
+from tulu_jax.data.chat import DataError, encode_chats
+from tulu_jax.data.sources import iter_conversations
 from tulu_jax.data.tokenizer import pad_id
 
 _ENCODE_CHUNK = 512  # conversations per tokenizer call (fast tokenizers batch in Rust)
-
-
-@dataclass(frozen=True, kw_only=True)
-class DataFilesConfig:
-    """What every data section has: files, row length, bad-row policy, shuffling, template, readers.
-    `bundled` names the asset folder used when no training files are given."""
-
-    bundled: ClassVar[str] = "tiny_chat"
-
-    train_files: tuple[str, ...] = field(
-        default=(),
-        metadata={"help": "training data: .jsonl, .parquet or datasets.save_to_disk folders; empty = the bundled set"},
-    )
-    eval_files: tuple[str, ...] = field(
-        default=(),
-        metadata={
-            "help": "evaluation data, same formats; empty = the bundled eval split if train_files is empty, "
-            "else no evaluation"
-        },
-    )
-    max_seq_len: int = field(
-        default=256,
-        metadata={
-            "help": "tokens per row (preference pairs: per side); longer examples are cut on the right (pairs lose "
-            "the end of the reply, never the prompt)"
-        },
-    )
-    on_bad_row: str = field(
-        default="error",
-        metadata={"help": "'error': stop at the first invalid row; 'skip': skip it and count it in stats"},
-    )
-    shuffle: bool = field(default=True, metadata={"help": "shuffle examples (seeded, reshuffled each epoch)"})
-    chat_template: str = field(default="tulu", metadata={"help": "chat template name (only 'tulu')"})
-    num_workers: int = field(
-        default=0, metadata={"help": "Grain read threads and prefetch; 0 = read in the calling thread"}
-    )
-
-    def __post_init__(self):
-        for name in ("train_files", "eval_files"):  # YAML gives lists; keep the config hashable.
-            object.__setattr__(self, name, tuple(str(p) for p in getattr(self, name)))
-        if self.on_bad_row not in ON_BAD_ROW:
-            raise ValueError(f"on_bad_row must be one of {ON_BAD_ROW}, got {self.on_bad_row!r}")
-        if self.chat_template not in TEMPLATES:
-            raise ValueError(f"unknown chat_template {self.chat_template!r}; known: {sorted(TEMPLATES)}")
-        if self.max_seq_len < 1 or self.num_workers < 0:
-            raise ValueError(f"need max_seq_len >= 1 and num_workers >= 0, got {self}")
-
-
-@dataclass(frozen=True, kw_only=True)
-class DataConfig(DataFilesConfig):
-    """SFT data: conversations with `messages` (bundled: tiny_chat)."""
-
-    pack: bool = field(
-        default=True,
-        metadata={"help": "pack several conversations per row (first-fit), with segment ids and restarting positions"},
-    )
+BATCH_KEYS = ("input_ids", "loss_mask", "segment_ids", "positions")
+MIN_TRIMMED_LENGTH = 64
 
 
 def bundled_file(split: str, name: str = "tiny_chat") -> str:
@@ -85,12 +31,20 @@ def bundled_file(split: str, name: str = "tiny_chat") -> str:
 
 
 def resolve_files(cfg: DataFilesConfig, split: str) -> tuple[str, ...]:
-    """The files of `split`, falling back to the config's bundled set when no training files are given."""
-    if split == "train":
-        return cfg.train_files or (bundled_file("train", cfg.bundled),)
-    if split == "eval":
-        return cfg.eval_files or (() if cfg.train_files else (bundled_file("eval", cfg.bundled),))
-    raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+    """The files of `split` ("train" or "eval"): the configured ones, or the bundled set's split when
+    `cfg.use_bundled` is set. Never a fallback: no training files and no `use_bundled` is a ConfigError."""
+    if split not in ("train", "eval"):
+        raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+    if cfg.use_bundled:
+        return (bundled_file(split, cfg.bundled),)
+    if split == "train" and not cfg.train_files:
+        from tulu_jax.configlib import ConfigError
+
+        raise ConfigError(
+            "data.train_files: no training files given (set data.train_files=PATH[,PATH...], or "
+            "data.use_bundled=true for the bundled toy set)"
+        )
+    return cfg.train_files if split == "train" else cfg.eval_files
 
 
 def run_inputs(
@@ -192,6 +146,18 @@ def slice_rows(batch: dict[str, np.ndarray], *, start: int, size: int) -> dict[s
     return {k: v[start : start + size] for k, v in batch.items()}
 
 
+def trimmed_length(longest: int, max_seq_len: int) -> int:
+    """The padded length of a batch whose longest side has `longest` tokens: the next power of two (at
+    least MIN_TRIMMED_LENGTH), capped at max_seq_len, so a run compiles only a handful of shapes."""
+    return min(max_seq_len, max(MIN_TRIMMED_LENGTH, 1 << max(longest - 1, 0).bit_length()))
+
+
+def trim_padding(batch: dict[str, np.ndarray], *, max_seq_len: int) -> dict[str, np.ndarray]:
+    """Drops the padding columns every row of a (global) batch shares; per-pair arrays pass through."""
+    length = trimmed_length(int((batch["segment_ids"] > 0).sum(-1).max()), max_seq_len)
+    return {k: v[..., :length] if k in BATCH_KEYS else v for k, v in batch.items()}
+
+
 class SFTPipeline:
     """Batches of [batch_size, max_seq_len] int32 arrays: input_ids, loss_mask, segment_ids, positions.
 
@@ -218,7 +184,8 @@ class SFTPipeline:
         self._store, self._stats = encode_files(
             self.files, tokenizer, max_seq_len=cfg.max_seq_len, on_bad_row=cfg.on_bad_row, template=cfg.chat_template
         )
-        self._dataset = self._build(pad_id(tokenizer), process_index, process_count)
+        self._pad = pad_id(tokenizer)
+        self._dataset = self._build(self._pad, process_index, process_count)
         self._num_batches: int | None = None
 
     def _build(self, pad: int, process_index: int, process_count: int) -> grain.IterDataset:
@@ -258,6 +225,28 @@ class SFTPipeline:
         """Counters over the files (one epoch, all processes): rows_read, rows_skipped (by reason),
         conversations, conversations_truncated, tokens, trained_tokens."""
         return copy.deepcopy(self._stats)
+
+    def __len__(self) -> int:
+        return len(self._store)
+
+    def ordered_batches(self, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+        """Every conversation exactly once, in file order, one per row (unpacked, whatever `cfg.pack`):
+        [batch_size, max_seq_len] int32 input_ids, loss_mask, segment_ids, positions, plus `valid`
+        [batch_size] (1 real row, 0 filler). The last batch is filled with empty rows (segment id 0,
+        so no token of theirs is trained or counted) to keep shapes fixed. For held-out evaluation:
+        any number of conversations counts completely, packed or not."""
+        if batch_size < 1:
+            raise ValueError(f"need batch_size >= 1, got {batch_size}")
+        n, length = len(self._store), self.cfg.max_seq_len
+        empty = _pad_row({"input_ids": np.zeros(0, np.int32), "loss_mask": np.zeros(0, np.int8)}, length=length, pad=0)
+        for start in range(0, n, batch_size):
+            rows = [
+                _pad_row(self._store[i], length=length, pad=self._pad) if i < n else empty
+                for i in range(start, start + batch_size)
+            ]
+            batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+            batch["valid"] = (np.arange(start, start + batch_size) < n).astype(np.int32)
+            yield trim_padding(batch, max_seq_len=length)  # eval rows are short: no compute on shared padding
 
     def count_batches(self) -> int:
         """Batches the whole run yields (for the LR schedule). Iterates once when packing."""

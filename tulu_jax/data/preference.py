@@ -17,50 +17,18 @@ import functools
 import hashlib
 import json
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any
 
 import grain
 import numpy as np
 
+from tulu_jax.config import LABEL_MODES, PreferenceDataConfig
 from tulu_jax.data.chat import TEMPLATES, DataError, spans_to_token_mask, validate_messages
-from tulu_jax.data.pipeline import DataFilesConfig, bundled_file, resolve_files, run_inputs, slice_rows
+from tulu_jax.data.pipeline import BATCH_KEYS, bundled_file, resolve_files, run_inputs, slice_rows, trim_padding
 from tulu_jax.data.sources import iter_valid_rows
 from tulu_jax.data.tokenizer import pad_id
 
-LABEL_MODES = ("all", "final")
 _ENCODE_CHUNK = 256  # pairs per tokenizer call (each pair is two conversations)
-BATCH_KEYS = ("input_ids", "loss_mask", "segment_ids", "positions")
-
-
-@dataclass(frozen=True, kw_only=True)
-class PreferenceDataConfig(DataFilesConfig):
-    """Preference pairs (bundled: tiny_prefs). max_seq_len counts tokens per side: chosen and rejected are
-    each cut on the right, and pairs whose prompt leaves no room for a reply token are skipped."""
-
-    bundled: ClassVar[str] = "tiny_prefs"
-
-    label: str = field(
-        default="all",
-        metadata={
-            "help": "'all': train every assistant turn, as the reference does; 'final': only the last reply and its EOS"
-        },
-    )
-
-    trim_padding: bool = field(
-        default=True,
-        metadata={
-            "help": "pad each batch only to its longest side rounded up to a power of two (at least 64, at most "
-            "max_seq_len) instead of always to max_seq_len: no compute on padding columns, a few compiled shapes"
-        },
-    )
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.label not in LABEL_MODES:
-            raise ValueError(f"label must be one of {LABEL_MODES}, got {self.label!r}")
-        if self.max_seq_len < 2:
-            raise ValueError(f"need max_seq_len >= 2 (a prompt token and a reply token), got {self.max_seq_len}")
 
 
 def bundled_prefs_file(split: str) -> str:
@@ -288,21 +256,6 @@ def _pad_pair(example: dict[str, Any], *, length: int, pad: int) -> dict[str, np
         out["positions"][s, :n] = np.arange(n)
     out["index"] = np.int32(example["index"])
     return out
-
-
-MIN_TRIMMED_LENGTH = 64
-
-
-def trimmed_length(longest: int, max_seq_len: int) -> int:
-    """The padded length of a batch whose longest side has `longest` tokens: the next power of two (at
-    least MIN_TRIMMED_LENGTH), capped at max_seq_len, so a run compiles only a handful of shapes."""
-    return min(max_seq_len, max(MIN_TRIMMED_LENGTH, 1 << max(longest - 1, 0).bit_length()))
-
-
-def trim_padding(batch: dict[str, np.ndarray], *, max_seq_len: int) -> dict[str, np.ndarray]:
-    """Drops the padding columns every row of a (global) batch shares; per-pair arrays pass through."""
-    length = trimmed_length(int(batch["segment_ids"].sum(-1).max()), max_seq_len)
-    return {k: v[..., :length] if k in BATCH_KEYS else v for k, v in batch.items()}
 
 
 class PreferencePipeline:

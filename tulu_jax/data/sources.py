@@ -9,9 +9,9 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+from tulu_jax.config import ON_BAD_ROW
 from tulu_jax.data.chat import DataError, validate_messages
 
-ON_BAD_ROW = ("error", "skip")
 T = TypeVar("T")
 
 

@@ -65,9 +65,11 @@ def init_param_subtree(model: nn.Module, mesh: Mesh, rng, key: str):
     return init(rng)
 
 
-def load_params(model_dir: str, model: Decoder, mesh: Mesh):
+def load_params(model_dir: str, model: Decoder, mesh: Mesh, dtype=None):
+    """The Hugging Face weights in `model_dir`, each placed directly on its shards, in `dtype` (default: the
+    model's parameter dtype; a frozen model can load straight into its compute dtype)."""
     abstract, shardings = param_layout(model, mesh)
-    return hf.load_hf_params(model_dir, model.cfg, abstract, shardings, dtype=abstract_dtype(abstract))
+    return hf.load_hf_params(model_dir, model.cfg, abstract, shardings, dtype=dtype or abstract_dtype(abstract))
 
 
 def abstract_dtype(abstract):

@@ -1,5 +1,10 @@
-"""One Orbax checkpoint per saved step holding the train state *and* the data iterator's state, so a
-resumed run sees exactly the batches, and therefore the losses, of a run that was never stopped."""
+"""One Orbax checkpoint per saved step holding the run's states *and* the data iterator's state, so a
+resumed run sees exactly the batches, and therefore the losses, of a run that was never stopped.
+
+The states are any pytree of arrays: one TrainState (SFT, DPO, RM: its `rng` key data rides along), or
+e.g. `{"policy": TrainState, "value": TrainState, "rollout_rng": key_data}` for PPO. Restoring needs the
+same tree as abstract shapes plus the shardings to place each array in (which may differ from the
+saving run's: Orbax reshards on restore)."""
 
 from __future__ import annotations
 
@@ -21,8 +26,10 @@ class Checkpointer:
         return self._mngr.latest_step()
 
     def save(self, step: int, state, data_state: dict[str, Any], extra: dict[str, Any] | None = None) -> None:
-        """Asynchronous: training goes on while the arrays are written. A step that was not finished
-        when the process died is never committed, so it cannot be restored half-written."""
+        """Saves `state` (any pytree of jax arrays), the data iterator's JSON state and `extra` (JSON).
+
+        Asynchronous: training goes on while the arrays are written. A step that was not finished when
+        the process died is never committed, so it cannot be restored half-written."""
         self._mngr.save(
             step,
             args=ocp.args.Composite(
@@ -33,7 +40,8 @@ class Checkpointer:
         )
 
     def restore(self, abstract_state, shardings, step: int | None = None):
-        """Returns (state, data_state, extra), the state placed directly in `shardings`."""
+        """Returns (state, data_state, extra) of `step` (default: the latest), the state placed directly in
+        `shardings` (a pytree matching `abstract_state`, whose leaves give shapes and dtypes)."""
         step = self.latest_step() if step is None else step
         target = jax.tree.map(
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings

@@ -1,24 +1,26 @@
-"""The DPO trainer (spec §3): preference pairs, a frozen reference (cached log-probs or live), the shared loop."""
+"""The DPO trainer (Tülu 3 §5; open-instruct `dpo_tune_cache.py`, `dpo_utils.py`): preference pairs, a
+frozen reference (cached log-probs or live), the shared loop."""
 
 from __future__ import annotations
 
 import os
 
-import jax
 import numpy as np
 
-from tulu_jax.config import DPOConfig
+from tulu_jax.config import DPOConfig, DPOLossConfig
 from tulu_jax.data.preference import PreferencePipeline, resolve_pref_files
 from tulu_jax.models import hf
-from tulu_jax.models.loading import init_params, load_params
-from tulu_jax.train import reference_cache
+from tulu_jax.train import batches, reference_cache
 from tulu_jax.train.checkpoint import Checkpointer
-from tulu_jax.train.dpo_step import PAIR_KEYS, jit_dpo_step, jit_eval_sums, jit_pair_logps
-from tulu_jax.train.loop import finish_run, log, restore_or_start, train_loop
-from tulu_jax.train.metrics import MetricsLogger
-from tulu_jax.train.preference_run import PreferenceRun, mean_over_pairs, real_tokens
-from tulu_jax.train.sft import build_train_model
+from tulu_jax.train.dpo_step import LossParams, jit_dpo_step, jit_eval_sums, jit_pair_logps, step_keys
+from tulu_jax.train.loop import finish_run, make_reporter, restore_or_start, train_loop
+from tulu_jax.train.preference_run import PreferenceRun, mean_over_pairs
+from tulu_jax.train.reporter import log
 from tulu_jax.train.state import create_state
+
+
+def loss_params(cfg: DPOLossConfig) -> LossParams:
+    return LossParams(cfg.loss, cfg.beta, cfg.label_smoothing, cfg.gamma_beta_ratio)
 
 
 class DPORun(PreferenceRun):
@@ -26,30 +28,23 @@ class DPORun(PreferenceRun):
 
     def __init__(self, cfg: DPOConfig):
         ref = cfg.dpo.reference if cfg.dpo.needs_reference else "none"
-        super().__init__(
-            cfg, build_train_model, describe=f"; loss {cfg.dpo.loss} (beta {cfg.dpo.beta}), reference {ref}"
+        super().__init__(cfg, describe=f"; loss {cfg.dpo.loss} (beta {cfg.dpo.beta}), reference {ref}")
+        self.logps_fn = jit_pair_logps(
+            self.model, self.mesh, self.shardings.params, logits_chunk=cfg.model.logits_chunk
         )
-        self.logps_fn = jit_pair_logps(self.model, self.mesh, self.shardings.params)
-
-    # --- parameters ---------------------------------------------------------------------------------
-    def initial_params(self):
-        cfg = self.cfg
-        if cfg.model.path:
-            return load_params(cfg.model.path, self.model, self.mesh)
-        return init_params(self.model, self.mesh, jax.random.key(cfg.train.seed))
 
     @property
     def reference_path(self) -> str | None:
         return self.cfg.dpo.reference_path or self.cfg.model.path
 
     def reference_params(self):
-        """The frozen reference: reference_path, else the very model the policy starts from."""
-        if self.reference_path:
-            return load_params(self.reference_path, self.model, self.mesh)
-        return init_params(self.model, self.mesh, jax.random.key(self.cfg.train.seed))
+        """The frozen reference in the compute dtype (it is never updated, so no float32 master copy):
+        `dpo.reference_path`, else the very model the policy starts from."""
+        return self.run.load_or_init(self.reference_path, dtype=self.model.dtype)
 
     def reference_logps(self, pipeline: PreferencePipeline, params, desc: str) -> np.ndarray:
-        """[N, 2] summed reference log-probs of every pair of `pipeline`, from the on-disk cache or computed."""
+        """[N, 2] summed reference log-probs of every pair of `pipeline`, from the on-disk cache or computed
+        with `params` (or `params()`, called only on a cache miss)."""
         cfg = self.cfg
         model_id = reference_cache.reference_model_id(
             self.reference_path, self.dcfg, self.model.dtype.__name__, cfg.train.seed
@@ -64,7 +59,7 @@ class DPORun(PreferenceRun):
                 p,
                 pipeline,
                 global_batch=self.global_batch,
-                to_device=lambda b: self.ordered_to_device(b, PAIR_KEYS),
+                to_device=lambda b: self.ordered_to_device(b, batches.TOKEN_KEYS),
                 desc=desc,
             )
 
@@ -90,15 +85,16 @@ class DPOEvaluator:
             if cfg.dpo.needs_reference
             else np.zeros((len(self.pipeline), 2), np.float32)
         )
-        self._eval = jit_eval_sums(run.model, run.mesh, run.shardings.params, cfg.dpo)
+        self._eval = jit_eval_sums(
+            run.model, run.mesh, run.shardings.params, loss_params(cfg.dpo), logits_chunk=cfg.model.logits_chunk
+        )
 
     def __call__(self, params) -> dict[str, float]:
-        keys = (*PAIR_KEYS, "ref_logps", "valid")
         out = mean_over_pairs(
             self.run,
             self.pipeline,
             lambda b: self._eval(params, b),
-            keys,
+            (*step_keys(live=False), "valid"),
             prepare=lambda b: {**b, "ref_logps": self.ref[b["index"]]},
         )
         out["eval/rewards/average"] = (out["eval/rewards/chosen"] + out["eval/rewards/rejected"]) / 2
@@ -106,6 +102,7 @@ class DPOEvaluator:
 
 
 def run_dpo(cfg: DPOConfig) -> dict:
+    """Trains, checkpoints and exports as `cfg` says; returns the summary (also in OUTPUT_DIR/summary.json)."""
     run = DPORun(cfg)
     live = cfg.dpo.reference == "live" and cfg.dpo.needs_reference
     ckpt = Checkpointer(os.path.join(run.out_dir, "checkpoints"), cfg.checkpoint.keep)
@@ -115,7 +112,7 @@ def run_dpo(cfg: DPOConfig) -> dict:
         run.abstract,
         run.shardings,
         data_iter,
-        lambda: create_state(run.initial_params(), run.tx, cfg.train.seed, run.shardings),
+        lambda: create_state(run.run.load_or_init(cfg.model.path), run.tx, cfg.train.seed, run.shardings),
     )
 
     # The reference: live parameters, or per-pair log-probs looked up by example id.
@@ -137,38 +134,42 @@ def run_dpo(cfg: DPOConfig) -> dict:
         run.schedule,
         run.mesh,
         run.shardings,
-        cfg=cfg.dpo,
+        cfg=loss_params(cfg.dpo),
         accum_steps=cfg.train.grad_accum_steps,
         live=live,
+        logits_chunk=cfg.model.logits_chunk,
     )
-    keys = PAIR_KEYS if live else (*PAIR_KEYS, "ref_logps")
 
     def to_device(host_batch):
         if not live:
             ref = train_ref if train_ref is not None else np.zeros((len(run.pipeline), 2), np.float32)
             host_batch = {**host_batch, "ref_logps": ref[host_batch["index"]]}
-        return run.to_device(host_batch, keys)
+        return run.to_device(host_batch, step_keys(live))
 
-    train_step = (lambda s, b: step_fn(s, b, ref_params)) if live else step_fn
-    logger = MetricsLogger(run.out_dir, resume_step=start, enabled=jax.process_index() == 0)
+    reporter = make_reporter(
+        "dpo",
+        cfg,
+        run.out_dir,
+        start=start,
+        total_steps=run.total_steps,
+        ckpt=ckpt,
+        show=("loss", "rewards/accuracy", "rewards/margin"),
+    )
     if start == 0 and evaluate.enabled:
-        logger.log(0, evaluate(state.params))
+        reporter.log_now(0, evaluate(state.params))
     result = train_loop(
-        name="dpo",
         state=state,
         start=start,
         total_steps=run.total_steps,
         data_iter=data_iter,
         to_device=to_device,
-        step_fn=train_step,
-        host_stats=real_tokens,
+        step_fn=(lambda s, b: step_fn(s, b, ref_params)) if live else step_fn,
+        host_stats=batches.real_tokens,
         evaluate=evaluate if evaluate.enabled else None,
         eval_every=cfg.train.eval_every,
-        log_every=cfg.train.log_every,
         ckpt=ckpt,
         checkpoint_every=cfg.checkpoint.every_steps,
-        logger=logger,
-        show=("loss", "rewards/accuracy", "rewards/margin"),
+        reporter=reporter,
         extra_metrics=run.epoch,
     )
     return finish_run(

@@ -1,4 +1,5 @@
-"""The DPO-family train step: a pure `(state, batch[, ref_params]) -> (state, metrics)`.
+"""The DPO-family train step (Tülu 3 §5; open-instruct `dpo_utils.py`, `dpo_tune_cache.py`): a pure
+`(state, batch[, ref_params]) -> (state, metrics)`.
 
 Batches hold pairs as [B, 2, T] arrays (0 = chosen, 1 = rejected); both sides go through the model in
 one [2B, T] forward. The reference's summed log-probs come either with the batch (`ref_logps`, from the
@@ -9,6 +10,7 @@ the *global* batch, so accumulated micro-batches give the full batch's gradient.
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -17,29 +19,38 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from tulu_jax import sharding as shd
-from tulu_jax.config import DPOLossConfig
 from tulu_jax.losses import PreferenceOutput, labelled_sums, preference_loss
-from tulu_jax.losses.logps import DEFAULT_LOGITS_CHUNK
 from tulu_jax.models.decoder import Decoder
 from tulu_jax.train.accumulate import accumulate_grads
+from tulu_jax.train.batches import TOKEN_KEYS, batch_shardings
 from tulu_jax.train.forward import next_token_logps
 from tulu_jax.train.state import TrainState
 
-PAIR_KEYS = ("input_ids", "loss_mask", "segment_ids", "positions")
+
+class LossParams(NamedTuple):
+    """What the preference loss needs (static under jit): `loss` names a function of
+    `losses.PREFERENCE_LOSSES`; `beta` > 0; `label_smoothing` ε in [0, 0.5); SimPO's `gamma_beta_ratio`."""
+
+    loss: str
+    beta: float
+    label_smoothing: float = 0.0
+    gamma_beta_ratio: float = 0.3
 
 
-def pair_logps(params, batch, *, model: Decoder):
-    """(summed log-probs [B, 2], labelled-token counts [B, 2]) of both sides of every pair."""
+def pair_logps(params, batch, *, model: Decoder, logits_chunk: int = 0):
+    """(summed log-probs [B, 2], labelled-token counts [B, 2]), float32, of both sides of every pair of a
+    [B, 2, T] token batch (TOKEN_KEYS), in one [2B, T] forward."""
     b, _, t = batch["input_ids"].shape
-    flat = {k: batch[k].reshape(2 * b, t) for k in PAIR_KEYS}
+    flat = {k: batch[k].reshape(2 * b, t) for k in TOKEN_KEYS}
     token_logps = next_token_logps(
-        model, params, flat["input_ids"], flat["positions"], flat["segment_ids"], chunk_size=DEFAULT_LOGITS_CHUNK
+        model, params, flat["input_ids"], flat["positions"], flat["segment_ids"], chunk_size=logits_chunk
     )
     logps, counts = labelled_sums(token_logps, flat["input_ids"], flat["loss_mask"], flat["segment_ids"])
     return logps.reshape(b, 2), counts.reshape(b, 2)
 
 
-def pair_loss(policy_logps_Bx2, ref_logps_Bx2, counts_Bx2, cfg: DPOLossConfig) -> PreferenceOutput:
+def pair_loss(policy_logps_Bx2, ref_logps_Bx2, counts_Bx2, cfg: LossParams) -> PreferenceOutput:
+    """The per-pair loss `cfg.loss` of summed policy/reference log-probs and token counts, all [B, 2]."""
     return preference_loss(
         cfg.loss,
         policy_logps_Bx2[:, 0],
@@ -57,8 +68,8 @@ def pair_loss(policy_logps_Bx2, ref_logps_Bx2, counts_Bx2, cfg: DPOLossConfig) -
 def metric_sums(out: PreferenceOutput, weights_B) -> dict[str, jax.Array]:
     """Per-pair metrics summed with weights (1 per real pair); divide by the pair count for means.
 
-    Accuracy is per pair (the reference takes it on micro-batch-mean rewards, which is the same only
-    at one pair per device, spec §3.6).
+    Accuracy is per pair (open-instruct's `dpo_tune_cache.py` takes it on micro-batch-mean rewards, which is
+    the same only at one pair per device).
     """
     rc, rr = out.chosen_rewards, out.rejected_rewards
     per_pair = {
@@ -87,17 +98,22 @@ def dpo_step(
     model: Decoder,
     tx: optax.GradientTransformation,
     schedule: optax.Schedule,
-    cfg: DPOLossConfig,
+    cfg: LossParams,
     accum_steps: int,
+    logits_chunk: int = 0,
 ):
-    """One optimizer step. `batch` carries `ref_logps` [B, 2] unless `ref_params` are given (live)."""
+    """One optimizer step on [B, 2, T] pairs. `batch` carries `ref_logps` [B, 2] (summed reference log-probs,
+    e.g. from the cache) unless `ref_params` are given (a live reference, any dtype, never updated). The
+    loss is the mean over the pairs of the global batch; metrics (float32 scalars, TRL/open-instruct
+    names): loss, rewards/{chosen,rejected,accuracy,margin,average}, logps/{chosen,rejected}, grad_norm,
+    learning_rate, trained_tokens."""
     num_pairs = batch["input_ids"].shape[0]
     live = ref_params is not None
 
     def micro_loss(params, mb):
-        logps, counts = pair_logps(params, mb, model=model)
+        logps, counts = pair_logps(params, mb, model=model, logits_chunk=logits_chunk)
         if live:
-            ref = jax.lax.stop_gradient(pair_logps(ref_params, mb, model=model)[0])
+            ref = jax.lax.stop_gradient(pair_logps(ref_params, mb, model=model, logits_chunk=logits_chunk)[0])
         else:
             ref = mb["ref_logps"]
         out = pair_loss(logps, ref, counts, cfg)
@@ -105,7 +121,7 @@ def dpo_step(
         sums["trained_tokens"] = jnp.sum(counts)
         return sums["loss"] / num_pairs, sums
 
-    keys = PAIR_KEYS if live else (*PAIR_KEYS, "ref_logps")
+    keys = TOKEN_KEYS if live else (*TOKEN_KEYS, "ref_logps")
     (_, sums), grads = accumulate_grads(micro_loss, state.params, {k: batch[k] for k in keys}, accum_steps)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -115,21 +131,30 @@ def dpo_step(
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
-def batch_shardings(mesh: Mesh, live: bool) -> dict[str, NamedSharding]:
-    """Pairs split over data+fsdp; each pair's chosen and rejected rows stay on one device."""
-    out = {k: shd.batch_sharding(mesh) for k in PAIR_KEYS}
-    if not live:
-        out["ref_logps"] = shd.batch_sharding(mesh)
-    return out
+def step_keys(live: bool) -> tuple[str, ...]:
+    """The batch keys of a DPO step: the token arrays, plus the cached `ref_logps` unless the reference is live."""
+    return TOKEN_KEYS if live else (*TOKEN_KEYS, "ref_logps")
 
 
 def jit_dpo_step(
-    model: Decoder, tx, schedule, mesh: Mesh, state_shardings, *, cfg: DPOLossConfig, accum_steps: int, live: bool
+    model: Decoder,
+    tx,
+    schedule,
+    mesh: Mesh,
+    state_shardings,
+    *,
+    cfg: LossParams,
+    accum_steps: int,
+    live: bool,
+    logits_chunk: int = 0,
 ):
     """Compiled once for this mesh, state donated. Cached reference: `run(state, batch)` with
-    `batch["ref_logps"]`; live: `run(state, batch, ref_params)` (sharded like the policy, never donated)."""
-    step = functools.partial(dpo_step, model=model, tx=tx, schedule=schedule, cfg=cfg, accum_steps=accum_steps)
-    in_shardings = (state_shardings, batch_shardings(mesh, live=live))
+    `batch["ref_logps"]`; live: `run(state, batch, ref_params)` (sharded like the policy, never donated).
+    Pairs are split over data+fsdp; each pair's chosen and rejected rows stay on one device."""
+    step = functools.partial(
+        dpo_step, model=model, tx=tx, schedule=schedule, cfg=cfg, accum_steps=accum_steps, logits_chunk=logits_chunk
+    )
+    in_shardings = (state_shardings, batch_shardings(mesh, step_keys(live)))
     if live:
         in_shardings += (state_shardings.params,)
     return shd.jit_on_mesh(
@@ -141,21 +166,21 @@ def jit_dpo_step(
     )
 
 
-def jit_pair_logps(model: Decoder, mesh: Mesh, param_shardings):
+def jit_pair_logps(model: Decoder, mesh: Mesh, param_shardings, *, logits_chunk: int = 0):
     """Forward only: `run(params, batch) -> (logps [B, 2], counts [B, 2])`, replicated on every device."""
     rep = NamedSharding(mesh, P())
     return shd.jit_on_mesh(
-        functools.partial(pair_logps, model=model),
+        functools.partial(pair_logps, model=model, logits_chunk=logits_chunk),
         mesh,
-        in_shardings=(param_shardings, batch_shardings(mesh, live=True)),
+        in_shardings=(param_shardings, batch_shardings(mesh)),
         out_shardings=(rep, rep),
     )
 
 
-def eval_sums(params, batch, *, model: Decoder, cfg: DPOLossConfig):
+def eval_sums(params, batch, *, model: Decoder, cfg: LossParams, logits_chunk: int = 0):
     """Forward only over a batch with `ref_logps` and `valid` [B]: metric sums over the real pairs, plus the
     policy-only accuracy (length-normalized chosen log-prob above the rejected one)."""
-    logps, counts = pair_logps(params, batch, model=model)
+    logps, counts = pair_logps(params, batch, model=model, logits_chunk=logits_chunk)
     out = pair_loss(logps, batch["ref_logps"], counts, cfg)
     valid = batch["valid"].astype(jnp.float32)
     sums = metric_sums(out, valid)
@@ -165,12 +190,10 @@ def eval_sums(params, batch, *, model: Decoder, cfg: DPOLossConfig):
     return sums
 
 
-def jit_eval_sums(model: Decoder, mesh: Mesh, param_shardings, cfg: DPOLossConfig):
-    shardings = batch_shardings(mesh, live=False)
-    shardings["valid"] = shd.batch_sharding(mesh)
+def jit_eval_sums(model: Decoder, mesh: Mesh, param_shardings, cfg: LossParams, *, logits_chunk: int = 0):
     return shd.jit_on_mesh(
-        functools.partial(eval_sums, model=model, cfg=cfg),
+        functools.partial(eval_sums, model=model, cfg=cfg, logits_chunk=logits_chunk),
         mesh,
-        in_shardings=(param_shardings, shardings),
+        in_shardings=(param_shardings, batch_shardings(mesh, (*step_keys(live=False), "valid"))),
         out_shardings=NamedSharding(mesh, P()),
     )

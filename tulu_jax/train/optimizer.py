@@ -2,27 +2,9 @@
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import field
-
 import optax
 
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class OptimConfig:
-    lr: float = field(default=5e-6, metadata={"help": "peak learning rate (Tülu 3 SFT: 5e-6 for 8B, 2e-6 for 70B)"})
-    warmup_ratio: float = field(default=0.03, metadata={"help": "fraction of the steps spent warming up linearly"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW decoupled weight decay"})
-    b1: float = field(default=0.9, metadata={"help": "Adam beta1"})
-    b2: float = field(default=0.999, metadata={"help": "Adam beta2"})
-    eps: float = field(default=1e-8, metadata={"help": "Adam epsilon"})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "global-norm gradient clip; <= 0 disables it"})
-
-    def __post_init__(self):
-        if self.lr < 0 or not 0 <= self.warmup_ratio <= 1:
-            raise ValueError(
-                f"lr must be >= 0 and warmup_ratio in [0, 1] (got lr={self.lr}, warmup_ratio={self.warmup_ratio})"
-            )
+from tulu_jax.config import OptimConfig
 
 
 def linear_schedule(peak_lr: float, total_steps: int, warmup_ratio: float) -> optax.Schedule:

@@ -1,49 +1,35 @@
-"""Setup shared by the pairwise trainers (DPO, reward model): mesh, model, preference data, optimizer,
-state layout and host-to-device feeding of [B, 2, T] pair batches."""
+"""Set-up shared by the pairwise trainers (DPO, reward model): the common run (`setup.prepare`) plus the
+preference data, its step count, and host-to-device feeding of [B, 2, T] pair batches."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
 
+import flax.linen as nn
 import jax
 import numpy as np
 
-from tulu_jax import sharding as shd
-from tulu_jax.configlib import ConfigError
 from tulu_jax.data.preference import PreferencePipeline
-from tulu_jax.train.loop import log, make_train_mesh, prepare_output_dir
-from tulu_jax.train.optimizer import make_optimizer
-from tulu_jax.train.sft import load_model_and_tokenizer
-from tulu_jax.train.state import state_layout
-
-
-def process_rows(batch: dict[str, np.ndarray], global_batch: int) -> dict[str, np.ndarray]:
-    """This process's slice of a global host batch (every key is split along its first axis)."""
-    per = global_batch // jax.process_count()
-    start = jax.process_index() * per
-    return {k: v[start : start + per] for k, v in batch.items()}
-
-
-def real_tokens(batch: dict[str, np.ndarray]) -> dict[str, float]:
-    return {"tokens": float(np.sum(batch["segment_ids"] > 0))}
+from tulu_jax.models.decoder import Decoder
+from tulu_jax.train import batches, setup
+from tulu_jax.train.reporter import log
 
 
 class PreferenceRun:
-    """What a pairwise run builds before its loop. `build_model(model_cfg, decoder_cfg)` picks the network
-    (causal LM for DPO, reward model for RM)."""
+    """What a pairwise run builds before its loop: `run` (mesh, tokenizer, model, optimizer, state layout)
+    and `pipeline` (the training pairs). `module` picks the network (causal LM for DPO, reward model)."""
 
-    def __init__(self, cfg, build_model: Callable, describe: str = ""):
+    def __init__(self, cfg, module: type[nn.Module] = Decoder, describe: str = ""):
         self.cfg = cfg
-        self.out_dir = prepare_output_dir(cfg)
-        self.mesh = make_train_mesh(cfg.mesh, cfg.train, what="pairs")
-        self.dcfg, self.tokenizer = load_model_and_tokenizer(cfg.model)
-        self.model = build_model(cfg.model, self.dcfg)
-        self.global_batch = cfg.train.batch_size
-        log(
-            f"model: {self.dcfg.family}, {self.dcfg.num_params / 1e6:.1f}M parameters, compute "
-            f"{self.model.dtype.__name__}; mesh {dict(self.mesh.shape)} on {jax.device_count()} "
-            f"{jax.default_backend()} device(s){describe}"
+        self.run = run = setup.prepare(cfg, module=module, what="pairs", describe=describe)
+        self.out_dir, self.mesh, self.dcfg, self.tokenizer, self.model = (
+            run.out_dir,
+            run.mesh,
+            run.dcfg,
+            run.tokenizer,
+            run.model,
         )
+        self.global_batch = cfg.train.batch_size
         self.pipeline = self.make_pipeline(files=None, shuffle=cfg.data.shuffle, num_epochs=cfg.train.num_epochs)
         s = self.pipeline.stats
         log(
@@ -51,19 +37,11 @@ class PreferenceRun:
             f"pairs truncated to {cfg.data.max_seq_len} tokens: {s['pairs_truncated']}); "
             f"{s['trained_tokens']} of {s['tokens']} tokens trained"
         )
-        self.total_steps = cfg.train.max_steps if cfg.train.max_steps > 0 else self.pipeline.count_batches()
-        if self.total_steps <= 0:
-            raise ValueError("the preference data yields no full batch: add data or lower train.batch_size")
-        self.tx, self.schedule = make_optimizer(cfg.optim, self.total_steps)
-        try:
-            self.abstract, self.shardings = state_layout(self.model, self.tx, self.mesh)
-        except ValueError as e:  # a dimension that the mesh does not divide
-            raise ConfigError(str(e)) from None
-        self._sharding = shd.batch_sharding(self.mesh)
+        run.add_optimizer(cfg.train.max_steps if cfg.train.max_steps > 0 else self.pipeline.count_batches())
+        self.total_steps, self.tx, self.schedule = run.total_steps, run.tx, run.schedule
+        self.abstract, self.shardings = run.abstract, run.shardings
 
     def make_pipeline(self, *, files, shuffle: bool, num_epochs: int) -> PreferencePipeline:
-        import dataclasses
-
         return PreferencePipeline(
             dataclasses.replace(self.cfg.data, shuffle=shuffle),
             self.tokenizer,
@@ -75,11 +53,11 @@ class PreferenceRun:
 
     def to_device(self, host_batch: dict[str, np.ndarray], keys) -> dict:
         """Process-local rows of `keys` -> global arrays split over data+fsdp."""
-        return {k: jax.make_array_from_process_local_data(self._sharding, host_batch[k]) for k in keys}
+        return batches.to_device(host_batch, self.mesh, keys)
 
     def ordered_to_device(self, global_batch: dict[str, np.ndarray], keys) -> dict:
         """A global batch from `ordered_batches` (every process holds all of it) -> global arrays."""
-        return self.to_device(process_rows(global_batch, self.global_batch), keys)
+        return self.to_device(batches.process_rows(global_batch, self.global_batch), keys)
 
     def epoch(self, step: int) -> dict[str, float]:
         return {"epoch": step * self.global_batch / len(self.pipeline)}

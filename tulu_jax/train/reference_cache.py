@@ -1,4 +1,5 @@
-"""Reference-model log-probs computed once and kept on disk, keyed by example id (spec §3.5, §9.7).
+"""Reference-model log-probs computed once and kept on disk, keyed by example id (as open-instruct's
+`dpo_tune_cache.py` does before training: the policy at step 0 is the reference).
 
 The cache holds, for every pair of a data set, the reference's *summed* log-probs of chosen and
 rejected plus their labelled-token counts; each loss averages from those itself, so one cache serves
@@ -21,6 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 from tulu_jax.models.config import DecoderConfig
+from tulu_jax.multihost import process_zero_decides
 
 CACHE_VERSION = 1
 
@@ -72,9 +74,12 @@ def compute_pair_logps(
 
 
 def load_or_compute(cache_dir: str, key: str, compute: Callable[[], tuple[np.ndarray, np.ndarray]], log=print):
-    """The cached (logps, counts) for `key`, computing and storing them first when absent."""
+    """The cached (logps, counts) for `key`, computing and storing them first when absent.
+
+    Process 0 decides whether the cache exists and every process follows (computing runs collectives, so
+    hosts must never split between reading and computing)."""
     path = os.path.join(cache_dir, f"{key}.npz")
-    if os.path.exists(path):
+    if process_zero_decides(os.path.exists(path)):
         with np.load(path) as f:
             log(f"reference log-probs: reusing {path}")
             return f["logps"], f["counts"]

@@ -53,3 +53,13 @@ def create_state(params, tx: optax.GradientTransformation, seed: int, shardings:
         )
 
     return jax.jit(make, out_shardings=shardings, donate_argnums=0)(params)
+
+
+def step_key(state: TrainState, purpose: int = 0) -> jax.Array:
+    """The PRNG key of the step `state` is about to take, for stream `purpose` (e.g. 0 dropout, 1 rollouts).
+
+    Everything random in a run derives from the checkpointed `state.rng` and the step counter, never from
+    a counter kept outside the state, so a resumed run draws exactly the numbers of an uninterrupted one.
+    Works inside jit (`state.step` may be traced)."""
+    key = jax.random.wrap_key_data(state.rng)
+    return jax.random.fold_in(jax.random.fold_in(key, state.step), purpose)
