@@ -9,7 +9,7 @@ Rows (about 5-8 minutes on one H100/H200 with the defaults, compilation included
   * sft, remat off / on: `tulu_jax.train.sft_step.jit_sft_step` on a ~1.2B Llama-3-style model (preset
     bench-1b: vocab 128,256, hidden 2048, 16 layers, tied embeddings), bfloat16 compute, float32 master
     weights and AdamW state, Tülu 3's sum reduction, `--batch` sequences of `--seq-len` tokens, next-token
-    log-probs through the chunked LM head (`tulu_jax.losses.logps`, chunk DEFAULT_LOGITS_CHUNK).
+    log-probs through the chunked LM head (`tulu_jax.losses.logps`, `--logits-chunk` 512 positions).
   * dpo, remat off / on: `tulu_jax.train.dpo_step.jit_dpo_step`, dpo_norm with β = 5 and cached reference
     log-probs, `--pairs` pairs of 2 x `--seq-len` tokens.
   * decode, batch 1 and 64: `LocalSampler` (tulu_jax/sampling) generating `--new-tokens` tokens after a
@@ -21,14 +21,12 @@ reaches on an H200 (its datasheet's dense figure is 989e12); pass `--peak-flops`
 Each step figure is the median of `--steps` timed steps after `--warmup` untimed ones. A row that fails
 (e.g. out of memory) is printed with its error and the others still run; the exit code is then 1.
 
-Dependencies: jax (0.10 or 0.11, with CUDA), flax, optax, numpy; nothing from grain, tensorboardX,
-datasets or vLLM is needed by the modules this imports, except that `tulu_jax.config` (which the DPO
-step imports for DPOLossConfig) imports `tulu_jax.data` and hence grain. Where a machine lacks a wheel,
-carry it in the git-ignored `wheels/` folder (keep it under 64 MiB) and let bench_gpu.sh install it:
+Dependencies: jax (0.10 or 0.11, with CUDA), flax, optax, numpy. Nothing this imports pulls in grain,
+tensorboardX, datasets or vLLM (tests/test_bench_gpu.py checks). Should a machine lack a wheel, carry it
+in the git-ignored `wheels/` folder (keep it under 64 MiB) and let bench_gpu.sh install it, e.g.
 
     pip download --no-deps --only-binary=:all: --python-version 3.12 \\
-        --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \\
-        grain array-record portpicker -d wheels/
+        --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 PACKAGE==VERSION -d wheels/
 
 `--dry-run` runs every row on a tiny model, a few steps and tokens, on whatever device JAX has (the test
 suite runs it on CPU): the numbers then only show that the pipeline works.
@@ -62,6 +60,9 @@ def parse_args(argv=None):
     ap.add_argument("--steps", type=int, default=5, help="timed steps per row (default 5)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps after compiling (default 1)")
     ap.add_argument("--attention-block", type=int, default=512, help="causal attention query block (0: full)")
+    ap.add_argument(
+        "--logits-chunk", type=int, default=512, help="positions per chunk of the LM head (model.logits_chunk)"
+    )
     ap.add_argument("--peak-flops", type=float, default=PEAK_BF16_H200, help="peak bf16 FLOP/s (default 790e12)")
     ap.add_argument("--decode-batches", default="1,64", help="sampler batch sizes (default 1,64)")
     ap.add_argument("--prompt-len", type=int, default=128, help="sampler prompt tokens (default 128)")
@@ -105,13 +106,16 @@ def _time_step(bench, args) -> float:
 
 def step_row(task: str, remat: bool, cfg, args) -> dict:
     """One train-step row: step time, tokens/s, MFU."""
+    step_kwargs = dict(
+        dtype="bfloat16", remat=remat, attention_block=args.attention_block, logits_chunk=args.logits_chunk
+    )
     if task == "sft":
         batch = benchlib.make_batch(cfg.vocab_size, args.batch, args.seq_len)
-        bench = benchlib.JaxSFTBench(cfg, batch, dtype="bfloat16", remat=remat, attention_block=args.attention_block)
+        bench = benchlib.JaxSFTBench(cfg, batch, **step_kwargs)
         tokens = args.batch * args.seq_len
     else:
         batch = benchlib.make_pair_batch(cfg.vocab_size, args.pairs, args.seq_len)
-        bench = benchlib.JaxDPOBench(cfg, batch, dtype="bfloat16", remat=remat, attention_block=args.attention_block)
+        bench = benchlib.JaxDPOBench(cfg, batch, **step_kwargs)
         tokens = 2 * args.pairs * args.seq_len
     step_s = _time_step(bench, args)
     flops = cfg.flops_per_token(args.seq_len) * tokens
@@ -173,7 +177,6 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import jax
 
-    from tulu_jax.losses.logps import DEFAULT_LOGITS_CHUNK
     from tulu_jax.models.config import preset
 
     cfg = preset(args.size, **(DRY_RUN_MODEL if args.dry_run else {}))
@@ -181,7 +184,7 @@ def main(argv=None) -> int:
     header = (
         f"# bench_gpu: jax {jax.__version__}, {dev.platform} {dev.device_kind}; model {args.size} "
         f"({cfg.num_params / 1e9:.3f}B params), bf16 compute, float32 weights + AdamW; seq {args.seq_len}, "
-        f"SFT batch {args.batch}, DPO {args.pairs} pairs; logits chunk {DEFAULT_LOGITS_CHUNK}; "
+        f"SFT batch {args.batch}, DPO {args.pairs} pairs; logits chunk {args.logits_chunk}; "
         f"peak {args.peak_flops:.3g} FLOP/s"
     )
     print(header, flush=True)
@@ -209,7 +212,7 @@ def main(argv=None) -> int:
     if args.json:
         setup = dict(jax_version=jax.__version__, device=dev.device_kind, platform=dev.platform, argv=sys.argv,
                      size=args.size, params=cfg.num_params, seq_len=args.seq_len, batch=args.batch, pairs=args.pairs,
-                     logits_chunk=DEFAULT_LOGITS_CHUNK, peak_flops=args.peak_flops)  # fmt: skip
+                     logits_chunk=args.logits_chunk, peak_flops=args.peak_flops)  # fmt: skip
         with open(args.json, "w") as f:
             json.dump(dict(setup=setup, rows=rows), f, indent=1)
     return 1 if any("error" in r for r in rows) else 0

@@ -3,7 +3,7 @@
 #   scripts/bench_gpu.sh [bench_gpu.py flags, e.g. --peak-flops 989e12 --json out.json]
 # Wheels the machine lacks go in the git-ignored wheels/ folder beforehand (<= 64 MiB in all), e.g.
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_17_x86_64 \
-#       --platform manylinux2014_x86_64 grain array-record portpicker -d wheels/
+#       --platform manylinux2014_x86_64 PACKAGE==VERSION -d wheels/
 # They are installed here without an index and without dependencies, only if `wheels/` holds any.
 set -euo pipefail
 cd "$(dirname "$0")/.."

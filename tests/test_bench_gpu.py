@@ -4,6 +4,8 @@ positive figures, so the script is known to work before a GPU is available."""
 import importlib.util
 import json
 import math
+import subprocess
+import sys
 
 from conftest import REPO
 
@@ -45,3 +47,16 @@ def _flops_per_token(bench_gpu, setup) -> float:
     from tulu_jax.models.config import preset
 
     return preset(setup["size"], **bench_gpu.DRY_RUN_MODEL).flops_per_token(setup["seq_len"])
+
+
+def test_bench_gpu_imports_no_data_stack():
+    """The GPU machine has no grain, tensorboardX, datasets or vLLM: the benchmark and the modules it runs
+    (train steps, sampler) must not import them. A fresh interpreter, since other tests import them here."""
+    code = (
+        "import sys, runpy; sys.argv = ['bench_gpu']; "
+        f"runpy.run_path({str(REPO / 'scripts' / 'bench_gpu.py')!r}, run_name='bench_gpu'); "
+        "import tulu_jax.train.sft_step, tulu_jax.train.dpo_step, tulu_jax.train.rm_step, tulu_jax.sampling.sampler; "
+        "print(sorted(m for m in ('grain', 'tensorboardX', 'datasets', 'vllm') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout + out.stderr

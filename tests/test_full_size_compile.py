@@ -45,7 +45,10 @@ def _n_params(abstract_params) -> int:
 
 
 def _load(cls, path: str, mesh_shape=None):
-    cfg = configlib.load_config(cls, str(REPO / path), [])
+    """The config at `path` with its model's shape from a preset (no weights: `model.path` stays null), and
+    the mesh it sets (or `mesh_shape`)."""
+    size = "70b" if "70b" in path else "8b"
+    cfg = configlib.load_config(cls, str(REPO / path), [f"model.preset=llama3.1-{size}"])
     shape = mesh_shape or (cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     return cfg, make_mesh(*shape)
 
@@ -97,7 +100,8 @@ def _compile(step, *args):
 @functools.cache
 def compile_sft(name: str, rows_per_device: int, mesh_shape=None):
     """(compiled SFT step, abstract params, seconds) for configs/sft/tulu3_{name}.yaml at its max_seq_len."""
-    from tulu_jax.train.sft_step import BATCH_KEYS, jit_sft_step
+    from tulu_jax.train.batches import TOKEN_KEYS
+    from tulu_jax.train.sft_step import jit_sft_step
 
     cfg, mesh = _load(SFTConfig, f"configs/sft/tulu3_{name}.yaml", mesh_shape)
     model = _model(cfg)
@@ -106,9 +110,18 @@ def compile_sft(name: str, rows_per_device: int, mesh_shape=None):
     rows = rows_per_device * mesh.size * ACCUM
     batch = {
         k: jax.ShapeDtypeStruct((rows, cfg.data.max_seq_len), np.int32, sharding=batch_sharding(mesh))
-        for k in BATCH_KEYS
+        for k in TOKEN_KEYS
     }
-    step = jit_sft_step(model, tx, schedule, mesh, shardings, reduction=cfg.train.loss_reduction, accum_steps=ACCUM)
+    step = jit_sft_step(
+        model,
+        tx,
+        schedule,
+        mesh,
+        shardings,
+        reduction=cfg.train.loss_reduction,
+        accum_steps=ACCUM,
+        logits_chunk=cfg.model.logits_chunk,
+    )
     compiled, seconds = _compile(step, _shaped(abstract, shardings), batch)
     return compiled, abstract, shardings, seconds
 
@@ -117,7 +130,8 @@ def compile_sft(name: str, rows_per_device: int, mesh_shape=None):
 def compile_dpo(name: str, pairs_per_device: int, mesh_shape=None):
     """(compiled DPO step, abstract state, seconds) for configs/dpo/tulu3_{name}.yaml as configured (live or
     cached reference), each side `data.max_seq_len` tokens."""
-    from tulu_jax.train.dpo_step import PAIR_KEYS, jit_dpo_step
+    from tulu_jax.train.batches import TOKEN_KEYS
+    from tulu_jax.train.dpo_step import LossParams, jit_dpo_step
 
     cfg, mesh = _load(DPOConfig, f"configs/dpo/tulu3_{name}.yaml", mesh_shape)
     live = cfg.dpo.reference == "live"
@@ -125,13 +139,18 @@ def compile_dpo(name: str, pairs_per_device: int, mesh_shape=None):
     tx, schedule = make_optimizer(cfg.optim, 1000)
     abstract, shardings = state_layout(model, tx, mesh)
     pairs, rows = pairs_per_device * mesh.size * ACCUM, batch_sharding(mesh)
-    batch = {k: jax.ShapeDtypeStruct((pairs, 2, cfg.data.max_seq_len), np.int32, sharding=rows) for k in PAIR_KEYS}
+    batch = {k: jax.ShapeDtypeStruct((pairs, 2, cfg.data.max_seq_len), np.int32, sharding=rows) for k in TOKEN_KEYS}
     args = (_shaped(abstract, shardings), batch)
     if live:
         args += (_shaped(abstract.params, shardings.params),)
     else:
         batch["ref_logps"] = jax.ShapeDtypeStruct((pairs, 2), np.float32, sharding=rows)
-    step = jit_dpo_step(model, tx, schedule, mesh, shardings, cfg=cfg.dpo, accum_steps=ACCUM, live=live)
+    d = cfg.dpo
+    loss = LossParams(d.loss, d.beta, d.label_smoothing, d.gamma_beta_ratio)
+    chunk = cfg.model.logits_chunk
+    step = jit_dpo_step(
+        model, tx, schedule, mesh, shardings, cfg=loss, accum_steps=ACCUM, live=live, logits_chunk=chunk
+    )
     compiled, seconds = _compile(step, *args)
     return compiled, abstract, live, seconds
 
@@ -142,7 +161,7 @@ def test_full_size_sft_step_splits_parameters(name, mesh_shape):
     also with tensor parallelism in the mesh."""
     compiled, abstract, shardings, _ = compile_sft(name, 1, mesh_shape)
     n_params = _n_params(abstract.params)
-    dcfg = preset(configlib.load_config(SFTConfig, str(REPO / f"configs/sft/tulu3_{name}.yaml"), []).model.preset)
+    dcfg = preset(f"llama3.1-{name}")
     assert abs(n_params - dcfg.num_params) / n_params < 1e-6
     assert n_params > {"8b": 8.0e9, "70b": 70.5e9}[name]
     # The params are split, not replicated: each device holds 1/(fsdp*tensor) of the big matrices.
@@ -195,7 +214,7 @@ def test_8b_rm_step_fits_80gb():
     """The reward-model step of configs/rm/tulu3_8b.yaml: one pair (2 x 2,048 tokens) per device."""
     from tulu_jax.config import RMConfig
     from tulu_jax.models.reward import RewardModel
-    from tulu_jax.train.dpo_step import PAIR_KEYS
+    from tulu_jax.train.batches import TOKEN_KEYS
     from tulu_jax.train.rm_step import jit_rm_step
 
     cfg, mesh = _load(RMConfig, "configs/rm/tulu3_8b.yaml")
@@ -204,7 +223,7 @@ def test_8b_rm_step_fits_80gb():
     abstract, shardings = state_layout(model, tx, mesh)
     pairs = mesh.size * ACCUM
     rows = batch_sharding(mesh)
-    batch = {k: jax.ShapeDtypeStruct((pairs, 2, cfg.data.max_seq_len), np.int32, sharding=rows) for k in PAIR_KEYS}
+    batch = {k: jax.ShapeDtypeStruct((pairs, 2, cfg.data.max_seq_len), np.int32, sharding=rows) for k in TOKEN_KEYS}
     step = jit_rm_step(model, tx, schedule, mesh, shardings, accum_steps=ACCUM)
     compiled, seconds = _compile(step, _shaped(abstract, shardings), batch)
     state = 12 * _n_params(abstract.params) / 8
