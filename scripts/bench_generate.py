@@ -26,6 +26,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def parse_args(argv=None):
+    """The command line above -> argparse.Namespace."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", help="Hugging Face folder (default: a random --preset model)")
     p.add_argument("--preset", default="tiny", help="architecture used when --model is not given")
@@ -41,6 +42,7 @@ def parse_args(argv=None):
 
 
 def random_prompts(vocab: int, batch: int, length: int, seed: int = 0) -> list[list[int]]:
+    """`batch` prompts of `length` uniform token ids in [3, vocab)."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
@@ -48,6 +50,7 @@ def random_prompts(vocab: int, batch: int, length: int, seed: int = 0) -> list[l
 
 
 def export_random_model(preset_name: str, out_dir: str) -> str:
+    """A randomly initialised model of the preset, with the bundled tokenizer, as a Hugging Face folder."""
     import jax
 
     from tulu_jax.data import load_tokenizer
@@ -62,8 +65,25 @@ def export_random_model(preset_name: str, out_dir: str) -> str:
     return hf.export_hf(params, cfg, out_dir, tokenizer=tok)
 
 
+def time_decode(sampler, batch: int, prompt_len: int, new_tokens: int, *, temperature: float = 1.0, seed: int = 0):
+    """Times `batch` random prompts of `prompt_len` tokens decoding exactly `new_tokens` each, after one
+    untimed call that compiles. -> the sampler's `last_stats` (prefill_s, decode_s, decode_tokens_per_s)."""
+    from tulu_jax.rollout.types import SamplingParams
+
+    rows = random_prompts(sampler.model.cfg.vocab_size, batch, prompt_len, seed)
+    sp = SamplingParams(max_tokens=new_tokens, temperature=temperature, seed=seed)
+    eos, sampler.eos_token_id = sampler.eos_token_id, -1  # no id is -1: every row runs all new_tokens steps
+    try:
+        for _ in range(2):
+            sampler.generate(rows, sp)
+    finally:
+        sampler.eos_token_id = eos
+    return dict(sampler.last_stats, batch=batch, prompt_len=prompt_len)
+
+
 def time_local(model_dir: str, batch: int, prompt_len: int, new_tokens: int, reps: int) -> dict:
-    from tulu_jax.sampling.sampler import LocalSampler, time_decode
+    """Our sampler, greedy: median over `reps` of prefill + decode seconds -> a result row."""
+    from tulu_jax.sampling.sampler import LocalSampler
 
     sampler = LocalSampler.from_hf(model_dir)
     runs = [time_decode(sampler, batch, prompt_len, new_tokens, temperature=0.0) for _ in range(reps)]
@@ -72,6 +92,7 @@ def time_local(model_dir: str, batch: int, prompt_len: int, new_tokens: int, rep
 
 
 def time_torch(model_dir: str, batch: int, prompt_len: int, new_tokens: int, reps: int) -> dict:
+    """transformers `generate`, greedy, exactly `new_tokens` per row: median over `reps` -> a result row."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -147,6 +168,7 @@ def time_vllm(model_dir: str, prompts: int, prompt_len: int, new_tokens: int, re
 
 
 def main(argv=None) -> int:
+    """Runs every engine and batch size, prints a Markdown table (and --json rows)."""
     args = parse_args(argv)
     import jax
 

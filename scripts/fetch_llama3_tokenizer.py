@@ -4,7 +4,8 @@
 
 The llama-cpp-python sdist ships a vocab-only GGUF of Llama-3's tokenizer. We download the sdist
 (pip, no build), extract only that file, convert it with transformers, and save a Hugging Face
-tokenizer folder with Tülu's additions: `<pad>` = 128256 and the `tulu` chat template (spec §1).
+tokenizer folder with Tülu's additions: `<pad>` = 128256 and the `tulu` chat template (open-instruct `finetune.py`,
+`dataset_processor.py`).
 Idempotent: an existing complete folder is returned as is.
 """
 

@@ -1,4 +1,5 @@
-"""The Tülu chat template and label masks (spec §1, §2.2), on the tiny and the real Llama-3 tokenizer."""
+"""The Tülu chat template and label masks (open-instruct `dataset_processor.py`, `finetune.py`), on the tiny
+and the real Llama-3 tokenizer."""
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ U = lambda c: {"role": "user", "content": c}  # noqa: E731
 A = lambda c: {"role": "assistant", "content": c}  # noqa: E731
 S = lambda c: {"role": "system", "content": c}  # noqa: E731
 
-# (messages, add_generation_prompt, rendered text), copied from spec §1.
+# (messages, add_generation_prompt, rendered text), as open-instruct's template renders them.
 SPEC_EXAMPLES = [
     ([U("What is 2+2?"), A("4")], False, f"<|user|>\nWhat is 2+2?\n<|assistant|>\n4{EOS}"),
     (
@@ -34,7 +35,7 @@ MASK_EXAMPLES = [
 
 
 def prefix_retokenization_mask(messages, tokenizer) -> np.ndarray:
-    """The reference's masking (spec §2.2 step 2): non-assistant spans from prefix token counts."""
+    """The reference's masking (open-instruct `encode_sft_example`): non-assistant spans from prefix token counts."""
     eos = tokenizer.eos_token
 
     def n_tokens(msgs, gen=False):
@@ -134,7 +135,7 @@ def test_mask_by_hand(which, request):
 def test_consecutive_assistant_turns_differ_from_reference(which, request):
     """Known, deliberate difference: between two assistant turns in a row no non-assistant message
     exists, so the reference trains the "\n<|assistant|>\n" between them; we train only each reply
-    plus its EOS, as spec §2.2 step 3 states."""
+    plus its EOS, as open-instruct does."""
     tok = request.getfixturevalue(which)
     messages = [U("x?"), A("one"), A("two")]
     ids, mask = encode_chat(messages, tok, 4096)

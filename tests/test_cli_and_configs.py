@@ -1,4 +1,4 @@
-"""Every shipped config loads; the Tülu configs carry the spec's hyperparameters; the CLI turns bad
+"""Every shipped config loads; the Tülu configs carry the paper's hyperparameters; the CLI turns bad
 configs and bad data into one clear line, and `score` prints JSON."""
 
 import json
@@ -45,7 +45,7 @@ def test_tulu3_rm_hyperparameters():
 
 
 def test_dpo_beta_defaults_follow_the_loss():
-    # beta 5 only makes sense length-normalized (spec §9.8): an unset beta takes the loss's own default.
+    # beta 5 only makes sense length-normalized (Tülu 3 §5): an unset beta takes the loss's own default.
     assert configlib.load_config(DPOConfig, None, []).dpo.beta == 5.0
     assert configlib.load_config(DPOConfig, None, ["dpo.loss=dpo"]).dpo.beta == 0.1
     assert configlib.load_config(DPOConfig, None, ["dpo.loss=simpo"]).dpo.beta == 2.0
@@ -130,7 +130,7 @@ def test_missing_data_file_is_one_clear_line(tmp_path, capsys):
     missing = tmp_path / "nope.jsonl"
     tiny = ["sft", "--config", str(REPO / "configs/sft/tiny.yaml"), f"output_dir={tmp_path / 'out'}"]
     err = _one_line_error(capsys, [*tiny, "data.use_bundled=false", f"data.train_files={missing}"])
-    assert f"data.train_files[0]: {missing}: no such file or folder" in err
+    assert f"data.train_files[0]: {missing}: no such file or directory" in err
     err = _one_line_error(capsys, [*tiny, f"data.train_files={missing}"])  # both the toy set and files
     assert "data.use_bundled=false" in err
     err = _one_line_error(capsys, [*tiny, "data.use_bundled=false"])
@@ -149,8 +149,14 @@ def test_production_configs_fail_closed(stage, tmp_path, capsys):
     err = _one_line_error(capsys, [stage, *cfg, f"model.path={model}"])
     assert f"model.path: {model}: not a Hugging Face model folder (no config.json)" in err
     err = _one_line_error(capsys, [stage, *cfg, f"model.path={tmp_path / 'nope'}"])
-    assert f"model.path: {tmp_path / 'nope'}: no such folder" in err
+    assert f"model.path: {tmp_path / 'nope'}: no such directory" in err
     (model / "config.json").write_text("{}")
+    err = _one_line_error(capsys, [stage, *cfg, f"model.path={model}"])
+    assert f"model.path: {model}: config.json is not a usable model config" in err
+    from hf_models import make_hf_model
+
+    make_hf_model("llama", str(model))
+    capsys.readouterr()  # transformers' own progress output
     err = _one_line_error(capsys, [stage, *cfg, f"model.path={model}"])
     assert "data.train_files: no training files given" in err
     assert not (tmp_path / "out").exists()
@@ -160,11 +166,11 @@ def test_stage_before_its_input_exists_is_one_clear_line(tmp_path, capsys):
     """`tulu-jax dpo` before the SFT stage wrote its export: the key and the path, no transformers traceback."""
     args = ["--config", str(REPO / "configs/dpo/tiny.yaml"), f"output_dir={tmp_path / 'o'}"]
     err = _one_line_error(capsys, ["dpo", *args, f"model.path={tmp_path / 'sft/hf'}"])
-    assert f"model.path: {tmp_path / 'sft/hf'}: no such folder" in err
+    assert f"model.path: {tmp_path / 'sft/hf'}: no such directory" in err
     err = _one_line_error(
         capsys, ["dpo", *args, "model.path=null", "model.preset=tiny", f"model.tokenizer={tmp_path}/t"]
     )
-    assert f"model.tokenizer: {tmp_path}/t: no such folder" in err
+    assert f"model.tokenizer: {tmp_path}/t: no such directory" in err
 
 
 def test_score_cli_prints_json(tmp_path):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from tulu_jax.configlib import ConfigError
-from tulu_jax.data import DataConfig, DataError, SFTPipeline, bundled_file, encode_chat, pad_id
+from tulu_jax.data import DataConfig, DataError, SFTPipeline, bundled_file, encode_chat, pad_token_id
 
 BAD_ROWS = Path(__file__).parent / "data" / "bad_rows.jsonl"
 KEYS = ("input_ids", "loss_mask", "segment_ids", "positions")
@@ -67,7 +67,7 @@ def segments(batches):
 def test_shapes_dtypes_and_layout(tiny_tokenizer, jsonl, pack):
     batches = run(make(tiny_tokenizer, jsonl, batch_size=3, pack=pack))
     assert batches
-    pad = pad_id(tiny_tokenizer)
+    pad = pad_token_id(tiny_tokenizer)
     for b in batches:
         assert set(b) == set(KEYS)
         for k in KEYS:

@@ -1,7 +1,7 @@
 """The DPO train step (tulu_jax/train/dpo_step.py): a sharded step gives the single-device numbers, gradient
 accumulation gives the full-batch numbers, cached reference log-probs give the live reference's numbers,
-the loss and metrics match a float64 NumPy reading of the spec on top of transformers' log-probs, and the
-held-out eval sums skip filler rows. Needs 8 host devices (conftest sets XLA_FLAGS).
+the loss and metrics match a float64 NumPy reading of Tülu 3's dpo_norm formula on top of transformers'
+log-probs, and the held-out eval sums skip filler rows. Needs 8 host devices (conftest sets XLA_FLAGS).
 
 Policy and reference are two tiny random Hugging Face Llamas (different seeds) loaded into our decoder; the
 batch is 8 real pairs of the bundled tiny_prefs eval split, some with chosen and rejected of different
@@ -73,7 +73,7 @@ def _torch_logps(model, batch) -> np.ndarray:
 
 
 def _spec_dpo_norm(pol, ref, counts, beta=5.0):
-    """Per-pair dpo_norm loss and metrics in float64, straight from the spec's formula."""
+    """Per-pair dpo_norm loss and metrics in float64, straight from the formula (Tülu 3 §5)."""
     pol, ref, counts = (np.asarray(x, np.float64) for x in (pol, ref, counts))
     avg_pol, avg_ref = pol / counts, ref / counts
     rc, rr = beta * (avg_pol[:, 0] - avg_ref[:, 0]), beta * (avg_pol[:, 1] - avg_ref[:, 1])
@@ -329,7 +329,7 @@ def _torch_to_ours(env, torch_grads: dict) -> dict:
 
 
 def test_matches_transformers_and_spec(env):
-    """dpo_norm on log-probs from transformers, in float64 from the spec's formula; the reference is a second
+    """dpo_norm on log-probs from transformers, in float64 from the formula; the reference is a second
     HF model with other weights whose log-probs come in as the cache."""
     with torch.no_grad():
         ref = _torch_logps(env.hf_ref, env.pairs).double().numpy()

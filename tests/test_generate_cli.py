@@ -1,14 +1,17 @@
 """`tulu-jax generate` with the local backend: rows in, completions with token ids and log-probs out,
-resumable, and bad prompt rows named by file, line and field."""
+resumable after a kill (torn last line repaired, same file as an unbroken run), per-chunk seeds, a sharded
+sampler equal to one device, and bad prompt rows named by file, line and field."""
 
 import json
 import re
 
+import jax
+import numpy as np
 import pytest
 
 from tulu_jax.cli import main
 from tulu_jax.data.chat import DataError
-from tulu_jax.generate import prompt_messages
+from tulu_jax.generate import chunk_seed, prompt_messages, resume_output
 
 
 def _write(path, rows):
@@ -36,8 +39,8 @@ def test_generate_writes_completions_and_resumes(tmp_path, tiny_sft_export, tiny
     assert [r.get("id") for r in rows] == ["a", "b", None]  # input order, input fields kept
     for r in rows:
         (c,) = r["completions"]
-        assert 1 <= len(c["token_ids"]) <= 12 and len(c["logprobs"]) == len(c["token_ids"])
-        assert all(lp <= 0 for lp in c["logprobs"])
+        assert 1 <= len(c["token_ids"]) <= 12 and len(c["logps"]) == len(c["token_ids"])
+        assert all(lp <= 0 for lp in c["logps"])
         assert c["finish_reason"] == ("stop" if c["token_ids"][-1] == tiny_tokenizer.eos_token_id else "length")
         assert c["text"] == tiny_tokenizer.decode(c["token_ids"], skip_special_tokens=True)
     want = tiny_tokenizer("<|user|>\nWhat color is snow?\n<|assistant|>\n", add_special_tokens=False)["input_ids"]
@@ -49,6 +52,62 @@ def test_generate_writes_completions_and_resumes(tmp_path, tiny_sft_export, tiny
     again = _gen(tiny_sft_export, prompts, out, "--temperature", "0", "--chunk-size", "2")
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["already_done"] == 2
     assert again == rows
+
+
+def _kill_mid_row(out, keep_rows):
+    """What a kill leaves: `keep_rows` complete lines, then half of the next one (no newline)."""
+    lines = out.read_text().splitlines(keepends=True)
+    out.write_text("".join(lines[:keep_rows]) + lines[keep_rows][: len(lines[keep_rows]) // 2])
+
+
+def test_killed_sampled_run_resumes_to_the_same_file(tmp_path, tiny_sft_export, capsys):
+    """Sampling at temperature 1 with a seed: a run killed in the middle of chunk 1 (a torn row) and
+    restarted writes exactly the file an uninterrupted run writes; the torn row is redone, not counted."""
+    rows = [{"prompt": "Name a fruit.", "id": i} for i in range(5)]  # one prompt, so only seeds tell rows apart
+    prompts = _write(tmp_path / "p.jsonl", rows)
+    args = ("--seed", "7", "--chunk-size", "2")
+    full = _gen(tiny_sft_export, prompts, tmp_path / "full.jsonl", *args)
+    texts = [tuple(r["completions"][0]["token_ids"]) for r in full]
+    assert texts[0:2] != texts[2:4], "chunks 0 and 1 hold the same prompts: equal output means one seed"
+
+    out = tmp_path / "out.jsonl"
+    out.write_text((tmp_path / "full.jsonl").read_text())
+    _kill_mid_row(out, keep_rows=3)  # rows 0-2 done (chunk 1 half written), row 3 torn
+    capsys.readouterr()
+    again = _gen(tiny_sft_export, prompts, out, *args)
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["already_done"] == 3 and summary["generated"] == 2 and summary["repaired_torn_row"] is True
+    assert again == full
+
+
+def test_resume_output_cuts_only_a_torn_tail(tmp_path):
+    out = tmp_path / "o.jsonl"
+    out.write_text('{"a": 1}\n{"a": 2}\n{"a"')
+    assert resume_output(str(out)) == (2, True) and out.read_text() == '{"a": 1}\n{"a": 2}\n'
+    assert resume_output(str(out)) == (2, False)
+    out.write_text('{"a": 1}\nnot json\n{"a": 3}\n')
+    with pytest.raises(DataError, match=r"o.jsonl line 2: not a row written by tulu-jax generate"):
+        resume_output(str(out))
+
+
+def test_chunk_seeds_differ_and_are_stable():
+    seeds = [chunk_seed(7, k) for k in range(1000)]
+    assert len(set(seeds)) == 1000 and all(0 <= s < 2**31 for s in seeds)
+    assert chunk_seed(7, 3) == seeds[3] and chunk_seed(8, 3) != seeds[3]
+
+
+def test_sharded_generate_equals_one_device(tmp_path, tiny_sft_export):
+    if jax.device_count() < 8:
+        pytest.skip("needs 8 devices; run with XLA_FLAGS=--xla_force_host_platform_device_count=8")
+    prompts = _write(tmp_path / "p.jsonl", ROWS)
+    args = ("--seed", "3", "--n", "2", "--chunk-size", "3")
+    one = _gen(tiny_sft_export, prompts, tmp_path / "one.jsonl", *args)
+    eight = _gen(tiny_sft_export, prompts, tmp_path / "eight.jsonl", *args, "--mesh", "2,2,2")
+    for a, b in zip(one, eight, strict=True):
+        for x, y in zip(a["completions"], b["completions"], strict=True):
+            assert x["token_ids"] == y["token_ids"]
+            # Sharded reductions add in another order: float32 rounding of sums of ~1e3 terms of size ~1.
+            np.testing.assert_allclose(x["logps"], y["logps"], atol=1e-4)
 
 
 def test_generate_n_samples_per_prompt(tmp_path, tiny_sft_export):

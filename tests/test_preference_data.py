@@ -8,14 +8,13 @@ import numpy as np
 import pytest
 
 from tulu_jax.configlib import ConfigError
-
 from tulu_jax.data import (
     DataError,
     PreferenceDataConfig,
     PreferencePipeline,
     bundled_prefs_file,
     encode_chats,
-    pad_id,
+    pad_token_id,
     resolve_pref_files,
 )
 
@@ -293,7 +292,7 @@ def test_batch_layout(tiny_tokenizer, jsonl, rows):
     p = make(tiny_tokenizer, jsonl, batch_size=3)
     batches = run(p)
     assert len(batches) == len(rows) // 3 == p.count_batches() and len(p) == len(rows)
-    pad = pad_id(tiny_tokenizer)
+    pad = pad_token_id(tiny_tokenizer)
     for b in batches:
         assert set(b) == {*KEYS, "index"}
         for k in KEYS:

@@ -42,6 +42,7 @@ def rm_run(tmp_path_factory, tiny_sft_export):
         str(REPO / "configs/rm/tiny.yaml"),
         f"output_dir={out}",
         f"model.path={tiny_sft_export}",
+        "data.use_bundled=false",
         f"data.train_files={train}",
         f"data.eval_files={held_out}",
         f"train.max_steps={STEPS}",

@@ -1,6 +1,7 @@
 """The in-process sampler: sampling math against float64 NumPy, the KV-cache decode against the full forward,
-greedy output against transformers' `generate`, log-probs against full-forward scoring, stopping, seeding,
-sharding and weight pushes."""
+greedy output against transformers' `generate`, log-probs against full-forward scoring, `score` against
+transformers, stopping, seeding, the batched array form, sharding and weight pushes (copied, cast, safe
+from donation)."""
 
 import jax
 import jax.numpy as jnp
@@ -12,8 +13,16 @@ from jax.sharding import PartitionSpec as P
 
 from tulu_jax.losses import token_logprobs
 from tulu_jax.models.decoder import KVCache
-from tulu_jax.rollout import RolloutBackend, SamplingParams
-from tulu_jax.sampling import LocalSampler, processed_logits, prompt_bucket, prompt_positions, sample_tokens
+from tulu_jax.models.loading import build_model
+from tulu_jax.rollout import FINISH_CODES, RolloutBackend, SamplingParams, batch_completions
+from tulu_jax.sampling import (
+    LocalSampler,
+    derived_seed,
+    processed_logits,
+    prompt_bucket,
+    prompt_positions,
+    sample_tokens,
+)
 from tulu_jax.sharding import make_mesh
 
 M = 12  # max_tokens everywhere, so each sampler compiles once per batch size
@@ -22,7 +31,7 @@ EOS, PAD = 1000, 0
 # ---------------------------------------------------------------- sampling math vs float64 NumPy
 
 
-def np_processed_logprobs(logits, temperature, top_k, top_p):
+def np_processed_logps(logits, temperature, top_k, top_p):
     """Reference: top-k keeps values >= the k-th largest, top-p keeps a token while the (renormalised
     top-k) mass strictly above it is below p; -inf elsewhere."""
     x = logits.astype(np.float64) / temperature
@@ -41,17 +50,17 @@ def np_processed_logprobs(logits, temperature, top_k, top_p):
     return out
 
 
-_processed_logprobs = jax.jit(lambda x, t, k, p: jax.nn.log_softmax(processed_logits(x, t, k, p), -1))
+_processed_logps = jax.jit(lambda x, t, k, p: jax.nn.log_softmax(processed_logits(x, t, k, p), -1))
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7, 1.6])
-def test_processed_logprobs_match_numpy(temperature):
+def test_processed_logps_match_numpy(temperature):
     rng = np.random.default_rng(0)
     logits = (rng.standard_normal((5, 64)) * 3).astype(np.float32)
     for top_k in (0, 1, 7, 64, 100):
         for top_p in (1.0, 0.95, 0.6, 0.2, 0.01):
-            ours = np.asarray(_processed_logprobs(logits, temperature, top_k, top_p))
-            ref = np_processed_logprobs(logits, temperature, top_k, top_p)
+            ours = np.asarray(_processed_logps(logits, temperature, top_k, top_p))
+            ref = np_processed_logps(logits, temperature, top_k, top_p)
             np.testing.assert_array_equal(np.isfinite(ours), np.isfinite(ref), err_msg=f"k={top_k} p={top_p}")
             np.testing.assert_allclose(ours[np.isfinite(ref)], ref[np.isfinite(ref)], atol=1e-5)
             np.testing.assert_allclose(np.log(np.exp(ours).sum(-1)), 0.0, atol=1e-5)  # normalised
@@ -72,22 +81,22 @@ def test_ties_are_kept_together_wherever_they_sit():
     for perm in (np.arange(5), np.array([3, 1, 4, 0, 2])):  # the kept set must not depend on token order
         logits = np.log(probs[perm]).astype(np.float32)[None]
         for top_k, top_p, kept in cases:
-            out = np.asarray(_processed_logprobs(logits, 1.0, top_k, top_p))[0]
+            out = np.asarray(_processed_logps(logits, 1.0, top_k, top_p))[0]
             assert {int(perm[i]) for i in np.flatnonzero(np.isfinite(out))} == kept, (top_k, top_p)
 
 
 def test_top_p_one_and_top_k_zero_keep_the_far_tail():
     logits = np.array([[30.0, 0.0, -20.0, -40.0, -60.0]], np.float32)  # tail probs down to ~1e-39
-    out = np.asarray(_processed_logprobs(logits, 1.0, 0, 1.0))
+    out = np.asarray(_processed_logps(logits, 1.0, 0, 1.0))
     np.testing.assert_allclose(out, np.asarray(jax.nn.log_softmax(logits)), rtol=1e-6)
     assert np.isfinite(out).all()
 
 
-def test_greedy_takes_argmax_and_reports_temperature_one_logprobs():
+def test_greedy_takes_argmax_and_reports_temperature_one_logps():
     logits = np.random.default_rng(1).standard_normal((4, 32)).astype(np.float32)
     tokens, logps = sample_tokens(jnp.asarray(logits), jax.random.key(0), 0.0, 3, 0.5)
     np.testing.assert_array_equal(tokens, logits.argmax(-1))
-    ref = np_processed_logprobs(logits, 1.0, 0, 1.0)[np.arange(4), logits.argmax(-1)]
+    ref = np_processed_logps(logits, 1.0, 0, 1.0)[np.arange(4), logits.argmax(-1)]
     np.testing.assert_allclose(logps, ref, atol=1e-6)
 
 
@@ -96,7 +105,7 @@ def test_draws_follow_the_processed_distribution():
     temperature, top_k, top_p, n = 0.8, 10, 0.9, 20000
     batch = jnp.asarray(np.tile(logits, (n, 1)))
     tokens, logps = jax.jit(sample_tokens)(batch, jax.random.key(3), temperature, top_k, top_p)
-    ref = np_processed_logprobs(logits[None], temperature, top_k, top_p)[0]
+    ref = np_processed_logps(logits[None], temperature, top_k, top_p)[0]
     tokens = np.asarray(tokens)
     assert np.isfinite(ref[tokens]).all()  # never outside the kept set
     np.testing.assert_allclose(logps, ref[tokens], atol=1e-5)
@@ -201,7 +210,7 @@ def test_greedy_equals_transformers_generate(family_sampler):
         seq = list(c.prompt_token_ids) + list(c.token_ids)
         ref_lp = np.asarray(jax.nn.log_softmax(_full_logits(sampler, seq), -1))
         n = len(c.prompt_token_ids)
-        np.testing.assert_allclose(c.logprobs, ref_lp[np.arange(n - 1, len(seq) - 1), c.token_ids], atol=1e-4)
+        np.testing.assert_allclose(c.logps, ref_lp[np.arange(n - 1, len(seq) - 1), c.token_ids], atol=1e-4)
 
 
 def _score(sampler, completion, temperature=1.0):
@@ -219,12 +228,12 @@ def llama(samplers):
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_sampled_logprobs_equal_full_forward_scores(llama, temperature):
+def test_sampled_logps_equal_full_forward_scores(llama, temperature):
     _, sampler = llama
     out = sampler.generate(_prompts(6), SamplingParams(max_tokens=M, temperature=temperature, seed=0))
-    errs = [np.abs(np.asarray(c.logprobs) - _score(sampler, c, temperature)).max() for c in out]
+    errs = [np.abs(np.asarray(c.logps) - _score(sampler, c, temperature)).max() for c in out]
     assert max(errs) < 1e-4, errs
-    assert all(len(c.token_ids) == len(c.logprobs) > 0 for c in out)
+    assert all(len(c.token_ids) == len(c.logps) > 0 for c in out)
 
 
 def test_stop_tokens_max_tokens_and_finish_reasons(llama):
@@ -236,7 +245,7 @@ def test_stop_tokens_max_tokens_and_finish_reasons(llama):
     out = sampler.generate(prompts, SamplingParams(max_tokens=M, seed=1, stop_token_ids=(stop,)))
     for b, c in zip(base, out):
         cut = b.token_ids.index(stop) + 1 if stop in b.token_ids else len(b.token_ids)
-        assert c.token_ids == b.token_ids[:cut] and c.logprobs == b.logprobs[:cut]
+        assert c.token_ids == b.token_ids[:cut] and c.logps == b.logps[:cut]
         hit = c.token_ids[-1] in (stop, EOS)
         assert c.finish_reason == ("stop" if hit else "length")
         assert hit or len(c.token_ids) == M
@@ -256,7 +265,7 @@ def test_n_samples_prompt_major_seeded(llama):
     assert len({c.token_ids for c in out}) == 6  # different samples
     again = sampler.generate(prompts, sp)
     assert [c.token_ids for c in again] == [c.token_ids for c in out]
-    assert [c.logprobs for c in again] == [c.logprobs for c in out]
+    assert [c.logps for c in again] == [c.logps for c in out]
     other = sampler.generate(prompts, SamplingParams(max_tokens=M, n=3, seed=6))
     assert [c.token_ids for c in other] != [c.token_ids for c in out]
 
@@ -288,4 +297,159 @@ def test_sharded_sampler_equals_single_device(llama):
         a, b = single.generate(prompts, sp), sharded.generate(prompts, sp)
         assert [c.token_ids for c in a] == [c.token_ids for c in b]
         for x, y in zip(a, b):
-            np.testing.assert_allclose(x.logprobs, y.logprobs, atol=1e-5)
+            np.testing.assert_allclose(x.logps, y.logps, atol=1e-5)
+
+
+# ---------------------------------------------------------------- seeds, arrays, scoring, pushes
+
+
+def test_unseeded_calls_derive_their_seed_from_version_and_call_count(llama):
+    _, sampler = llama
+    prompts, sp = _prompts(11), SamplingParams(max_tokens=M)
+    old = sampler.params
+    try:
+        sampler.push_weights(old, "v1")
+        first, second = sampler.generate(prompts, sp), sampler.generate(prompts, sp)
+        seeded = sampler.generate(prompts, SamplingParams(max_tokens=M, seed=derived_seed(0, "v1", 1)))
+        sampler.push_weights(old, "v1")  # same weights and tag: the counter restarts, so do the draws
+        again = sampler.generate(prompts, sp)
+        sampler.push_weights(old, "v2")
+        other = sampler.generate(prompts, sp)
+    finally:
+        sampler.push_weights(old, None)
+    tokens = lambda out: [c.token_ids for c in out]  # noqa: E731
+    assert tokens(first) != tokens(second)  # consecutive calls draw anew
+    assert tokens(seeded) == tokens(second)  # call 1 under v1 used derived_seed(0, "v1", 1)
+    assert tokens(again) == tokens(first)
+    assert tokens(other) != tokens(first)
+    assert len({derived_seed(0, "v1", k) for k in range(100)}) == 100
+    assert all(0 <= derived_seed(b, v, k) < 2**31 for b in (0, -3) for v in (None, "x") for k in (0, 9))
+
+
+def test_batch_completions_pads_by_hand():
+    from tulu_jax.rollout import Completion
+
+    cs = [
+        Completion(
+            prompt_index=0,
+            sample_index=0,
+            prompt_token_ids=(5, 6, 7),
+            token_ids=(8, 9),
+            logps=(-0.5, -1.5),
+            finish_reason="stop",
+            weight_version="w",
+        ),
+        Completion(
+            prompt_index=1,
+            sample_index=0,
+            prompt_token_ids=(4,),
+            token_ids=(3, 2, 1),
+            logps=(-1.0, -2.0, -3.0),
+            finish_reason="length",
+            weight_version="w",
+        ),
+    ]
+    b = batch_completions(cs, pad_token_id=99, width=4)
+    np.testing.assert_array_equal(b.prompt_token_ids, [[5, 6, 7], [99, 99, 4]])
+    np.testing.assert_array_equal(b.prompt_lengths, [3, 1])
+    np.testing.assert_array_equal(b.token_ids, [[8, 9, 99, 99], [3, 2, 1, 99]])
+    np.testing.assert_array_equal(b.logps, np.array([[-0.5, -1.5, 0, 0], [-1, -2, -3, 0]], np.float32))
+    np.testing.assert_array_equal(b.lengths, [2, 3])
+    np.testing.assert_array_equal(b.finish_reasons, [0, 1])
+    assert FINISH_CODES == {"stop": 0, "length": 1}
+    assert b.token_ids.dtype == b.lengths.dtype == b.finish_reasons.dtype == np.int32 and b.logps.dtype == np.float32
+    assert batch_completions(cs, 99).token_ids.shape == (2, 3)  # default width: the longest completion
+    with pytest.raises(ValueError, match="more than the width 2"):
+        batch_completions(cs, 99, width=2)
+
+
+def test_generate_batch_equals_generate(llama):
+    _, sampler = llama
+    prompts = _prompts(12, lens=(4, 9, 2))
+    sp = SamplingParams(max_tokens=M, n=2, seed=4, stop_token_ids=(7, 11, 13, 17, 19, 23))
+    ref = batch_completions(sampler.generate(prompts, sp), PAD, width=M)
+    got = sampler.generate_batch(prompts, sp)
+    for field in (
+        "prompt_token_ids",
+        "prompt_lengths",
+        "token_ids",
+        "lengths",
+        "finish_reasons",
+        "prompt_index",
+        "sample_index",
+    ):
+        np.testing.assert_array_equal(getattr(got, field), getattr(ref, field), err_msg=field)
+        assert getattr(got, field).dtype == np.int32, field
+    np.testing.assert_array_equal(got.logps, ref.logps)
+    assert got.logps.dtype == np.float32 and got.token_ids.shape == (6, M) and len(got) == 6
+    assert got.weight_versions == ref.weight_versions
+
+
+def test_score_equals_transformers_and_sampled_logps(samplers):
+    """`score` against transformers' float32 forward (log_softmax in float64), on rows of different
+    lengths batched two at a time; and on sampled completions it gives back the sampling log-probs."""
+    path, hf_model, _ = samplers("llama")
+    sampler = LocalSampler.from_hf(path, eos_token_id=EOS, pad_token_id=PAD, max_batch=2)
+    rng = np.random.default_rng(13)
+    prompts = [rng.integers(2, 990, n).tolist() for n in (3, 1, 8)]
+    completions = [rng.integers(2, 990, n).tolist() for n in (5, 0, 2)]
+    got = sampler.score(prompts, completions)
+    assert got.shape == (3, 5) and got.dtype == np.float32
+    for i, (p, c) in enumerate(zip(prompts, completions)):
+        with torch.no_grad():
+            logits = hf_model(torch.tensor([p + c])).logits[0].double()
+        at = torch.arange(len(p) - 1, len(p) + len(c) - 1)
+        ref = torch.log_softmax(logits, -1)[at, torch.tensor(c, dtype=torch.long)].numpy()
+        # float32 forward through 2 layers: ~1e-6 relative on logits of size ~1, summed over the vocab.
+        np.testing.assert_allclose(got[i, : len(c)], ref, atol=1e-4)
+        assert np.all(got[i, len(c) :] == 0)
+    out = sampler.generate(_prompts(14), SamplingParams(max_tokens=M, temperature=0.7, seed=3))
+    scored = sampler.score([c.prompt_token_ids for c in out], [c.token_ids for c in out], temperature=0.7)
+    for i, c in enumerate(out):
+        np.testing.assert_allclose(scored[i, : len(c.logps)], c.logps, atol=1e-4)
+    with pytest.raises(ValueError, match="2 prompts but 1 completions"):
+        sampler.score(prompts[:2], completions[:1])
+    with pytest.raises(ValueError, match="at least one token"):
+        sampler.score([[]], [[1]])
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_pushed_weights_are_a_cast_copy_that_survives_a_donated_train_step(samplers, dtype):
+    """The trainer pushes its float32 state.params, then donates them to the next step (which deletes the
+    buffers): the sampler must hold its own copy, in its compute dtype, and keep generating the same."""
+    import optax
+
+    from tulu_jax.models import hf
+    from tulu_jax.models.loading import load_params
+    from tulu_jax.train.state import create_state, state_layout
+
+    path, _, _ = samplers("llama")
+    mesh = make_mesh(devices=jax.devices()[:1])
+    cfg = hf.load_hf_config(path)
+    train_model = build_model(cfg)  # float32 compute and masters
+    tx = optax.sgd(0.1)
+    _, shardings = state_layout(train_model, tx, mesh)
+    state = create_state(load_params(path, train_model, mesh), tx, 0, shardings)
+    # np.array copies: a zero-copy view (device_get on CPU) would pin the buffers and block the donation.
+    masters = jax.tree.map(np.array, state.params)
+
+    sampler = LocalSampler(build_model(cfg, dtype=dtype), state.params, mesh, eos_token_id=EOS, pad_token_id=PAD)
+    prompts, sp = _prompts(15), SamplingParams(max_tokens=M, temperature=0.0)
+    before = sampler.generate(prompts, sp)
+    sampler.push_weights(state.params, "step-1")
+    for ours, theirs in zip(jax.tree.leaves(sampler.params), jax.tree.leaves(state.params)):
+        assert ours.dtype == jnp.dtype(dtype) and theirs.dtype == jnp.float32
+        assert ours.unsafe_buffer_pointer() != theirs.unsafe_buffer_pointer()
+    for ours, master in zip(jax.tree.leaves(sampler.params), jax.tree.leaves(masters)):
+        np.testing.assert_array_equal(np.asarray(ours), master.astype(ours.dtype))  # a plain cast
+
+    step = jax.jit(
+        lambda s: s.replace(params=jax.tree.map(lambda x: x * 0.5, s.params), step=s.step + 1), donate_argnums=0
+    )
+    old_leaves = jax.tree.leaves(state.params)
+    state = step(state)
+    assert all(x.is_deleted() for x in old_leaves), "the step must really donate, or this test proves nothing"
+    after = sampler.generate(prompts, sp)
+    assert [c.token_ids for c in after] == [c.token_ids for c in before]
+    assert [c.logps for c in after] == [c.logps for c in before]
+    assert all(c.weight_version == "step-1" for c in after)

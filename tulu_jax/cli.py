@@ -6,6 +6,15 @@ import argparse
 import json
 import sys
 
+from tulu_jax.inputs import (
+    InputError,
+    check_model_dir,
+    check_readable_file,
+    check_writable_output,
+    load_chat_tokenizer,
+    parse_mesh,
+)
+
 # subcommand -> (config class, run function, help, description), imported lazily so `--help` stays fast
 TRAINERS = {
     "sft": ("tulu_jax.config:SFTConfig", "tulu_jax.train.sft:run_sft", "supervised fine-tuning"),
@@ -29,6 +38,8 @@ def _train(args, overrides):
     if args.help_config:
         print(configlib.config_help(cls))
         return 0
+    if args.config is not None:
+        check_readable_file(args.config, "--config")
     cfg = configlib.load_config(cls, args.config, overrides)
     if args.distributed:  # multi-host (TPU pod, SLURM): every host runs the same command
         import jax
@@ -41,8 +52,14 @@ def _train(args, overrides):
 def _score(args, overrides):
     if overrides:
         raise SystemExit(f"score takes no key=value overrides, got {overrides}")
+    from tulu_jax.data.tokenizer import load_tokenizer
     from tulu_jax.score import score_text
 
+    check_model_dir(args.model, "--model")
+    try:
+        load_tokenizer(args.model)
+    except (OSError, ValueError, TypeError) as e:
+        raise InputError(f"--model {args.model}: cannot load its tokenizer: {str(e).strip().splitlines()[0]}") from None
     out = score_text(args.model, args.text, dtype=args.dtype, add_special_tokens=not args.no_special_tokens)
     print(json.dumps(out, ensure_ascii=False))
     return 0
@@ -54,16 +71,30 @@ def _generate(args, overrides):
     from tulu_jax.generate import generate_file, make_backend
     from tulu_jax.rollout.types import SamplingParams
 
-    params = SamplingParams(
-        max_tokens=args.max_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
-        n=args.n,
-        seed=args.seed,
-        stop_token_ids=tuple(int(t) for t in args.stop_token_ids.split(",") if t.strip()),
+    check_model_dir(args.model, "--model", weights=args.backend == "local")
+    check_readable_file(args.prompts, "--prompts")
+    check_writable_output(args.out, "--out")
+    tokenizer = load_chat_tokenizer(args.model, "--model")
+    mesh_shape = parse_mesh(args.mesh)
+    try:
+        stop_ids = tuple(int(t) for t in args.stop_token_ids.split(",") if t.strip())
+    except ValueError:
+        raise InputError(f"--stop-token-ids {args.stop_token_ids}: expected comma-separated integers") from None
+    try:
+        params = SamplingParams(
+            max_tokens=args.max_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            top_k=args.top_k,
+            n=args.n,
+            seed=args.seed,
+            stop_token_ids=stop_ids,
+        )
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    backend, tokenizer = make_backend(
+        args.backend, args.model, servers=args.servers, dtype=args.dtype, mesh_shape=mesh_shape, tokenizer=tokenizer
     )
-    backend, tokenizer = make_backend(args.backend, args.model, servers=args.servers, dtype=args.dtype)
     summary = generate_file(
         backend,
         tokenizer,
@@ -86,6 +117,8 @@ def _get_smollm2(args, overrides):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `tulu-jax` parser: trainer subcommands from TRAINERS, score, generate, vllm (help only) and
+    get-smollm2; each subcommand sets `fn(args, overrides) -> exit code`."""
     parser = argparse.ArgumentParser(prog="tulu-jax", description="Tülu 3 post-training in JAX")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -93,7 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(
             name, help=what, description=f"{what}. Overrides follow as dotted.key=value, e.g. train.max_steps=50."
         )
-        p.add_argument("--config", help=f"YAML config (default: the built-in defaults = configs/{name}/tiny.yaml)")
+        p.add_argument(
+            "--config",
+            help="YAML config; keys it leaves out keep the config class's built-in defaults (see --help-config), "
+            f"and without --config every key does. The tiny recipe is configs/{name}/tiny.yaml",
+        )
         p.add_argument("--help-config", action="store_true", help="list every config key with its type and default")
         p.add_argument(
             "--distributed",
@@ -113,8 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
         "generate",
         help="sample completions for a JSONL of prompts (chat template applied)",
         description="Rows with `messages` (a chat to continue) or `prompt` (one user turn). Output rows add "
-        "prompt_token_ids and completions (text, token_ids, per-token logprobs, finish_reason, weight_version). "
-        "A restarted run skips the rows already in --out.",
+        "prompt_token_ids and completions (text, token_ids, per-token logps, finish_reason, weight_version). "
+        "A restarted run repairs a torn last line, skips the rows already in --out and writes what an "
+        "uninterrupted run would have.",
     )
     gen.add_argument("--model", required=True, help="Hugging Face model folder (tokenizer and, for local, weights)")
     gen.add_argument("--prompts", required=True, help="JSONL file of prompts")
@@ -126,12 +164,23 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--top-k", type=int, default=0, help="0: off")
     gen.add_argument("--n", type=int, default=1, help="samples per prompt")
-    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="base seed; chunk k samples with a seed derived from it and k, so a resumed run equals an unbroken one",
+    )
     gen.add_argument("--stop-token-ids", default="", help="comma-separated ids that end a sample (EOS always does)")
     gen.add_argument("--chunk-size", type=int, default=64, help="prompts per backend call (and per output flush)")
     gen.add_argument("--on-bad-row", choices=("error", "skip"), default="error")
     gen.add_argument("--overwrite", action="store_true", help="start over instead of resuming into --out")
     gen.add_argument("--dtype", default="float32", help="compute dtype of the local sampler")
+    gen.add_argument(
+        "--mesh",
+        default=None,
+        help="data,fsdp,tensor device mesh of the local sampler, as in training (e.g. 2,2,2 or -1,1,1; "
+        "at most one -1 takes the remaining devices). Default: one device",
+    )
     gen.set_defaults(fn=_generate)
 
     # `vllm` parses its own arguments (see main); listed here for --help.
@@ -144,22 +193,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Runs one subcommand -> exit code. Bad inputs (InputError, ConfigError, DataError, FileNotFoundError)
+    print one `tulu-jax: error: ...` line on stderr and return 2."""
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["vllm"]:  # the launcher has its own flags, plus vLLM's after `--`
-        from tulu_jax.rollout.server import main as serve
-
-        return serve(argv[1:])
-    args, overrides = build_parser().parse_known_args(argv)
-    bad = [o for o in overrides if "=" not in o or o.startswith("-")]
-    if bad:
-        raise SystemExit(f"tulu-jax: unrecognised arguments {bad} (overrides are dotted.key=value)")
     try:
+        if argv[:1] == ["vllm"]:  # the launcher has its own flags, plus vLLM's after `--`
+            from tulu_jax.rollout.server import main as serve
+
+            return serve(argv[1:])
+        args, overrides = build_parser().parse_known_args(argv)
+        bad = [o for o in overrides if "=" not in o or o.startswith("-")]
+        if bad:
+            raise SystemExit(f"tulu-jax: unrecognised arguments {bad} (overrides are dotted.key=value)")
         return args.fn(args, overrides)
-    except (ValueError, FileNotFoundError) as e:  # config and data errors: one clear line, no traceback
+    except (ValueError, FileNotFoundError) as e:  # input errors: one clear line, no traceback
         from tulu_jax.configlib import ConfigError
         from tulu_jax.data import DataError
 
-        if isinstance(e, (ConfigError, DataError, FileNotFoundError)):
+        if isinstance(e, (InputError, ConfigError, DataError, FileNotFoundError)):
             print(f"tulu-jax: error: {e}", file=sys.stderr)
             return 2
         raise

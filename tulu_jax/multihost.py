@@ -11,10 +11,15 @@ import jax
 import numpy as np
 
 
-def process_zero_decides(flag: bool) -> bool:
-    """Process 0's `flag`, on every process (a broadcast when there are several processes)."""
+def process_zero_value(value: int) -> int:
+    """Process 0's `value` (an int), on every process (a broadcast when there are several processes)."""
     if jax.process_count() == 1:
-        return bool(flag)
+        return int(value)
     from jax.experimental import multihost_utils
 
-    return bool(multihost_utils.broadcast_one_to_all(np.asarray(flag, np.int32)))
+    return int(multihost_utils.broadcast_one_to_all(np.asarray(value, np.int64)))
+
+
+def process_zero_decides(flag: bool) -> bool:
+    """Process 0's `flag`, on every process."""
+    return bool(process_zero_value(int(bool(flag))))

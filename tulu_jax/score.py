@@ -14,7 +14,12 @@ from tulu_jax.sharding import make_mesh
 
 
 def score_text(model_dir: str, text: str, *, dtype: str = "float32", add_special_tokens: bool = True) -> dict:
-    """Token ids of `text` and log p(token_t | tokens_<t) for t >= 1 (the first token has no context)."""
+    """Scores `text` under the Hugging Face folder `model_dir`, computing in `dtype`, on one device.
+
+    -> {"model", "token_ids": list of int, "tokens": list of str, "logprobs": [None, log p(token_t |
+    tokens_<t) for t >= 1] (natural log, float32 precision; the first token has no context), "sum_logprob"}.
+    The key names are the output format of `tulu-jax score`. Raises FileNotFoundError when the folder has
+    no config.json or weights, ValueError when the text tokenizes to nothing."""
     tokenizer = load_tokenizer(model_dir)
     ids = tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
     if len(ids) < 1:

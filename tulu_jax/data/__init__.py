@@ -19,7 +19,7 @@ from tulu_jax.data.preference import (
     resolve_pref_files,
 )
 from tulu_jax.data.sources import iter_conversations
-from tulu_jax.data.tokenizer import load_tokenizer, pad_id
+from tulu_jax.data.tokenizer import load_tokenizer, pad_token_id
 
 __all__ = [
     "TULU_CHAT_TEMPLATE",
@@ -36,7 +36,7 @@ __all__ = [
     "iter_conversations",
     "iter_preference_pairs",
     "load_tokenizer",
-    "pad_id",
+    "pad_token_id",
     "parse_preference_row",
     "render_tulu",
     "resolve_files",

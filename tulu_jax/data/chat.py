@@ -1,4 +1,5 @@
-"""The Tülu chat template, message validation and SFT encoding with label masks (spec §1, §2.2).
+"""The Tülu chat template, message validation and SFT encoding with label masks (open-instruct
+`dataset_processor.py` `CHAT_TEMPLATES["tulu"]`, `finetune.py` `encode_sft_example`).
 
 A conversation is rendered once to a string; the char spans of every assistant reply plus its EOS are
 recorded while rendering, and a single tokenization with offsets turns them into a token mask. This
@@ -107,7 +108,7 @@ def render_tulu_with_spans(
 
 
 def render_tulu(messages: Sequence[Mapping[str, str]], eos_token: str, add_generation_prompt: bool = False) -> str:
-    """The exact `tulu` chat template of open-instruct (spec §1). No BOS."""
+    """The exact `tulu` chat template of open-instruct (`dataset_processor.py`). No BOS."""
     return render_tulu_with_spans(messages, eos_token, add_generation_prompt)[0]
 
 

@@ -18,7 +18,7 @@ import numpy as np
 from tulu_jax.config import DataConfig, DataFilesConfig
 from tulu_jax.data.chat import DataError, encode_chats
 from tulu_jax.data.sources import iter_conversations
-from tulu_jax.data.tokenizer import pad_id
+from tulu_jax.data.tokenizer import pad_token_id
 
 _ENCODE_CHUNK = 512  # conversations per tokenizer call (fast tokenizers batch in Rust)
 BATCH_KEYS = ("input_ids", "loss_mask", "segment_ids", "positions")
@@ -96,7 +96,7 @@ def encode_files(
     def flush():
         nonlocal truncated
         for row_ids, row_mask, cut in encode_chats(chunk, tokenizer, max_seq_len, template):
-            if not row_mask.any():  # The reference drops rows with no trained label (spec §2.2 step 4).
+            if not row_mask.any():  # The reference drops rows with no trained label (open-instruct `finetune.py`).
                 stats["rows_skipped"]["no_trained_tokens"] = stats["rows_skipped"].get("no_trained_tokens", 0) + 1
                 continue
             truncated += cut
@@ -184,7 +184,7 @@ class SFTPipeline:
         self._store, self._stats = encode_files(
             self.files, tokenizer, max_seq_len=cfg.max_seq_len, on_bad_row=cfg.on_bad_row, template=cfg.chat_template
         )
-        self._pad = pad_id(tokenizer)
+        self._pad = pad_token_id(tokenizer)
         self._dataset = self._build(self._pad, process_index, process_count)
         self._num_batches: int | None = None
 

@@ -1,4 +1,5 @@
-"""Preference pairs for DPO: read -> validate -> encode (eagerly, once) -> Grain shuffle/repeat/batch (spec §3.2).
+"""Preference pairs for DPO: read -> validate -> encode (eagerly, once) -> Grain shuffle/repeat/batch
+(Tülu 3 §5; open-instruct `dpo_tune_cache.py` encoding).
 
 Two row formats are accepted:
 
@@ -26,7 +27,7 @@ from tulu_jax.config import LABEL_MODES, PreferenceDataConfig
 from tulu_jax.data.chat import TEMPLATES, DataError, spans_to_token_mask, validate_messages
 from tulu_jax.data.pipeline import BATCH_KEYS, bundled_file, resolve_files, run_inputs, slice_rows, trim_padding
 from tulu_jax.data.sources import iter_valid_rows
-from tulu_jax.data.tokenizer import pad_id
+from tulu_jax.data.tokenizer import pad_token_id
 
 _ENCODE_CHUNK = 256  # pairs per tokenizer call (each pair is two conversations)
 
@@ -212,7 +213,7 @@ def encode_preference_files(
                     mask = mask.copy()
                     mask[:start] = 0
                 kept.append((full_ids[:max_seq_len], mask[:max_seq_len]))
-            if not all(m.any() for _, m in kept):  # the reference drops such pairs (spec §3.2)
+            if not all(m.any() for _, m in kept):  # open-instruct drops such pairs too
                 skipped["no_trained_tokens"] = skipped.get("no_trained_tokens", 0) + 1
                 continue
             truncated += len(c[0]) > max_seq_len or len(r[0]) > max_seq_len
@@ -290,7 +291,7 @@ class PreferencePipeline:
             template=cfg.chat_template,
             label=cfg.label,
         )
-        self._pad = pad_id(tokenizer)
+        self._pad = pad_token_id(tokenizer)
         self._tokenizer_id = {"eos": tokenizer.eos_token, "vocab": len(tokenizer), "pad": self._pad}
         self._global_rows = batch_size * process_count
         self._dataset = self._build(process_index, process_count)

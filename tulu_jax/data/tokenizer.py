@@ -23,6 +23,7 @@ def load_tokenizer(path: str | os.PathLike | None = None):
     return tok
 
 
-def pad_id(tokenizer) -> int:
-    """The id used for right padding: the tokenizer's pad token, else 0 (masked out anyway)."""
+def pad_token_id(tokenizer) -> int:
+    """The id written into padding slots of a batch: the tokenizer's pad token, else 0. Padding is always
+    masked (segment id 0), so the value never reaches a loss."""
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

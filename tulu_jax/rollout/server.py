@@ -27,6 +27,7 @@ VLLM_VENV_PYTHON = REPO / ".venv-vllm" / "bin" / "python"
 
 
 def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free on `host` a moment ago (the OS picks it)."""
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
@@ -51,6 +52,8 @@ class VLLMServer:
         self.ready_s: float | None = None  # seconds from launch to ready, once known
 
     def launch(self) -> VLLMServer:
+        """Starts the command in its own process group, appending its output to `log_path`; returns at once
+        (see `wait_ready`). RuntimeError if it is already running."""
         if self.alive():
             raise RuntimeError(f"the server at {self.url} is already running")
         with open(self.log_path, "ab") as log:
@@ -66,9 +69,11 @@ class VLLMServer:
         return self
 
     def alive(self) -> bool:
+        """Whether the launched process is still running."""
         return self.process is not None and self.process.poll() is None
 
     def log_tail(self, chars: int = 6000) -> str:
+        """The last `chars` characters of the server log ("" if it cannot be read)."""
         try:
             return Path(self.log_path).read_text(errors="replace")[-chars:]
         except OSError:
@@ -180,7 +185,9 @@ def start_vllm_server(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`tulu-jax vllm --model DIR [--port 8000]`: serve a model for `VLLMClient` until interrupted."""
+    """`tulu-jax vllm --model DIR [--port 8000]`: serve a model for `VLLMClient` until interrupted. Raises
+    `tulu_jax.inputs.InputError` for a --model that is not a model folder or a --python that is not a program
+    (the CLI prints it as one line, exit code 2)."""
     p = argparse.ArgumentParser(prog="tulu-jax vllm", description=main.__doc__)
     p.add_argument("--model", required=True, help="Hugging Face model folder")
     p.add_argument("--port", type=int, default=8000)
@@ -192,12 +199,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the server to come up")
     p.add_argument("extra", nargs=argparse.REMAINDER, help="after --: passed to vLLM unchanged")
     args = p.parse_args(argv)
+    from tulu_jax.inputs import InputError, check_model_dir
+
+    check_model_dir(args.model, "--model")
+    python = vllm_python(args.python)
+    if not (os.path.isfile(python) and os.access(python, os.X_OK)):
+        raise InputError(f"--python {python}: not an executable file (make .venv-vllm with scripts/setup_vllm.sh)")
     extra = args.extra[1:] if args.extra[:1] == ["--"] else args.extra
     server = start_vllm_server(
         args.model,
         port=args.port,
         host=args.host,
-        python=args.python,
+        python=python,
         dtype=args.dtype,
         max_model_len=args.max_model_len,
         kv_cache_gib=args.kv_cache_gib,
@@ -215,4 +228,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from tulu_jax.cli import main as cli_main
+
+    sys.exit(cli_main(["vllm", *sys.argv[1:]]))

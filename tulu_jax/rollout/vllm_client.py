@@ -2,8 +2,13 @@
 
 Generation: one `/v1/completions` request per prompt (token ids in, token ids and processed log-probs out),
 spread over the servers by a thread pool. A request that fails with a connection error, a timeout or a 5xx
-is retried with exponential backoff on the next server, and its result replaces (never adds to) the
-prompt's slot, so every prompt comes back exactly once and in order.
+is retried on the next server with exponential back-off (capped at `max_backoff_s`) until `retry_deadline_s`
+after its first failure, long enough for a restarted server to reload a large model; its result replaces
+(never adds to) the prompt's slot, so every prompt comes back exactly once and in order.
+
+Scoring: the same endpoint with the completion appended to the prompt and `prompt_logprobs: 0`, which makes
+vLLM return the log-prob of every prompt token under the served weights. vLLM computes those from the raw
+logits (no temperature: sampling processors skip prompt tokens), so only temperature 1 is available.
 
 Weights: `push_weights` writes the policy as Hugging Face safetensors into a fresh folder under `weights_dir`
 (which every server must be able to read: a shared filesystem when they run elsewhere) and, per server,
@@ -32,14 +37,22 @@ from collections.abc import Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from typing import Any
 
+import numpy as np
+
 from tulu_jax.models import hf
 from tulu_jax.models.config import DecoderConfig
-from tulu_jax.rollout.types import Completion, SamplingParams
+from tulu_jax.rollout.types import (
+    Completion,
+    RolloutBatch,
+    SamplingParams,
+    batch_completions,
+    check_score_inputs,
+)
 from tulu_jax.rollout.weight_sync import check_folder, expected_tensors, write_weights
 
 
 class RolloutServerError(RuntimeError):
-    """A server refused a request, or stayed unreachable through every retry."""
+    """A server refused a request, or stayed unreachable until the retry deadline."""
 
 
 class _Retryable(Exception):
@@ -62,6 +75,7 @@ class _Gate:
 
     @contextlib.contextmanager
     def reading(self):
+        """Held by each `generate` / `score`: waits while a push runs."""
         with self._cond:
             self._cond.wait_for(lambda: not self._writer)
             self._readers += 1
@@ -74,6 +88,7 @@ class _Gate:
 
     @contextlib.contextmanager
     def writing(self):
+        """Held by a push: waits for running readers, keeps new ones out until it ends."""
         with self._cond:
             self._cond.wait_for(lambda: not self._writer)
             self._writer = True
@@ -106,7 +121,12 @@ def _http(url: str, body: Any = None, *, method: str | None = None, timeout: flo
 
 class VLLMClient:
     """Implements `RolloutBackend` against vLLM servers started with `--logprobs-mode processed_logprobs`
-    (`tulu_jax.rollout.server` does). `cfg` (our model config) is needed only to push weights."""
+    (`tulu_jax.rollout.server` does). `cfg` (our model config) is needed to push weights; `push_weights`
+    raises ValueError without it.
+
+    Times are seconds: `timeout_s` per HTTP request, `retry_deadline_s` how long a failing request keeps
+    being retried after its first failure (back-off from `backoff_s`, doubling, capped at `max_backoff_s`),
+    `push_timeout_s` per step of a weight reload."""
 
     def __init__(
         self,
@@ -118,9 +138,9 @@ class VLLMClient:
         weights_dir: str | None = None,
         weights_dtype: str = "float32",
         timeout_s: float = 600.0,
-        max_retries: int = 5,
+        retry_deadline_s: float = 300.0,
         backoff_s: float = 0.5,
-        max_backoff_s: float = 30.0,
+        max_backoff_s: float = 4.0,
         max_concurrency: int = 64,
         push_timeout_s: float = 600.0,
         keep_folders: int = 2,
@@ -130,12 +150,8 @@ class VLLMClient:
         self.eos_token_id, self.pad_token_id, self.cfg = int(eos_token_id), int(pad_token_id), cfg
         self._servers = [_Server(u) for u in urls]
         self.weights_dir, self.weights_dtype = weights_dir, weights_dtype
-        self.timeout_s, self.max_retries, self.backoff_s, self.max_backoff_s = (
-            timeout_s,
-            max_retries,
-            backoff_s,
-            max_backoff_s,
-        )
+        self.timeout_s, self.retry_deadline_s = timeout_s, retry_deadline_s
+        self.backoff_s, self.max_backoff_s = backoff_s, max_backoff_s
         self.max_concurrency, self.push_timeout_s, self.keep_folders = max_concurrency, push_timeout_s, keep_folders
         self._gate = _Gate()
         self._folder: str | None = None  # the folder of `weight_version`, what a restarted server reloads
@@ -147,15 +163,17 @@ class VLLMClient:
 
     @property
     def urls(self) -> list[str]:
+        """The servers' base URLs, without a trailing slash."""
         return [s.url for s in self._servers]
 
     # ------------------------------------------------------------------ generation
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[Completion]:
-        """`params.n` completions per prompt, prompt-major; each stops at EOS or a stop token (kept)."""
+        """`params.n` completions per prompt (lists of int token ids), prompt-major; each stops at EOS or a
+        stop token (kept) or after `params.max_tokens`. With `params.seed` the prompts get distinct seeds
+        derived from it; without, vLLM draws its own. Raises ValueError on an empty prompt,
+        RolloutServerError when a server refuses a request or none answers before the retry deadline."""
         prompts = [tuple(int(t) for t in p) for p in prompts]
-        if not prompts:
-            return []
         if any(not p for p in prompts):
             raise ValueError("every prompt needs at least one token")
         # A seed shared by many requests would give every prompt the same random stream: derive one per
@@ -164,11 +182,69 @@ class VLLMClient:
         rng = random.Random(params.seed)
         seeds = [rng.getrandbits(48) if params.seed is not None else None for _ in prompts]
         start = time.perf_counter()
+        results, retries = self._map(
+            prompts,
+            lambda i, p: self._request(p, params, seeds[i]),
+            lambda i, p, answer, version: self._parse(i, p, params, answer, version),
+        )
+        out = [c for row in results for c in row]
+        elapsed = time.perf_counter() - start
+        new_tokens = sum(len(c.token_ids) for c in out)
+        self.last_generate = {
+            "seconds": elapsed,
+            "new_tokens": new_tokens,
+            "tokens_per_s": new_tokens / max(elapsed, 1e-9),
+            "retries": retries,
+        }
+        return out
+
+    def generate_batch(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> RolloutBatch:
+        """`generate` as a `RolloutBatch` (see `batch_completions`) of completion width `params.max_tokens`."""
+        return batch_completions(self.generate(prompts, params), self.pad_token_id, width=params.max_tokens)
+
+    def score(
+        self,
+        prompt_token_ids: Sequence[Sequence[int]],
+        completion_token_ids: Sequence[Sequence[int]],
+        temperature: float = 1.0,
+    ) -> np.ndarray:
+        """log p(token | prompt, earlier completion tokens) of every completion token under the served
+        weights, from vLLM's `prompt_logprobs` on prompt + completion: float32 [N, T], T = max(1, longest
+        completion), 0.0 past each row's end. Raises NotImplementedError for temperature != 1 (vLLM scores
+        prompt tokens from the raw logits), ValueError for mismatched lengths or an empty prompt,
+        RolloutServerError as `generate`."""
+        if temperature != 1.0:
+            raise NotImplementedError(
+                f"VLLMClient.score: temperature {temperature} is not available: vLLM computes prompt_logprobs "
+                "from the raw logits (temperature 1); score with LocalSampler.score or the trainer's forward pass"
+            )
+        check_score_inputs(prompt_token_ids, completion_token_ids)
+        seqs = [tuple(int(t) for t in (*p, *c)) for p, c in zip(prompt_token_ids, completion_token_ids)]
+        spans = [(len(p), len(c)) for p, c in zip(prompt_token_ids, completion_token_ids)]
+        body = {"max_tokens": 1, "temperature": 0.0, "prompt_logprobs": 0, "return_tokens_as_token_ids": True}
+        rows, _ = self._map(
+            seqs,
+            lambda i, seq: {**body, "prompt": list(seq)},
+            lambda i, seq, answer, version: self._parse_prompt_logps(i, seq, spans[i], answer),
+        )
+        out = np.zeros((len(seqs), max([1, *(n for _, n in spans)])), np.float32)
+        for i, row in enumerate(rows):
+            out[i, : len(row)] = row
+        return out
+
+    def _map(self, items: list[tuple[int, ...]], make_body, parse) -> tuple[list, int]:
+        """One request per item over the thread pool, under the read gate after a version check ->
+        ([parse(i, item, answer, version) per item, in order], retries taken)."""
+        if not items:
+            return [], 0
         with self._gate.reading():
             self._check_versions()
-            results: list[list[Completion] | None] = [None] * len(prompts)
-            with ThreadPoolExecutor(min(self.max_concurrency, len(prompts))) as pool:
-                futures = {pool.submit(self._complete, i, p, params, seeds[i]): i for i, p in enumerate(prompts)}
+            results: list = [None] * len(items)
+            with ThreadPoolExecutor(min(self.max_concurrency, len(items))) as pool:
+                futures = {
+                    pool.submit(self._call, i, make_body(i, item), lambda a, v, i=i, item=item: parse(i, item, a, v)): i
+                    for i, item in enumerate(items)
+                }
                 done, _ = wait(futures, return_when=FIRST_EXCEPTION)
                 failed = [f for f in done if f.exception() is not None]
                 if failed:
@@ -176,18 +252,9 @@ class VLLMClient:
                     raise failed[0].exception()
                 retries = 0
                 for f, i in futures.items():
-                    results[i], attempts = f.result()  # each prompt's slot is filled once, by its own task
+                    results[i], attempts = f.result()  # each item's slot is filled once, by its own task
                     retries += attempts - 1
-        out = [c for row in results for c in row]
-        elapsed = time.perf_counter() - start
-        new_tokens = sum(len(c.token_ids) for c in out)
-        self.last_generate = {
-            "seconds": elapsed,
-            "new_tokens": new_tokens,
-            "tokens_per_s": new_tokens / elapsed,
-            "retries": retries,
-        }
-        return out
+        return results, retries
 
     def _request(self, prompt: tuple[int, ...], sp: SamplingParams, seed: int | None) -> dict:
         body = {
@@ -210,22 +277,30 @@ class VLLMClient:
             body["seed"] = seed
         return body
 
-    def _complete(self, i: int, prompt: tuple[int, ...], sp: SamplingParams, seed: int | None):
-        """-> (prompt `i`'s n completions, attempts); retries rotate over the servers from prompt i's own."""
-        body, last = self._request(prompt, sp, seed), None
-        for attempt in range(self.max_retries + 1):
-            if attempt:
-                time.sleep(min(self.backoff_s * 2 ** (attempt - 1), self.max_backoff_s))
+    def _call(self, i: int, body: dict, parse):
+        """POSTs request `i` -> (parse(answer, weight version), attempts). Retries rotate over the servers
+        from request i's own until `retry_deadline_s` after the first failure."""
+        attempt, last, deadline = 0, None, None
+        while True:
             server = self._servers[(i + attempt) % len(self._servers)]
+            attempt += 1
             try:
                 if server.stale:
                     self._resync(server)
                 version = server.version
                 answer = _http(server.url + "/v1/completions", body, timeout=self.timeout_s)
-                return self._parse(i, prompt, sp, answer, version), attempt + 1
+                return parse(answer, version), attempt
             except _Retryable as e:
                 server.stale, last = True, e
-        raise RolloutServerError(f"prompt {i}: no answer after {self.max_retries + 1} attempts; last error: {last}")
+            now = time.monotonic()
+            deadline = now + self.retry_deadline_s if deadline is None else deadline
+            pause = min(self.backoff_s * 2 ** (attempt - 1), self.max_backoff_s)
+            if now + pause > deadline:
+                raise RolloutServerError(
+                    f"request {i}: no answer within the {self.retry_deadline_s:g} s retry deadline "
+                    f"({attempt} attempts); last error: {last}"
+                )
+            time.sleep(pause)
 
     def _parse(self, i: int, prompt: tuple[int, ...], sp: SamplingParams, answer: dict, version) -> list[Completion]:
         choices = sorted(answer["choices"], key=lambda c: c["index"])
@@ -235,15 +310,15 @@ class VLLMClient:
                 raise _Retryable(f"prompt {i} finished with {c['finish_reason']!r}")
             if tuple(c["prompt_token_ids"]) != prompt:
                 raise RolloutServerError(f"prompt {i}: the server echoed different prompt tokens")
-            tokens, logprobs = tuple(c["token_ids"]), tuple(c["logprobs"]["token_logprobs"])
-            if len(tokens) != len(logprobs):
-                raise RolloutServerError(f"prompt {i}: {len(tokens)} tokens but {len(logprobs)} log-probs")
+            tokens, logps = tuple(c["token_ids"]), tuple(c["logprobs"]["token_logprobs"])
+            if len(tokens) != len(logps):
+                raise RolloutServerError(f"prompt {i}: {len(tokens)} tokens but {len(logps)} log-probs")
             completion = Completion(
                 prompt_index=i,
                 sample_index=k,
                 prompt_token_ids=prompt,
                 token_ids=tokens,
-                logprobs=logprobs,
+                logps=logps,
                 finish_reason=c["finish_reason"],
                 weight_version=version,
             )
@@ -254,14 +329,33 @@ class VLLMClient:
             raise RolloutServerError(f"prompt {i}: asked for {sp.n} samples, got {len(out)}")
         return out
 
+    @staticmethod
+    def _parse_prompt_logps(i: int, seq: tuple[int, ...], span: tuple[int, int], answer: dict) -> list[float]:
+        """The log-probs of seq[start : start + n] from a `prompt_logprobs` answer (entry j scores seq[j])."""
+        start, n = span
+        (choice,) = answer["choices"]
+        entries = choice.get("prompt_logprobs")
+        if entries is None or len(entries) != len(seq):
+            raise RolloutServerError(f"score row {i}: no prompt_logprobs for its {len(seq)} tokens in the answer")
+        out = []
+        for j in range(start, start + n):
+            entry = entries[j] or {}
+            found = entry.get(str(seq[j]))
+            if found is None:
+                raise RolloutServerError(f"score row {i}: prompt_logprobs lacks token {seq[j]} at position {j}")
+            out.append(float(found["logprob"]))
+        return out
+
     # ------------------------------------------------------------------ weights
 
-    def push_weights(self, params, version: str | None = None, cfg: DecoderConfig | None = None) -> dict[str, float]:
-        """Writes `params` (our layout) to a fresh folder and loads it on every server, tagged `version`.
-        Waits for running `generate` calls; returns (and keeps in `last_push`) the time spent per phase."""
-        cfg = cfg or self.cfg
+    def push_weights(self, params, version: str | None = None) -> dict[str, float]:
+        """Writes `params` (our layout, the model of `self.cfg`) to a fresh folder in `weights_dtype` and
+        loads it on every server, tagged `version` (default "push-<count>"). Waits for running `generate`
+        calls; returns (and keeps in `last_push`) seconds per phase: write_s, load_s, total_s. Raises
+        ValueError without `cfg`, RolloutServerError when a server refuses the folder (see `_load`)."""
+        cfg = self.cfg
         if cfg is None:
-            raise ValueError("push_weights needs the model config: pass cfg here or to VLLMClient")
+            raise ValueError("push_weights needs the model config: construct VLLMClient(..., cfg=DecoderConfig)")
         self._pushes += 1
         version = str(version) if version is not None else f"push-{self._pushes}"
         if self.weights_dir is None:
@@ -278,12 +372,12 @@ class VLLMClient:
         self.last_push = {"write_s": written - start, "load_s": end - written, "total_s": end - start}
         return self.last_push
 
-    def load_folder(self, folder: str, version: str, cfg: DecoderConfig | None = None) -> None:
+    def load_folder(self, folder: str, version: str) -> None:
         """Loads an already written Hugging Face folder on every server (what `push_weights` does after
-        writing). The folder is checked against the model config (`cfg`, the client's, else its own
-        config.json) before any server is touched."""
+        writing). The folder is checked against the model config (the client's `cfg`, else the folder's
+        config.json) before any server is touched; RolloutServerError if it does not match."""
         with self._gate.writing():
-            self._load_all(os.path.abspath(folder), str(version), cfg)
+            self._load_all(os.path.abspath(folder), str(version), self.cfg)
 
     def _load_all(self, folder: str, version: str, cfg: DecoderConfig | None) -> None:
         cfg = cfg or self.cfg

@@ -28,6 +28,7 @@ _INDEX = "model.safetensors.index.json"
 
 
 def is_tied(model_dir: str) -> bool:
+    """Whether the config.json of `model_dir` ties the LM head to the embedding (FileNotFoundError if none)."""
     with open(os.path.join(model_dir, "config.json")) as f:
         return bool(json.load(f).get("tie_word_embeddings", False))
 

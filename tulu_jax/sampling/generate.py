@@ -17,7 +17,8 @@ Array = jax.Array
 
 
 def prompt_positions(mask_BxP: Array) -> Array:
-    """Exclusive cumsum of the attention mask: 0 for every pad and for each row's first token."""
+    """Exclusive cumsum of the attention mask [B, P] -> int32 [B, P]: 0 for every pad and for each row's
+    first token, so a left-padded row gets the same RoPE positions as the unpadded one."""
     mask_BxP = mask_BxP.astype(jnp.int32)
     return jnp.cumsum(mask_BxP, axis=1) - mask_BxP
 
@@ -25,7 +26,8 @@ def prompt_positions(mask_BxP: Array) -> Array:
 def prefill(model: Decoder, params, prompt_BxP: Array, mask_BxP: Array, max_tokens: int) -> tuple[Array, KVCache]:
     """Runs the prompts through the model into a fresh cache of P + max_tokens slots.
 
-    -> (float32 logits of each row's next token [B, V], the cache)."""
+    `prompt_BxP` int32 left-padded prompts, `mask_BxP` 1 on real tokens. -> (float32 logits of each row's
+    next token [B, V], the cache in the model's compute dtype)."""
     b, p = prompt_BxP.shape
     cache = KVCache.empty(model.cfg, b, p + max_tokens, model.dtype).constrain()
     ids_BxP = jnp.where(mask_BxP != 0, prompt_BxP, 0)  # a pad id may lie outside the vocabulary
@@ -52,9 +54,14 @@ def decode(
     """Samples up to `max_tokens` tokens per row in one `lax.while_loop` that exits once every row has
     produced a stop token (`stop_ids_S`, EOS among them; the stop token is kept).
 
-    -> tokens [B, M] (pad_id after a row ends), their log-probs [B, M] (0 there), lengths [B] (tokens
-    generated, stop included), stopped [B] (ended on a stop token), steps (decode iterations run); and
-    the final cache (returned so a caller can donate the input cache and have it updated in place)."""
+    `logits_BxV` are prefill's float32 next-token logits, `prompt_lens_B` int32 real prompt lengths (the
+    first new token's position), `key` a PRNG key (folded with the step index), the three sampling knobs
+    traced scalars (see `ops.sample_tokens`), `stop_ids_S` int32 [S].
+
+    -> ({"tokens": int32 [B, M] (pad_id after a row ends), "logps": float32 [B, M] (0 there), "lengths":
+    int32 [B] (tokens generated, stop included), "stopped": bool [B] (ended on a stop token), "steps": int32
+    (decode iterations run)}, the final cache (returned so a caller can donate the input cache and have it
+    updated in place))."""
     b = logits_BxV.shape[0]
 
     def cond(state):
@@ -90,5 +97,5 @@ def decode(
         jnp.zeros((b,), bool),
     )
     steps, _, cache, tokens_BxM, logps_BxM, lengths_B, done_B = jax.lax.while_loop(cond, body, state)
-    out = {"tokens": tokens_BxM, "logprobs": logps_BxM, "lengths": lengths_B, "stopped": done_B, "steps": steps}
+    out = {"tokens": tokens_BxM, "logps": logps_BxM, "lengths": lengths_B, "stopped": done_B, "steps": steps}
     return out, cache

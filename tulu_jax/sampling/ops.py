@@ -2,8 +2,9 @@
 
 The order follows vLLM: divide by the temperature, keep the top-k, then keep the nucleus (top-p) of the
 renormalised top-k distribution, draw. The reported log-prob is that of the chosen token under this
-processed distribution (vLLM's `processed_logprobs`), so a PPO ratio starts at exactly 1. Greedy decoding
-(temperature 0) takes the argmax and reports the plain temperature-1 log-prob.
+processed distribution (what vLLM reports with `--logprobs-mode processed_logprobs`), so a PPO ratio
+starts at exactly 1. Greedy decoding (temperature 0) takes the argmax and reports the plain temperature-1
+log-prob.
 
 Ties are kept together: every token whose logit equals the k-th largest survives top-k, and top-p keeps a
 token when the probability mass strictly above it is below p, so the kept set never depends on how a
@@ -19,7 +20,8 @@ Array = jax.Array
 
 
 def filter_logits(logits_BxV: Array, top_k: Array | int, top_p: Array | float) -> Array:
-    """Logits with everything outside the top-k and then the top-p nucleus set to -inf.
+    """Logits [B, V] (float) with everything outside the top-k and then the top-p nucleus set to -inf;
+    same shape and dtype.
 
     `top_k` 0 and `top_p` 1 switch each filter off; both may be traced scalars (no recompile per value).
     """
@@ -46,29 +48,31 @@ def filter_logits(logits_BxV: Array, top_k: Array | int, top_p: Array | float) -
 
 
 def processed_logits(logits_BxV: Array, temperature, top_k=0, top_p=1.0) -> Array:
-    """Temperature-scaled, filtered float32 logits: log_softmax of these is the sampling distribution."""
+    """Temperature-scaled, filtered float32 logits [B, V]: log_softmax of these is the sampling distribution.
+    `temperature` must be > 0 (greedy is handled by `sample_tokens`)."""
     scaled_BxV = logits_BxV.astype(jnp.float32) / jnp.asarray(temperature, jnp.float32)
     return filter_logits(scaled_BxV, top_k, top_p)
 
 
-def chosen_logprobs(logits_BxV: Array, tokens_B: Array) -> Array:
-    """log_softmax(logits)[token] per row."""
+def chosen_logps(logits_BxV: Array, tokens_B: Array) -> Array:
+    """log_softmax(logits [B, V])[b, tokens_B[b]] -> float32 [B]."""
     logp_BxV = jax.nn.log_softmax(logits_BxV, axis=-1)
     return jnp.take_along_axis(logp_BxV, tokens_B[:, None].astype(jnp.int32), -1)[:, 0]
 
 
 def sample_tokens(logits_BxV: Array, key: Array, temperature, top_k=0, top_p=1.0) -> tuple[Array, Array]:
-    """(tokens [B] int32, their log-probs [B]). Temperature 0 is greedy; all three knobs may be traced."""
+    """Draws one token per row of `logits_BxV` -> (tokens int32 [B], their float32 log-probs [B] under the
+    processed distribution). Temperature 0 is greedy; all three knobs may be traced."""
     logits_BxV = logits_BxV.astype(jnp.float32)
     temperature = jnp.asarray(temperature, jnp.float32)
 
     def greedy(_):
         tokens_B = jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
-        return tokens_B, chosen_logprobs(logits_BxV, tokens_B)
+        return tokens_B, chosen_logps(logits_BxV, tokens_B)
 
     def draw(_):
         processed_BxV = processed_logits(logits_BxV, temperature, top_k, top_p)
         tokens_B = jax.random.categorical(key, processed_BxV, axis=-1).astype(jnp.int32)
-        return tokens_B, chosen_logprobs(processed_BxV, tokens_B)
+        return tokens_B, chosen_logps(processed_BxV, tokens_B)
 
     return jax.lax.cond(temperature == 0, greedy, draw, None)

@@ -17,6 +17,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from tulu_jax.multihost import process_zero_value
 from tulu_jax.train.cadence import checkpoint_due, eval_due
 from tulu_jax.train.checkpoint import Checkpointer
 from tulu_jax.train.metrics import MetricsLogger
@@ -33,10 +34,11 @@ class LoopResult:
 def restore_or_start(ckpt: Checkpointer, abstract, shardings, data_iter, fresh_state: Callable[[], Any]):
     """(state, start step): the latest checkpoint with the data iterator rewound to it, or `fresh_state()`.
     `abstract`/`shardings` describe the saved pytree (any tree of states)."""
-    start = ckpt.latest_step()
-    if start is None:
+    latest = ckpt.latest_step()
+    start = process_zero_value(-1 if latest is None else latest)  # every host resumes from the same step
+    if start < 0:
         return fresh_state(), 0
-    state, data_state, _ = ckpt.restore(abstract, shardings)
+    state, data_state, _ = ckpt.restore(abstract, shardings, step=start)
     data_iter.set_state(data_state)
     log(f"resumed from {ckpt.directory}/{start}")
     return state, start

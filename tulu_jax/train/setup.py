@@ -7,7 +7,7 @@ runs; stage-specific pieces (reference models, value heads) live in the stage's 
 
 Fail closed: a run needs `model.path` (or an explicit `model.preset` for a random-init toy model) and
 training files (or `data.use_bundled: true`); every configured path must exist. Each problem is a
-ConfigError naming the config key and the path, raised before any compute.
+ConfigError or InputError naming the config key and the path, raised before any compute.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from tulu_jax.config import DataFilesConfig, ModelConfig
 from tulu_jax.configlib import ConfigError
 from tulu_jax.data.pipeline import resolve_files
 from tulu_jax.data.tokenizer import load_tokenizer, tiny_tokenizer_dir
+from tulu_jax.inputs import InputError, check_data_path, check_model_dir, where
 from tulu_jax.models import hf
 from tulu_jax.models.config import DecoderConfig, preset
 from tulu_jax.models.decoder import Decoder
@@ -39,25 +40,6 @@ from tulu_jax.train.state import TrainState, state_layout
 # --- inputs ---------------------------------------------------------------------------------------------
 
 
-def check_model_folder(key: str, path: str) -> None:
-    """ConfigError unless `path` is a folder with a config.json (a Hugging Face model folder)."""
-    if not os.path.exists(path):
-        raise ConfigError(f"{key}: {path}: no such folder")
-    if not os.path.isdir(path):
-        raise ConfigError(f"{key}: {path}: not a folder (expected a Hugging Face model folder)")
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        raise ConfigError(f"{key}: {path}: not a Hugging Face model folder (no config.json)")
-
-
-def check_data_files(key: str, files: tuple[str, ...]) -> None:
-    """ConfigError naming `key[i]` for the first file or folder that does not exist or cannot be read."""
-    for i, path in enumerate(files):
-        if not os.path.exists(path):
-            raise ConfigError(f"{key}[{i}]: {path}: no such file or folder")
-        if not os.access(path, os.R_OK):
-            raise ConfigError(f"{key}[{i}]: {path}: not readable")
-
-
 def check_inputs(cfg) -> None:
     """Fail closed before any compute: a model to start from, training data, and every path present."""
     mcfg: ModelConfig = cfg.model
@@ -67,17 +49,18 @@ def check_inputs(cfg) -> None:
             "only for a random-init toy run"
         )
     if mcfg.path is not None:
-        check_model_folder("model.path", mcfg.path)
+        check_model_dir(mcfg.path, "model.path")
     if mcfg.tokenizer is not None and not os.path.isdir(mcfg.tokenizer):
-        raise ConfigError(f"model.tokenizer: {mcfg.tokenizer}: no such folder")
+        raise InputError(f"{where('model.tokenizer', mcfg.tokenizer)}: no such directory")
     data: DataFilesConfig = cfg.data
     if not data.use_bundled:
         resolve_files(data, "train")  # ConfigError when none are given
-        check_data_files("data.train_files", data.train_files)
-        check_data_files("data.eval_files", data.eval_files)
+        for key in ("train_files", "eval_files"):
+            for i, path in enumerate(getattr(data, key)):
+                check_data_path(path, f"data.{key}[{i}]")
     ref = getattr(getattr(cfg, "dpo", None), "reference_path", None)
     if ref is not None:
-        check_model_folder("dpo.reference_path", ref)
+        check_model_dir(ref, "dpo.reference_path")
 
 
 def load_model_and_tokenizer(mcfg: ModelConfig) -> tuple[DecoderConfig, Any]:
@@ -91,7 +74,9 @@ def load_model_and_tokenizer(mcfg: ModelConfig) -> tuple[DecoderConfig, Any]:
         raise
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"{key}: {tok_path or tiny_tokenizer_dir()}: cannot load a tokenizer: {first}") from None
+        raise InputError(
+            f"{where(key, tok_path or str(tiny_tokenizer_dir()))}: cannot load its tokenizer: {first}"
+        ) from None
     if mcfg.path:
         dcfg = hf.load_hf_config(mcfg.path)
     else:

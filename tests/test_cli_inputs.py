@@ -1,0 +1,102 @@
+"""Bad inputs to `tulu-jax score`, `generate`, `vllm` and the trainers' --config: one line naming the flag
+and the path on stderr, exit code 2, no traceback. Each case runs the real command in a subprocess."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO, cli_env
+from hf_models import make_hf_model
+
+
+@pytest.fixture(scope="module")
+def paths(tmp_path_factory):
+    """A tiny model folder, its copies with a broken tokenizer or config, a prompts file, an empty dir."""
+    root = tmp_path_factory.mktemp("cli_inputs")
+    model = root / "model"
+    make_hf_model("llama", str(model))
+    no_eos = root / "no_eos"
+    shutil.copytree(model, no_eos)
+    config = json.loads((no_eos / "tokenizer_config.json").read_text())
+    (no_eos / "tokenizer_config.json").write_text(json.dumps({**config, "eos_token": None}))
+    bad_config = root / "bad_config"
+    shutil.copytree(model, bad_config)
+    (bad_config / "config.json").write_text("{not json")
+    (root / "empty").mkdir()
+    (root / "file.txt").write_text("hello\n")
+    prompts = root / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": "hi"}) + "\n")
+    return {
+        "model": str(model),
+        "no_eos": str(no_eos),
+        "bad_config": str(bad_config),
+        "empty": str(root / "empty"),
+        "file": str(root / "file.txt"),
+        "prompts": str(prompts),
+        "out": str(root / "out.jsonl"),
+    }
+
+
+def _run(*argv):
+    return subprocess.run(
+        [sys.executable, "-m", "tulu_jax.cli", *argv],
+        env=cli_env(),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def _gen(p, **changes):
+    args = {"--model": p["model"], "--prompts": p["prompts"], "--out": p["out"], **changes}
+    return ["generate", *[x for kv in args.items() for x in kv], "--max-tokens", "2"]
+
+
+CASES = {
+    # name: (argv from the paths, flag, path named in the message, what the message says)
+    "score_missing_model": (lambda p: ["score", "--model", "/no/such/dir", "--text", "x"], "--model",
+                            "/no/such/dir", "no such directory"),
+    "score_model_is_a_file": (lambda p: ["score", "--model", p["file"], "--text", "x"], "--model", "file",
+                              "not a directory"),
+    "score_model_not_a_model": (lambda p: ["score", "--model", p["empty"], "--text", "x"], "--model", "empty",
+                                "no config.json"),
+    "score_model_bad_config": (lambda p: ["score", "--model", p["bad_config"], "--text", "x"], "--model",
+                               "bad_config", "config.json is not a usable model config"),
+    "generate_missing_model": (lambda p: _gen(p, **{"--model": "/no/such/dir"}), "--model", "/no/such/dir",
+                               "no such directory"),
+    "generate_missing_prompts": (lambda p: _gen(p, **{"--prompts": "/no/such.jsonl"}), "--prompts",
+                                 "/no/such.jsonl", "no such file"),
+    "generate_prompts_is_a_dir": (lambda p: _gen(p, **{"--prompts": p["empty"]}), "--prompts", "empty",
+                                  "is a directory"),
+    "generate_tokenizer_without_eos": (lambda p: _gen(p, **{"--model": p["no_eos"]}), "--model", "no_eos",
+                                       "no eos_token"),
+    "generate_out_is_a_dir": (lambda p: _gen(p, **{"--out": p["empty"]}), "--out", "empty", "is a directory"),
+    "generate_bad_mesh": (lambda p: _gen(p, **{"--mesh": "3,1,1"}), "--mesh", "3,1,1", "devices"),
+    "vllm_missing_model": (lambda p: ["vllm", "--model", "/no/such/dir"], "--model", "/no/such/dir",
+                           "no such directory"),
+    "sft_config_is_a_dir": (lambda p: ["sft", "--config", p["empty"]], "--config", "empty", "is a directory"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_input_is_one_line_exit_2(paths, case):
+    argv, flag, where, what = CASES[case]
+    proc = _run(*argv(paths))
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"tulu-jax: error: {flag} ") and where in line and what in line, line
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root reads files without permission")
+def test_unreadable_prompts_is_one_line_exit_2(paths, tmp_path):
+    locked = tmp_path / "locked.jsonl"
+    locked.write_text('{"prompt": "hi"}\n')
+    locked.chmod(0)
+    proc = _run(*_gen(paths, **{"--prompts": str(locked)}))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"tulu-jax: error: --prompts {locked}: cannot read")

@@ -1,0 +1,118 @@
+"""Checks of user inputs (paths and values named by a command-line flag or a config key), shared by the CLI,
+the trainers' set-up and the vLLM launcher. Each problem is one InputError line naming the flag or key and
+the path, raised before any compute. `name` is a flag ("--model": "--model /x: ...") or a config key
+("model.path": "model.path: /x: ...")."""
+
+from __future__ import annotations
+
+import os
+
+
+def where(name: str, path: str) -> str:
+    """How an error names its input: `--flag PATH` or `config.key: PATH`."""
+    return f"{name} {path}" if name.startswith("-") else f"{name}: {path}"
+
+
+class InputError(ValueError):
+    """A bad input named by its flag or config key (a path or a value): the CLI reports it as one
+    `tulu-jax: error:` line and exits with code 2."""
+
+
+def check_readable_file(path: str, flag: str) -> str:
+    """`path` if it is a readable file; else InputError naming `flag` and `path`."""
+    if not os.path.exists(path):
+        raise InputError(f"{where(flag, path)}: no such file")
+    if os.path.isdir(path):
+        raise InputError(f"{where(flag, path)}: is a directory, expected a file")
+    try:
+        with open(path, "rb") as f:
+            f.read(1)
+    except OSError as e:
+        raise InputError(f"{where(flag, path)}: cannot read it: {e.strerror or e}") from None
+    return path
+
+
+def check_data_path(path: str, flag: str) -> str:
+    """`path` if it is an existing, readable data file or folder (JSONL, Parquet, save_to_disk); else
+    InputError naming `flag` and `path`."""
+    if not os.path.exists(path):
+        raise InputError(f"{where(flag, path)}: no such file or directory")
+    if not os.access(path, os.R_OK):
+        raise InputError(f"{where(flag, path)}: not readable")
+    return path
+
+
+def check_model_dir(path: str, flag: str = "--model", *, weights: bool = True) -> str:
+    """`path` if it is a Hugging Face model folder (a config.json we can read and, with `weights`,
+    model.safetensors or its index); else InputError naming `flag` and `path`."""
+    if not os.path.exists(path):
+        raise InputError(f"{where(flag, path)}: no such directory")
+    if not os.path.isdir(path):
+        raise InputError(f"{where(flag, path)}: not a directory; expected a Hugging Face model folder")
+    config = os.path.join(path, "config.json")
+    if not os.path.isfile(config):
+        raise InputError(f"{where(flag, path)}: not a Hugging Face model folder (no config.json)")
+    from tulu_jax.models import hf
+
+    try:
+        hf.load_hf_config(path)
+    except (OSError, ValueError, KeyError, TypeError) as e:  # unreadable, bad JSON, missing or wrong keys
+        raise InputError(f"{where(flag, path)}: config.json is not a usable model config: {e}") from None
+    names = ("model.safetensors", "model.safetensors.index.json")
+    if weights and not any(os.path.isfile(os.path.join(path, n)) for n in names):
+        raise InputError(f"{where(flag, path)}: no model.safetensors or model.safetensors.index.json")
+    return path
+
+
+def load_chat_tokenizer(path: str, flag: str = "--model"):
+    """The tokenizer of the folder `path`, checked for what the Tülu chat template needs: an EOS token that
+    encodes to its own id (it ends every assistant turn). InputError naming `flag` and `path` otherwise."""
+    from tulu_jax.data.tokenizer import load_tokenizer
+
+    try:
+        tokenizer = load_tokenizer(path)
+    except (OSError, ValueError, TypeError) as e:  # transformers' "not a tokenizer folder" errors are OSErrors
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InputError(f"{where(flag, path)}: cannot load its tokenizer: {first}") from None
+    ids = tokenizer(tokenizer.eos_token, add_special_tokens=False)["input_ids"]
+    if ids != [tokenizer.eos_token_id]:
+        raise InputError(
+            f"{where(flag, path)}: the tokenizer's eos_token {tokenizer.eos_token!r} encodes to {ids}, not to its id "
+            f"{tokenizer.eos_token_id}: the chat template's end of turn would not be the EOS token"
+        )
+    return tokenizer
+
+
+def check_writable_output(path: str, flag: str) -> str:
+    """`path` if it is (or can be created as) a writable file; else InputError naming `flag` and `path`."""
+    if os.path.isdir(path):
+        raise InputError(f"{where(flag, path)}: is a directory, expected a file")
+    parent = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(parent, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"{where(flag, path)}: cannot create its folder: {e.strerror or e}") from None
+    target = path if os.path.exists(path) else parent
+    if not os.access(target, os.W_OK):
+        raise InputError(f"{where(flag, path)}: not writable")
+    return path
+
+
+def parse_mesh(text: str | None, flag: str = "--mesh") -> tuple[int, int, int] | None:
+    """ "data,fsdp,tensor" (e.g. "2,2,2" or "-1,1,1", at most one -1 for the rest of the devices) -> a tuple."""
+    if text is None:
+        return None
+    try:
+        sizes = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        sizes = ()
+    if len(sizes) != 3:
+        raise InputError(f"{where(flag, text)}: expected three comma-separated integers data,fsdp,tensor")
+    import jax
+
+    from tulu_jax.sharding import resolve_mesh_shape
+
+    try:
+        return resolve_mesh_shape(*sizes, jax.device_count())
+    except ValueError as e:
+        raise InputError(f"{where(flag, text)}: {e}") from None
