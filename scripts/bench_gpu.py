@@ -132,11 +132,13 @@ def step_row(task: str, remat: bool, cfg, args) -> dict:
 
 
 def decode_row(batch: int, cfg, args) -> dict:
-    """The local sampler's decode rate at `batch` rows (float32 weights, bfloat16 compute and KV cache)."""
+    """The local sampler's decode rate at `batch` rows (its bfloat16 copy of the weights, bfloat16 KV cache),
+    every row generating exactly `--new-tokens` tokens."""
     import jax
+    from bench_generate import time_decode  # scripts/bench_generate.py
 
     from tulu_jax.models.loading import build_model, init_params
-    from tulu_jax.sampling.sampler import LocalSampler, time_decode
+    from tulu_jax.sampling.sampler import LocalSampler
     from tulu_jax.sharding import make_mesh
 
     mesh = make_mesh(devices=jax.devices()[:1])
