@@ -7,6 +7,7 @@ import math
 import subprocess
 import sys
 
+import pytest
 from conftest import REPO
 
 
@@ -17,6 +18,7 @@ def _load_script():
     return module
 
 
+@pytest.mark.slow  # six tiny compilations: ~25 s alone, a minute on a loaded 2-core machine
 def test_bench_gpu_dry_run_table(tmp_path, capsys):
     bench_gpu = _load_script()
     out = tmp_path / "bench.json"
