@@ -202,9 +202,9 @@ def main(argv=None) -> int:
     # (measured: our 100M step 8.4 s -> 7.2 s with PASSIVE, PyTorch's own step unchanged at 4.5 s).
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+    import benchlib as bench  # scripts/benchlib.py, next to this script (sys.path[0])
     import jax
 
-    from tulu_jax import bench
     from tulu_jax.models.config import preset
 
     torch = None

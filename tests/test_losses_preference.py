@@ -1,4 +1,4 @@
-"""Preference losses vs. an independent float64 NumPy reference, spec test vectors, gradients and stability."""
+"""Preference losses vs. an independent float64 NumPy reference, hand-computed pairs, gradients and stability."""
 
 import math
 
@@ -22,7 +22,7 @@ from tulu_jax.losses import (
 
 NAMES = ["dpo", "dpo_norm", "simpo", "ipo", "wpo"]
 
-# --- float64 NumPy reference, written from the formulas in spec §3.3–3.4 and the IPO / WPO papers ---------
+# --- float64 NumPy reference, from the formulas of the DPO, SimPO, IPO and WPO papers and Tülu 3 §5 -------
 
 
 def np_log_sigmoid(x):
@@ -162,47 +162,47 @@ def test_metrics_carry_no_gradient(name):
         assert all(float(jnp.abs(g).max()) == 0.0 for g in grads)
 
 
-# --- spec §3.4 test vector ------------------------------------------------------------------------------
+# --- one hand-computed pair -----------------------------------------------------------------------------
 
 # Chosen token log-probs π = [−1, −2], ref = [−1.5, −2]; rejected π = [−2, −2, −2], ref = [−1.8, −2, −2].
-SPEC_PAIR = tuple(jnp.array([v]) for v in (-3.0, -6.0, -3.5, -5.8, 2, 3))
+HAND_PAIR = tuple(jnp.array([v]) for v in (-3.0, -6.0, -3.5, -5.8, 2, 3))
 
 
-def test_spec_vector_dpo():
-    out = dpo(*SPEC_PAIR, beta=0.1)  # z = (−3 + 6) − (−3.5 + 5.8) = 0.7
+def test_hand_pair_dpo():
+    out = dpo(*HAND_PAIR, beta=0.1)  # z = (−3 + 6) − (−3.5 + 5.8) = 0.7
     assert float(out.losses[0]) == pytest.approx(0.658760, abs=1e-6)
     assert float(out.chosen_rewards[0]) == pytest.approx(0.05, rel=1e-6)
     assert float(out.rejected_rewards[0]) == pytest.approx(-0.02, rel=1e-5)
     assert (float(out.chosen_logps[0]), float(out.rejected_logps[0])) == (-3.0, -6.0)
 
 
-def test_spec_vector_dpo_norm():
-    out = dpo_norm(*SPEC_PAIR, beta=5.0)  # z = (−1.5 + 2) − (−1.75 + 1.933333) = 0.316667
+def test_hand_pair_dpo_norm():
+    out = dpo_norm(*HAND_PAIR, beta=5.0)  # z = (−1.5 + 2) − (−1.75 + 1.933333) = 0.316667
     assert float(out.losses[0]) == pytest.approx(0.186720, abs=1e-6)
     assert float(out.chosen_rewards[0]) == pytest.approx(1.25, rel=1e-6)
     assert float(out.rejected_rewards[0]) == pytest.approx(-0.333333, rel=1e-5)
     assert float(out.chosen_logps[0]) == pytest.approx(-1.5) and float(out.rejected_logps[0]) == pytest.approx(-2.0)
 
 
-def test_spec_vector_simpo():
-    out = simpo(*SPEC_PAIR, beta=2.0, gamma_beta_ratio=0.3)  # z = −1.5 + 2 − 0.3 = 0.2, L = log(1 + e^−0.4)
+def test_hand_pair_simpo():
+    out = simpo(*HAND_PAIR, beta=2.0, gamma_beta_ratio=0.3)  # z = −1.5 + 2 − 0.3 = 0.2, L = log(1 + e^−0.4)
     assert float(out.losses[0]) == pytest.approx(0.513015, abs=1e-6)
     assert float(out.chosen_rewards[0]) == pytest.approx(-3.0) and float(out.rejected_rewards[0]) == pytest.approx(-4.0)
 
 
-def test_spec_vector_wpo_paper():
+def test_hand_pair_wpo_paper():
     # Paper WPO: w = exp(ℓ̄π_c + ℓ̄π_r) = exp(−3/2 − 6/3) = e^−3.5 = 0.0301973834;
     # dpo loss on sums (β = 0.1): log(1 + e^−0.07) = 0.6587595555; L = 0.0301973834 · 0.6587595555 = 0.0198928149.
-    # (The reference snapshot's broken weight e^−9 would give 8.13e−5, spec §3.4.)
-    out = wpo(*SPEC_PAIR, beta=0.1)
+    # (open_instruct/dpo_utils.py's wpo_loss weights with sums, e^−9, which would give 8.13e−5.)
+    out = wpo(*HAND_PAIR, beta=0.1)
     assert float(out.losses[0]) == pytest.approx(0.0198928149, rel=1e-6)
     assert float(out.chosen_rewards[0]) == pytest.approx(0.05, rel=1e-6)
 
 
-def test_spec_vector_ipo():
+def test_hand_pair_ipo():
     # Averaged log-ratios: chosen (−3 + 3.5)/2 = 0.25, rejected (−6 + 5.8)/3 = −0.0666667, z = 0.3166667.
     # β = 0.1: 1/(2β) = 5, L = (0.3166667 − 5)² = (−4.6833333)² = 21.9336111. Rewards 0.025 and −0.00666667.
-    out = ipo(*SPEC_PAIR, beta=0.1)
+    out = ipo(*HAND_PAIR, beta=0.1)
     assert float(out.losses[0]) == pytest.approx(21.9336111, rel=1e-6)
     assert float(out.chosen_rewards[0]) == pytest.approx(0.025, rel=1e-5)
     assert float(out.rejected_rewards[0]) == pytest.approx(-0.00666667, rel=1e-5)
@@ -333,4 +333,4 @@ def test_dispatch_by_name():
 
 def test_unknown_name_lists_known_losses():
     with pytest.raises(ValueError, match=r"'orpo'.*dpo, dpo_norm, ipo, simpo, wpo"):
-        preference_loss("orpo", *SPEC_PAIR, beta=0.1)
+        preference_loss("orpo", *HAND_PAIR, beta=0.1)

@@ -1,13 +1,14 @@
 """Preference losses (DPO, length-normalized DPO, SimPO, IPO, WPO) and the reward-model loss, as pure JAX
-functions (spec §3.3–3.7).
+functions: Tülu 3 §5 (preference tuning) of Lambert et al. 2024, as open-instruct implements it in
+`open_instruct/dpo_utils.py` (losses) and `open_instruct/reward_modeling.py` (Bradley-Terry).
 
 Dimension legend: B batch (pairs), T time (token positions), V vocabulary.
 
 Every preference loss takes summed log-probs of the labelled tokens (policy and reference, chosen and
 rejected) plus the labelled-token counts, and returns per-pair losses in a PreferenceOutput. The trainer
-takes the mean over pairs (spec §3.4). They share one signature so a trainer can pick one by name from
-PREFERENCE_LOSSES. Averaging the sums happens in here, so a reference-log-prob cache can always store sums
-and counts, whatever the loss.
+takes the mean over pairs (as `dpo_tune_cache.py` does). They share one signature so a trainer can pick
+one by name from PREFERENCE_LOSSES. Averaging the sums happens in here, so a reference-log-prob cache can
+always store sums and counts, whatever the loss.
 """
 
 from collections.abc import Callable
@@ -22,28 +23,38 @@ Array = jax.Array
 Scalar = Array | float
 
 
-def sequence_logps(
-    logits_BxTxV: Array, input_ids_BxT: Array, loss_mask_BxT: Array, segment_ids_BxT: Array | None = None
+def labelled_sums(
+    token_logps_BxT: Array, input_ids_BxT: Array, loss_mask_BxT: Array, segment_ids_BxT: Array | None = None
 ) -> tuple[Array, Array]:
-    """(Σ log p of the labelled tokens, number of labelled tokens) per row, both float32 [B] (spec §3.3).
+    """(Σ logps of the labelled tokens, number of labelled tokens) per row, both float32 [B].
 
-    logits[t] predicts input_ids[t+1]. A target counts where loss_mask is 1 at the *target* position and the
-    target lies in the same non-zero segment as the position predicting it. Without segment_ids the whole row
-    is one document, so padding has to be masked out through loss_mask.
+    token_logps_BxT: float32 log p(input_ids[t+1]) at position t (`token_logprobs` of the logits against the
+    shifted ids, or `tulu_jax.train.forward.next_token_logps`). A target counts where loss_mask is 1 at the
+    *target* position and the target lies in the same non-zero segment as the position predicting it
+    (`shift_for_next_token`'s weights). Without segment_ids the whole row is one document, so padding has to
+    be masked out through loss_mask. The reference's `_get_batch_logps` (open_instruct/dpo_utils.py).
     """
     if segment_ids_BxT is None:
         segment_ids_BxT = jnp.ones(input_ids_BxT.shape, jnp.int32)
-    targets_BxT, weights_BxT = shift_for_next_token(input_ids_BxT, loss_mask_BxT, segment_ids_BxT)
-    logp_BxT = token_logprobs(logits_BxTxV, targets_BxT)
-    return jnp.sum(weights_BxT * logp_BxT, axis=-1), jnp.sum(weights_BxT, axis=-1)
+    _, weights_BxT = shift_for_next_token(input_ids_BxT, loss_mask_BxT, segment_ids_BxT)
+    return jnp.sum(weights_BxT * token_logps_BxT, axis=-1), jnp.sum(weights_BxT, axis=-1)
+
+
+def sequence_logps(
+    logits_BxTxV: Array, input_ids_BxT: Array, loss_mask_BxT: Array, segment_ids_BxT: Array | None = None
+) -> tuple[Array, Array]:
+    """`labelled_sums` from full logits [B, T, V] (any float dtype; logits[t] predicts input_ids[t+1]):
+    (Σ log p of the labelled tokens, number of labelled tokens) per row, both float32 [B]."""
+    targets_BxT = jnp.pad(input_ids_BxT[:, 1:], ((0, 0), (0, 1)))
+    return labelled_sums(token_logprobs(logits_BxTxV, targets_BxT), input_ids_BxT, loss_mask_BxT, segment_ids_BxT)
 
 
 class PreferenceOutput(NamedTuple):
     """Per-pair results, all float32 [B].
 
     chosen_logps / rejected_logps are the policy log-probs as the loss uses them (length-averaged for dpo_norm,
-    simpo and ipo; sums for dpo and wpo): the spec's `logps/chosen` and `logps/rejected` metrics. Rewards and
-    logps are metrics and carry no gradient; only `losses` does.
+    simpo and ipo; sums for dpo and wpo): open-instruct's `logps/chosen` and `logps/rejected` metrics
+    (`dpo_tune_cache.py`). Rewards and logps are metrics and carry no gradient; only `losses` does.
     """
 
     losses: Array
@@ -86,7 +97,8 @@ def dpo(
     label_smoothing: Scalar = 0.0,
     gamma_beta_ratio: Scalar = 0.3,
 ) -> PreferenceOutput:
-    """Sigmoid DPO on summed log-probs: L = −(1−ε)·log σ(βz) − ε·log σ(−βz), z = Δπ − Δref (spec §3.4).
+    """Sigmoid DPO on summed log-probs: L = −(1−ε)·log σ(βz) − ε·log σ(−βz), z = Δπ − Δref (Rafailov et al.
+    2023; `dpo_loss` in open_instruct/dpo_utils.py).
 
     Rewards are β·(ℓπ − ℓref) on sums. Lengths and gamma_beta_ratio are ignored.
     """
@@ -116,7 +128,8 @@ def dpo_norm(
     label_smoothing: Scalar = 0.0,
     gamma_beta_ratio: Scalar = 0.3,
 ) -> PreferenceOutput:
-    """Tülu 3's length-normalized DPO: dpo with per-token averages ℓ/len for policy and reference (spec §3.4).
+    """Tülu 3's length-normalized DPO: dpo with per-token averages ℓ/len for policy and reference
+    (Tülu 3 §5; `dpo_loss` on averaged log-probs in open_instruct/dpo_utils.py).
 
     Rewards are β·(ℓ̄π − ℓ̄ref). Lengths are clamped to ≥ 1. gamma_beta_ratio is ignored.
     """
@@ -145,7 +158,8 @@ def simpo(
     label_smoothing: Scalar = 0.0,
     gamma_beta_ratio: Scalar = 0.3,
 ) -> PreferenceOutput:
-    """SimPO (reference-free): z = ℓ̄π_c − ℓ̄π_r − γ/β, L = −(1−ε)·log σ(βz) − ε·log σ(−βz) (spec §3.4).
+    """SimPO (reference-free): z = ℓ̄π_c − ℓ̄π_r − γ/β, L = −(1−ε)·log σ(βz) − ε·log σ(−βz) (Meng et
+    al. 2024; `simpo_loss` in open_instruct/dpo_utils.py).
 
     Rewards are β·ℓ̄π. The reference log-probs are ignored. Lengths are clamped to ≥ 1.
     """
@@ -199,8 +213,8 @@ def wpo(
 ) -> PreferenceOutput:
     """WPO (Zhou et al. 2024): the dpo loss on sums times w = exp(ℓ̄π_c + ℓ̄π_r), a constant (no gradient).
 
-    This follows the paper, not the reference snapshot, whose weight uses sums (w ≈ 0) and is not detached
-    (spec §3.4). ℓ̄π are the policy's per-token averages, so w ∈ (0, 1] and up-weights pairs that are likely
+    This follows the paper, not open_instruct/dpo_utils.py's `wpo_loss`, whose weight uses sums (w ≈ 0) and
+    is not detached. ℓ̄π are the policy's per-token averages, so w ∈ (0, 1] and up-weights pairs that are likely
     under the current policy. The paper's "sampling-aligned" weight, which divides each token probability by
     Σ_v p(v)², needs full-vocabulary probabilities per token and is not implemented. Rewards and logps are
     those of dpo (sums). Lengths are clamped to ≥ 1. gamma_beta_ratio is ignored.
@@ -221,7 +235,8 @@ def wpo(
 
 
 def bradley_terry(chosen_scores_B: Array, rejected_scores_B: Array) -> tuple[Array, Array]:
-    """Reward-model loss −log σ(r_c − r_r) per pair and accuracy (1.0 where r_c > r_r), float32 [B] (spec §3.7)."""
+    """Reward-model loss −log σ(r_c − r_r) per pair and accuracy (1.0 where r_c > r_r), float32 [B]
+    (`reward_modeling.py` in open-instruct; Ouyang et al. 2022)."""
     margin_B = _f32(chosen_scores_B) - _f32(rejected_scores_B)
     return -jax.nn.log_sigmoid(margin_B), (margin_B > 0).astype(jnp.float32)
 
@@ -236,12 +251,13 @@ PREFERENCE_LOSSES: dict[str, PreferenceLoss] = {
     "wpo": wpo,
 }
 
-# β = 5 only makes sense with length normalization (spec §9.8); sum-based losses use 0.1.
+# β = 5 only makes sense with length normalization (Tülu 3 §5's DPO hyperparameters); sum-based losses use 0.1.
 DEFAULT_BETA: dict[str, float] = {"dpo": 0.1, "dpo_norm": 5.0, "simpo": 2.0, "ipo": 0.1, "wpo": 0.1}
 
 
 def preference_loss(name: str, *args, **kwargs) -> PreferenceOutput:
-    """Calls PREFERENCE_LOSSES[name](*args, **kwargs); `name` is static under jit."""
+    """Calls PREFERENCE_LOSSES[name](*args, **kwargs); `name` is static under jit. Raises ValueError for a
+    name not in PREFERENCE_LOSSES."""
     if name not in PREFERENCE_LOSSES:
         raise ValueError(f"unknown preference loss {name!r}; valid: {', '.join(sorted(PREFERENCE_LOSSES))}")
     return PREFERENCE_LOSSES[name](*args, **kwargs)

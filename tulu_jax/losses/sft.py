@@ -1,4 +1,5 @@
-"""SFT next-token loss as pure JAX functions (spec §2.3).
+"""SFT next-token loss as pure JAX functions: Tülu 3 §4 (supervised finetuning) of Lambert et al. 2024,
+as `open_instruct/finetune.py` computes it (`--reduce_loss sum` or `mean`).
 
 Dimension legend: B batch, T time (token positions), V vocabulary.
 
@@ -15,7 +16,8 @@ Array = jax.Array
 
 
 def token_logprobs(logits_BxTxV: Array, targets_BxT: Array) -> Array:
-    """log softmax(logits)[target] per position, float32 -> logp_BxT. Reused by DPO and RLVR."""
+    """log softmax(logits)[target] per position: float32 [B, T] from logits [B, T, V] (any float dtype) and
+    int targets [B, T] in [0, V). Reused by DPO, RLVR scoring and, per chunk, by `chunked_token_logps`."""
     # bf16 logits lose too much in the softmax normaliser, so work in float32. Subtracting the row max
     # *before* gathering keeps exp() finite and makes (target - max) exact even for logits ~1e4, where
     # float32 `logit - logsumexp` would lose ~1e-3. The max cancels in the value, so it carries no gradient.
@@ -42,7 +44,8 @@ def shift_for_next_token(input_ids_BxT: Array, loss_mask_BxT: Array, segment_ids
 
 
 def cross_entropy_sums(logits_BxTxV: Array, targets_BxT: Array, weights_BxT: Array) -> tuple[Array, Array]:
-    """(Σ weights·NLL, Σ weights), both float32 scalars."""
+    """(Σ weights·NLL, Σ weights), both float32 scalars, from logits [B, T, V], int targets [B, T] and
+    weights [B, T] (`shift_for_next_token`'s)."""
     weights_BxT = weights_BxT.astype(jnp.float32)
     nll_BxT = -token_logprobs(logits_BxTxV, targets_BxT)
     return jnp.sum(weights_BxT * nll_BxT), jnp.sum(weights_BxT)
@@ -70,7 +73,8 @@ REDUCTIONS: dict[str, Callable[[Array, Array, Array | int | None], Array]] = {
 def reduce_sft(
     nll_sum: Array, token_count: Array, *, reduction: str, num_sequences: Array | int | None = None
 ) -> Array:
-    """Turns (nll_sum, token_count) into the loss. With micro-batching pass the *global* count/sequences."""
+    """Turns (nll_sum, token_count) float32 scalars into the loss. With micro-batching pass the *global*
+    count/sequences. Raises ValueError for an unknown reduction, or "sum" without num_sequences."""
     if reduction not in REDUCTIONS:
         raise ValueError(f"unknown SFT reduction {reduction!r}; valid: {', '.join(sorted(REDUCTIONS))}")
     return REDUCTIONS[reduction](nll_sum, token_count, num_sequences)
@@ -84,7 +88,8 @@ def sft_loss(
     reduction: str,
     num_sequences: Array | int | None = None,
 ) -> Array:
-    """Scalar SFT loss. "sum": Σ w·NLL / num_sequences (spec §2.3); "mean": Σ w·NLL / Σ w (0 if no tokens).
+    """Scalar SFT loss. "sum": Σ w·NLL / num_sequences (finetune.py's
+    `--reduce_loss sum`); "mean": Σ w·NLL / Σ w (0 if no tokens).
 
     `reduction` is static under jit; `num_sequences` is the number of sequences in the global batch.
     """

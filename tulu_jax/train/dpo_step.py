@@ -19,10 +19,11 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from tulu_jax import sharding as shd
-from tulu_jax.losses import PreferenceOutput, preference_loss, sequence_logps
+from tulu_jax.losses import PreferenceOutput, labelled_sums, preference_loss
 from tulu_jax.models.decoder import Decoder
 from tulu_jax.train.accumulate import accumulate_grads
 from tulu_jax.train.batches import TOKEN_KEYS, batch_shardings
+from tulu_jax.train.forward import next_token_logps
 from tulu_jax.train.state import TrainState
 
 
@@ -41,8 +42,10 @@ def pair_logps(params, batch, *, model: Decoder, logits_chunk: int = 0):
     [B, 2, T] token batch (TOKEN_KEYS), in one [2B, T] forward."""
     b, _, t = batch["input_ids"].shape
     flat = {k: batch[k].reshape(2 * b, t) for k in TOKEN_KEYS}
-    logits = model.apply({"params": params}, flat["input_ids"], flat["positions"], flat["segment_ids"])
-    logps, counts = sequence_logps(logits, flat["input_ids"], flat["loss_mask"], flat["segment_ids"])
+    token_logps = next_token_logps(
+        model, params, flat["input_ids"], flat["positions"], flat["segment_ids"], chunk_size=logits_chunk
+    )
+    logps, counts = labelled_sums(token_logps, flat["input_ids"], flat["loss_mask"], flat["segment_ids"])
     return logps.reshape(b, 2), counts.reshape(b, 2)
 
 

@@ -17,10 +17,11 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from tulu_jax import sharding as shd
-from tulu_jax.losses import cross_entropy_sums, reduce_sft, shift_for_next_token
+from tulu_jax.losses import reduce_sft, shift_for_next_token
 from tulu_jax.models.decoder import Decoder
 from tulu_jax.train.accumulate import accumulate_grads
 from tulu_jax.train.batches import TOKEN_KEYS, batch_shardings
+from tulu_jax.train.forward import next_token_logps
 from tulu_jax.train.state import TrainState
 
 
@@ -49,9 +50,12 @@ def sft_step(
     num_seqs = count_sequences(batch)
 
     def micro_loss(params, mb):
-        logits = model.apply({"params": params}, mb["input_ids"], mb["positions"], mb["segment_ids"])
-        targets, weights = shift_for_next_token(mb["input_ids"], mb["loss_mask"], mb["segment_ids"])
-        nll_sum, _ = cross_entropy_sums(logits, targets, weights)
+        # Chunked LM head: the float32 [B, T, V] logits never exist whole (tulu_jax/losses/logps.py).
+        logps = next_token_logps(
+            model, params, mb["input_ids"], mb["positions"], mb["segment_ids"], chunk_size=logits_chunk
+        )
+        _, weights = shift_for_next_token(mb["input_ids"], mb["loss_mask"], mb["segment_ids"])
+        nll_sum = -jnp.sum(weights * logps)
         # The *global* denominators: micro-batch losses then add up to the full-batch loss exactly.
         return reduce_sft(nll_sum, num_tokens, reduction=reduction, num_sequences=jnp.maximum(num_seqs, 1.0)), nll_sum
 
@@ -105,9 +109,11 @@ def jit_sft_step(
 def sft_eval_sums(params, batch, *, model: Decoder, logits_chunk: int = 0):
     """Forward only: (summed NLL of trained tokens, trained tokens, sequences) of one [B, T] batch, float32
     scalars. Rows with segment ids all 0 (fillers) contribute nothing."""
-    logits = model.apply({"params": params}, batch["input_ids"], batch["positions"], batch["segment_ids"])
-    targets, weights = shift_for_next_token(batch["input_ids"], batch["loss_mask"], batch["segment_ids"])
-    nll_sum, count = cross_entropy_sums(logits, targets, weights)
+    logps = next_token_logps(
+        model, params, batch["input_ids"], batch["positions"], batch["segment_ids"], chunk_size=logits_chunk
+    )
+    _, weights = shift_for_next_token(batch["input_ids"], batch["loss_mask"], batch["segment_ids"])
+    nll_sum, count = -jnp.sum(weights * logps), jnp.sum(weights)
     return nll_sum, count, count_sequences(batch)
 
 

@@ -1,4 +1,4 @@
-"""Reusable pieces of the training-throughput benchmark (`scripts/bench_train.py`).
+"""Reusable pieces of the training-throughput benchmarks (`scripts/bench_train.py`, `scripts/bench_gpu.py`).
 
 Three kinds of measurement, each returning per-repetition wall times so that callers can interleave
 them (the benchmark alternates JAX, PyTorch and matmul-peak samples in rounds, so load from other
@@ -163,7 +163,8 @@ class _JaxStepBench:
 
 
 class JaxSFTBench(_JaxStepBench):
-    """Our SFT train step (AdamW + global-norm clip, Tülu 3 sum reduction) on a 1-device mesh."""
+    """Our SFT train step (AdamW + global-norm clip, Tülu 3 sum reduction) on a 1-device mesh; next-token
+    log-probs `logits_chunk` positions at a time (0: all at once), as `model.logits_chunk` sets it."""
 
     def __init__(
         self,
@@ -174,16 +175,20 @@ class JaxSFTBench(_JaxStepBench):
         seed: int = 0,
         scan_unroll: int = 1,
         attention_block: int = 0,
+        logits_chunk: int = 512,
     ):
         from tulu_jax.train.sft_step import jit_sft_step
 
         model, tx, schedule, mesh, shardings = self._setup(cfg, dtype, remat, seed, scan_unroll, attention_block)
-        self.step = jit_sft_step(model, tx, schedule, mesh, shardings, reduction="sum", accum_steps=1)
+        self.step = jit_sft_step(
+            model, tx, schedule, mesh, shardings, reduction="sum", accum_steps=1, logits_chunk=logits_chunk
+        )
         self.batch = self._put(batch)
 
 
 class JaxDPOBench(_JaxStepBench):
-    """Our DPO train step (dpo_norm, β = 5 unless `loss_cfg` says otherwise; AdamW + global-norm clip) on a
+    """Our DPO train step (dpo_norm, β = 5 unless `loss_cfg`, a `dpo_step.LossParams`, says otherwise; AdamW +
+    global-norm clip; log-probs `logits_chunk` positions at a time) on a
     1-device mesh, over a `make_pair_batch` batch. Cached reference (default): the reference log-probs come
     with the batch, as in Tülu 3's 70B run; `live=True`: a frozen copy of the initial weights runs the
     reference forward inside the step. `first` holds the first step's loss and (pre-clip) gradient norm."""
@@ -199,15 +204,16 @@ class JaxDPOBench(_JaxStepBench):
         attention_block: int = 0,
         live: bool = False,
         loss_cfg=None,
+        logits_chunk: int = 512,
     ):
-        from tulu_jax.config import DPOLossConfig
-        from tulu_jax.train.dpo_step import PAIR_KEYS, jit_dpo_step
+        from tulu_jax.train.dpo_step import LossParams, jit_dpo_step, step_keys
 
         model, tx, schedule, mesh, shardings = self._setup(cfg, dtype, remat, seed, scan_unroll, attention_block)
-        self.loss_cfg = loss_cfg or DPOLossConfig(loss="dpo_norm", beta=5.0)
-        self.step = jit_dpo_step(model, tx, schedule, mesh, shardings, cfg=self.loss_cfg, accum_steps=1, live=live)
-        keys = PAIR_KEYS if live else (*PAIR_KEYS, "ref_logps")
-        self.batch = self._put({k: batch[k] for k in keys})
+        self.loss_cfg = loss_cfg or LossParams(loss="dpo_norm", beta=5.0)
+        self.step = jit_dpo_step(
+            model, tx, schedule, mesh, shardings, cfg=self.loss_cfg, accum_steps=1, live=live, logits_chunk=logits_chunk
+        )
+        self.batch = self._put({k: batch[k] for k in step_keys(live)})
         if live:  # the policy's state is donated every step, so the reference gets its own copy
             self.extra_args = (self.jax.tree.map(lambda x: x.copy(), self.state.params),)
         self.first = None

@@ -1,0 +1,87 @@
+"""Next-token log-probs straight from hidden states, without keeping float32 [B, T, V] logits alive.
+
+Dimension legend: B batch, T time (token positions), C positions per chunk, D hidden, V vocabulary.
+
+At Tülu 3's lengths the logits are the largest activation of a step: 4,096 positions x 128,256 Llama-3
+tokens in float32 are 2.1 GB per sequence, and autodiff keeps that buffer (and the softmax made from it)
+for the backward pass. `chunked_token_logps` runs the LM head and the log-softmax over C positions at a
+time in a `lax.map` whose body is `jax.checkpoint`ed: the forward keeps only each chunk's [B, C] log-probs,
+and the backward recomputes one chunk's logits at a time. Peak logits memory falls from B·T·V to B·C·V
+floats for one extra head matmul per chunk in the backward pass (the remat trade, like `model.remat` for
+the layers). The per-chunk arithmetic is `token_logprobs` on the same einsum as `Decoder`'s LM head, so
+values and gradients equal the unchunked path to float32 rounding (the sums over chunks of the head's
+gradient are accumulated in float32).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from tulu_jax.losses.sft import token_logprobs
+
+Array = jax.Array
+
+# Positions per chunk (`model.logits_chunk`'s default in tulu_jax/config.py is the same). 512 cuts the float32
+# logits of a 4,096-token Llama-3 sequence 8x (2.1 GB -> 263 MB, times the rows per device) while each
+# chunk's head matmul, [B·512, D] x [D, V], stays large enough to run at full rate on a GPU. Smaller chunks
+# save little more (other buffers dominate then: XLA's plan for the 8B SFT step at one sequence per device
+# needs the same temp memory at 512 and 1,024) and add per-chunk overhead: the loop, and a float32
+# read-modify-write of the head's gradient (D·V floats) per chunk in the backward pass.
+DEFAULT_LOGITS_CHUNK = 512
+
+
+def head_logits(hidden_BxTxD: Array, head_DxV: Array, dtype=None) -> Array:
+    """float32 logits [B, T, V] = hidden @ head, with both operands cast to `dtype` (default: hidden's
+    dtype) and float32 accumulation: the `Decoder`'s LM head (tulu_jax/models/decoder.py)."""
+    dtype = hidden_BxTxD.dtype if dtype is None else dtype
+    return jnp.einsum(
+        "btd,dv->btv", hidden_BxTxD.astype(dtype), head_DxV.astype(dtype), preferred_element_type=jnp.float32
+    )
+
+
+def _chunk_logps(hidden_BxCxD: Array, head_DxV: Array, targets_BxC: Array, dtype) -> Array:
+    # The head is cast *inside* the chunk so that its gradient reaches the float32 parameter chunk by chunk
+    # and is summed in float32, not rounded to `dtype` after every chunk.
+    return token_logprobs(head_logits(hidden_BxCxD, head_DxV, dtype), targets_BxC)
+
+
+def chunked_token_logps(
+    hidden_BxTxD: Array, head_DxV: Array, targets_BxT: Array, *, chunk_size: int, dtype=None
+) -> Array:
+    """log softmax(hidden @ head)[target] per position -> float32 logps [B, T], C = `chunk_size` positions
+    of every row at a time.
+
+    hidden_BxTxD: final-normed hidden states (`Decoder(..., output="hidden")`), any float dtype.
+    head_DxV: the LM head (`params["lm_head"]`, or `params["embed"].T` for tied embeddings), usually float32.
+    targets_BxT: int token ids in [0, V) (ids outside give an undefined value; mask them with weights).
+    dtype: matmul operand dtype (the model's compute dtype); default hidden's dtype. Accumulation, the
+        log-softmax and the result are float32 whatever it is.
+    chunk_size: positions per chunk; 0 or >= T computes all positions at once (the plain path, which
+        materialises [B, T, V]). T need not be a multiple: the last T mod C positions form a smaller chunk.
+
+    Raises ValueError for a negative chunk_size or mismatched shapes. Equals `token_logprobs` of
+    `head_logits(hidden, head, dtype)`, gradients included, to float32 rounding; only the memory differs.
+    """
+    b, t, d = hidden_BxTxD.shape
+    if head_DxV.ndim != 2 or head_DxV.shape[0] != d:
+        raise ValueError(f"head shape {head_DxV.shape} does not match hidden size {d} (expected [D, V])")
+    if targets_BxT.shape != (b, t):
+        raise ValueError(f"targets shape {targets_BxT.shape} != hidden's [B, T] = {(b, t)}")
+    if chunk_size < 0:
+        raise ValueError(f"logits chunk_size must be >= 0 (0 = unchunked), got {chunk_size}")
+    dtype = hidden_BxTxD.dtype if dtype is None else dtype
+    if chunk_size == 0 or chunk_size >= t:
+        return _chunk_logps(hidden_BxTxD, head_DxV, targets_BxT, dtype)
+
+    body = jax.checkpoint(lambda h, y: _chunk_logps(h, head_DxV, y, dtype), prevent_cse=False)
+    n, tail = divmod(t, chunk_size)
+    full = n * chunk_size
+    # [B, n·C, ...] -> [n, B, C, ...]: the mapped axis leads; rows keep their (batch) sharding.
+    h_NxBxCxD = hidden_BxTxD[:, :full].reshape(b, n, chunk_size, d).swapaxes(0, 1)
+    y_NxBxC = targets_BxT[:, :full].reshape(b, n, chunk_size).swapaxes(0, 1)
+    logps_NxBxC = jax.lax.map(lambda xs: body(*xs), (h_NxBxCxD, y_NxBxC))
+    logps_BxT = logps_NxBxC.swapaxes(0, 1).reshape(b, full)
+    if tail:
+        logps_BxT = jnp.concatenate([logps_BxT, body(hidden_BxTxD[:, full:], targets_BxT[:, full:])], axis=1)
+    return logps_BxT
