@@ -61,7 +61,7 @@ def parse_args(argv=None):
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps after compiling (default 1)")
     ap.add_argument("--attention-block", type=int, default=512, help="causal attention query block (0: full)")
     ap.add_argument(
-        "--logits-chunk", type=int, default=512, help="positions per chunk of the LM head (model.logits_chunk)"
+        "--logits-chunk", type=int, default=512, help="positions per chunk of the LM head (model.logits_chunk default)"
     )
     ap.add_argument("--peak-flops", type=float, default=PEAK_BF16_H200, help="peak bf16 FLOP/s (default 790e12)")
     ap.add_argument("--decode-batches", default="1,64", help="sampler batch sizes (default 1,64)")

@@ -26,6 +26,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from tulu_jax.config import ModelConfig
 from tulu_jax.models.config import DecoderConfig, to_hf_config
 
 
@@ -175,7 +176,7 @@ class JaxSFTBench(_JaxStepBench):
         seed: int = 0,
         scan_unroll: int = 1,
         attention_block: int = 0,
-        logits_chunk: int = 512,
+        logits_chunk: int = ModelConfig().logits_chunk,
     ):
         from tulu_jax.train.sft_step import jit_sft_step
 
@@ -204,7 +205,7 @@ class JaxDPOBench(_JaxStepBench):
         attention_block: int = 0,
         live: bool = False,
         loss_cfg=None,
-        logits_chunk: int = 512,
+        logits_chunk: int = ModelConfig().logits_chunk,
     ):
         from tulu_jax.train.dpo_step import LossParams, jit_dpo_step, step_keys
 

@@ -130,9 +130,9 @@ class Env:
     def cached_batch(self, ref_logps=None):
         return {**self.pairs, "ref_logps": self.ref_logps if ref_logps is None else ref_logps}
 
-    def step(self, mesh_shape=(1, 1, 1), *, live=False, accum=1, batch=None):
+    def step(self, mesh_shape=(1, 1, 1), *, live=False, accum=1, batch=None, logits_chunk=0):
         """(metrics, gradients, new params) of one jit_dpo_step (dpo_norm, SGD at lr 1) on this mesh."""
-        key = (mesh_shape, live, accum)
+        key = (mesh_shape, live, accum, logits_chunk)
         if key not in self._steps:
             mesh = _mesh(mesh_shape)
             tx = optax.sgd(1.0)
@@ -146,6 +146,7 @@ class Env:
                 cfg=DPO_NORM,
                 accum_steps=accum,
                 live=live,
+                logits_chunk=logits_chunk,
             )
             self._steps[key] = (fn, tx, shardings)
         fn, tx, shardings = self._steps[key]
@@ -213,9 +214,13 @@ def test_batch_and_reference_are_nontrivial(env, single):
     _assert_same(single[True], single[False], 1e-6)
 
 
-@pytest.mark.parametrize("mesh_shape,live", [((2, 2, 2), False), ((2, 2, 2), True), ((1, 8, 1), False)])
-def test_sharded_step_equals_single_device(env, single, mesh_shape, live):
-    got = env.step(mesh_shape, live=live)
+@pytest.mark.parametrize(
+    "mesh_shape,live,logits_chunk",
+    [((2, 2, 2), False, 0), ((2, 2, 2), True, 0), ((1, 8, 1), False, 0), ((2, 2, 2), True, 20)],
+)
+def test_sharded_step_equals_single_device(env, single, mesh_shape, live, logits_chunk):
+    """Sharded = single device; the chunked LM head (20 positions: not a divisor of the length) too."""
+    got = env.step(mesh_shape, live=live, logits_chunk=logits_chunk)
     print(
         f"mesh {mesh_shape} live={live}: metrics max rel diff {_max_metric_diff(got[0], single[live][0]):.2e}, "
         f"grads max abs diff / max |grad| {_grad_diff(got[1], single[live][1]):.2e}"

@@ -18,17 +18,18 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from tulu_jax.config import ModelConfig
 from tulu_jax.losses.sft import token_logprobs
 
 Array = jax.Array
 
-# Positions per chunk (`model.logits_chunk`'s default in tulu_jax/config.py is the same). 512 cuts the float32
+# Positions per chunk: `model.logits_chunk`'s default (tulu_jax/config.py). 512 cuts the float32
 # logits of a 4,096-token Llama-3 sequence 8x (2.1 GB -> 263 MB, times the rows per device) while each
 # chunk's head matmul, [B·512, D] x [D, V], stays large enough to run at full rate on a GPU. Smaller chunks
 # save little more (other buffers dominate then: XLA's plan for the 8B SFT step at one sequence per device
 # needs the same temp memory at 512 and 1,024) and add per-chunk overhead: the loop, and a float32
 # read-modify-write of the head's gradient (D·V floats) per chunk in the backward pass.
-DEFAULT_LOGITS_CHUNK = 512
+DEFAULT_LOGITS_CHUNK = ModelConfig().logits_chunk
 
 
 def head_logits(hidden_BxTxD: Array, head_DxV: Array, dtype=None) -> Array:

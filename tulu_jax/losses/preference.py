@@ -17,6 +17,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from tulu_jax.config import DEFAULT_BETA  # noqa: F401  (re-exported: each loss's default β)
 from tulu_jax.losses.sft import shift_for_next_token, token_logprobs
 
 Array = jax.Array
@@ -250,9 +251,6 @@ PREFERENCE_LOSSES: dict[str, PreferenceLoss] = {
     "ipo": ipo,
     "wpo": wpo,
 }
-
-# β = 5 only makes sense with length normalization (Tülu 3 §5's DPO hyperparameters); sum-based losses use 0.1.
-DEFAULT_BETA: dict[str, float] = {"dpo": 0.1, "dpo_norm": 5.0, "simpo": 2.0, "ipo": 0.1, "wpo": 0.1}
 
 
 def preference_loss(name: str, *args, **kwargs) -> PreferenceOutput:
