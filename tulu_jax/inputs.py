@@ -64,21 +64,23 @@ def check_model_dir(path: str, flag: str = "--model", *, weights: bool = True) -
     return path
 
 
-def load_chat_tokenizer(path: str, flag: str = "--model"):
-    """The tokenizer of the folder `path`, checked for what the Tülu chat template needs: an EOS token that
-    encodes to its own id (it ends every assistant turn). InputError naming `flag` and `path` otherwise."""
-    from tulu_jax.data.tokenizer import load_tokenizer
+def load_chat_tokenizer(path: str | None, flag: str = "--model"):
+    """The tokenizer of the folder `path` (None: the bundled tiny tokenizer), checked for what the Tülu chat
+    template needs: an EOS token that encodes to its own id (it ends every assistant turn). InputError naming
+    `flag` and `path` otherwise."""
+    from tulu_jax.data.tokenizer import load_tokenizer, tiny_tokenizer_dir
 
+    shown = str(tiny_tokenizer_dir()) if path is None else path
     try:
         tokenizer = load_tokenizer(path)
     except (OSError, ValueError, TypeError) as e:  # transformers' "not a tokenizer folder" errors are OSErrors
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise InputError(f"{where(flag, path)}: cannot load its tokenizer: {first}") from None
+        raise InputError(f"{where(flag, shown)}: cannot load its tokenizer: {first}") from None
     ids = tokenizer(tokenizer.eos_token, add_special_tokens=False)["input_ids"]
     if ids != [tokenizer.eos_token_id]:
         raise InputError(
-            f"{where(flag, path)}: the tokenizer's eos_token {tokenizer.eos_token!r} encodes to {ids}, not to its id "
-            f"{tokenizer.eos_token_id}: the chat template's end of turn would not be the EOS token"
+            f"{where(flag, shown)}: the tokenizer's eos_token {tokenizer.eos_token!r} encodes to {ids}, not to its "
+            f"id {tokenizer.eos_token_id}: the chat template's end of turn would not be the EOS token"
         )
     return tokenizer
 

@@ -27,8 +27,8 @@ from tulu_jax import sharding as shd
 from tulu_jax.config import DataFilesConfig, ModelConfig
 from tulu_jax.configlib import ConfigError
 from tulu_jax.data.pipeline import resolve_files
-from tulu_jax.data.tokenizer import load_tokenizer, tiny_tokenizer_dir
-from tulu_jax.inputs import InputError, check_data_path, check_model_dir, where
+from tulu_jax.data.tokenizer import tiny_tokenizer_dir
+from tulu_jax.inputs import InputError, check_data_path, check_model_dir, load_chat_tokenizer, where
 from tulu_jax.models import hf
 from tulu_jax.models.config import DecoderConfig, preset
 from tulu_jax.models.decoder import Decoder
@@ -65,18 +65,10 @@ def check_inputs(cfg) -> None:
 
 def load_model_and_tokenizer(mcfg: ModelConfig) -> tuple[DecoderConfig, Any]:
     """(DecoderConfig, tokenizer) of `model.path`, or of `model.preset` with `model.tokenizer` or the bundled
-    tiny tokenizer. ConfigError when the tokenizer cannot be loaded, lacks an EOS token, or has more
-    tokens than the model's vocabulary."""
+    tiny tokenizer. InputError/ConfigError when the tokenizer cannot be loaded, lacks an EOS token that
+    encodes to itself, or has more tokens than the model's vocabulary."""
     key, tok_path = ("model.tokenizer", mcfg.tokenizer) if mcfg.tokenizer else ("model.path", mcfg.path)
-    try:
-        tokenizer = load_tokenizer(tok_path)
-    except ConfigError:
-        raise
-    except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise InputError(
-            f"{where(key, tok_path or str(tiny_tokenizer_dir()))}: cannot load its tokenizer: {first}"
-        ) from None
+    tokenizer = load_chat_tokenizer(tok_path, key)
     if mcfg.path:
         dcfg = hf.load_hf_config(mcfg.path)
     else:
