@@ -1,5 +1,5 @@
 """`chunked_token_logps` (tulu_jax/losses/logps.py) and `next_token_logps` (tulu_jax/train/forward.py) against
-a float64 NumPy reference and against the plain path (full logits -> `token_logprobs`), values and gradients.
+a float64 NumPy reference and against the plain path (full logits -> `token_logps`), values and gradients.
 
 Tolerances are float32 rounding bounds of the computation: a length-n dot product is off by at most
 n·ε·Σ|a_i b_i| (ε = 2^-24 per rounding, written with float32's machine epsilon 2^-23 for margin), a
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from tulu_jax.losses.logps import chunked_token_logps, head_logits
-from tulu_jax.losses.sft import shift_for_next_token, token_logprobs
+from tulu_jax.losses.sft import shift_for_next_token, token_logps
 
 EPS = float(np.finfo(np.float32).eps)
 
@@ -67,7 +67,7 @@ def chunked_value_and_grads(h, w, y, g, chunk_size):
 
 def plain_value_and_grads(h, w, y, g):
     def f(h, w):
-        logps = token_logprobs(head_logits(h, w), jnp.asarray(y))
+        logps = token_logps(head_logits(h, w), jnp.asarray(y))
         return jnp.sum(jnp.asarray(g) * logps), logps
 
     (_, logps), (dh, dw) = jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True))(jnp.asarray(h), jnp.asarray(w))
@@ -90,7 +90,7 @@ def test_chunked_matches_float64_reference(chunk_size, scale):
 
 @pytest.mark.parametrize("chunk_size", [5, 16, 40])
 def test_chunked_matches_plain_path(chunk_size):
-    """Against today's path (full float32 logits, `token_logprobs`), each compared with the same bound."""
+    """Against today's path (full float32 logits, `token_logps`), each compared with the same bound."""
     h, w, y, g = make_inputs(2, 40, 32, 64, seed=7)
     got = chunked_value_and_grads(h, w, y, g, chunk_size)
     want = plain_value_and_grads(h, w, y, g)
@@ -108,7 +108,7 @@ def test_hand_case_uniform_logits():
 
 
 def test_large_logits_stay_exact():
-    """Logits ~1e4 (the max-shift of `token_logprobs` applies per chunk): target at the max -> log-prob 0."""
+    """Logits ~1e4 (the max-shift of `token_logps` applies per chunk): target at the max -> log-prob 0."""
     h = jnp.full((1, 4, 1), 1e4)
     w = jnp.array([[1.0, 0.0, -1.0]])
     got = chunked_token_logps(h, w, jnp.zeros((1, 4), jnp.int32), chunk_size=3)
@@ -121,7 +121,7 @@ def test_bfloat16_compute_matches_unchunked():
     h, w, y, _ = make_inputs(2, 33, 32, 50, seed=3)
     hb = jnp.asarray(h, jnp.bfloat16)
     got = chunked_token_logps(hb, jnp.asarray(w), jnp.asarray(y), chunk_size=8, dtype=jnp.bfloat16)
-    want = token_logprobs(head_logits(hb, jnp.asarray(w), jnp.bfloat16), jnp.asarray(y))
+    want = token_logps(head_logits(hb, jnp.asarray(w), jnp.bfloat16), jnp.asarray(y))
     assert got.dtype == jnp.float32
     dot_abs = np.abs(np.asarray(hb, np.float64)) @ np.abs(np.asarray(jnp.asarray(w, jnp.bfloat16), np.float64))
     np.testing.assert_allclose(got, want, rtol=0, atol=4 * (32 + 2) * EPS * dot_abs.max())
@@ -201,7 +201,7 @@ def _weighted_sum(logps_fn, model, batch):
 
 @pytest.mark.parametrize("chunk_size", [8, 64])
 def test_next_token_logps_matches_model_logits(tiny_decoder, chunk_size):
-    """Against `token_logprobs(model.apply(...), shift_for_next_token targets)`, gradients with respect to
+    """Against `token_logps(model.apply(...), shift_for_next_token targets)`, gradients with respect to
     every parameter included, for tied and untied heads. Both run the same layers; they differ only in how
     the LM head's matmul (D = 256 products) and the head gradient's sum over B·T positions are blocked, so
     each leaf agrees to (D + B·T)·ε of its largest entry."""
@@ -212,7 +212,7 @@ def test_next_token_logps_matches_model_logits(tiny_decoder, chunk_size):
     ids, pos, seg = batch["input_ids"], batch["positions"], batch["segment_ids"]
     targets, _ = shift_for_next_token(ids, batch["loss_mask"], seg)
 
-    plain = _weighted_sum(lambda p: token_logprobs(model.apply({"params": p}, ids, pos, seg), targets), model, batch)
+    plain = _weighted_sum(lambda p: token_logps(model.apply({"params": p}, ids, pos, seg), targets), model, batch)
     chunked = _weighted_sum(lambda p: next_token_logps(model, p, ids, pos, seg, chunk_size=chunk_size), model, batch)
     (want_sum, want), want_g = jax.jit(jax.value_and_grad(plain, has_aux=True))(params)
     (got_sum, got), got_g = jax.jit(jax.value_and_grad(chunked, has_aux=True))(params)

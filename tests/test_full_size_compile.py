@@ -224,7 +224,7 @@ def test_8b_rm_step_fits_80gb():
     pairs = mesh.size * ACCUM
     rows = batch_sharding(mesh)
     batch = {k: jax.ShapeDtypeStruct((pairs, 2, cfg.data.max_seq_len), np.int32, sharding=rows) for k in TOKEN_KEYS}
-    step = jit_rm_step(model, tx, schedule, mesh, shardings, accum_steps=ACCUM)
+    step = jit_rm_step(model, tx, schedule, mesh, shardings, accum_steps=ACCUM, pad_token_id=0)  # any id
     compiled, seconds = _compile(step, _shaped(abstract, shardings), batch)
     state = 12 * _n_params(abstract.params) / 8
     _assert_fits("8B RM step, 1 pair x 2 x 2048 tokens/device", _memory(compiled), seconds, state)

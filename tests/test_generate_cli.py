@@ -82,11 +82,16 @@ def test_killed_sampled_run_resumes_to_the_same_file(tmp_path, tiny_sft_export, 
 
 def test_resume_output_cuts_only_a_torn_tail(tmp_path):
     out = tmp_path / "o.jsonl"
-    out.write_text('{"a": 1}\n{"a": 2}\n{"a"')
-    assert resume_output(str(out)) == (2, True) and out.read_text() == '{"a": 1}\n{"a": 2}\n'
+    row = lambda i: json.dumps({"prompt": str(i), "prompt_token_ids": [i], "completions": []})  # noqa: E731
+    out.write_text(f"{row(1)}\n{row(2)}\n{row(3)[:20]}")
+    assert resume_output(str(out)) == (2, True) and out.read_text() == f"{row(1)}\n{row(2)}\n"
     assert resume_output(str(out)) == (2, False)
-    out.write_text('{"a": 1}\nnot json\n{"a": 3}\n')
+    out.write_text(f"{row(1)}\nnot json\n{row(3)}\n")
     with pytest.raises(DataError, match=r"o.jsonl line 2: not a row written by tulu-jax generate"):
+        resume_output(str(out))
+    # Some other JSONL (say, the prompts file itself given as --out) is never appended to.
+    out.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
+    with pytest.raises(DataError, match=r"o.jsonl line 1: not a row written by tulu-jax generate"):
         resume_output(str(out))
 
 

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tulu_jax.losses import cross_entropy_sums, reduce_sft, sft_loss, shift_for_next_token, token_logprobs
+from tulu_jax.losses import cross_entropy_sums, reduce_sft, sft_loss, shift_for_next_token, token_logps
 
 # --- float64 NumPy reference (written with loops / explicit formulas, not sharing code with the library) ---
 
@@ -63,23 +63,23 @@ def random_batch(rng, B, T, V, scale=3.0):
 SHAPES = [(1, 5, 2), (2, 7, 3), (3, 16, 11), (4, 33, 64)]
 
 
-# --- token_logprobs and shift ---------------------------------------------------------------------------
+# --- token_logps and shift ---------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("B,T,V", SHAPES)
-def test_token_logprobs_matches_reference(B, T, V):
+def test_token_logps_matches_reference(B, T, V):
     rng = np.random.default_rng(B * 100 + T)
     logits, ids, _, _ = random_batch(rng, B, T, V)
-    got = token_logprobs(jnp.asarray(logits), jnp.asarray(ids))
+    got = token_logps(jnp.asarray(logits), jnp.asarray(ids))
     assert got.dtype == jnp.float32 and got.shape == (B, T)
     np.testing.assert_allclose(got, -ref_nll(logits, ids), rtol=1e-5, atol=1e-5)
 
 
-def test_token_logprobs_upcasts_bf16():
+def test_token_logps_upcasts_bf16():
     rng = np.random.default_rng(0)
     logits = jnp.asarray(rng.normal(size=(2, 4, 50)) * 5, jnp.bfloat16)
     ids = rng.integers(0, 50, size=(2, 4))
-    got = token_logprobs(logits, jnp.asarray(ids))
+    got = token_logps(logits, jnp.asarray(ids))
     assert got.dtype == jnp.float32
     exact = -ref_nll(np.asarray(logits.astype(jnp.float32)), ids)  # reference on the same bf16 values
     np.testing.assert_allclose(got, exact, rtol=1e-5, atol=1e-5)
@@ -182,7 +182,7 @@ def test_large_logits_are_stable():
         ref_loss, ref_grad = ref_loss_and_grad(logits, targets, weights, reduction, 3)
         np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
         np.testing.assert_allclose(grad, ref_grad, atol=1e-5)
-    logp = token_logprobs(jnp.full((1, 1, 4), 1e4), jnp.array([[0]]))
+    logp = token_logps(jnp.full((1, 1, 4), 1e4), jnp.array([[0]]))
     assert float(logp[0, 0]) == pytest.approx(-math.log(4.0), rel=1e-6)
 
 

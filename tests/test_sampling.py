@@ -11,7 +11,7 @@ import torch
 from hf_models import FAMILIES, make_hf_model
 from jax.sharding import PartitionSpec as P
 
-from tulu_jax.losses import token_logprobs
+from tulu_jax.losses import token_logps
 from tulu_jax.models.decoder import KVCache
 from tulu_jax.models.loading import build_model
 from tulu_jax.rollout import FINISH_CODES, RolloutBackend, SamplingParams, batch_completions
@@ -218,7 +218,7 @@ def _score(sampler, completion, temperature=1.0):
     seq = jnp.asarray([list(completion.prompt_token_ids) + list(completion.token_ids)])
     logits = sampler.model.apply({"params": sampler.params}, seq) / temperature
     n = len(completion.prompt_token_ids)
-    return np.asarray(token_logprobs(logits[:, :-1], seq[:, 1:]))[0, n - 1 :]
+    return np.asarray(token_logps(logits[:, :-1], seq[:, 1:]))[0, n - 1 :]
 
 
 @pytest.fixture

@@ -128,3 +128,38 @@ def test_nan_loss_stops_the_run_with_a_clear_error(tmp_path):
     bad_step = int(str(e.value).split("at step ")[1].split(";")[0])
     saved = [int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit()]
     assert saved and max(saved) < bad_step  # only finite states were saved
+
+
+def test_output_dir_that_holds_another_run_is_one_clear_line(uninterrupted, tmp_path):
+    """A finished run started again keeps what it wrote; a checkpoint past train.max_steps, or of another
+    model, is one line naming output_dir, not a traceback or a silently overwritten summary."""
+    import shutil
+
+    done, _ = uninterrupted
+    out = tmp_path / "again"
+    shutil.copytree(done, out)
+    summary = json.loads((out / "summary.json").read_text())
+    proc = subprocess.run(_cmd(out), env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "nothing to do" in proc.stdout and json.loads((out / "summary.json").read_text()) == summary
+
+    def one_line(*extra):
+        proc = subprocess.run(_cmd(out) + list(extra), env=_env(), capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+        return proc.stderr.strip().splitlines()[-1]
+
+    line = one_line("train.max_steps=5")
+    assert f"output_dir: {out} holds a checkpoint at step {STEPS}, past this run's 5 steps" in line
+    line = one_line("model.preset=bench-15m")
+    assert f"output_dir: {out} holds a checkpoint (step {STEPS}) of another model or optimizer" in line
+    assert json.loads((out / "summary.json").read_text()) == summary
+
+
+def test_more_steps_than_the_data_holds_is_one_clear_line(tmp_path):
+    rows = Path(REPO / "tulu_jax/assets/tiny_chat/train.jsonl").read_text().splitlines()[:8]
+    (tmp_path / "few.jsonl").write_text("\n".join(rows) + "\n")
+    extra = ["data.use_bundled=false", f"data.train_files={tmp_path / 'few.jsonl'}", "train.max_steps=50"]
+    proc = subprocess.run(_cmd(tmp_path / "o") + extra, env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "train.max_steps=50: the training data yields only" in proc.stderr
+    assert not (tmp_path / "o" / "hf").exists()  # nothing trained, nothing exported

@@ -179,7 +179,7 @@ def test_sft_eval_counts_every_conversation_once(tmp_path, pack, tiny_tokenizer)
     from tulu_jax import configlib
     from tulu_jax.config import SFTConfig
     from tulu_jax.data import bundled_file
-    from tulu_jax.losses import token_logprobs
+    from tulu_jax.losses import token_logps
     from tulu_jax.train import setup
     from tulu_jax.train.sft import Evaluator
 
@@ -208,8 +208,32 @@ def test_sft_eval_counts_every_conversation_once(tmp_path, pack, tiny_tokenizer)
     for line in lines:
         ids, mask = encode_chat(json.loads(line)["messages"], run.tokenizer, cfg.data.max_seq_len)[:2]
         logits = run.model.apply({"params": params}, jnp.asarray(ids)[None])
-        lp = np.asarray(token_logprobs(logits[:, :-1], jnp.asarray(ids)[None, 1:]), np.float64)[0]
+        lp = np.asarray(token_logps(logits[:, :-1], jnp.asarray(ids)[None, 1:]), np.float64)[0]
         w = np.asarray(mask[1:], np.float64)
         nll, tokens = nll - float((lp * w).sum()), tokens + int(w.sum())
     assert got["eval/nll_per_token"] == pytest.approx(nll / tokens, rel=1e-5)
     assert got["eval/loss"] == pytest.approx(nll / 12, rel=1e-5)  # Tülu's sum reduction: per conversation
+
+
+def test_reporter_runs_an_evaluation_outside_every_steps_time():
+    """`late` (an evaluation) joins its step's row, and its time counts towards neither that step's nor the
+    next step's tokens_per_s."""
+    import time
+
+    logger = _Logger()
+    rep = MetricsReporter(name="t", start=0, total_steps=3, logger=logger)
+    good = {"loss": jnp.float32(1.0), "grad_norm": jnp.float32(1.0)}
+
+    def slow_eval():
+        time.sleep(0.5)
+        return {"eval/loss": 2.5}
+
+    rep.submit(1, good, host={"tokens": 1.0}, late=slow_eval)
+    rep.flush()
+    rep.submit(2, good, host={"tokens": 1.0})
+    rep.flush()
+    rows = dict(logger.rows)
+    assert rows[1]["eval/loss"] == 2.5 and rep.last["step"] == 2
+    # 1 token over well under the 0.5 s the evaluation slept: > 2 tokens/s for both steps.
+    assert rows[1]["tokens_per_s"] > 2 and rows[2]["tokens_per_s"] > 2
+    rep.close()

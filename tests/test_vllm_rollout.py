@@ -16,7 +16,7 @@ import pytest
 import torch
 import transformers
 
-from tulu_jax.losses import token_logprobs
+from tulu_jax.losses import token_logps
 from tulu_jax.models import hf
 from tulu_jax.models.loading import build_model
 from tulu_jax.rollout import RolloutBackend, SamplingParams, batch_completions
@@ -76,7 +76,7 @@ def _scores(cfg, params, completion, temperature):
     seq = np.asarray([list(completion.prompt_token_ids) + list(completion.token_ids)])
     logits = build_model(cfg).apply({"params": params}, seq) / temperature
     n = len(completion.prompt_token_ids)
-    return np.asarray(token_logprobs(logits[:, :-1], seq[:, 1:]))[0, n - 1 :]
+    return np.asarray(token_logps(logits[:, :-1], seq[:, 1:]))[0, n - 1 :]
 
 
 def test_greedy_equals_transformers_and_logprobs_are_temperature_one(client, vllm_tiny_model):

@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from tulu_jax.config import DTYPE_NAMES
 from tulu_jax.inputs import (
     InputError,
     check_model_dir,
@@ -51,7 +52,7 @@ def _train(args, overrides):
 
 def _score(args, overrides):
     if overrides:
-        raise SystemExit(f"score takes no key=value overrides, got {overrides}")
+        raise InputError(f"score takes no key=value overrides, got {overrides}")
     from tulu_jax.data.tokenizer import load_tokenizer
     from tulu_jax.score import score_text
 
@@ -60,6 +61,8 @@ def _score(args, overrides):
         load_tokenizer(args.model)
     except (OSError, ValueError, TypeError) as e:
         raise InputError(f"--model {args.model}: cannot load its tokenizer: {str(e).strip().splitlines()[0]}") from None
+    if not args.text:
+        raise InputError("--text: empty; give the text to score")
     out = score_text(args.model, args.text, dtype=args.dtype, add_special_tokens=not args.no_special_tokens)
     print(json.dumps(out, ensure_ascii=False))
     return 0
@@ -67,10 +70,16 @@ def _score(args, overrides):
 
 def _generate(args, overrides):
     if overrides:
-        raise SystemExit(f"generate takes no key=value overrides, got {overrides}")
+        raise InputError(f"generate takes no key=value overrides, got {overrides}")
     from tulu_jax.generate import generate_file, make_backend
     from tulu_jax.rollout.types import SamplingParams
 
+    if args.chunk_size < 1:
+        raise InputError(f"--chunk-size {args.chunk_size}: must be >= 1")
+    if args.backend == "vllm" and not args.servers:
+        raise InputError("--backend vllm needs --servers URL[,URL...] (start one with `tulu-jax vllm --model DIR`)")
+    if args.backend == "vllm" and args.mesh:
+        raise InputError("--mesh applies to --backend local only (vLLM servers shard themselves)")
     check_model_dir(args.model, "--model", weights=args.backend == "local")
     check_readable_file(args.prompts, "--prompts")
     check_writable_output(args.out, "--out")
@@ -142,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     score = sub.add_parser("score", help="per-token log-probs of a text, as JSON")
     score.add_argument("--model", required=True, help="Hugging Face model folder")
     score.add_argument("--text", required=True)
-    score.add_argument("--dtype", default="float32", help="compute dtype (float32 or bfloat16)")
+    score.add_argument("--dtype", default="float32", choices=DTYPE_NAMES, help="compute dtype")
     score.add_argument("--no-special-tokens", action="store_true", help="do not let the tokenizer add BOS etc.")
     score.set_defaults(fn=_score)
 
@@ -174,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--chunk-size", type=int, default=64, help="prompts per backend call (and per output flush)")
     gen.add_argument("--on-bad-row", choices=("error", "skip"), default="error")
     gen.add_argument("--overwrite", action="store_true", help="start over instead of resuming into --out")
-    gen.add_argument("--dtype", default="float32", help="compute dtype of the local sampler")
+    gen.add_argument("--dtype", default="float32", choices=DTYPE_NAMES, help="compute dtype of the local sampler")
     gen.add_argument(
         "--mesh",
         default=None,
@@ -204,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         args, overrides = build_parser().parse_known_args(argv)
         bad = [o for o in overrides if "=" not in o or o.startswith("-")]
         if bad:
-            raise SystemExit(f"tulu-jax: unrecognised arguments {bad} (overrides are dotted.key=value)")
+            raise InputError(f"unrecognised arguments {bad} (config overrides are dotted.key=value)")
         return args.fn(args, overrides)
     except (ValueError, FileNotFoundError) as e:  # input errors: one clear line, no traceback
         from tulu_jax.configlib import ConfigError

@@ -13,6 +13,7 @@ from dataclasses import field
 from typing import ClassVar, Literal
 
 ON_BAD_ROW = ("error", "skip")
+DTYPE_NAMES = ("float32", "bfloat16", "float16")  # parameter and export dtypes; compute also takes "auto"
 CHAT_TEMPLATES = ("tulu",)
 LABEL_MODES = ("all", "final")
 
@@ -78,6 +79,11 @@ class ModelConfig:
             raise ValueError(f"set model.path or model.preset, not both (got {self.path!r} and {self.preset!r})")
         if self.logits_chunk < 0:
             raise ValueError(f"logits_chunk must be >= 0, got {self.logits_chunk}")
+        if self.dtype not in ("auto", *DTYPE_NAMES) or self.param_dtype not in DTYPE_NAMES:
+            raise ValueError(
+                f"dtype must be auto or one of {DTYPE_NAMES} and param_dtype one of {DTYPE_NAMES}, got "
+                f"{self.dtype!r} and {self.param_dtype!r}"
+            )
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -224,6 +230,10 @@ class TrainConfig:
     )
 
     def __post_init__(self):
+        if self.num_epochs < 1 or self.log_every < 1:
+            raise ValueError(f"need num_epochs >= 1 and log_every >= 1, got {self.num_epochs}, {self.log_every}")
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise ValueError(f"max_steps must be a positive number of steps or -1 (all epochs), got {self.max_steps}")
         if self.batch_size <= 0 or self.grad_accum_steps <= 0 or self.batch_size % self.grad_accum_steps:
             raise ValueError(
                 f"batch_size ({self.batch_size}) must be a positive multiple of grad_accum_steps "
@@ -242,13 +252,23 @@ class SFTTrainConfig(TrainConfig):
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class CheckpointConfig:
     every_steps: int = field(default=100, metadata={"help": "save a checkpoint every N steps (0: only at the end)"})
-    keep: int = field(default=2, metadata={"help": "how many recent checkpoints to keep"})
+    keep: int = field(default=2, metadata={"help": "how many recent checkpoints to keep (>= 1: a run must resume)"})
+
+    def __post_init__(self):
+        if self.keep < 1 or self.every_steps < 0:
+            raise ValueError(
+                f"need keep >= 1 and every_steps >= 0, got keep={self.keep}, every_steps={self.every_steps}"
+            )
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ExportConfig:
     enabled: bool = field(default=True, metadata={"help": "export the final model to OUTPUT_DIR/hf"})
-    dtype: str = field(default="float32", metadata={"help": "dtype of the exported safetensors"})
+    dtype: str = field(default="float32", metadata={"help": f"dtype of the exported safetensors: {DTYPE_NAMES}"})
+
+    def __post_init__(self):
+        if self.dtype not in DTYPE_NAMES:  # checked now, not after hours of training
+            raise ValueError(f"dtype must be one of {DTYPE_NAMES}, got {self.dtype!r}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

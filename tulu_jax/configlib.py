@@ -154,7 +154,11 @@ def _safe_load(text: str, where: str) -> Any:
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise ConfigError(f"{where}: cannot parse {text!r} as YAML: {e}") from e
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).strip().splitlines()[0]
+        what = f"cannot parse {text!r} as YAML" if "\n" not in text and len(text) <= 80 else "not valid YAML"
+        raise ConfigError(f"{where}: {what}{at}: {problem}") from None
 
 
 def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
@@ -174,8 +178,12 @@ def load_config(cls: type, yaml_path: str | None, overrides: typing.Sequence[str
     """Reads YAML (optional), applies `dotted.key=value` overrides (values parsed as YAML), then type-checks."""
     data: Any = {}
     if yaml_path:
-        with open(yaml_path) as fh:
-            data = _safe_load(fh.read(), yaml_path)
+        try:
+            with open(yaml_path, encoding="utf-8") as fh:
+                text = fh.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{yaml_path}: cannot read it as a YAML text file ({e})") from None
+        data = _safe_load(text, yaml_path)
     data = {} if data is None else data
     if not isinstance(data, dict):
         raise ConfigError(f"{yaml_path}: top level must be a mapping, got {type(data).__name__}")

@@ -71,15 +71,19 @@ def chunk_seed(base: int, index: int) -> int:
 def resume_output(out_path: str) -> tuple[int, bool]:
     """(rows already complete in `out_path`, whether a torn last row was cut away). A run killed mid-write
     leaves a last line without its newline: it is truncated off the file so the row is generated again.
-    Raises DataError naming the file and line when a complete line is not a JSON object (not our output)."""
+    Raises DataError naming the file and line when a complete line is not an output row of ours (a JSON
+    object with `prompt_token_ids` and `completions`)."""
     with open(out_path, "rb") as f:
         data = f.read()
     *complete, tail = data.split(b"\n")
     for n, line in enumerate(complete, 1):
         try:
-            ok = isinstance(json.loads(line), dict)
+            row = json.loads(line)
         except ValueError:
-            ok = False
+            row = None
+        # Our rows are the prompt row plus these two fields: anything else is some other file (say, the
+        # prompts themselves), which a resume must never append to.
+        ok = isinstance(row, dict) and "prompt_token_ids" in row and "completions" in row
         if not ok:
             raise DataError(
                 f"{out_path} line {n}: not a row written by tulu-jax generate; pass --overwrite or another --out",

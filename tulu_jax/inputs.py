@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 
+DATA_SUFFIXES = (".jsonl", ".parquet")
+
 
 def where(name: str, path: str) -> str:
     """How an error names its input: `--flag PATH` or `config.key: PATH`."""
@@ -39,6 +41,8 @@ def check_data_path(path: str, flag: str) -> str:
         raise InputError(f"{where(flag, path)}: no such file or directory")
     if not os.access(path, os.R_OK):
         raise InputError(f"{where(flag, path)}: not readable")
+    if os.path.isfile(path) and not path.endswith(DATA_SUFFIXES):
+        raise InputError(f"{where(flag, path)}: unsupported file type (expected .jsonl, .parquet or a datasets folder)")
     return path
 
 

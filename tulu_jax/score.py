@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tulu_jax.data import load_tokenizer
-from tulu_jax.losses import token_logprobs
+from tulu_jax.losses import token_logps
 from tulu_jax.models import hf
 from tulu_jax.models.loading import build_model, load_params
 from tulu_jax.sharding import make_mesh
@@ -29,7 +29,7 @@ def score_text(model_dir: str, text: str, *, dtype: str = "float32", add_special
     params = load_params(model_dir, model, make_mesh(devices=jax.devices()[:1]))
     ids_1xT = jnp.asarray([ids], jnp.int32)
     logits = jax.jit(lambda p, x: model.apply({"params": p}, x))(params, ids_1xT)
-    logp = np.asarray(token_logprobs(logits[:, :-1], ids_1xT[:, 1:]))[0]
+    logp = np.asarray(token_logps(logits[:, :-1], ids_1xT[:, 1:]))[0]
     return {
         "model": model_dir,
         "token_ids": list(map(int, ids)),

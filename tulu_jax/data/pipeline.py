@@ -95,6 +95,8 @@ def encode_files(
 
     def flush():
         nonlocal truncated
+        if not chunk:  # an empty file, or a multiple of the chunk size: nothing to encode
+            return
         for row_ids, row_mask, cut in encode_chats(chunk, tokenizer, max_seq_len, template):
             if not row_mask.any():  # The reference drops rows with no trained label (open-instruct `finetune.py`).
                 stats["rows_skipped"]["no_trained_tokens"] = stats["rows_skipped"].get("no_trained_tokens", 0) + 1

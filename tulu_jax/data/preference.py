@@ -201,6 +201,8 @@ def encode_preference_files(
 
     def flush():
         nonlocal truncated
+        if not chunk:  # an empty file, or a multiple of the chunk size: nothing to encode
+            return
         sides = _encode_full([conv for pair in chunk for conv in pair], tokenizer, template)
         for c, r in zip(sides[0::2], sides[1::2]):
             # A prompt that fills the window leaves nothing to compare: count it, as an input-length issue.

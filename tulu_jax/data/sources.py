@@ -16,11 +16,16 @@ T = TypeVar("T")
 
 
 def _jsonl_rows(path: Path) -> Iterator[tuple[str, Any]]:
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
+    with path.open("rb") as f:  # bytes, so that one line that is not UTF-8 is a bad row, not a crash
+        for n, raw in enumerate(f, start=1):
+            where = f"{path} line {n}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield where, DataError(f"{where}: not UTF-8 text (byte {e.start + 1})", "not_utf8")
+                continue
             if not line.strip():  # Blank lines (e.g. a trailing newline) are not rows.
                 continue
-            where = f"{path} line {n}"
             try:
                 yield where, json.loads(line)
             except json.JSONDecodeError as e:
@@ -28,10 +33,15 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[str, Any]]:
 
 
 def _parquet_rows(path: Path) -> Iterator[tuple[str, Any]]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
+    try:
+        table = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"{path}: not a readable Parquet file ({e})", "bad_file") from None
     n = 0
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+    for batch in table.iter_batches(batch_size=1024):
         for row in batch.to_pylist():
             n += 1
             yield f"{path} row {n}", row
@@ -40,7 +50,11 @@ def _parquet_rows(path: Path) -> Iterator[tuple[str, Any]]:
 def _hf_folder_rows(path: Path) -> Iterator[tuple[str, Any]]:
     import datasets
 
-    ds = datasets.load_from_disk(str(path))
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except (FileNotFoundError, ValueError) as e:
+        msg = "not a datasets.save_to_disk folder (nor a .jsonl or .parquet file)"
+        raise DataError(f"{path}: {msg}: {str(e).strip().splitlines()[0]}", "bad_file") from None
     if isinstance(ds, datasets.DatasetDict):
         if len(ds) != 1:
             raise DataError(

@@ -21,7 +21,7 @@ from tulu_jax.losses.sft import (
     reduce_sft,
     sft_loss,
     shift_for_next_token,
-    token_logprobs,
+    token_logps,
 )
 
 __all__ = [
@@ -44,6 +44,6 @@ __all__ = [
     "sft_loss",
     "shift_for_next_token",
     "simpo",
-    "token_logprobs",
+    "token_logps",
     "wpo",
 ]

@@ -8,7 +8,7 @@ for the backward pass. `chunked_token_logps` runs the LM head and the log-softma
 time in a `lax.map` whose body is `jax.checkpoint`ed: the forward keeps only each chunk's [B, C] log-probs,
 and the backward recomputes one chunk's logits at a time. Peak logits memory falls from B·T·V to B·C·V
 floats for one extra head matmul per chunk in the backward pass (the remat trade, like `model.remat` for
-the layers). The per-chunk arithmetic is `token_logprobs` on the same einsum as `Decoder`'s LM head, so
+the layers). The per-chunk arithmetic is `token_logps` on the same einsum as `Decoder`'s LM head, so
 values and gradients equal the unchunked path to float32 rounding (the sums over chunks of the head's
 gradient are accumulated in float32).
 """
@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from tulu_jax.config import ModelConfig
-from tulu_jax.losses.sft import token_logprobs
+from tulu_jax.losses.sft import token_logps
 
 Array = jax.Array
 
@@ -44,7 +44,7 @@ def head_logits(hidden_BxTxD: Array, head_DxV: Array, dtype=None) -> Array:
 def _chunk_logps(hidden_BxCxD: Array, head_DxV: Array, targets_BxC: Array, dtype) -> Array:
     # The head is cast *inside* the chunk so that its gradient reaches the float32 parameter chunk by chunk
     # and is summed in float32, not rounded to `dtype` after every chunk.
-    return token_logprobs(head_logits(hidden_BxCxD, head_DxV, dtype), targets_BxC)
+    return token_logps(head_logits(hidden_BxCxD, head_DxV, dtype), targets_BxC)
 
 
 def chunked_token_logps(
@@ -61,7 +61,7 @@ def chunked_token_logps(
     chunk_size: positions per chunk; 0 or >= T computes all positions at once (the plain path, which
         materialises [B, T, V]). T need not be a multiple: the last T mod C positions form a smaller chunk.
 
-    Raises ValueError for a negative chunk_size or mismatched shapes. Equals `token_logprobs` of
+    Raises ValueError for a negative chunk_size or mismatched shapes. Equals `token_logps` of
     `head_logits(hidden, head, dtype)`, gradients included, to float32 rounding; only the memory differs.
     """
     b, t, d = hidden_BxTxD.shape

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from tulu_jax.config import DEFAULT_BETA  # noqa: F401  (re-exported: each loss's default β)
-from tulu_jax.losses.sft import shift_for_next_token, token_logprobs
+from tulu_jax.losses.sft import shift_for_next_token, token_logps
 
 Array = jax.Array
 Scalar = Array | float
@@ -29,7 +29,7 @@ def labelled_sums(
 ) -> tuple[Array, Array]:
     """(Σ logps of the labelled tokens, number of labelled tokens) per row, both float32 [B].
 
-    token_logps_BxT: float32 log p(input_ids[t+1]) at position t (`token_logprobs` of the logits against the
+    token_logps_BxT: float32 log p(input_ids[t+1]) at position t (`token_logps` of the logits against the
     shifted ids, or `tulu_jax.train.forward.next_token_logps`). A target counts where loss_mask is 1 at the
     *target* position and the target lies in the same non-zero segment as the position predicting it
     (`shift_for_next_token`'s weights). Without segment_ids the whole row is one document, so padding has to
@@ -47,7 +47,7 @@ def sequence_logps(
     """`labelled_sums` from full logits [B, T, V] (any float dtype; logits[t] predicts input_ids[t+1]):
     (Σ log p of the labelled tokens, number of labelled tokens) per row, both float32 [B]."""
     targets_BxT = jnp.pad(input_ids_BxT[:, 1:], ((0, 0), (0, 1)))
-    return labelled_sums(token_logprobs(logits_BxTxV, targets_BxT), input_ids_BxT, loss_mask_BxT, segment_ids_BxT)
+    return labelled_sums(token_logps(logits_BxTxV, targets_BxT), input_ids_BxT, loss_mask_BxT, segment_ids_BxT)
 
 
 class PreferenceOutput(NamedTuple):

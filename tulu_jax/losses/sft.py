@@ -15,7 +15,7 @@ import jax.numpy as jnp
 Array = jax.Array
 
 
-def token_logprobs(logits_BxTxV: Array, targets_BxT: Array) -> Array:
+def token_logps(logits_BxTxV: Array, targets_BxT: Array) -> Array:
     """log softmax(logits)[target] per position: float32 [B, T] from logits [B, T, V] (any float dtype) and
     int targets [B, T] in [0, V). Reused by DPO, RLVR scoring and, per chunk, by `chunked_token_logps`."""
     # bf16 logits lose too much in the softmax normaliser, so work in float32. Subtracting the row max
@@ -47,7 +47,7 @@ def cross_entropy_sums(logits_BxTxV: Array, targets_BxT: Array, weights_BxT: Arr
     """(Σ weights·NLL, Σ weights), both float32 scalars, from logits [B, T, V], int targets [B, T] and
     weights [B, T] (`shift_for_next_token`'s)."""
     weights_BxT = weights_BxT.astype(jnp.float32)
-    nll_BxT = -token_logprobs(logits_BxTxV, targets_BxT)
+    nll_BxT = -token_logps(logits_BxTxV, targets_BxT)
     return jnp.sum(weights_BxT * nll_BxT), jnp.sum(weights_BxT)
 
 

@@ -18,7 +18,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from tulu_jax import sharding as shd
-from tulu_jax.losses import token_logprobs
+from tulu_jax.losses import token_logps
 from tulu_jax.models.decoder import Decoder, KVCache
 from tulu_jax.models.loading import param_layout
 from tulu_jax.rollout.types import (
@@ -265,7 +265,7 @@ class LocalSampler:
         """log p(ids[:, j+1] | ids[:, :j+1]) -> float32 [B, L-1] for right-padded rows (segment 1 = real)."""
         positions_BxL = jnp.cumsum(seg_BxL, axis=1) - seg_BxL
         logits = self.model.apply({"params": params}, ids_BxL, positions_BxL, seg_BxL)
-        return token_logprobs(logits[:, :-1] / temperature, ids_BxL[:, 1:])
+        return token_logps(logits[:, :-1] / temperature, ids_BxL[:, 1:])
 
     def score(
         self,

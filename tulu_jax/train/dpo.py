@@ -113,6 +113,7 @@ def run_dpo(cfg: DPOConfig) -> dict:
         run.shardings,
         data_iter,
         lambda: create_state(run.run.load_or_init(cfg.model.path), run.tx, cfg.train.seed, run.shardings),
+        total_steps=run.total_steps,
     )
 
     # The reference: live parameters, or per-pair log-probs looked up by example id.

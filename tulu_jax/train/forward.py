@@ -33,7 +33,7 @@ def next_token_logps(
     and document boundaries).
 
     `params` are the Decoder's (tied or untied head); `chunk_size` positions at a time go through the LM head
-    (0 = all at once, see `chunked_token_logps`). Equal to `token_logprobs(model.apply(...), targets)`, with
+    (0 = all at once, see `chunked_token_logps`). Equal to `token_logps(model.apply(...), targets)`, with
     gradients, to float32 rounding.
     """
     hidden_BxTxD = model.apply({"params": params}, input_ids_BxT, positions_BxT, segment_ids_BxT, output="hidden")

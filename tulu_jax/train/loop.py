@@ -17,6 +17,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from tulu_jax.configlib import ConfigError
 from tulu_jax.multihost import process_zero_value
 from tulu_jax.train.cadence import checkpoint_due, eval_due
 from tulu_jax.train.checkpoint import Checkpointer
@@ -29,16 +30,33 @@ class LoopResult:
     state: Any
     step: int  # the last step taken (== start when nothing was left to do)
     last_metrics: dict[str, float]
+    start: int = 0  # the step this process started (or resumed) from
 
 
-def restore_or_start(ckpt: Checkpointer, abstract, shardings, data_iter, fresh_state: Callable[[], Any]):
+def restore_or_start(
+    ckpt: Checkpointer, abstract, shardings, data_iter, fresh_state: Callable[[], Any], total_steps: int | None = None
+):
     """(state, start step): the latest checkpoint with the data iterator rewound to it, or `fresh_state()`.
-    `abstract`/`shardings` describe the saved pytree (any tree of states)."""
+    `abstract`/`shardings` describe the saved pytree (any tree of states). ConfigError when the checkpoint
+    is past `total_steps` or does not fit this run's states (another model or optimizer in output_dir)."""
     latest = ckpt.latest_step()
     start = process_zero_value(-1 if latest is None else latest)  # every host resumes from the same step
     if start < 0:
         return fresh_state(), 0
-    state, data_state, _ = ckpt.restore(abstract, shardings, step=start)
+    where = f"output_dir: {os.path.dirname(ckpt.directory)}"
+    if total_steps is not None and start > total_steps:
+        raise ConfigError(
+            f"{where} holds a checkpoint at step {start}, past this run's {total_steps} steps; use a new "
+            f"output_dir (or raise train.max_steps to continue it)"
+        )
+    try:
+        state, data_state, _ = ckpt.restore(abstract, shardings, step=start)
+    except (ValueError, TypeError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(
+            f"{where} holds a checkpoint (step {start}) of another model or optimizer ({first}); use a new "
+            f"output_dir, or delete {ckpt.directory} to start over"
+        ) from None
     data_iter.set_state(data_state)
     log(f"resumed from {ckpt.directory}/{start}")
     return state, start
@@ -91,10 +109,12 @@ def train_loop(
                 break
             data_state = data_iter.get_state()
             state, metrics = step_fn(state, to_device(host_batch))
-            extra = evaluate(state.params) if evaluate is not None and eval_due(step, eval_every, total_steps) else {}
-            if extra_metrics is not None:
-                extra = {**extra, **extra_metrics(step)}
-            reporter.submit(step, metrics, host=host_stats(host_batch), extra=extra)  # reports step - 1
+            extra = extra_metrics(step) if extra_metrics is not None else {}
+            due = evaluate is not None and eval_due(step, eval_every, total_steps)
+            late = (lambda s=state: evaluate(s.params)) if due else None
+            reporter.submit(step, metrics, host=host_stats(host_batch), extra=extra, late=late)  # reports step - 1
+            if due:  # report now: the evaluation waits for this step anyway, and must not delay the next one
+                reporter.flush()
             if checkpoint_due(step, checkpoint_every):
                 reporter.flush()  # check this step's loss first: never checkpoint a non-finite state
                 ckpt.save(step, state, data_state)
@@ -105,7 +125,7 @@ def train_loop(
     finally:
         reporter.close()
         ckpt.close()
-    return LoopResult(state=state, step=step, last_metrics=dict(reporter.last))
+    return LoopResult(state=state, step=step, last_metrics=dict(reporter.last), start=start)
 
 
 def write_summary(out_dir: str, summary: dict) -> None:
@@ -117,7 +137,13 @@ def write_summary(out_dir: str, summary: dict) -> None:
 
 def finish_run(cfg, out_dir: str, result: LoopResult, data_stats: dict, *, exporter: Callable, dcfg, tokenizer) -> dict:
     """Exports the final parameters to OUTPUT_DIR/hf when `cfg.export.enabled` (`exporter` is
-    `hf.export_hf` or `hf.export_reward_hf`) and writes summary.json."""
+    `hf.export_hf` or `hf.export_reward_hf`) and writes summary.json. A run that found its work already done
+    (restarted after it finished) keeps the summary and export it wrote then."""
+    done = os.path.join(out_dir, "summary.json")
+    if result.step == result.start and result.start > 0 and os.path.exists(done):
+        log(f"nothing to do: {out_dir} already holds the finished run (step {result.step}); kept its summary.json")
+        with open(done) as f:
+            return json.load(f)
     summary = {
         "final_step": result.step,
         "final_loss": result.last_metrics.get("loss"),

@@ -37,7 +37,7 @@ class PreferenceRun:
             f"pairs truncated to {cfg.data.max_seq_len} tokens: {s['pairs_truncated']}); "
             f"{s['trained_tokens']} of {s['tokens']} tokens trained"
         )
-        run.add_optimizer(cfg.train.max_steps if cfg.train.max_steps > 0 else self.pipeline.count_batches())
+        run.add_optimizer(setup.run_length(cfg.train, self.pipeline.count_batches()))
         self.total_steps, self.tx, self.schedule = run.total_steps, run.tx, run.schedule
         self.abstract, self.shardings = run.abstract, run.shardings
 

@@ -62,9 +62,18 @@ class MetricsReporter:
         self._clock = time.perf_counter()
         self.last: dict[str, Any] = {}
 
-    def submit(self, step: int, metrics: dict, host: dict[str, float] | None = None, extra: dict | None = None):
-        """Queue step `step`'s metrics (device arrays); report the previously queued step first."""
-        previous, self._pending = self._pending, (step, metrics, host or {}, extra or {})
+    def submit(
+        self,
+        step: int,
+        metrics: dict,
+        host: dict[str, float] | None = None,
+        extra: dict | None = None,
+        late: Callable[[], dict] | None = None,
+    ):
+        """Queue step `step`'s metrics (device arrays); report the previously queued step first. `late()`
+        (e.g. an evaluation) runs when the step is reported, after its time is taken, and its metrics join
+        the step's row; its own time counts towards no step's tokens_per_s."""
+        previous, self._pending = self._pending, (step, metrics, host or {}, extra or {}, late)
         if previous is not None:
             self._report(*previous)
 
@@ -78,7 +87,7 @@ class MetricsReporter:
         """Write host metrics (e.g. an evaluation before the first step) straight to the logger."""
         self.logger.log(step, metrics)
 
-    def _report(self, step: int, metrics: dict, host: dict[str, float], extra: dict) -> None:
+    def _report(self, step: int, metrics: dict, host: dict[str, float], extra: dict, late=None) -> None:
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}  # waits for that step
         bad = {k: metrics[k] for k in FATAL_METRICS if k in metrics and not math.isfinite(metrics[k])}
         if bad:
@@ -87,6 +96,9 @@ class MetricsReporter:
         now = time.perf_counter()
         metrics.update({k: v for k, v in host.items() if k != "tokens"})
         metrics["tokens_per_s"] = host.get("tokens", 0.0) / max(now - self._clock, 1e-9)
+        if late is not None:
+            metrics.update(late())
+            now = time.perf_counter()
         self._clock = now
         metrics.update(extra)
         if step % self.log_every == 0 or step == self.total_steps:

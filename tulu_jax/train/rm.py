@@ -48,7 +48,9 @@ def run_rm(cfg: RMConfig) -> dict:
             params = init_reward_params(run.model, run.mesh, rng)
         return create_state(params, run.tx, cfg.train.seed, run.shardings)
 
-    state, start = restore_or_start(ckpt, run.abstract, run.shardings, data_iter, fresh_state)
+    state, start = restore_or_start(
+        ckpt, run.abstract, run.shardings, data_iter, fresh_state, total_steps=run.total_steps
+    )
     step_fn = jit_rm_step(
         run.model,
         run.tx,

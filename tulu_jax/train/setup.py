@@ -108,7 +108,12 @@ def build_train_model(mcfg: ModelConfig, dcfg: DecoderConfig, module: type[nn.Mo
 def prepare_output_dir(cfg) -> str:
     """Creates output_dir and records the run's full config there (process 0)."""
     out_dir = os.path.abspath(cfg.output_dir)
-    os.makedirs(out_dir, exist_ok=True)
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise InputError(f"{where('output_dir', out_dir)}: exists and is not a directory")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"{where('output_dir', out_dir)}: cannot create it: {e.strerror or e}") from None
     if jax.process_index() == 0:
         with open(os.path.join(out_dir, "config.yaml"), "w") as f:
             yaml.safe_dump(configlib.to_dict(cfg), f, sort_keys=False)
@@ -154,8 +159,6 @@ class Run:
 
     def add_optimizer(self, total_steps: int) -> None:
         """AdamW + schedule for `total_steps`, and the train state's abstract layout and shardings."""
-        if total_steps <= 0:
-            raise ConfigError("the training data yields no full batch: add data or lower train.batch_size")
         self.total_steps = total_steps
         self.tx, self.schedule = make_optimizer(self.cfg.optim, total_steps)
         try:
@@ -171,6 +174,24 @@ class Run:
             return load_params(path, self.model, self.mesh, dtype=dtype)
         params = init_params(self.model, self.mesh, jax.random.key(self.cfg.train.seed))
         return params if dtype is None else cast_params(params, dtype)
+
+
+def run_length(train_cfg, available: int) -> int:
+    """Optimizer steps of a run: `train.max_steps`, or (-1) all `available` full batches of `train.num_epochs`
+    epochs. ConfigError when the data yields no full batch, or fewer than `train.max_steps`: a run never
+    silently stops short of what it was asked (with a learning-rate schedule that never decays)."""
+    t = train_cfg
+    if available <= 0:
+        raise ConfigError(
+            f"train.batch_size={t.batch_size}: the training data yields no full batch; add data or lower it"
+        )
+    if t.max_steps > available:
+        raise ConfigError(
+            f"train.max_steps={t.max_steps}: the training data yields only {available} batches of "
+            f"train.batch_size={t.batch_size} in train.num_epochs={t.num_epochs}; lower train.max_steps or raise "
+            f"train.num_epochs"
+        )
+    return t.max_steps if t.max_steps > 0 else available
 
 
 def cast_params(params, dtype):

@@ -63,7 +63,7 @@ def run_sft(cfg: SFTConfig) -> dict:
         f"(skipped: {stats['rows_skipped'] or 'none'}; truncated to {cfg.data.max_seq_len} tokens: "
         f"{stats['conversations_truncated']}); {stats['trained_tokens']} of {stats['tokens']} tokens trained"
     )
-    run.add_optimizer(cfg.train.max_steps if cfg.train.max_steps > 0 else pipeline.count_batches())
+    run.add_optimizer(setup.run_length(cfg.train, pipeline.count_batches()))
 
     ckpt = Checkpointer(os.path.join(run.out_dir, "checkpoints"), cfg.checkpoint.keep)
     data_iter = pipeline.iterator()
@@ -73,6 +73,7 @@ def run_sft(cfg: SFTConfig) -> dict:
         run.shardings,
         data_iter,
         lambda: create_state(run.load_or_init(cfg.model.path), run.tx, cfg.train.seed, run.shardings),
+        total_steps=run.total_steps,
     )
     step_fn = jit_sft_step(
         run.model,
