@@ -78,8 +78,9 @@ def load_chat_tokenizer(path: str | None, flag: str = "--model"):
     try:
         tokenizer = load_tokenizer(path)
     except (OSError, ValueError, TypeError) as e:  # transformers' "not a tokenizer folder" errors are OSErrors
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise InputError(f"{where(flag, shown)}: cannot load its tokenizer: {first}") from None
+        text = " ".join(str(e).split())  # transformers' messages span lines: keep them whole, on one line
+        text = text if len(text) <= 300 else text[:297] + "..."
+        raise InputError(f"{where(flag, shown)}: cannot load its tokenizer: {text or type(e).__name__}") from None
     ids = tokenizer(tokenizer.eos_token, add_special_tokens=False)["input_ids"]
     if ids != [tokenizer.eos_token_id]:
         raise InputError(

@@ -205,6 +205,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     python = vllm_python(args.python)
     if not (os.path.isfile(python) and os.access(python, os.X_OK)):
         raise InputError(f"--python {python}: not an executable file (make .venv-vllm with scripts/setup_vllm.sh)")
+    probe = [python, "-c", "import importlib.util, sys; sys.exit(importlib.util.find_spec('vllm') is None)"]
+    if subprocess.run(probe, capture_output=True).returncode != 0:  # fast: finds vllm without importing it
+        raise InputError(
+            f"--python {python}: has no vllm package (make .venv-vllm with `bash scripts/setup_vllm.sh`, or pass "
+            f"--python / set TULU_JAX_VLLM_PYTHON to an interpreter that has vllm)"
+        )
     extra = args.extra[1:] if args.extra[:1] == ["--"] else args.extra
     server = start_vllm_server(
         args.model,

@@ -49,6 +49,11 @@ def check_inputs(cfg) -> None:
             "only for a random-init toy run"
         )
     if mcfg.path is not None:
+        if not os.path.exists(mcfg.path) and os.path.basename(os.path.normpath(mcfg.path)) == "hf":
+            raise InputError(
+                f"{where('model.path', mcfg.path)}: no such directory (an earlier stage's export: run that stage "
+                f"first, e.g. `tulu-jax sft --config configs/sft/tiny.yaml` writes runs/sft-tiny/hf)"
+            )
         check_model_dir(mcfg.path, "model.path")
     if mcfg.tokenizer is not None and not os.path.isdir(mcfg.tokenizer):
         raise InputError(f"{where('model.tokenizer', mcfg.tokenizer)}: no such directory")
