@@ -310,7 +310,7 @@ class VLLMClient:
                 raise _Retryable(f"prompt {i} finished with {c['finish_reason']!r}")
             if tuple(c["prompt_token_ids"]) != prompt:
                 raise RolloutServerError(f"prompt {i}: the server echoed different prompt tokens")
-            tokens, logps = tuple(c["token_ids"]), tuple(c["logprobs"]["token_logps"])
+            tokens, logps = tuple(c["token_ids"]), tuple(c["logprobs"]["token_logprobs"])
             if len(tokens) != len(logps):
                 raise RolloutServerError(f"prompt {i}: {len(tokens)} tokens but {len(logps)} log-probs")
             completion = Completion(

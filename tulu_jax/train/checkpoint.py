@@ -15,6 +15,14 @@ import jax
 import orbax.checkpoint as ocp
 
 
+def layout(tree) -> list[str]:
+    """"path shape dtype" of every array (or ShapeDtypeStruct) of `tree`: what a restore must match."""
+    return [
+        f"{jax.tree_util.keystr(path)} {tuple(x.shape)} {jax.numpy.dtype(x.dtype).name}"
+        for path, x in jax.tree_util.tree_leaves_with_path(tree)
+    ]
+
+
 class Checkpointer:
     def __init__(self, directory: str, keep: int):
         self.directory = os.path.abspath(directory)  # Orbax wants absolute paths
@@ -35,7 +43,7 @@ class Checkpointer:
             args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state),
                 data=ocp.args.JsonSave(data_state),
-                extra=ocp.args.JsonSave(extra or {}),
+                extra=ocp.args.JsonSave({**(extra or {}), "layout": layout(state)}),
             ),
         )
 
@@ -43,6 +51,14 @@ class Checkpointer:
         """Returns (state, data_state, extra) of `step` (default: the latest), the state placed directly in
         `shardings` (a pytree matching `abstract_state`, whose leaves give shapes and dtypes)."""
         step = self.latest_step() if step is None else step
+        # Compare the saved arrays' layout first: a checkpoint of another model or optimizer is then a clear
+        # ValueError before any array is read (a failed read leaves Orbax's workers to die noisily).
+        saved = self._mngr.restore(step, args=ocp.args.Composite(extra=ocp.args.JsonRestore()))["extra"]
+        ours = layout(abstract_state)
+        if saved.get("layout") is not None and saved["layout"] != ours:
+            diff = next((f"{a} saved, {b} here" for a, b in zip(saved["layout"], ours) if a != b), None)
+            diff = diff or f"{len(saved['layout'])} arrays saved, {len(ours)} here"
+            raise ValueError(f"the saved state differs: {diff}")
         target = jax.tree.map(
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings
         )
@@ -52,7 +68,8 @@ class Checkpointer:
                 state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore(), extra=ocp.args.JsonRestore()
             ),
         )
-        return out["state"], out["data"], out["extra"]
+        extra = {k: v for k, v in out["extra"].items() if k != "layout"}
+        return out["state"], out["data"], extra
 
     def wait(self) -> None:
         self._mngr.wait_until_finished()

@@ -53,6 +53,7 @@ def restore_or_start(
         state, data_state, _ = ckpt.restore(abstract, shardings, step=start)
     except (ValueError, TypeError, KeyError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        ckpt.close()  # stop Orbax's background workers now, or they die noisily at interpreter exit
         raise ConfigError(
             f"{where} holds a checkpoint (step {start}) of another model or optimizer ({first}); use a new "
             f"output_dir, or delete {ckpt.directory} to start over"
