@@ -204,13 +204,18 @@ def test_sft_eval_counts_every_conversation_once(tmp_path, pack, tiny_tokenizer)
     # Reference: each conversation alone, unpadded, NLL of its labelled next tokens in float64.
     from tulu_jax.data import encode_chat
 
+    encoded = [encode_chat(json.loads(line)["messages"], run.tokenizer, cfg.data.max_seq_len)[:2] for line in lines]
+    width = max(len(ids) for ids, _ in encoded)
+    ids_BxT = np.zeros((len(encoded), width), np.int32)
+    seg_BxT = np.zeros((len(encoded), width), np.int32)  # 0 = padding after each conversation (causal: unseen)
+    for i, (ids, _) in enumerate(encoded):
+        ids_BxT[i, : len(ids)], seg_BxT[i, : len(ids)] = ids, 1
+    logits = run.model.apply({"params": params}, jnp.asarray(ids_BxT), None, jnp.asarray(seg_BxT))
+    lp = np.asarray(token_logps(logits[:, :-1], jnp.asarray(ids_BxT[:, 1:])), np.float64)
     nll, tokens = 0.0, 0
-    for line in lines:
-        ids, mask = encode_chat(json.loads(line)["messages"], run.tokenizer, cfg.data.max_seq_len)[:2]
-        logits = run.model.apply({"params": params}, jnp.asarray(ids)[None])
-        lp = np.asarray(token_logps(logits[:, :-1], jnp.asarray(ids)[None, 1:]), np.float64)[0]
+    for i, (ids, mask) in enumerate(encoded):
         w = np.asarray(mask[1:], np.float64)
-        nll, tokens = nll - float((lp * w).sum()), tokens + int(w.sum())
+        nll, tokens = nll - float((lp[i, : len(ids) - 1] * w).sum()), tokens + int(w.sum())
     assert got["eval/nll_per_token"] == pytest.approx(nll / tokens, rel=1e-5)
     assert got["eval/loss"] == pytest.approx(nll / 12, rel=1e-5)  # Tülu's sum reduction: per conversation
 
