@@ -20,6 +20,9 @@ LABEL_MODES = ("all", "final")
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ModelConfig:
+    """The model a run starts from (an HF folder, or a preset for toy runs), its tokenizer, dtypes and
+    compute options (remat, layer-scan unroll, attention block, logits chunk). ValueError on bad values."""
+
     path: str | None = field(
         default=None,
         metadata={
@@ -88,6 +91,9 @@ class ModelConfig:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class OptimConfig:
+    """AdamW with linear warm-up then linear decay to 0 and global-norm clipping (Tülu 3 §4; open-instruct
+    `finetune.py`). lr in 1/step units of the parameters; ValueError for lr < 0 or warmup_ratio outside [0, 1]."""
+
     lr: float = field(default=5e-6, metadata={"help": "peak learning rate (Tülu 3 SFT: 5e-6 for 8B, 2e-6 for 70B)"})
     warmup_ratio: float = field(default=0.03, metadata={"help": "fraction of the steps spent warming up linearly"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW decoupled weight decay"})
@@ -200,6 +206,8 @@ class PreferenceDataConfig(DataFilesConfig):
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class MeshConfig:
+    """Device-mesh axis sizes (`data`, `fsdp`, `tensor`); -1 takes the remaining devices."""
+
     data: int = field(default=-1, metadata={"help": "data-parallel axis size (-1: the remaining devices)"})
     fsdp: int = field(default=1, metadata={"help": "fully sharded data-parallel axis size (-1: the rest)"})
     tensor: int = field(default=1, metadata={"help": "tensor-parallel axis size (-1: the rest)"})
@@ -207,6 +215,9 @@ class MeshConfig:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TrainConfig:
+    """Run length, global batch (rows over all devices), accumulation, seed and logging/eval cadence.
+    ValueError for a batch that is not a positive multiple of grad_accum_steps or non-positive counts."""
+
     seed: int = field(default=123, metadata={"help": "seed of the initialisation, data order and RNG"})
     batch_size: int = field(
         default=8,
@@ -243,6 +254,8 @@ class TrainConfig:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class SFTTrainConfig(TrainConfig):
+    """TrainConfig plus the SFT loss reduction (Tülu 3: `sum`, open-instruct `--reduce_loss sum`)."""
+
     loss_reduction: Literal["sum", "mean"] = field(
         default="sum",
         metadata={"help": "sum: token NLL summed per sequence, averaged over sequences (Tülu 3); mean: per-token mean"},
@@ -251,6 +264,8 @@ class SFTTrainConfig(TrainConfig):
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class CheckpointConfig:
+    """Orbax checkpoint cadence (steps) and how many to keep (>= 1). ValueError otherwise."""
+
     every_steps: int = field(default=100, metadata={"help": "save a checkpoint every N steps (0: only at the end)"})
     keep: int = field(default=2, metadata={"help": "how many recent checkpoints to keep (>= 1: a run must resume)"})
 
@@ -263,6 +278,8 @@ class CheckpointConfig:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ExportConfig:
+    """The final Hugging Face export to OUTPUT_DIR/hf and its safetensors dtype. ValueError for an unknown dtype."""
+
     enabled: bool = field(default=True, metadata={"help": "export the final model to OUTPUT_DIR/hf"})
     dtype: str = field(default="float32", metadata={"help": f"dtype of the exported safetensors: {DTYPE_NAMES}"})
 
@@ -273,6 +290,8 @@ class ExportConfig:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class SFTConfig:
+    """`tulu-jax sft`: one experiment (Tülu 3 §4 SFT), from YAML plus dotted overrides."""
+
     output_dir: str = field(default="runs/sft-tiny", metadata={"help": "where checkpoints, metrics and hf/ go"})
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -288,12 +307,16 @@ class SFTConfig:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class PreferenceTrainConfig(TrainConfig):
+    """TrainConfig for pairwise stages: batch_size counts preference pairs; one epoch by default."""
+
     batch_size: int = field(default=8, metadata={"help": "preference pairs per optimizer step, over all devices"})
     num_epochs: int = field(default=1, metadata={"help": "passes over the preference data"})
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DPOOptimConfig(OptimConfig):
+    """OptimConfig with Tülu 3 DPO defaults (lr 5e-7, 10 % warm-up; Tülu 3 §5)."""
+
     lr: float = field(default=5e-7, metadata={"help": "peak learning rate (Tülu 3 DPO: 5e-7 for 8B, 2e-7 for 70B)"})
     warmup_ratio: float = field(default=0.1, metadata={"help": "fraction of the steps spent warming up linearly"})
 
@@ -304,6 +327,9 @@ DEFAULT_BETA: dict[str, float] = {"dpo": 0.1, "dpo_norm": 5.0, "simpo": 2.0, "ip
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DPOLossConfig:
+    """The preference loss (Tülu 3 §5: dpo_norm, β 5), its parameters, and how the frozen reference is
+    used (cached log-probs or live). ValueError for β <= 0 or label_smoothing outside [0, 0.5)."""
+
     loss: Literal["dpo", "dpo_norm", "simpo", "ipo", "wpo"] = field(
         default="dpo_norm", metadata={"help": "preference loss (Tülu 3: dpo_norm, the length-normalized DPO)"}
     )
@@ -336,11 +362,14 @@ class DPOLossConfig:
 
     @property
     def needs_reference(self) -> bool:
+        """Whether the loss uses reference log-probs (every loss but the reference-free SimPO)."""
         return self.loss != "simpo"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DPOConfig:
+    """`tulu-jax dpo`: one preference-tuning experiment (open-instruct `dpo_tune_cache.py`)."""
+
     output_dir: str = field(default="runs/dpo-tiny", metadata={"help": "where checkpoints, metrics and hf/ go"})
     model: ModelConfig = field(default_factory=ModelConfig)
     data: PreferenceDataConfig = field(default_factory=PreferenceDataConfig)
@@ -354,6 +383,8 @@ class DPOConfig:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class RMOptimConfig(OptimConfig):
+    """OptimConfig with the Tülu 3 8B reward-model defaults (lr 3e-6, eps 1e-5)."""
+
     lr: float = field(default=3e-6, metadata={"help": "peak learning rate (Tülu 3 8B RM: 3e-6)"})
     warmup_ratio: float = field(default=0.0, metadata={"help": "fraction of the steps spent warming up linearly"})
     eps: float = field(default=1e-5, metadata={"help": "Adam epsilon (Tülu 3 RM: 1e-5)"})
@@ -361,6 +392,8 @@ class RMOptimConfig(OptimConfig):
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class RMConfig:
+    """`tulu-jax rm`: one reward-model experiment (open-instruct `reward_modeling.py`)."""
+
     output_dir: str = field(default="runs/rm-tiny", metadata={"help": "where checkpoints, metrics and hf/ go"})
     model: ModelConfig = field(default_factory=ModelConfig)
     data: PreferenceDataConfig = field(default_factory=PreferenceDataConfig)
