@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from tulu_jax.data.chat import DataError, render_tulu, validate_messages
+from tulu_jax.data.chat import DataError, prompt_token_ids, validate_messages
 from tulu_jax.data.sources import iter_valid_rows
 from tulu_jax.rollout.types import Completion, RolloutBackend, SamplingParams
 
@@ -127,12 +127,7 @@ def generate_file(
             chunk = rows[start : start + chunk_size]
             if start + len(chunk) <= done:
                 continue
-            ids = [
-                tokenizer(render_tulu(m, tokenizer.eos_token, add_generation_prompt=True), add_special_tokens=False)[
-                    "input_ids"
-                ]
-                for _, m in chunk
-            ]
+            ids = [prompt_token_ids(m, tokenizer) for _, m in chunk]
             seed = None if params.seed is None else chunk_seed(params.seed, index)
             completions = backend.generate(ids, dataclasses.replace(params, seed=seed))
             lines = []

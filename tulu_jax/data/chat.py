@@ -145,6 +145,13 @@ def encode_chats(
     return out
 
 
+def prompt_token_ids(messages: Sequence[Mapping[str, str]], tokenizer, template: str = "tulu") -> list[int]:
+    """Token ids of a chat rendered with `template` and the assistant header appended (the generation
+    prompt), no special tokens added: what a sampler continues. Raises ValueError for an unknown role."""
+    text, _ = TEMPLATES[template](messages, tokenizer.eos_token, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
 def encode_chat(messages: Sequence[Mapping[str, str]], tokenizer, max_seq_len: int) -> tuple[np.ndarray, np.ndarray]:
     """Token ids and loss mask (1 = trained, not shifted) of one conversation, truncated on the right."""
     ids, mask, _ = encode_chats([messages], tokenizer, max_seq_len)[0]
