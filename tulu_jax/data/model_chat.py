@@ -75,11 +75,14 @@ def _spans(tokenizer, messages, full: str, prompts: dict[int, str], turns: dict[
             continue
         prompt, turn = prompts[k], turns[k]
         if not (full.startswith(prompt) and full.startswith(turn) and len(prompt) <= len(turn)):
+            part = turn if full.startswith(prompt) else prompt
+            at = next((i for i, (a, b) in enumerate(zip(part, full)) if a != b), min(len(part), len(full)))
             raise InputError(
                 f"data.chat_template: model: the chat template of the tokenizer at {tokenizer.name_or_path} "
                 f"renders the conversation up to messages[{k}] (assistant) differently from the whole "
-                "conversation (it rewrites earlier turns depending on later ones), so the trained tokens "
-                "cannot be located; use chat_template=tulu"
+                f"conversation (at char {at}: {part[at : at + 30]!r} vs {full[at : at + 30]!r}; it rewrites "
+                "earlier turns depending on later ones), so the trained tokens cannot be located; use "
+                "chat_template=tulu"
             )
         end = _trained_end(full[len(prompt) : len(turn)], m["content"])
         if end == 0:
