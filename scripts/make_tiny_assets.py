@@ -22,7 +22,7 @@ import make_tiny_tasks as tiny_tasks  # noqa: E402
 
 SEED = 1234
 N_TRAIN, N_EVAL = 3000, 200
-N_TASK_DEMOS = 3000  # solved tiny_arith / tiny_if train prompts (scripts/make_tiny_tasks.py)
+N_TASK_DEMOS = 4500  # solved tiny_arith / tiny_if train prompts and drills (scripts/make_tiny_tasks.py)
 VOCAB_SIZE = 1024
 EOS, PAD = "<|end_of_text|>", "<pad>"
 # Llama-3's pre-tokenizer split (digits in groups of at most 3), so the tiny model sees the same kind of text.

@@ -5,8 +5,9 @@
 
 Each task has `train.jsonl` (prompts for RLVR) and `eval.jsonl` (held-out prompts), rows in Tülu 3's RLVR
 format: `{"messages": [{"role": "user", ...}], "ground_truth": str, "dataset": "gsm8k" | "ifeval"}`.
-`sft_demonstrations(rng, n)` gives solved train-split prompts for the tiny SFT set (make_tiny_assets.py
-mixes them into tiny_chat), so an SFT model has seen the answer formats and RL has signal to work with.
+`sft_demonstrations(rng, n)` gives solved train-split prompts and bare arithmetic drills (every operand
+value, eval ones included, without a story) for the tiny SFT set (make_tiny_assets.py mixes them into
+tiny_chat), so an SFT model has seen the answer formats and facts and RL has signal to work with.
 
 tiny_arith: word problems ("Tom has 12 apples. He gets 7 more. ...") in the tiny chat domain; the
 ground truth is a number, scored by the GSM8K rule (last number of the answer). Held out: no eval
@@ -28,8 +29,8 @@ N_TRAIN, N_EVAL = 2000, 200
 ASSETS = Path(__file__).resolve().parent.parent / "tulu_jax" / "assets"
 
 # --- tiny_arith -------------------------------------------------------------------------------------
-OPERANDS = range(1, 31)
-EVAL_OPERANDS = frozenset({4, 9, 13, 17, 22, 26})
+OPERANDS = range(1, 21)
+EVAL_OPERANDS = frozenset({4, 9, 13, 17})
 MUL_OPERANDS = range(2, 10)
 EVAL_MUL_OPERANDS = frozenset({3, 7})
 TRAIN_NAMES = ("Tom", "Anna", "Ben", "Mia", "Sam", "Lily", "Max", "Zoe", "Jack", "Emma")
@@ -147,11 +148,29 @@ def task_rows(rng: random.Random, task: str, split: str, n: int) -> list[dict]:
     return rows
 
 
+def arith_drill(rng: random.Random) -> tuple[str, str]:
+    """A bare sum, difference or product over all operand values (eval ones included): the facts a story
+    problem needs, taught without the story, so held-out problems are solvable by applying them."""
+    op = rng.choice("+-*")
+    values = MUL_OPERANDS if op == "*" else OPERANDS
+    a, b = rng.choice(values), rng.choice(values)
+    if op == "-":
+        a, b = max(a, b), min(a, b)
+    value = a + b if op == "+" else a - b if op == "-" else a * b
+    return f"What is {a} {op} {b}?", f"{a} {op} {b} = {value}."
+
+
 def sft_demonstrations(rng: random.Random, n: int) -> list[list[dict[str, str]]]:
-    """`n` solved train-split prompts (half tiny_arith, half tiny_if) as chat conversations."""
+    """`n` solved chats: a third tiny_arith train problems, a third tiny_if train prompts and a third
+    arithmetic drills (`arith_drill`)."""
     convs = []
     for i in range(n):
-        q, a, _ = arith_problem(rng, "train") if i % 2 == 0 else if_problem(rng, "train")
+        if i % 3 == 0:
+            q, a, _ = arith_problem(rng, "train")
+        elif i % 3 == 1:
+            q, a, _ = if_problem(rng, "train")
+        else:
+            q, a = arith_drill(rng)
         convs.append([{"role": "user", "content": q}, {"role": "assistant", "content": a}])
     return convs
 

@@ -242,3 +242,22 @@ def test_reporter_runs_an_evaluation_outside_every_steps_time():
     # 1 token over well under the 0.5 s the evaluation slept: > 2 tokens/s for both steps.
     assert rows[1]["tokens_per_s"] > 2 and rows[2]["tokens_per_s"] > 2
     rep.close()
+
+
+def test_export_tokenizer_carries_the_template_the_run_trained_in(tiny_tokenizer):
+    import copy
+
+    from tulu_jax.data.chat import TULU_CHAT_TEMPLATE, render_tulu
+    from tulu_jax.train.loop import trained_template_tokenizer
+
+    tokenizer = copy.deepcopy(tiny_tokenizer)  # the fixture is shared by the session
+    chatml = (
+        "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+    )
+    tokenizer.chat_template = chatml
+    chat = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    exported = trained_template_tokenizer(tokenizer, "tulu")
+    assert exported is not tokenizer and tokenizer.chat_template == chatml  # the run's own is untouched
+    assert exported.chat_template == TULU_CHAT_TEMPLATE
+    assert exported.apply_chat_template(chat, tokenize=False) == render_tulu(chat, tokenizer.eos_token)
+    assert trained_template_tokenizer(tokenizer, "model") is tokenizer  # trained in its own format

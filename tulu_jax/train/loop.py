@@ -8,6 +8,7 @@ read-back, non-finite stop), `checkpoint.Checkpointer` (any pytree of states plu
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from collections.abc import Callable, Iterator
@@ -18,6 +19,7 @@ import jax
 import numpy as np
 
 from tulu_jax.configlib import ConfigError
+from tulu_jax.data.chat import TULU_CHAT_TEMPLATE
 from tulu_jax.multihost import process_zero_value
 from tulu_jax.train.cadence import checkpoint_due, eval_due
 from tulu_jax.train.checkpoint import Checkpointer
@@ -136,6 +138,18 @@ def write_summary(out_dir: str, summary: dict) -> None:
         log(json.dumps(summary, default=str))
 
 
+def trained_template_tokenizer(tokenizer, chat_template: str):
+    """The tokenizer to export: one whose stored chat template is the format the run trained in, so
+    `--chat-template model` (eval, generation, vLLM's chat endpoint) talks to the export in that format.
+    A run in the `tulu` format from a model whose tokenizer stores another template (e.g. a Qwen2 instruct
+    model's ChatML) exports a copy carrying the Tülu template; `model` runs keep the tokenizer's own."""
+    if tokenizer is None or chat_template != "tulu" or tokenizer.chat_template == TULU_CHAT_TEMPLATE:
+        return tokenizer
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.chat_template = TULU_CHAT_TEMPLATE
+    return tokenizer
+
+
 def finish_run(cfg, out_dir: str, result: LoopResult, data_stats: dict, *, exporter: Callable, dcfg, tokenizer) -> dict:
     """Exports the final parameters to OUTPUT_DIR/hf when `cfg.export.enabled` (`exporter` is
     `hf.export_hf` or `hf.export_reward_hf`) and writes summary.json. A run that found its work already done
@@ -154,6 +168,7 @@ def finish_run(cfg, out_dir: str, result: LoopResult, data_stats: dict, *, expor
     }
     if cfg.export.enabled:
         hf_dir = os.path.join(out_dir, "hf")
+        tokenizer = trained_template_tokenizer(tokenizer, cfg.data.chat_template)
         summary["hf_export"] = exporter(result.state.params, dcfg, hf_dir, tokenizer=tokenizer, dtype=cfg.export.dtype)
     write_summary(out_dir, summary)
     return summary
