@@ -14,6 +14,7 @@ broken state), and is reused by every `score` call. Not thread-safe: one `score`
 
 from __future__ import annotations
 
+import importlib
 import math
 import multiprocessing as mp
 import os
@@ -30,7 +31,7 @@ from tulu_jax.rewards.worker import worker_main
 MAX_CHUNK = 256
 START_TIMEOUT_S = 300.0  # a cold start imports sympy and math-verify in every worker
 # The forkserver imports these once; each worker is then a cheap fork of it.
-_PRELOAD = ["tulu_jax.rewards.worker"]
+_PRELOAD = ["tulu_jax.rewards.warm"]
 
 
 @dataclass(frozen=True)
@@ -58,11 +59,11 @@ def parse_legacy(if_semantics: str) -> frozenset[str]:
 class _Worker:
     """One worker process, its pipe, its progress array and the chunk it is working on."""
 
-    def __init__(self, ctx, legacy: frozenset[str]):
+    def __init__(self, ctx, legacy: frozenset[str], plugins: tuple[str, ...]):
         self.progress = ctx.RawArray("q", 2)  # [index in chunk or -1, CLOCK_MONOTONIC ns it started]
         self.progress[0] = -1
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=worker_main, args=(child, self.progress, legacy), daemon=True)
+        self.proc = ctx.Process(target=worker_main, args=(child, self.progress, legacy, plugins), daemon=True)
         self.proc.start()
         child.close()
         self.ready = False
@@ -89,13 +90,24 @@ class _Worker:
 class Scorer:
     """A pool of `workers` processes (default os.cpu_count()) verifying responses with a hard deadline of
     `timeout_s` seconds per response; `if_semantics` ("head", "2024", "2024:f1,f2") picks the IF functions
-    run with 2024 semantics. Use as a context manager or call `close()`.
+    run with 2024 semantics. Use as a context manager or call `close()`. `plugins` are modules imported in
+    this process and in every worker before any item: a test hook (tests/verifier_plugin.py adds
+    verifiers that raise or kill their worker); production code passes none.
+
+    Worker processes re-import the `__main__` module (forkserver/spawn), so a script that creates a
+    Scorer must do so under `if __name__ == "__main__":`.
 
     `stats[verifier][status]` counts the verdicts of all calls so far (status "ok", "timeout", "error").
     Raises ValueError for workers < 1, timeout_s <= 0 or a bad if_semantics, RuntimeError when the
     workers do not start within START_TIMEOUT_S."""
 
-    def __init__(self, workers: int | None = None, timeout_s: float = 10.0, if_semantics: str = "head"):
+    def __init__(
+        self,
+        workers: int | None = None,
+        timeout_s: float = 10.0,
+        if_semantics: str = "head",
+        plugins: Sequence[str] = (),
+    ):
         workers = (os.cpu_count() or 1) if workers is None else workers
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
@@ -103,10 +115,13 @@ class Scorer:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
         self.timeout_s = float(timeout_s)
         self.legacy = parse_legacy(if_semantics)
+        self._plugins = tuple(plugins)
+        for name in self._plugins:
+            importlib.import_module(name)
         self.stats: dict[str, dict[str, int]] = {}
         self._ctx = mp.get_context("forkserver")
         self._ctx.set_forkserver_preload(_PRELOAD)
-        self._workers = [_Worker(self._ctx, self.legacy) for _ in range(workers)]
+        self._workers = [_Worker(self._ctx, self.legacy, self._plugins) for _ in range(workers)]
         self._closed = False
         deadline = time.monotonic() + START_TIMEOUT_S
         while not all(w.ready for w in self._workers):
@@ -154,7 +169,7 @@ class Scorer:
 
     def _replace(self, slot: int) -> None:
         self._workers[slot].kill()
-        self._workers[slot] = _Worker(self._ctx, self.legacy)
+        self._workers[slot] = _Worker(self._ctx, self.legacy, self._plugins)
 
     def score(self, items: Sequence[VerifyItem]) -> list[Verdict]:
         """The verdicts of `items`, in their order. Each item gets at most `timeout_s` seconds of its

@@ -7,12 +7,20 @@ verifiers (no JAX): it starts in a forkserver/spawn child, never a fork of the (
 
 from __future__ import annotations
 
+import importlib
 import signal
 import time
 
 from tulu_jax.rewards.registry import verify
 
-WARMUP = ("math", "<|assistant|>\nSo $\\boxed{\\frac{1}{2}}$.", "0.5")  # first math-verify call compiles its parser
+# The first math-verify call builds its parser and regexes: done once in the forkserver (see scorer.py),
+# whose forks inherit it, and again here in case the forkserver was started by someone else.
+WARMUP = ("math", "<|assistant|>\nSo $\\boxed{\\frac{1}{2}}$.", "0.5")
+
+
+def warm_up() -> None:
+    """Runs one MATH verification, so the first real item does not pay for math-verify's set-up."""
+    verify(*WARMUP)
 
 
 def verify_chunk(items, legacy: frozenset[str], progress) -> list[tuple]:
@@ -34,10 +42,13 @@ def verify_chunk(items, legacy: frozenset[str], progress) -> list[tuple]:
     return out
 
 
-def worker_main(conn, progress, legacy: frozenset[str]) -> None:
-    """Serves (chunk_id, items) requests from `conn` until None or EOF, answering (chunk_id, results)."""
+def worker_main(conn, progress, legacy: frozenset[str], plugins: tuple[str, ...] = ()) -> None:
+    """Imports `plugins`, then serves (chunk_id, items) requests from `conn` until None or EOF, answering
+    (chunk_id, results)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle (it kills us)
-    verify(*WARMUP)
+    for name in plugins:
+        importlib.import_module(name)
+    warm_up()
     conn.send(("ready", None))
     while True:
         try:
