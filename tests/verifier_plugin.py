@@ -16,3 +16,12 @@ def _crash(answer: str, ground_truth: str, legacy: frozenset[str]) -> bool:
 
 VERIFIERS.setdefault("test_raise", _raise)
 VERIFIERS.setdefault("test_crash", _crash)
+
+
+def _modules(answer: str, ground_truth: str, legacy: frozenset[str]) -> tuple[bool, ...]:
+    import sys
+
+    return tuple(name in sys.modules for name in answer.split(","))  # which of these modules are loaded
+
+
+VERIFIERS.setdefault("test_modules", _modules)

@@ -11,16 +11,15 @@ import importlib
 import signal
 import time
 
+from tulu_jax.rewards.math_answer import symbolic_equiv
 from tulu_jax.rewards.registry import verify
-
-# The first math-verify call builds its parser and regexes: done once in the forkserver (see scorer.py),
-# whose forks inherit it, and again here in case the forkserver was started by someone else.
-WARMUP = ("math", "<|assistant|>\nSo $\\boxed{\\frac{1}{2}}$.", "0.5")
 
 
 def warm_up() -> None:
-    """Runs one MATH verification, so the first real item does not pay for math-verify's set-up."""
-    verify(*WARMUP)
+    """Imports math-verify and runs one symbolic comparison, so the first real item does not pay for its
+    set-up (parser, regexes: about a second). Done once in the forkserver (see scorer.py), whose forks
+    inherit it, and again in each worker in case the forkserver was started by someone else."""
+    symbolic_equiv("2\\sqrt{2}", "\\sqrt{8}")
 
 
 def verify_chunk(items, legacy: frozenset[str], progress) -> list[tuple]:
