@@ -106,7 +106,9 @@ def main(argv=None) -> list[dict]:
                 }
             )
     print(f"CPU: {cpu_model()} ({os.cpu_count()} logical CPUs); workers: {workers}; pool start-up {startup:.1f} s")
-    print(f"{'verifier':<10} {'items':>7} {'seconds':>8} {'verif/s':>10} {'per worker':>11} {'passed':>7} {'not ok':>7}")
+    print(
+        f"{'verifier':<10} {'items':>7} {'seconds':>8} {'verif/s':>10} {'per worker':>11} {'passed':>7} {'not ok':>7}"
+    )
     for r in rows:
         print(
             f"{r['verifier']:<10} {r['items']:>7} {r['seconds']:>8.3f} {r['per_s']:>10.1f} "

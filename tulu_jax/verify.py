@@ -67,6 +67,11 @@ def _batches(rows: Iterator, size: int) -> Iterator[list]:
         yield batch
 
 
+def _scored_line(row: Mapping, verdict) -> str:
+    scored = {**row, "score": verdict.score, "verifier": verdict.verifier, "verify_status": verdict.status}
+    return json.dumps(scored, ensure_ascii=False) + "\n"
+
+
 def verify_file(
     data: str,
     out: str | None = None,
@@ -93,23 +98,14 @@ def verify_file(
         with Scorer(workers, timeout_s, if_semantics) as scorer, tqdm(unit="row", disable=None) as bar:
             for batch in _batches(rows, BATCH_ROWS):
                 verdicts = scorer.score([item for _, item in batch])
-                for (row, _), v in zip(batch, verdicts, strict=True):
+                for v in verdicts:
                     entry = table.setdefault(v.verifier, {"n": 0, "passed": 0, "timeouts": 0, "errors": 0})
                     entry["n"] += 1
                     entry["passed"] += v.score == 1.0
                     entry["timeouts"] += v.status == "timeout"
                     entry["errors"] += v.status == "error"
                 if sink is not None:
-                    sink.write(
-                        "".join(
-                            json.dumps(
-                                {**row, "score": v.score, "verifier": v.verifier, "verify_status": v.status},
-                                ensure_ascii=False,
-                            )
-                            + "\n"
-                            for (row, _), v in zip(batch, verdicts, strict=True)
-                        )
-                    )
+                    sink.write("".join(_scored_line(row, v) for (row, _), v in zip(batch, verdicts, strict=True)))
                     sink.flush()
                 bar.update(len(batch))
     finally:
@@ -140,7 +136,9 @@ def format_table(summary: dict) -> str:
     )
     skipped = summary["rows_skipped"]
     if skipped:
-        lines.append(f"skipped bad rows: {sum(skipped.values())} ({', '.join(f'{k}: {v}' for k, v in skipped.items())})")
+        lines.append(
+            f"skipped bad rows: {sum(skipped.values())} ({', '.join(f'{k}: {v}' for k, v in skipped.items())})"
+        )
     return "\n".join(lines)
 
 
