@@ -11,7 +11,7 @@ from test_rewards_math_gsm8k import GSM8K_ANSWERS, GSM8K_VECTORS, MATH_ANSWERS, 
 from tulu_jax.rewards import Scorer, UnknownDataset, VerifyItem, verify
 
 PROMPT = "<|user|>\nQ\n<|assistant|>\n"
-TIMEOUT_S = 3.0
+TIMEOUT_S = 5.0  # the slowest legitimate case here takes ~1 s on a loaded 2-core machine
 # sympy expanding (x+y+z)^999 against x^2+1 runs for minutes (over 20 s measured), in C code no signal stops.
 HANG = VerifyItem("math", PROMPT + "So the answer is $\\boxed{(x+y+z)^{999}}$.", "x^2+1")
 KILL_SLACK_S = 2.0  # the parent notices an overrun within one wait() wake-up; a loaded machine adds delay
@@ -110,6 +110,7 @@ def test_unknown_dataset_is_refused_before_any_work(scorer):
 def test_workers_do_not_import_jax(scorer):
     verdict = scorer.score([VerifyItem("test_modules", "jax,sympy,tulu_jax.rewards.math_answer", "")])[0]
     assert verdict.details == (False, True, True)
+    assert verdict.score == 0.0  # a verifier with per-part results (google_ifeval) passes only if all do
 
 
 def test_bad_arguments():
@@ -183,3 +184,20 @@ def test_fuzz_every_verifier():
         f"\nfuzz: {len(items)} strings ({sorted(scorer.stats)}), exceptions escaped: 0, errors: 0, "
         f"timeouts: {timeouts}, passed: {passed:.0f}, worst ok latency {worst:.3f} s, wall {wall:.1f} s"
     )
+
+
+def test_interrupted_call_leaves_no_stale_chunk(scorer, monkeypatch):
+    """An exception in the middle of `score` (Ctrl-C) replaces the busy workers: the next call is clean."""
+    from tulu_jax.rewards.scorer import Scorer as ScorerClass
+
+    real_wait = ScorerClass._wait
+
+    def interrupted(self, *args):
+        real_wait(self, *args)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ScorerClass, "_wait", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        scorer.score(_items(CASES * 4))
+    monkeypatch.setattr(ScorerClass, "_wait", real_wait)
+    assert [v.score for v in scorer.score(_items(CASES[:30]))] == _expected(CASES[:30])

@@ -186,12 +186,18 @@ class Scorer:
         results: list[Verdict | None] = [None] * len(payload)
         size = max(1, min(MAX_CHUNK, math.ceil(len(payload) / (4 * len(self._workers)))))
         queue = deque(list(range(s, min(s + size, len(payload)))) for s in range(0, len(payload), size))
-        while queue or any(w.job is not None for w in self._workers):
-            for w in self._workers:
-                if w.ready and w.job is None and queue:
-                    job = queue.popleft()
-                    w.send(job, [payload[i] for i in job])
-            self._wait(payload, results, queue)
+        try:
+            while queue or any(w.job is not None for w in self._workers):
+                for w in self._workers:
+                    if w.ready and w.job is None and queue:
+                        job = queue.popleft()
+                        w.send(job, [payload[i] for i in job])
+                self._wait(payload, results, queue)
+        except BaseException:  # Ctrl-C or a worker that cannot start: no stale chunk may reach the next call
+            for slot, w in enumerate(self._workers):
+                if w.job is not None:
+                    self._replace(slot)
+            raise
         for v in results:
             counts = self.stats.setdefault(v.verifier, dict.fromkeys(STATUSES, 0))
             counts[v.status] += 1
