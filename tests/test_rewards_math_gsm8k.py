@@ -2,6 +2,7 @@
 reference's test vectors, real-looking answers, hostile inputs, and the linear-time rewrites of the
 reference's regexes checked against those regexes on random strings."""
 
+import os
 import random
 import re
 import time
@@ -287,7 +288,8 @@ def test_guard_refuses_costly_candidates(candidate):
 MEGABYTE = 1 << 20
 
 
-def _hostile_inputs(tmp_path):
+def hostile_inputs(tmp_path):
+    """(a path that must never be created, responses built to hang, blow up or exploit a verifier)."""
     pwned = tmp_path / "pwned"
     deep = "{" * 5000 + "5" + "}" * 5000
     return pwned, [
@@ -304,6 +306,7 @@ def _hostile_inputs(tmp_path):
         f"\\boxed{{__import__('os').system('touch {pwned}')}}",
         f"$__import__('os').system('touch {pwned}')$",
         f"Final Answer: The final answer is __import__('os').system('touch {pwned}'). I hope it is correct.",
+        "\\boxed{__import__('os').system('touch /tmp/pwned')}",
         "\\def\\a{\\a}\\a",
         "\\boxed{\\def\\a{\\a}\\a}",
         "$\\newcommand{\\x}{\\x\\x}\\x$",
@@ -319,8 +322,9 @@ def _hostile_inputs(tmp_path):
 
 
 @pytest.mark.parametrize("dataset", ["gsm8k", "math"])
-def test_hostile_inputs_score_zero_promptly(dataset, tmp_path):
-    pwned, inputs = _hostile_inputs(tmp_path)
+def testhostile_inputs_score_zero_promptly(dataset, tmp_path):
+    pwned, inputs = hostile_inputs(tmp_path)
+    tmp_pwned_before = os.path.exists("/tmp/pwned")
     worst = 0.0
     for response in inputs:
         start = time.perf_counter()
@@ -329,7 +333,23 @@ def test_hostile_inputs_score_zero_promptly(dataset, tmp_path):
         assert verdict.score == 0.0, response[:80]
         assert time.perf_counter() - start < PROMPT_BOUND_S, response[:80]
     assert not pwned.exists()
+    assert tmp_pwned_before or not os.path.exists("/tmp/pwned")
     print(f"{dataset}: {len(inputs)} hostile inputs, worst {worst:.3f} s")
+
+
+def test_sympy_parse_expr_is_never_called(monkeypatch):
+    """math-verify's plain-expression extraction runs sympy's parse_expr (an eval); only its LaTeX
+    extraction may run."""
+    import math_verify.parser
+
+    calls = []  # math-verify swallows exceptions, so record the calls rather than raise
+    monkeypatch.setattr(math_verify.parser, "parse_expr", lambda *args, **kwargs: calls.append(args))
+    assert verify_math("so $\\boxed{3/6 + 0}$", "0.5")  # plain-text fractions still parse, as LaTeX
+    assert not verify_math("x = 1/3 + y**2 and __import__('os')", "7/9")
+    assert calls == []
+    # the recorder does catch math-verify's expression extraction (so the assertion above can fail)
+    math_verify.parse("1/3 + y**2", extraction_config=[math_verify.ExprExtractionConfig()], parsing_timeout=None)
+    assert calls
 
 
 def test_refused_answers_fail_even_against_themselves():
