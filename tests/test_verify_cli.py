@@ -100,11 +100,13 @@ def test_skip_counts_bad_rows(tmp_path, capsys):
         (["--workers", "0"], "--workers 0: must be >= 1"),
         (["--timeout-s", "0"], "--timeout-s 0.0: must be > 0"),
         (["--data", "/nonexistent/rows.jsonl"], "--data /nonexistent/rows.jsonl: no such file or directory"),
+        (["--out", "DATA"], "--out DATA: is the --data file; writing would destroy it"),
     ],
 )
 def test_bad_flags(tmp_path, capsys, flags, message):
     data = _write(tmp_path / "rows.jsonl", [GOOD])
-    assert main(["verify", "--data", data, *flags]) == 2
+    message = message.replace("DATA", data)
+    assert main(["verify", "--data", data, *[f.replace("DATA", data) for f in flags]]) == 2
     assert capsys.readouterr().err.strip() == f"tulu-jax: error: {message}"
 
 

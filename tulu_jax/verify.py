@@ -11,6 +11,7 @@ verifier sees exactly what the dataset holds. Each row of `--out` is the input r
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -149,6 +150,8 @@ def run(args, overrides) -> int:
     check_data_path(args.data, "--data")
     if args.out is not None:
         check_writable_output(args.out, "--out")
+        if os.path.exists(args.out) and os.path.samefile(args.out, args.data):
+            raise InputError(f"--out {args.out}: is the --data file; writing would destroy it")
     if args.workers is not None and args.workers < 1:
         raise InputError(f"--workers {args.workers}: must be >= 1")
     if not args.timeout_s > 0:
