@@ -110,11 +110,6 @@ def test_bad_flags(tmp_path, capsys, flags, message):
     assert capsys.readouterr().err.strip() == f"tulu-jax: error: {message}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="tulu_jax/data/__init__.py imports the Grain pipeline (and so JAX) eagerly; verify reads rows with "
-    "tulu_jax.data.sources. Passes once that package imports its pipelines lazily.",
-)
 def test_verify_command_imports_no_jax(tmp_path):
     data = _write(tmp_path / "rows.jsonl", [GOOD])
     code = (

@@ -1,49 +1,40 @@
-"""SFT and preference data: chat templates (tulu, model), validated readers, and the Grain pipelines."""
+"""SFT and preference data: chat templates (tulu, model), validated readers, and the Grain pipelines.
 
-from tulu_jax.data.chat import (
-    TULU_CHAT_TEMPLATE,
-    DataError,
-    check_chat_template,
-    encode_chat,
-    encode_chats,
-    render_chats,
-    render_tulu,
-    validate_messages,
-)
-from tulu_jax.data.pipeline import DataConfig, SFTPipeline, bundled_file, resolve_files
-from tulu_jax.data.preference import (
-    PreferenceDataConfig,
-    PreferencePipeline,
-    bundled_prefs_file,
-    encode_preference_files,
-    iter_preference_pairs,
-    parse_preference_row,
-    resolve_pref_files,
-)
-from tulu_jax.data.sources import iter_conversations
-from tulu_jax.data.tokenizer import load_tokenizer, pad_token_id
+Names are imported on first use, so tools that only read rows (`tulu-jax verify`, `eval`'s readers) do not
+pull in Grain and JAX through the pipelines."""
 
-__all__ = [
-    "TULU_CHAT_TEMPLATE",
-    "DataConfig",
-    "DataError",
-    "PreferenceDataConfig",
-    "PreferencePipeline",
-    "SFTPipeline",
-    "bundled_file",
-    "bundled_prefs_file",
-    "check_chat_template",
-    "encode_chat",
-    "encode_chats",
-    "encode_preference_files",
-    "iter_conversations",
-    "iter_preference_pairs",
-    "load_tokenizer",
-    "pad_token_id",
-    "parse_preference_row",
-    "render_chats",
-    "render_tulu",
-    "resolve_files",
-    "resolve_pref_files",
-    "validate_messages",
-]
+import importlib
+
+_HOME = {
+    "TULU_CHAT_TEMPLATE": "chat",
+    "DataError": "chat",
+    "check_chat_template": "chat",
+    "encode_chat": "chat",
+    "encode_chats": "chat",
+    "render_chats": "chat",
+    "render_tulu": "chat",
+    "validate_messages": "chat",
+    "DataConfig": "pipeline",
+    "SFTPipeline": "pipeline",
+    "bundled_file": "pipeline",
+    "resolve_files": "pipeline",
+    "PreferenceDataConfig": "preference",
+    "PreferencePipeline": "preference",
+    "bundled_prefs_file": "preference",
+    "encode_preference_files": "preference",
+    "iter_preference_pairs": "preference",
+    "parse_preference_row": "preference",
+    "resolve_pref_files": "preference",
+    "iter_conversations": "sources",
+    "load_tokenizer": "tokenizer",
+    "pad_token_id": "tokenizer",
+}
+__all__ = sorted(_HOME)
+
+
+def __getattr__(name: str):
+    if name not in _HOME:
+        raise AttributeError(f"module 'tulu_jax.data' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"tulu_jax.data.{_HOME[name]}"), name)
+    globals()[name] = value
+    return value
