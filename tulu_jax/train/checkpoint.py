@@ -16,7 +16,7 @@ import orbax.checkpoint as ocp
 
 
 def layout(tree) -> list[str]:
-    """"path shape dtype" of every array (or ShapeDtypeStruct) of `tree`: what a restore must match."""
+    """ "path shape dtype" of every array (or ShapeDtypeStruct) of `tree`: what a restore must match."""
     return [
         f"{jax.tree_util.keystr(path)} {tuple(x.shape)} {jax.numpy.dtype(x.dtype).name}"
         for path, x in jax.tree_util.tree_leaves_with_path(tree)
