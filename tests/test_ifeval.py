@@ -254,6 +254,8 @@ ADVERSARIAL = [
     "<<" * (_MB // 2),
     "*" * _MB,
     "{" * _MB,
+    "x" + " " * _MB + "x",
+    "x" + "\n" * _MB + "x",
     "Hello world. " * (_MB // 13),
     "".join(chr(c) for c in range(0x20, 0x3000)) * 80,
 ]

@@ -74,7 +74,7 @@ def _ten_percent(N: int) -> int:
     return max(round(N * 0.1), 1)
 
 
-def _count_bracket_pairs(text: str, opening: str, closing: str) -> int:
+def count_bracket_pairs(text: str, opening: str, closing: str) -> int:
     """Non-overlapping ``opening ... closing`` pairs on single lines (what ``re.findall(r"<o>(.*?)<c>")`` counts).
 
     A plain scan instead of the regex: the lazy regex rescans to the end of the line from every unmatched
@@ -165,7 +165,7 @@ def verify_postscript(text: str, *, postscript_marker: str) -> bool:
 
 def validate_placeholders(text: str, *, N: int) -> bool:
     """At least N ``[...]`` placeholders (on single lines)."""
-    return _count_bracket_pairs(text, "[", "]") >= N
+    return count_bracket_pairs(text, "[", "]") >= N
 
 
 def verify_bullet_points(text: str, *, N: int) -> bool:
@@ -175,7 +175,7 @@ def verify_bullet_points(text: str, *, N: int) -> bool:
 
 def validate_title(text: str) -> bool:
     """Some line holds a ``<<...>>`` title (possibly empty)."""
-    return _count_bracket_pairs(text, "<<", ">>") > 0
+    return count_bracket_pairs(text, "<<", ">>") > 0
 
 
 def validate_choice(text: str, *, options: list[str]) -> bool:

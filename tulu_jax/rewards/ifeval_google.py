@@ -7,15 +7,19 @@ the ``if-verifiable`` package (``if_verifiable.ifeval``, a packaging of Google's
 module drives the way Google's ``evaluation_lib.test_instruction_following_strict`` does: a whitespace-only
 response fails everything.
 
-Offline changes, by subclassing five checkers (``if_verifiable`` itself is left untouched):
+Changes, by subclassing ten checkers (``if_verifiable`` itself is left untouched):
 
 - ``length_constraints:number_sentences`` and ``change_case:capital_word_frequency`` need NLTK's trained English
-  Punkt sentence model, a data download (and a pickle newer NLTK refuses to load). They use an untrained
+  Punkt sentence model (NLTK's ``punkt_tab`` data), a download unavailable offline. They use an untrained
   ``PunktSentenceTokenizer`` given a list of common English abbreviations instead; counts can differ from the
   trained model on abbreviations not in that list.
 - ``language:response_language``, ``change_case:english_capital`` and ``change_case:english_lowercase`` use
   langdetect seeded (``DetectorFactory.seed = 0``, set by ``tulu_jax.rewards.ifeval``) so verdicts are
   reproducible, and keep Google's rule that text langdetect cannot classify passes, without logging the text.
+- ``detectable_content:number_placeholders``, ``detectable_format:title``, ``detectable_format:number_bullet_lists``
+  and ``detectable_content:postscript`` give Google's verdicts in linear time where its regexes take quadratic
+  time on adversarial answers (a line of many ``[`` or ``<<``, long runs of blank lines or spaces); and
+  ``detectable_format:json_format`` fails, instead of raising RecursionError, on JSON nested too deeply to parse.
 
 Every instruction is built from the row's kwargs only: a missing or invalid kwarg, for which the checker would
 draw a random value, raises ValueError instead.
@@ -31,7 +35,7 @@ from typing import Any
 from nltk.tokenize import NLTKWordTokenizer
 from nltk.tokenize.punkt import PunktParameters, PunktSentenceTokenizer
 
-from tulu_jax.rewards.ifeval import detect_language
+from tulu_jax.rewards.ifeval import count_bracket_pairs, detect_language
 
 # Lowercase, without the final period, as Punkt stores abbreviation types.
 _ABBREVIATIONS = (
@@ -66,6 +70,47 @@ def _relation_holds(count: int, relation: str, threshold: int) -> bool:
     return count < threshold if relation == "less than" else count >= threshold
 
 
+def _line_title(line: str) -> bool:
+    """Whether Google's title regex ``<<[^\\n]+>>`` finds a non-blank title in one line, in linear time.
+
+    The greedy regex matches at most once per line, from the first ``<<`` to the last ``>>`` with at least one
+    character between; the title counts when it is not blank once the brackets are stripped.
+    """
+    start, end = line.find("<<"), line.rfind(">>")
+    return start >= 0 and end >= start + 3 and bool(line[start : end + 2].lstrip("<").rstrip(">").strip())
+
+
+_WHITESPACE = re.compile(r"\s*")
+
+
+def count_bullets(value: str, marker: str) -> int:
+    """Matches of Google's bullet regex ``^\\s*\\*[^\\*].*$`` (``marker="*"``) or ``^\\s*-.*$`` (``"-"``), multiline.
+
+    Emulates ``re.findall`` in linear time: from a line start the regex skips all whitespace (newlines too), so
+    every line start inside one whitespace run reaches the same character and the regex, retrying each of them,
+    is quadratic on long runs of blank lines.
+    """
+    count, start, n = 0, 0, len(value)
+    while True:  # `start` is a line start
+        k = _WHITESPACE.match(value, start).end()
+        if marker == "*":
+            matched, rest = k + 1 < n and value[k] == "*" and value[k + 1] != "*", k + 2
+        else:
+            matched, rest = k < n and value[k] == "-", k + 1
+        if matched:
+            count += 1
+            end = value.find("\n", rest)  # `.*$` runs to the end of the line
+            if end < 0:
+                return count
+            # findall resumes at `end`, itself a line start when `[^*]` consumed a newline ("*\n\n").
+            start = end if value[end - 1] == "\n" else end + 1
+        else:
+            end = value.find("\n", k)  # all line starts up to k fail the same way
+            if end < 0:
+                return count
+            start = end + 1
+
+
 def _english_or_undetectable(text: str) -> bool:
     language = detect_language(text)
     return language is None or language == "en"
@@ -86,6 +131,37 @@ def _checker_classes() -> dict[str, type]:
             capitals = sum(1 for word in word_tokens(value) if word.isupper())
             return _relation_holds(capitals, self._comparison_relation, self._frequency)
 
+    class Placeholders(instructions.PlaceholderChecker):
+        def check_following(self, value: str) -> bool:
+            return count_bracket_pairs(value, "[", "]") >= self._num_placeholders
+
+    class Title(instructions.TitleChecker):
+        def check_following(self, value: str) -> bool:
+            return any(_line_title(line) for line in value.split("\n"))
+
+    class Bullets(instructions.BulletListChecker):
+        def check_following(self, value: str) -> bool:
+            return count_bullets(value, "*") + count_bullets(value, "-") == self._num_bullets
+
+    class Postscript(instructions.PostscriptChecker):
+        def check_following(self, value: str) -> bool:
+            # Google's patterns minus their leading `\s*` and trailing `.*$`, which cannot change whether one
+            # matches but make the search quadratic on long whitespace runs.
+            if self._postscript_marker == "P.P.S":
+                pattern = r"p\.\s?p\.\s?s"
+            elif self._postscript_marker == "P.S.":
+                pattern = r"p\.\s?s\."
+            else:
+                pattern = self._postscript_marker.lower()
+            return re.search(pattern, value.lower(), flags=re.MULTILINE) is not None
+
+    class Json(instructions.JsonFormat):
+        def check_following(self, value: str) -> bool:
+            try:
+                return super().check_following(value)
+            except RecursionError:  # nested deeper than Python's recursion limit: not JSON json.loads can read
+                return False
+
     class ResponseLanguage(instructions.ResponseLanguageChecker):
         def check_following(self, value: str) -> bool:
             language = detect_language(value)
@@ -103,6 +179,11 @@ def _checker_classes() -> dict[str, type]:
         **INSTRUCTION_DICT,
         "length_constraints:number_sentences": NumberOfSentences,
         "change_case:capital_word_frequency": CapitalWordFrequency,
+        "detectable_content:number_placeholders": Placeholders,
+        "detectable_format:json_format": Json,
+        "detectable_format:title": Title,
+        "detectable_format:number_bullet_lists": Bullets,
+        "detectable_content:postscript": Postscript,
         "language:response_language": ResponseLanguage,
         "change_case:english_capital": EnglishCapital,
         "change_case:english_lowercase": EnglishLowercase,
