@@ -11,6 +11,7 @@ import pytest
 from conftest import REPO
 
 from tulu_jax.rewards.ifeval import (
+    DIFFERENCES_TABLE,
     IF_FUNCTIONS,
     LEGACY_DIFFERENCES,
     detect_language,
@@ -238,9 +239,12 @@ def test_parse_if_semantics():
         verify_ifeval("x", gt("validate_title"), frozenset({"validate_title"}))
 
 
-def test_legacy_differences_are_one_line_descriptions():
+def test_legacy_differences_are_one_line_descriptions_and_table_rows():
     for name, text in LEGACY_DIFFERENCES.items():
         assert name in IF_FUNCTIONS and "2024" in text and "\n" not in text
+    rows = DIFFERENCES_TABLE.splitlines()[2:]
+    assert [row.split("|")[1].strip(" `") for row in rows] == list(LEGACY_DIFFERENCES)
+    assert all(row.count("|") == 4 for row in rows)  # no stray pipe breaks the markdown columns
 
 
 _MB = 1 << 20

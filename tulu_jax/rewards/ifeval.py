@@ -5,25 +5,13 @@ verifiable constraint. The constraint arrives as a JSON ground truth ``{"func_na
 ``null`` values are ignored) naming one of 25 checks; the reference implementation is open-instruct's
 ``open_instruct/if_functions.py`` called from ``open_instruct/ground_truth_utils.py``. This module reimplements the
 25 checks. By default it applies the fixes open-instruct made after the Tülu 3 release (its current code); the
-``legacy`` set selects, per function, the behaviour of the code the Tülu 3 models were trained with (2024):
+``legacy`` set selects, per function, the behaviour of the code the Tülu 3 models were trained with (2024).
+Five functions differ: placeholders (2024 passed
+everything), choice (2024 tested the reverse containment), sentence counting (2024 ignored ``!``), capital-word
+"around" (2024 meant exactly N) and sections (2024 split on the bare splitter and wanted exactly N pieces).
+``DIFFERENCES_TABLE`` (markdown) and ``LEGACY_DIFFERENCES`` spell them out.
 
-=================================  ============================================================================
-function                           2024 behaviour (``legacy``) vs ours (default)
-=================================  ============================================================================
-validate_placeholders              2024 returned a ``(bool, list)`` tuple, which is truthy, so every response
-                                   passed; ours passes when there are at least N ``[...]`` placeholders.
-validate_choice                    2024 passed when the whole response was a substring of some option
-                                   (``text in option``); ours passes when some option occurs in the response
-                                   (``option in text``).
-verify_sentence_constraint         2024 ended sentences only at ``.`` and ``?``; ours also at ``!``.
-validate_frequency_capital_words   2024 required exactly N all-capital words for "around"; ours allows
-                                   \\|count - N\\| <= max(round(0.1 N), 1), like the word-count "around".
-validate_sections                  2024 split on the bare splitter (case-sensitive), dropped a leading empty
-                                   piece and required exactly N pieces; ours counts numbered headers
-                                   (splitter + number, any case, e.g. "Section 2") and requires at least N.
-=================================  ============================================================================
-
-Every "around" rule compares the absolute difference \\|count - N\\| with its tolerance (symmetric). Language
+Every "around" rule compares the absolute difference abs(count - N) with its tolerance (symmetric). Language
 detection uses langdetect with ``DetectorFactory.seed = 0`` so verdicts are reproducible across calls and
 processes; text langdetect cannot classify (no letters) fails the language check (2024 raised instead).
 
@@ -318,18 +306,35 @@ _LEGACY_FUNCTIONS: dict[str, Callable[..., bool]] = {
     "validate_sections": _sections_2024,
 }
 
-LEGACY_DIFFERENCES: dict[str, str] = {
-    "validate_placeholders": "2024 always passed (it returned a truthy tuple); ours needs at least N [...] "
-    "placeholders.",
-    "validate_choice": "2024 passed when the response was a substring of an option; ours when an option occurs "
-    "in the response.",
-    "verify_sentence_constraint": "2024 ended sentences at '.' and '?' only; ours also at '!'.",
-    "validate_frequency_capital_words": "2024 'around' meant exactly N capital words; ours allows "
-    "|count - N| <= max(round(0.1 N), 1).",
-    "validate_sections": "2024 split on the bare splitter (case-sensitive) and needed exactly N pieces; ours "
-    "counts numbered headers ('Section 2', any case) and needs at least N.",
+# Function -> (its 2024 behaviour, ours).
+_DIFFERENCES: dict[str, tuple[str, str]] = {
+    "validate_placeholders": (
+        "returned a `(bool, list)` tuple, which is truthy: every response passed",
+        "at least N `[...]` placeholders",
+    ),
+    "validate_choice": (
+        "the whole response is a substring of some option (`text in option`)",
+        "some option occurs in the response (`option in text`)",
+    ),
+    "verify_sentence_constraint": ("sentences end at `.` and `?`", "sentences end at `.`, `?` and `!`"),
+    "validate_frequency_capital_words": (
+        '"around" means exactly N all-capital words',
+        '"around" means abs(count - N) <= max(round(0.1 N), 1), as for word counts',
+    ),
+    "validate_sections": (
+        "split on the bare splitter (case-sensitive), drop a leading empty piece, want exactly N pieces",
+        'at least N numbered headers: the splitter in any case followed by a number ("Section 2")',
+    ),
 }
+
+LEGACY_DIFFERENCES: dict[str, str] = {name: f"2024: {old}; ours: {new}." for name, (old, new) in _DIFFERENCES.items()}
 """Function name -> one line on how its 2024 behaviour differs from ours (for the README)."""
+
+DIFFERENCES_TABLE: str = "\n".join(
+    ["| function | 2024 (`legacy`) | ours (default) |", "|---|---|---|"]
+    + [f"| `{name}` | {old} | {new} |" for name, (old, new) in _DIFFERENCES.items()]
+)
+"""Markdown table of ``_DIFFERENCES`` for the README."""
 
 
 # --- ground-truth parsing and kwarg validation ---
