@@ -5,15 +5,16 @@ verifiable constraint. The constraint arrives as a JSON ground truth ``{"func_na
 ``null`` values are ignored) naming one of 25 checks; the reference implementation is open-instruct's
 ``open_instruct/if_functions.py`` called from ``open_instruct/ground_truth_utils.py``. This module reimplements the
 25 checks. By default it applies the fixes open-instruct made after the Tülu 3 release (its current code); the
-``legacy`` set selects, per function, the behaviour of the code the Tülu 3 models were trained with (2024).
-Five functions differ: placeholders (2024 passed
-everything), choice (2024 tested the reverse containment), sentence counting (2024 ignored ``!``), capital-word
-"around" (2024 meant exactly N) and sections (2024 split on the bare splitter and wanted exactly N pieces).
-``DIFFERENCES_TABLE`` (markdown) and ``LEGACY_DIFFERENCES`` spell them out.
+``legacy`` set selects, per function, the behaviour of the code the Tülu 3 models were trained with (2024). Five
+functions differ: placeholders (2024 passed everything), choice (2024 tested the reverse containment), sentence
+counting (2024 ignored ``!``), capital-word "around" (2024 meant exactly N) and sections (2024 split on the bare
+splitter and wanted exactly N pieces). ``DIFFERENCES_TABLE`` (markdown) and ``LEGACY_DIFFERENCES`` spell them out.
 
 Every "around" rule compares the absolute difference abs(count - N) with its tolerance (symmetric). Language
 detection uses langdetect with ``DetectorFactory.seed = 0`` so verdicts are reproducible across calls and
-processes; text langdetect cannot classify (no letters) fails the language check (2024 raised instead).
+processes; text langdetect cannot classify (no letters) fails the language check, and JSON nested too deeply for
+``json.loads`` fails the JSON check (2024 raised on both). Placeholders, titles and highlights are counted by linear
+scans giving the regexes' counts (the lazy regexes are quadratic on lines of many ``[`` or ``<<``).
 
 Errors: a malformed ground truth (not JSON, unknown ``func_name``, missing/unknown/mistyped kwargs) raises
 ``ValueError``; the model's answer never raises, whatever it contains.
