@@ -1,7 +1,7 @@
 """The Scorer pool: input order, a real library hang killed at the deadline, worker reuse, verifier
 exceptions and dead workers scored as errors, and a seeded fuzz of every verifier."""
 
-import importlib.util
+import json
 import random
 import time
 
@@ -154,15 +154,50 @@ def _mutate(rng: random.Random, text: str) -> str:
 
 
 # strings per verifier: MATH's symbolic checks cost ~100x GSM8K's, so it gets fewer to keep the test short
-FUZZ_COUNTS = {"gsm8k": 1500, "math": 700, "ifeval": 1500}
+FUZZ_COUNTS = {"gsm8k": 1500, "math": 700, "ifeval": 1500, "google_ifeval": 300}
+IF_BASES = [
+    ("Hello world.", '{"func_name": "validate_lowercase"}', 0),
+    ("HELLO", '{"func_name": "validate_uppercase"}', 1),
+    ("a, b", '{"func_name": "validate_no_commas"}', 0),
+    ("Paris. Have a nice day.", '{"func_name": "validate_end", "end_phrase": "Have a nice day."}', 1),
+    ("the river", '{"func_name": "verify_keywords", "keyword_list": ["river"]}', 1),
+    ("one two", '{"func_name": "validate_word_constraint", "N": 3, "quantifier": "at most"}', 1),
+    ("Bonjour tout le monde", '{"func_name": "validate_response_language", "language": "fr"}', 1),
+    ('{"a": [1, 2]}', '{"func_name": "validate_json_format"}', 1),
+    ("x [a] [b]", '{"func_name": "validate_placeholders", "N": 2}', 1),
+    ("* a\n* b", '{"func_name": "verify_bullet_points", "N": 2}', 1),
+]
+GOOGLE_BASES = [
+    (
+        "hello there, friend",
+        json.dumps(
+            {
+                "instruction_id_list": ["change_case:english_lowercase", "punctuation:no_comma"],
+                "kwargs": [{}, {}],
+                "prompt": "Say hello.",
+            }
+        ),
+        0,
+    ),
+    (
+        "One. Two. Three.",
+        json.dumps(
+            {
+                "instruction_id_list": ["length_constraints:number_sentences"],
+                "kwargs": [{"relation": "at least", "num_sentences": 2}],
+                "prompt": "Write.",
+            }
+        ),
+        1,
+    ),
+]
 
 
 def fuzz_items(seed: int, counts: dict[str, int]) -> list[VerifyItem]:
     """Mutated real answers and random strings (half each) for every verifier that can be imported."""
     rng = random.Random(seed)
     bases = {"gsm8k": GSM8K_VECTORS + GSM8K_ANSWERS, "math": MATH_VECTORS + MATH_ANSWERS}
-    if importlib.util.find_spec("tulu_jax.rewards.ifeval") is not None:  # written by another branch
-        bases["ifeval"] = [("Hello world.", '{"func_name": "validate_lowercase"}', 0)]
+    bases["ifeval"], bases["google_ifeval"] = IF_BASES, GOOGLE_BASES
     items = []
     for dataset, base in bases.items():
         for k in range(counts[dataset]):
@@ -171,7 +206,7 @@ def fuzz_items(seed: int, counts: dict[str, int]) -> list[VerifyItem]:
                 response = "".join(rng.choice(ALPHABET) for _ in range(rng.randint(0, 80)))
             else:
                 response = _mutate(rng, response)
-            if dataset != "ifeval" and rng.random() < 0.2:  # an IF ground truth that is not JSON is a data error
+            if dataset in ("gsm8k", "math") and rng.random() < 0.2:  # IF truths stay JSON: a bad one is a data error
                 truth = _mutate(rng, truth)
             items.append(VerifyItem(dataset, PROMPT + response, truth))
     return items
