@@ -192,6 +192,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.set_defaults(fn=_generate)
 
+    from tulu_jax.evaluation import cli as eval_cli
+
+    ev = sub.add_parser("eval", help="benchmark accuracy, scored by the RLVR verifiers", description=eval_cli.DESCRIPTION)
+    eval_cli.add_arguments(ev)
+    ev.set_defaults(fn=eval_cli.run)
+
     # `vllm` parses its own arguments (see main); listed here for --help.
     sub.add_parser("vllm", help="serve a model with vLLM for the rollout client (tulu-jax vllm --help)", add_help=False)
 
