@@ -2,6 +2,8 @@
 field, the bundled samples scored right by the RLVR verifiers when answered right, and the command end to
 end on a tiny random model (result files, summary, table, --limit, resume after a kill, one-line errors)."""
 
+import contextlib
+import io
 import json
 import re
 import shutil
@@ -15,6 +17,7 @@ from tulu_jax.data.chat import DataError
 from tulu_jax.evaluation import runner
 from tulu_jax.evaluation.prompts import GSM8K_EXEMPLARS, MATH_EXEMPLARS
 from tulu_jax.evaluation.tasks import BUILTIN, SAMPLE_NOTE, last_boxed, load_task
+from tulu_jax.generate import make_backend
 
 
 def _jsonl(path, rows):
@@ -33,6 +36,7 @@ GSM8K_ROWS = [
     {"question": "Ann has 2 apples and buys 3. How many?", "answer": "2 + 3 = <<2+3=5>>5\n#### 5"},
     {"question": "A town has 1,000 homes and builds 234. How many?", "answer": "1000 + 234 = 1234\n#### 1,234"},
     {"question": "It is 3 degrees and falls by 10. Temperature?", "answer": "3 - 10 = -7\n#### -7"},
+    {"question": "Half of 0.5?", "answer": "0.5 / 2 = 0.25\n#### 0.25"},
 ]
 MATH_ROWS = [
     {"problem": "Compute $1/2 + 1/4$.", "solution": "It is $\\boxed{\\frac{3}{4}}$.", "level": "Level 1"},
@@ -56,7 +60,7 @@ def test_gsm8k_reader(tmp_path, writer, name):
     path = writer(tmp_path / "gsm8k" / name, GSM8K_ROWS)
     task = load_task("gsm8k", str(tmp_path))
     assert task.source == str(path) and task.max_tokens == BUILTIN["gsm8k"].max_tokens
-    assert [i.ground_truth for i in task.items] == ["5", "1234", "-7"]  # after '####', commas removed
+    assert [i.ground_truth for i in task.items] == ["5", "1234", "-7", "0.25"]  # after '####', commas removed
     assert all(i.dataset == "gsm8k" for i in task.items)
     item = task.items[1]
     # 8 exemplars as user/assistant pairs, then the question as the last user turn
@@ -72,7 +76,7 @@ def test_gsm8k_prefers_jsonl_and_limit_takes_the_first_items(tmp_path):
     full = load_task("gsm8k", str(tmp_path))
     assert full.source.endswith("test.jsonl")
     two = load_task("gsm8k", str(tmp_path), limit=2)
-    assert two.items == full.items[:2]
+    assert two.items == full.items[:2] and len(full.items) == len(GSM8K_ROWS)
 
 
 @pytest.mark.parametrize("writer,name", [(_jsonl, "test.jsonl"), (_parquet, "test.parquet")])
@@ -125,8 +129,13 @@ def test_ifeval_reader_jsonl_and_parquet(tmp_path):
         ("math", "math/test.jsonl", MATH_ROWS[0], {"problem": "p", "solution": "no box"}, "solution"),
         ("math", "math/test.jsonl", MATH_ROWS[0], {"problem": 3, "solution": "\\boxed{1}"}, "problem"),
         ("ifeval", "ifeval/input_data.jsonl", IFEVAL_ROWS[0], {**IFEVAL_ROWS[0], "kwargs": [{}]}, "kwargs"),
-        ("ifeval", "ifeval/input_data.jsonl", IFEVAL_ROWS[0], {**IFEVAL_ROWS[0], "instruction_id_list": []},
-         "instruction_id_list"),
+        (
+            "ifeval",
+            "ifeval/input_data.jsonl",
+            IFEVAL_ROWS[0],
+            {**IFEVAL_ROWS[0], "instruction_id_list": []},
+            "instruction_id_list",
+        ),
     ],
 )
 def test_bad_rows_name_file_line_and_field(tmp_path, task, rel, good, bad, field):
@@ -174,3 +183,219 @@ def test_bundled_samples_are_marked_as_samples():
         task = load_task(name)
         assert len(task.items) == 20 and task.source.startswith(SAMPLE_NOTE)
         assert len({i.ground_truth for i in task.items}) > 1
+
+
+# ---------------------------------------------------------------- the command on a tiny random model
+
+ARITH_ROWS = [
+    {"messages": [{"role": "user", "content": f"What is {a} + {b}?"}], "ground_truth": str(a + b), "dataset": "gsm8k"}
+    for a, b in [(2, 3), (10, 7), (4, 4), (9, 1), (6, 8), (5, 0)]
+]
+
+
+@pytest.fixture(scope="module")
+def eval_model(tmp_path_factory):
+    """A random model smaller than the `tiny` preset (2048 positions, for the few-shot prompts) saved as a
+    Hugging Face folder with the tiny tokenizer."""
+    import jax
+
+    from tulu_jax.data import load_tokenizer
+    from tulu_jax.models import hf
+    from tulu_jax.models.config import preset
+    from tulu_jax.models.loading import build_model, init_params
+    from tulu_jax.sharding import make_mesh
+
+    cfg = preset("tiny", hidden_size=64, intermediate_size=128, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=32)
+    params = init_params(build_model(cfg), make_mesh(devices=jax.devices()[:1]), jax.random.key(0))
+    return hf.export_hf(params, cfg, str(tmp_path_factory.mktemp("eval_model") / "hf"), tokenizer=load_tokenizer(None))
+
+
+@pytest.fixture(scope="module")
+def task_files(tmp_path_factory):
+    """A --data-dir with gsm8k and ifeval files, and a file of RLVR rows."""
+    d = tmp_path_factory.mktemp("eval_tasks")
+    _jsonl(d / "data" / "ifeval" / "input_data.jsonl", IFEVAL_ROWS * 5)
+    _jsonl(d / "data" / "gsm8k" / "test.jsonl", GSM8K_ROWS)
+    return {"arith": _jsonl(d / "arith.jsonl", ARITH_ROWS), "data": d / "data"}
+
+
+def _eval_args(model, files, out, *extra):
+    return [
+        "eval", "--model", str(model), "--tasks", f"arith={files['arith']},ifeval,gsm8k",
+        "--data-dir", str(files["data"]), "--limit", "4", "--max-tokens", "6", "--batch-size", "2",
+        "--out", str(out), "--workers", "1", *extra,
+    ]  # fmt: skip
+
+
+def _rows(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+_BACKENDS: dict = {}
+
+
+def _shared_backend(backend, model, **kw):
+    """`make_backend`, one sampler per model for the module: its compiled functions are reused by every run."""
+    key = (backend, model, kw.get("dtype"), kw.get("mesh_shape"))
+    if key not in _BACKENDS:
+        _BACKENDS[key] = make_backend(backend, model, **kw)  # the real one, imported before any patching
+    return _BACKENDS[key]
+
+
+@pytest.fixture(autouse=True)
+def _reuse_sampler(monkeypatch):
+    monkeypatch.setattr("tulu_jax.generate.make_backend", _shared_backend)
+
+
+@pytest.fixture(scope="module")
+def full_run(eval_model, task_files, tmp_path_factory):
+    """An uninterrupted run into a fresh --out, and what it printed."""
+    out = tmp_path_factory.mktemp("eval_out") / "full"
+    buf = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(buf):
+        mp.setattr("tulu_jax.generate.make_backend", _shared_backend)
+        assert main(_eval_args(eval_model, task_files, out)) == 0
+    return out, buf.getvalue()
+
+
+def test_eval_writes_rows_summary_and_table(full_run, task_files):
+    out, printed = full_run
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["tasks"]) == {"arith", "ifeval", "gsm8k"}
+    for name, s in summary["tasks"].items():
+        rows = _rows(out / f"{name}.jsonl")
+        assert [r["index"] for r in rows] == [0, 1, 2, 3] and s["n"] == 4  # --limit 4
+        assert all(r["task"] == name and 1 <= r["response_tokens"] <= 6 for r in rows)
+        assert s["accuracy"] == pytest.approx(sum(r["score"] for r in rows) / 4)
+        assert s["mean_response_tokens"] == pytest.approx(sum(r["response_tokens"] for r in rows) / 4)
+        assert s["no_eos_share"] == pytest.approx(sum(r["finish_reason"] == "length" for r in rows) / 4)
+        assert all((r["finish_reason"] == "stop") or r["response_tokens"] == 6 for r in rows)
+        line = next(x for x in printed.splitlines() if x.startswith(name + " "))
+        assert line.split()[1:3] == [f"{s['accuracy']:.4f}", "4"] and line.endswith(s["source"])
+    arith = _rows(out / "arith.jsonl")
+    assert [r["prompt"] for r in arith] == [r["messages"] for r in ARITH_ROWS[:4]]
+    assert [r["ground_truth"] for r in arith] == ["5", "17", "8", "10"]
+    inst = summary["tasks"]["ifeval"]
+    rows = _rows(out / "ifeval.jsonl")
+    assert all(len(r["instructions"]) == 2 for r in rows)
+    assert inst["prompt_level_strict"] == pytest.approx(sum(all(r["instructions"]) for r in rows) / 4)
+    assert inst["instruction_level_strict"] == pytest.approx(sum(sum(r["instructions"]) for r in rows) / 8)
+    assert inst["accuracy"] == pytest.approx(inst["prompt_level_strict"])
+    assert summary["tasks"]["gsm8k"]["source"] == str(task_files["data"] / "gsm8k" / "test.jsonl")
+
+
+def _kill(path, keep_rows):
+    """What a kill mid-write leaves: `keep_rows` complete lines, then half of the next (no newline)."""
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(lines[:keep_rows]) + lines[keep_rows][: len(lines[keep_rows]) // 2])
+
+
+def test_killed_run_resumes_to_the_same_files(full_run, eval_model, task_files, tmp_path):
+    """A run killed inside its second task (the first task done, the second cut mid-batch with a torn line,
+    the third not started, no summary yet) and started again ends with the uninterrupted run's files."""
+    full, _ = full_run
+    out = tmp_path / "killed"
+    shutil.copytree(full, out)
+    (out / "gsm8k.jsonl").unlink()
+    (out / "summary.json").write_text(json.dumps({"model": "x", "tasks": {"arith": {}}}))  # written after task 1
+    _kill(out / "ifeval.jsonl", keep_rows=0)
+    assert main(_eval_args(eval_model, task_files, out)) == 0
+    for name in ("arith.jsonl", "ifeval.jsonl", "gsm8k.jsonl", "summary.json", "settings.json"):
+        assert (out / name).read_text() == (full / name).read_text(), name
+    # killed after row 1 of a 2-row batch: the batch is regenerated together, only row 2 appended
+    _kill(out / "arith.jsonl", keep_rows=1)
+    assert main(_eval_args(eval_model, task_files, out)) == 0
+    assert (out / "arith.jsonl").read_text() == (full / "arith.jsonl").read_text()
+
+
+def test_more_items_extend_a_finished_run(full_run, eval_model, task_files, tmp_path):
+    out = tmp_path / "more"
+    shutil.copytree(full_run[0], out)
+    args = _eval_args(eval_model, task_files, out)
+    args[args.index("--limit") + 1] = "6"  # two more items: one more batch of the compiled size
+    args[args.index("--tasks") + 1] = f"arith={task_files['arith']}"
+    assert main(args) == 0
+    rows = _rows(out / "arith.jsonl")
+    assert rows[:4] == _rows(full_run[0] / "arith.jsonl") and [r["index"] for r in rows[4:]] == [4, 5]
+    assert json.loads((out / "summary.json").read_text())["tasks"]["arith"]["n"] == 6
+
+
+def test_resume_refuses_other_settings_or_data(full_run, eval_model, task_files, tmp_path, capsys):
+    out = tmp_path / "other"
+    shutil.copytree(full_run[0], out)
+    args = _eval_args(eval_model, task_files, out)
+    args[args.index("--max-tokens") + 1] = "7"
+    assert main(args) == 2
+    assert re.fullmatch(r"tulu-jax: error: .*settings.json: task \w+ was run with max_tokens=6.*\n",
+                        capsys.readouterr().err)  # fmt: skip
+    other = _jsonl(tmp_path / "other.jsonl", ARITH_ROWS[::-1])
+    args = _eval_args(eval_model, {**task_files, "arith": other}, out)
+    assert main(args) == 2
+    assert "arith.jsonl line 1: not the row of task arith item 0" in capsys.readouterr().err
+
+
+def test_score_responses_rewards_right_answers():
+    """The scoring path of the runner, on the bundled samples answered right and wrong: a check that fails
+    if the ground truths or the verifier wiring are wrong (a random model scores ~0 either way)."""
+    from tulu_jax.rewards.scorer import Scorer
+
+    gsm8k, math = load_task("gsm8k").items, load_task("math").items
+    right = [f"Some work. So the answer is {i.ground_truth}." for i in gsm8k]
+    right += [f"Final Answer: The final answer is ${i.ground_truth}$. I hope it is correct." for i in math]
+    wrong = [f"So the answer is {int(i.ground_truth) + 1}." for i in gsm8k]
+    wrong += ["Final Answer: The final answer is $-99$. I hope it is correct." for _ in math]
+    with Scorer(workers=1) as scorer:
+        assert [v.score for v in runner.score_responses([*gsm8k, *math], right, scorer)] == [1.0] * 40
+        assert [v.score for v in runner.score_responses([*gsm8k, *math], wrong, scorer)] == [0.0] * 40
+
+
+def test_score_responses_ifeval_instructions():
+    from tulu_jax.rewards.scorer import Scorer
+
+    (item,) = load_task("ifeval", limit=1).items  # no commas
+    task = load_task("ifeval")
+    both = next(i for i in task.items if "keywords:frequency" in i.ground_truth)  # food x3 and no commas
+    responses = ["Dear neighbors join us on Sunday for cake.", "Dear neighbors, join us."]
+    with Scorer(workers=1) as scorer:
+        ok, bad = runner.score_responses([item, item], responses, scorer)
+        food_ok, food_half = runner.score_responses(
+            [both, both], ["Good food. More food. Best food.", "Good food, more food, best food."], scorer
+        )
+    assert (ok.score, ok.details) == (1.0, (True,)) and (bad.score, bad.details) == (0.0, (False,))
+    assert food_ok.details == (True, True) and food_half.details == (True, False) and food_half.score == 0.0
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--limit", "0"], "--limit 0: must be >= 1"),
+        (["--batch-size", "0"], "--batch-size 0: must be >= 1"),
+        (["--timeout-s", "0"], "--timeout-s 0.0: must be > 0"),
+        (["--tasks", "nope"], "--tasks: unknown task 'nope'"),
+        (["--tasks", "gsm8k,gsm8k"], "a task is named twice"),
+        (["--tasks", "a b=x.jsonl"], "--tasks: task name 'a b'"),
+        (["--tasks", "mine=/no/such.jsonl"], "task mine: no such file /no/such.jsonl"),
+        (["--data-dir", "/no/such/dir"], "--data-dir /no/such/dir: no such directory"),
+        (["--backend", "vllm"], "--backend vllm needs --servers"),
+        (["--mesh", "3,1"], "--mesh 3,1: expected three comma-separated integers"),
+        (["x=1"], "eval takes no key=value overrides"),
+    ],
+)
+def test_bad_flags_exit_2_with_one_line(eval_model, tmp_path, capsys, extra, message):
+    args = ["eval", "--model", str(eval_model), "--tasks", "gsm8k", "--out", str(tmp_path / "o")]
+    assert main(args + extra) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tulu-jax: error: ") and err.count("\n") == 1 and message in err
+
+
+def test_bad_paths_exit_2_with_one_line(eval_model, tmp_path, capsys):
+    afile = tmp_path / "f"
+    afile.write_text("x")
+    for argv, message in [
+        (["--model", str(tmp_path / "none"), "--tasks", "gsm8k"], "no such directory"),
+        (["--model", str(eval_model), "--tasks", "gsm8k", "--out", str(afile)], f"--out {afile}: is a file"),
+        (["--model", str(eval_model), "--tasks", "gsm8k", "--data-dir", str(tmp_path)], "no gsm8k/test.jsonl"),
+    ]:
+        assert main(["eval", *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("tulu-jax: error: ") and err.count("\n") == 1 and message in err

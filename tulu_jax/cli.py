@@ -194,7 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     from tulu_jax.evaluation import cli as eval_cli
 
-    ev = sub.add_parser("eval", help="benchmark accuracy, scored by the RLVR verifiers", description=eval_cli.DESCRIPTION)
+    ev = sub.add_parser(
+        "eval", help="benchmark accuracy, scored by the RLVR verifiers", description=eval_cli.DESCRIPTION
+    )
     eval_cli.add_arguments(ev)
     ev.set_defaults(fn=eval_cli.run)
 

@@ -51,8 +51,7 @@ GSM8K_EXEMPLARS: tuple[tuple[str, str, str], ...] = (
         "18",
     ),
     (
-        "Lena saves $25 every week. After 6 weeks she spends $70 on a jacket. How many dollars does she have "
-        "left?",
+        "Lena saves $25 every week. After 6 weeks she spends $70 on a jacket. How many dollars does she have left?",
         "After 6 weeks Lena has saved 25 * 6 = 150 dollars. After the jacket she has 150 - 70 = 80 dollars.",
         "80",
     ),

@@ -211,8 +211,7 @@ def check_settings(out_dir: str, settings: RunSettings, max_tokens: dict[str, in
             before = old.get("max_tokens", {}).get(task)
             if before is not None and before != budget:
                 raise DataError(
-                    f"{path}: task {task} was run with max_tokens={before}, this run has {budget}; "
-                    "use another --out",
+                    f"{path}: task {task} was run with max_tokens={before}, this run has {budget}; use another --out",
                     "bad_output",
                 )
     merged = {**old.get("max_tokens", {}), **max_tokens}

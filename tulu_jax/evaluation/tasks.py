@@ -139,8 +139,9 @@ def ifeval_item(row: Any, where: str, index: int) -> EvalItem:
         _fail(where, "instruction_id_list", f"expected a non-empty list of instruction ids, got {ids!r:.60}")
     if not isinstance(kwargs, list) or len(kwargs) != len(ids) or not all(isinstance(k, Mapping) for k in kwargs):
         _fail(where, "kwargs", f"expected a list of {len(ids)} objects (one per instruction), got {kwargs!r:.60}")
-    return EvalItem(index, [{"role": "user", "content": prompt}], ifeval_ground_truth(prompt, ids, kwargs),
-                    "google_ifeval", where)
+    return EvalItem(
+        index, [{"role": "user", "content": prompt}], ifeval_ground_truth(prompt, ids, kwargs), "google_ifeval", where
+    )
 
 
 def rlvr_item(row: Any, where: str, index: int) -> EvalItem:
@@ -220,7 +221,7 @@ def read_items(path: str, reader: Reader, limit: int | None = None) -> list[Eval
 
 
 def parse_task_spec(spec: str) -> tuple[str, str | None]:
-    """"NAME" (a built-in task) or "NAME=PATH" (a file of RLVR rows) -> (name, path or None). ValueError
+    """ "NAME" (a built-in task) or "NAME=PATH" (a file of RLVR rows) -> (name, path or None). ValueError
     for an unknown built-in name or a name that cannot be a file name."""
     name, sep, path = spec.partition("=")
     name = name.strip()
