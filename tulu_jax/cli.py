@@ -118,6 +118,12 @@ def _generate(args, overrides):
     return 0
 
 
+def _verify(args, overrides):
+    from tulu_jax.verify import run
+
+    return run(args, overrides)
+
+
 def _get_smollm2(args, overrides):
     from tulu_jax.models.smollm2 import ensure_smollm2
 
@@ -126,8 +132,8 @@ def _get_smollm2(args, overrides):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The `tulu-jax` parser: trainer subcommands from TRAINERS, score, generate, vllm (help only) and
-    get-smollm2; each subcommand sets `fn(args, overrides) -> exit code`."""
+    """The `tulu-jax` parser: trainer subcommands from TRAINERS, score, generate, verify, vllm (help only)
+    and get-smollm2; each subcommand sets `fn(args, overrides) -> exit code`."""
     parser = argparse.ArgumentParser(prog="tulu-jax", description="Tülu 3 post-training in JAX")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -199,6 +205,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     eval_cli.add_arguments(ev)
     ev.set_defaults(fn=eval_cli.run)
+
+    ver = sub.add_parser(
+        "verify",
+        help="score responses with the RLVR verifiers (gsm8k, math, ifeval) and print accuracy per verifier",
+        description="Rows {response, ground_truth, dataset} as in Tülu's RLVR data; each response gets a hard "
+        "deadline in a pool of worker processes.",
+    )
+    from tulu_jax.verify import add_arguments as add_verify_arguments
+
+    add_verify_arguments(ver)
+    ver.set_defaults(fn=_verify)
 
     # `vllm` parses its own arguments (see main); listed here for --help.
     sub.add_parser("vllm", help="serve a model with vLLM for the rollout client (tulu-jax vllm --help)", add_help=False)
