@@ -16,7 +16,7 @@ from tulu_jax.cli import main
 from tulu_jax.data.chat import DataError
 from tulu_jax.evaluation import runner
 from tulu_jax.evaluation.prompts import GSM8K_EXEMPLARS, MATH_EXEMPLARS
-from tulu_jax.evaluation.tasks import BUILTIN, SAMPLE_NOTE, last_boxed, load_task
+from tulu_jax.evaluation.tasks import BUILTIN, SAMPLE_NOTE, EvalTask, load_task
 from tulu_jax.generate import make_backend
 
 
@@ -88,23 +88,6 @@ def test_math_reader(tmp_path, writer, name):
     assert len(item.messages) == 2 * len(MATH_EXEMPLARS) + 1 and item.dataset == "math"
     assert item.messages[1]["content"].endswith("I hope it is correct.")
     assert item.messages[-1]["content"] == f"Problem:\n{MATH_ROWS[0]['problem']}"
-
-
-@pytest.mark.parametrize(
-    "text,want",
-    [
-        ("so $\\boxed{5}$", "5"),
-        ("$\\boxed{\\frac{1}{2}}$ and then $\\boxed{\\sqrt{x^{2}}}$", "\\sqrt{x^{2}}"),
-        ("$\\fbox{12}$", "12"),
-        ("the answer is $\\boxed 7$.", "7"),
-        ("\\boxed {x+1}", "x+1"),
-        ("no box", None),
-        ("$\\boxed{\\frac{1}{2}$", None),  # unclosed
-        ("\\boxedx", None),  # another command
-    ],
-)
-def test_last_boxed(text, want):
-    assert last_boxed(text) == want
 
 
 def test_ifeval_reader_jsonl_and_parquet(tmp_path):
@@ -266,6 +249,7 @@ def test_eval_writes_rows_summary_and_table(full_run, task_files):
         rows = _rows(out / f"{name}.jsonl")
         assert [r["index"] for r in rows] == [0, 1, 2, 3] and s["n"] == 4  # --limit 4
         assert all(r["task"] == name and 1 <= r["response_tokens"] <= 6 for r in rows)
+        assert all(r["status"] == "ok" for r in rows) and s["verifier_errors"] == s["verifier_timeouts"] == 0
         assert s["accuracy"] == pytest.approx(sum(r["score"] for r in rows) / 4)
         assert s["mean_response_tokens"] == pytest.approx(sum(r["response_tokens"] for r in rows) / 4)
         assert s["no_eos_share"] == pytest.approx(sum(r["finish_reason"] == "length" for r in rows) / 4)
@@ -282,6 +266,26 @@ def test_eval_writes_rows_summary_and_table(full_run, task_files):
     assert inst["instruction_level_strict"] == pytest.approx(sum(sum(r["instructions"]) for r in rows) / 8)
     assert inst["accuracy"] == pytest.approx(inst["prompt_level_strict"])
     assert summary["tasks"]["gsm8k"]["source"] == str(task_files["data"] / "gsm8k" / "test.jsonl")
+
+
+def test_summarize_hand_computed():
+    """Three IFEval rows: all followed; one of two followed; verifier error (2 instructions, counted failed)."""
+    gt = json.dumps({"instruction_id_list": ["a", "b"], "kwargs": [{}, {}], "prompt": "p"})
+    rows = [
+        {"score": 1.0, "response_tokens": 3, "finish_reason": "stop", "status": "ok", "instructions": [True, True]},
+        {"score": 0.0, "response_tokens": 5, "finish_reason": "length", "status": "ok", "instructions": [True, False]},
+        {"score": 0.0, "response_tokens": 10, "finish_reason": "stop", "status": "error", "instructions": None},
+    ]
+    rows = [{**r, "ground_truth": gt} for r in rows]
+    task = EvalTask("t", (), "src", 8)
+    s = runner.summarize(task, rows, max_tokens=8)
+    assert s["accuracy"] == pytest.approx(1 / 3) and s["prompt_level_strict"] == pytest.approx(1 / 3)
+    assert s["instruction_level_strict"] == pytest.approx(3 / 6)
+    assert s["mean_response_tokens"] == pytest.approx(6.0) and s["no_eos_share"] == pytest.approx(1 / 3)
+    assert (s["n"], s["verifier_errors"], s["verifier_timeouts"], s["source"]) == (3, 1, 0, "src")
+    table = runner.format_table({"t": s}).splitlines()
+    assert table[1].split()[:5] == ["t", "0.3333", "3", "6.0", "0.333"]
+    assert table[2] == "note: t: 0 verifier timeouts and 1 errors, scored 0 (see the rows' status)"
 
 
 def _kill(path, keep_rows):

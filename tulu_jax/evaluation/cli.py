@@ -8,6 +8,8 @@ import os
 from tulu_jax.config import DTYPE_NAMES
 from tulu_jax.inputs import InputError, check_model_dir, check_writable_output, load_chat_tokenizer, parse_mesh
 
+MAX_WORKERS = 8  # default cap: every verifier process imports its own sympy and math-verify
+
 DESCRIPTION = (
     "Greedy responses to benchmark prompts, scored by the RLVR verifiers (the reward the same response earns "
     "in training). Tasks: gsm8k (8-shot CoT), math (4-shot Minerva), ifeval (zero-shot, strict), tiny_arith, "
@@ -42,7 +44,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="generation budget per response (default: 512 for benchmarks and files, 128 for the tiny tasks)",
     )
     p.add_argument("--batch-size", type=int, default=64, help="prompts per backend call (and per output flush)")
-    p.add_argument("--workers", type=int, default=None, help="verifier processes (default: the scorer's)")
+    p.add_argument(
+        "--workers", type=int, default=None, help=f"verifier processes (default: CPU cores, at most {MAX_WORKERS})"
+    )
     p.add_argument("--timeout-s", type=float, default=10.0, help="seconds a verifier may take per response")
     p.add_argument("--dtype", default="float32", choices=DTYPE_NAMES, help="compute dtype of the local sampler")
     p.add_argument(
@@ -144,7 +148,8 @@ def run(args, overrides) -> int:
         args.backend, args.model, servers=args.servers, dtype=args.dtype, mesh_shape=mesh_shape, tokenizer=tokenizer
     )
     summaries = {}
-    with Scorer(workers=args.workers, timeout_s=args.timeout_s) as scorer:
+    workers = args.workers or min(os.cpu_count() or 1, MAX_WORKERS)
+    with Scorer(workers=workers, timeout_s=args.timeout_s) as scorer:
         for task in tasks:
             out_path = None if args.out is None else os.path.join(args.out, f"{task.name}.jsonl")
             rows = runner.evaluate_task(

@@ -149,7 +149,8 @@ def evaluate_task(
 
 def summarize(task: EvalTask, rows: Sequence[dict], max_tokens: int) -> dict[str, Any]:
     """Task metrics from its result rows: accuracy (mean score), n, mean_response_tokens, no_eos_share
-    (share of finish_reason "length"), source, max_tokens; rows with `instructions` (IFEval) add
+    (share of finish_reason "length"), source, max_tokens, verifier_timeouts and verifier_errors (responses
+    scored 0 because the verifier ran out of time or failed); rows with `instructions` (IFEval) add
     prompt_level_strict (share of prompts with every instruction followed) and instruction_level_strict
     (share of all instructions followed; a row the verifier could not check counts all its instructions as
     failed)."""
@@ -163,6 +164,9 @@ def summarize(task: EvalTask, rows: Sequence[dict], max_tokens: int) -> dict[str
         "no_eos_share": sum(r["finish_reason"] == "length" for r in rows) / n,
         "source": task.source,
         "max_tokens": max_tokens,
+        # responses the verifier could not judge (scored 0): a non-zero count means the score is a lower bound
+        "verifier_timeouts": sum(r["status"] == "timeout" for r in rows),
+        "verifier_errors": sum(r["status"] == "error" for r in rows),
     }
     if any("instructions" in r for r in rows):
         followed = total = prompts = 0
@@ -244,12 +248,18 @@ def write_summary(out_dir: str, model: str, summaries: dict[str, dict]) -> dict:
 
 
 def format_table(summaries: dict[str, dict]) -> str:
-    """One line per task: accuracy, n, mean response tokens, share without EOS, source."""
+    """One line per task: accuracy, n, mean response tokens, share without EOS, source; then one note per
+    task whose verifier timed out or failed on some responses."""
     head = f"{'task':<12} {'accuracy':>8} {'n':>6} {'mean_tokens':>11} {'no_eos':>6}  source"
-    lines = [head]
+    lines, notes = [head], []
     for name, s in summaries.items():
         lines.append(
             f"{name:<12} {s['accuracy']:>8.4f} {s['n']:>6d} {s['mean_response_tokens']:>11.1f} "
             f"{s['no_eos_share']:>6.3f}  {s['source']}"
         )
-    return "\n".join(lines)
+        if s["verifier_timeouts"] or s["verifier_errors"]:
+            notes.append(
+                f"note: {name}: {s['verifier_timeouts']} verifier timeouts and {s['verifier_errors']} errors, "
+                "scored 0 (see the rows' status)"
+            )
+    return "\n".join(lines + notes)

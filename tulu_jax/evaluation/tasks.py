@@ -8,8 +8,8 @@ this package and NOT benchmark items, so their scores say nothing about a model'
           answer ending "#### N" (GSM8K's own format). Ground truth: N, commas removed. 8-shot CoT prompt.
           Verifier dataset "gsm8k".
   math    DIR/math/test.jsonl or DIR/math/test.parquet: rows {"problem": str, "solution": str} (Hendrycks'
-          MATH; other fields ignored). Ground truth: the content of the solution's last \\boxed{} (or
-          \\fbox{}). 4-shot Minerva prompt. Verifier dataset "math".
+          MATH; other fields ignored). Ground truth: the content of the solution's last \\boxed{}.
+          4-shot Minerva prompt. Verifier dataset "math".
   ifeval  DIR/ifeval/input_data.jsonl or DIR/ifeval/input_data.parquet: rows {"key": int, "prompt": str,
           "instruction_id_list": [str], "kwargs": [object]} (Google's IFEval release). Zero-shot: the prompt
           is the user turn. Verifier dataset "google_ifeval" (every instruction, strict).
@@ -34,6 +34,9 @@ from typing import Any
 from tulu_jax.data.chat import DataError
 from tulu_jax.data.sources import iter_raw_rows
 from tulu_jax.evaluation.prompts import gsm8k_messages, math_messages
+from tulu_jax.rewards.gsm8k import gsm8k_ground_truth
+from tulu_jax.rewards.math_answer import last_boxed_content
+from tulu_jax.rewards.registry import UnknownDataset, canonical_dataset
 
 SAMPLE_NOTE = "bundled sample, hand-written, not benchmark items"
 DEFAULT_MAX_TOKENS = 512  # benchmark tasks and user files
@@ -82,43 +85,25 @@ _NUMBER = re.compile(r"-?\d+(\.\d+)?")
 
 
 def gsm8k_item(row: Any, where: str, index: int) -> EvalItem:
-    """A GSM8K row {"question", "answer": "... #### N"} -> its 8-shot item; ground truth N without commas."""
+    """A GSM8K row {"question", "answer": "... #### N"} -> its 8-shot item; ground truth N without thousands
+    commas (the reward's `gsm8k_ground_truth`)."""
     question, answer = _text(row, where, "question"), _text(row, where, "answer")
     if "####" not in answer:
         _fail(where, "answer", "no '#### N' final answer")
-    truth = answer.rsplit("####", 1)[1].strip().replace(",", "")
+    truth = gsm8k_ground_truth(answer)
     if not _NUMBER.fullmatch(truth):
         _fail(where, "answer", f"the text after '####' is not a number: {truth!r:.40}")
     return EvalItem(index, gsm8k_messages(question), truth, "gsm8k", where)
 
 
-def last_boxed(text: str) -> str | None:
-    """The content of the last `\\boxed{...}` or `\\fbox{...}` of `text` (braces matched, so nested groups
-    such as `\\frac{1}{2}` stay whole), or of `\\boxed X` up to the next `$`; None if there is none or its
-    braces do not close. The answer convention of Hendrycks et al.'s MATH solutions."""
-    matches = list(re.finditer(r"\\(boxed|fbox)(\s*)", text))
-    if not matches:
-        return None
-    m = matches[-1]
-    pos = m.end()
-    if pos == len(text) or text[pos] != "{":
-        if m.group(1) == "fbox" or not m.group(2):  # "\boxedx" is another command, not an answer
-            return None
-        return text[pos:].split("$", 1)[0].strip() or None
-    depth = 0
-    for i in range(pos, len(text)):
-        depth += {"{": 1, "}": -1}.get(text[i], 0)
-        if depth == 0:
-            return text[pos + 1 : i].strip() or None
-    return None
-
-
 def math_item(row: Any, where: str, index: int) -> EvalItem:
-    """A MATH row {"problem", "solution"} -> its 4-shot Minerva item; ground truth = last boxed answer."""
+    """A MATH row {"problem", "solution"} -> its 4-shot Minerva item; ground truth = the content of the last
+    `\\boxed{}` (the reward's `last_boxed_content`, the extraction it applies to responses)."""
     problem, solution = _text(row, where, "problem"), _text(row, where, "solution")
-    truth = last_boxed(solution)
-    if truth is None:
+    truth = last_boxed_content(solution)
+    if truth is None or not truth.strip():
         _fail(where, "solution", "no \\boxed{...} answer (or its braces do not close)")
+    truth = truth.strip()
     return EvalItem(index, math_messages(problem), truth, "math", where)
 
 
@@ -152,15 +137,11 @@ def rlvr_item(row: Any, where: str, index: int) -> EvalItem:
         _fail(where, "messages", "missing")
     messages = prompt_messages(row, where)
     truth = _text(row, where, "ground_truth")
-    dataset = _text(row, where, "dataset").lower()
-    if dataset not in verifier_datasets():
-        _fail(where, "dataset", f"no verifier for {dataset!r} (known: {', '.join(sorted(verifier_datasets()))})")
+    try:
+        dataset = canonical_dataset(_text(row, where, "dataset"))
+    except UnknownDataset as e:
+        _fail(where, "dataset", str(e))
     return EvalItem(index, messages, truth, dataset, where)
-
-
-def verifier_datasets() -> frozenset[str]:
-    """Dataset names the reward scorer has a verifier for."""
-    return frozenset({"gsm8k", "math", "ifeval", "google_ifeval"})
 
 
 Reader = Callable[[Any, str, int], EvalItem]
