@@ -10,14 +10,19 @@ prompt (one of them changes the answer to capitals) and ~15% are multi-turn foll
 import argparse
 import json
 import random
+import sys
 from pathlib import Path
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from tulu_jax.data.chat import TULU_CHAT_TEMPLATE, render_tulu
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import make_tiny_tasks as tiny_tasks  # noqa: E402
+
 SEED = 1234
 N_TRAIN, N_EVAL = 3000, 200
+N_TASK_DEMOS = 3000  # solved tiny_arith / tiny_if train prompts (scripts/make_tiny_tasks.py)
 VOCAB_SIZE = 1024
 EOS, PAD = "<|end_of_text|>", "<pad>"
 # Llama-3's pre-tokenizer split (digits in groups of at most 3), so the tiny model sees the same kind of text.
@@ -200,7 +205,12 @@ def main() -> None:
     rng = random.Random(SEED)
     train = [conversation(rng) for _ in range(N_TRAIN)]
     evals = [conversation(rng) for _ in range(N_EVAL)]
-    write_jsonl(args.out / "tiny_chat" / "train.jsonl", train)
+    # Solved train-split prompts of the verifiable tasks, shuffled in; the tokenizer is trained on the chat
+    # part only (so adding task families leaves it unchanged).
+    demos = tiny_tasks.sft_demonstrations(random.Random(tiny_tasks.SEED + 1), N_TASK_DEMOS)
+    mixed = train + demos
+    random.Random(SEED + 1).shuffle(mixed)
+    write_jsonl(args.out / "tiny_chat" / "train.jsonl", mixed)
     write_jsonl(args.out / "tiny_chat" / "eval.jsonl", evals)
     train_tokenizer([render_tulu(m, EOS) for m in train], args.out / "tiny_tokenizer")
     print(f"wrote {len(train)} train / {len(evals)} eval rows and a {VOCAB_SIZE}-token tokenizer to {args.out}")

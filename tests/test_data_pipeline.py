@@ -305,4 +305,5 @@ def test_config_fields_and_defaults(tiny_tokenizer):
     with pytest.raises(ValueError, match="use_bundled"):
         DataConfig(use_bundled=True, train_files=["a.jsonl"])
     default = SFTPipeline(DataConfig(use_bundled=True), tiny_tokenizer, batch_size=8, seed=0, num_epochs=1)
-    assert default.stats["rows_read"] == 3000 and default.stats["rows_skipped"] == {}
+    bundled_rows = len(Path(bundled_file("train")).read_text().splitlines())
+    assert default.stats["rows_read"] == bundled_rows and default.stats["rows_skipped"] == {}

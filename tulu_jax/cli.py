@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from tulu_jax.config import DTYPE_NAMES
+from tulu_jax.config import CHAT_TEMPLATES, DTYPE_NAMES
 from tulu_jax.inputs import (
     InputError,
     check_model_dir,
@@ -71,6 +71,7 @@ def _score(args, overrides):
 def _generate(args, overrides):
     if overrides:
         raise InputError(f"generate takes no key=value overrides, got {overrides}")
+    from tulu_jax.data.chat import check_chat_template
     from tulu_jax.generate import generate_file, make_backend
     from tulu_jax.rollout.types import SamplingParams
 
@@ -84,6 +85,7 @@ def _generate(args, overrides):
     check_readable_file(args.prompts, "--prompts")
     check_writable_output(args.out, "--out")
     tokenizer = load_chat_tokenizer(args.model, "--model")
+    check_chat_template(tokenizer, args.chat_template, "--chat-template")
     mesh_shape = parse_mesh(args.mesh)
     try:
         stop_ids = tuple(int(t) for t in args.stop_token_ids.split(",") if t.strip())
@@ -113,6 +115,7 @@ def _generate(args, overrides):
         chunk_size=args.chunk_size,
         on_bad_row=args.on_bad_row,
         overwrite=args.overwrite,
+        chat_template=args.chat_template,
     )
     print(json.dumps(summary))
     return 0
@@ -188,6 +191,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--stop-token-ids", default="", help="comma-separated ids that end a sample (EOS always does)")
     gen.add_argument("--chunk-size", type=int, default=64, help="prompts per backend call (and per output flush)")
     gen.add_argument("--on-bad-row", choices=("error", "skip"), default="error")
+    gen.add_argument(
+        "--chat-template",
+        choices=CHAT_TEMPLATES,
+        default="tulu",
+        help="tulu: the Tülu 3 format; model: the template stored with --model's tokenizer (a stock instruct model)",
+    )
     gen.add_argument("--overwrite", action="store_true", help="start over instead of resuming into --out")
     gen.add_argument("--dtype", default="float32", choices=DTYPE_NAMES, help="compute dtype of the local sampler")
     gen.add_argument(

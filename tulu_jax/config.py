@@ -14,7 +14,7 @@ from typing import ClassVar, Literal
 
 ON_BAD_ROW = ("error", "skip")
 DTYPE_NAMES = ("float32", "bfloat16", "float16")  # parameter and export dtypes; compute also takes "auto"
-CHAT_TEMPLATES = ("tulu",)
+CHAT_TEMPLATES = ("tulu", "model")
 LABEL_MODES = ("all", "final")
 
 
@@ -143,7 +143,14 @@ class DataFilesConfig:
         metadata={"help": "'error': stop at the first invalid row; 'skip': skip it and count it in stats"},
     )
     shuffle: bool = field(default=True, metadata={"help": "shuffle examples (seeded, reshuffled each epoch)"})
-    chat_template: str = field(default="tulu", metadata={"help": "chat template name (only 'tulu')"})
+    chat_template: str = field(
+        default="tulu",
+        metadata={
+            "help": "'tulu': the Tülu 3 format (default); 'model': the template stored with "
+            "the tokenizer (chat_template.jinja or tokenizer_config.json), trained spans = each reply plus its "
+            "end-of-turn token(s)"
+        },
+    )
     num_workers: int = field(
         default=0, metadata={"help": "Grain read threads and prefetch; 0 = read in the calling thread"}
     )

@@ -1,11 +1,13 @@
 """`tulu-jax generate`: completions for a JSONL file of prompts, through any rollout backend.
 
-Each input row has `messages` (a chat whose last turn is not the assistant's; the Tülu template of
-open-instruct's `dataset_processor.py` is applied with the assistant header appended) or `prompt` (a
-string, taken as one user turn). Each output row is the input row plus `prompt_token_ids` and
-`completions`: text, token ids, per-token log-probs (`logps`), finish reason and weight version of every
-sample. Rows are written as their chunk finishes, so a killed run restarted with the same command repairs
-a torn last line, skips the rows already written and produces the same file as an uninterrupted run.
+Each input row has `messages` (a chat whose last turn is not the assistant's) or `prompt` (a string,
+taken as one user turn); the chat is rendered with the assistant header appended, in the Tülu template of
+open-instruct's `dataset_processor.py` (`chat_template="tulu"`) or the model's own (`"model"`, the
+template stored with its tokenizer, so a stock instruct model is prompted in the format it was trained
+on). Each output row is the input row plus `prompt_token_ids` and `completions`: text, token ids,
+per-token log-probs (`logps`), finish reason and weight version of every sample. Rows are written as
+their chunk finishes, so a killed run restarted with the same command repairs a torn last line, skips the
+rows already written and produces the same file as an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from tulu_jax.data.chat import DataError, prompt_token_ids, validate_messages
+from tulu_jax.data.chat import DataError, check_chat_template, prompt_token_ids, validate_messages
 from tulu_jax.data.sources import iter_valid_rows
 from tulu_jax.rollout.types import Completion, RolloutBackend, SamplingParams
 
@@ -105,16 +107,20 @@ def generate_file(
     chunk_size: int = 64,
     on_bad_row: str = "error",
     overwrite: bool = False,
+    chat_template: str = "tulu",
 ) -> dict:
     """Completes every prompt of `prompts_path` (JSONL) into `out_path`, `chunk_size` prompts per backend
     call, each chunk flushed as it finishes. Chunk k samples with `chunk_seed(params.seed, k)` (None stays
     None: the backend's own stream, not reproducible), and chunks sit at fixed row offsets, so a run that
     resumes an existing `out_path` (not `overwrite`) regenerates the chunk it was killed in and writes the
-    same rows an uninterrupted run would have. Returns counters (prompts, already_done, generated,
+    same rows an uninterrupted run would have. Prompts are rendered with `chat_template` ("tulu" or
+    "model", see `tulu_jax.data.chat.prompt_token_ids`). Returns counters (prompts, already_done, generated,
     new_tokens, repaired_torn_row, rows_skipped, out). Raises DataError for bad prompt rows (unless
-    on_bad_row="skip") or an `out_path` that is not ours or holds more rows than there are prompts."""
+    on_bad_row="skip") or an `out_path` that is not ours or holds more rows than there are prompts, and
+    InputError for a "model" tokenizer without a chat template."""
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    check_chat_template(tokenizer, chat_template, "chat_template")
     counts: dict[str, Any] = {}
     done, torn = resume_output(out_path) if os.path.exists(out_path) and not overwrite else (0, False)
     rows = list(iter_prompts(prompts_path, on_bad_row, counts))
@@ -127,7 +133,7 @@ def generate_file(
             chunk = rows[start : start + chunk_size]
             if start + len(chunk) <= done:
                 continue
-            ids = [prompt_token_ids(m, tokenizer) for _, m in chunk]
+            ids = [prompt_token_ids(m, tokenizer, chat_template) for _, m in chunk]
             seed = None if params.seed is None else chunk_seed(params.seed, index)
             completions = backend.generate(ids, dataclasses.replace(params, seed=seed))
             lines = []

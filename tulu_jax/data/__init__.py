@@ -1,10 +1,12 @@
-"""SFT and preference data: the Tülu chat template, validated readers, and the Grain pipelines."""
+"""SFT and preference data: chat templates (tulu, model), validated readers, and the Grain pipelines."""
 
 from tulu_jax.data.chat import (
     TULU_CHAT_TEMPLATE,
     DataError,
+    check_chat_template,
     encode_chat,
     encode_chats,
+    render_chats,
     render_tulu,
     validate_messages,
 )
@@ -30,6 +32,7 @@ __all__ = [
     "SFTPipeline",
     "bundled_file",
     "bundled_prefs_file",
+    "check_chat_template",
     "encode_chat",
     "encode_chats",
     "encode_preference_files",
@@ -38,6 +41,7 @@ __all__ = [
     "load_tokenizer",
     "pad_token_id",
     "parse_preference_row",
+    "render_chats",
     "render_tulu",
     "resolve_files",
     "resolve_pref_files",

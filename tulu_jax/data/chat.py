@@ -1,16 +1,20 @@
-"""The Tülu chat template, message validation and SFT encoding with label masks (open-instruct
+"""Chat templates, message validation and SFT encoding with label masks (open-instruct
 `dataset_processor.py` `CHAT_TEMPLATES["tulu"]`, `finetune.py` `encode_sft_example`).
 
-A conversation is rendered once to a string; the char spans of every assistant reply plus its EOS are
-recorded while rendering, and a single tokenization with offsets turns them into a token mask. This
-equals the reference's prefix re-tokenization (tested on the real Llama-3 tokenizer) without
-tokenizing each prefix again.
+Two templates: `tulu` (the Tülu 3 format, the default for training and for our exports) and `model` (the
+Jinja template stored with the tokenizer, for talking to a stock instruct model in its own format; see
+`tulu_jax.data.model_chat` for how its trained spans are derived). A conversation is rendered once to a
+string with the char spans of every trained reply (plus its end of turn), and a single tokenization with
+offsets turns them into a token mask. For `tulu` this equals the reference's prefix re-tokenization
+(tested on the real Llama-3 tokenizer) without tokenizing each prefix again.
 """
 
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+
+from tulu_jax.data.model_chat import model_chat_template, render_model_chats
 
 ROLES = ("system", "user", "assistant")
 
@@ -112,8 +116,50 @@ def render_tulu(messages: Sequence[Mapping[str, str]], eos_token: str, add_gener
     return render_tulu_with_spans(messages, eos_token, add_generation_prompt)[0]
 
 
-# Chat templates by name (`DataConfig.chat_template`): renderers that also return trained char spans.
-TEMPLATES: dict[str, Callable[..., tuple[str, list[tuple[int, int]]]]] = {"tulu": render_tulu_with_spans}
+def render_tulu_chats(
+    conversations: Sequence[Sequence[Mapping[str, str]]],
+    tokenizer,
+    *,
+    add_generation_prompt: bool = False,
+    with_spans: bool = True,
+) -> list[tuple[str, list[tuple[int, int]]]]:
+    """`render_tulu_with_spans` of every conversation, with the tokenizer's EOS (the `tulu` template)."""
+    return [render_tulu_with_spans(m, tokenizer.eos_token, add_generation_prompt) for m in conversations]
+
+
+# Chat templates by name (`DataFilesConfig.chat_template`): batched renderers
+# `(conversations, tokenizer, *, add_generation_prompt, with_spans) -> [(text, trained char spans)]`.
+TEMPLATES: dict[str, Callable[..., list[tuple[str, list[tuple[int, int]]]]]] = {
+    "tulu": render_tulu_chats,
+    "model": render_model_chats,
+}
+
+
+def render_chats(
+    conversations: Sequence[Sequence[Mapping[str, str]]],
+    tokenizer,
+    template: str = "tulu",
+    *,
+    add_generation_prompt: bool = False,
+    with_spans: bool = True,
+) -> list[tuple[str, list[tuple[int, int]]]]:
+    """(text, [start, end) char spans of trained text) of every conversation under chat template
+    `template`: "tulu" (open-instruct's Tülu format with the tokenizer's EOS) or "model" (the tokenizer's
+    own Jinja template; spans derived as `tulu_jax.data.model_chat` documents). `with_spans=False` skips
+    the spans (empty lists). Raises ValueError for an unknown template or role, InputError for a `model`
+    template the conversation cannot be rendered or masked with."""
+    if template not in TEMPLATES:
+        raise ValueError(f"unknown chat template {template!r}; known: {list(TEMPLATES)}")
+    return TEMPLATES[template](
+        conversations, tokenizer, add_generation_prompt=add_generation_prompt, with_spans=with_spans
+    )
+
+
+def check_chat_template(tokenizer, template: str, name: str = "data.chat_template") -> None:
+    """Fails early for a template the tokenizer cannot serve: `model` with a tokenizer that stores no
+    chat template -> InputError naming `name` (config key or flag) and the tokenizer's folder."""
+    if template == "model":
+        model_chat_template(tokenizer, name)
 
 
 def spans_to_token_mask(offsets: np.ndarray, spans: Sequence[tuple[int, int]]) -> np.ndarray:
@@ -133,9 +179,10 @@ def encode_chats(
     max_seq_len: int,
     template: str = "tulu",
 ) -> list[tuple[np.ndarray, np.ndarray, bool]]:
-    """Batched `encode_chat`; also returns whether each conversation was truncated."""
-    render = TEMPLATES[template]
-    rendered = [render(msgs, tokenizer.eos_token) for msgs in conversations]
+    """Batched `encode_chat` under chat template `template` ("tulu" or "model", see `render_chats`): per
+    conversation (int32 ids [<= max_seq_len], int32 0/1 loss mask of the same length, whether it was
+    truncated)."""
+    rendered = render_chats(conversations, tokenizer, template)
     enc = tokenizer([text for text, _ in rendered], add_special_tokens=False, return_offsets_mapping=True)
     out = []
     for (_, spans), ids, offsets in zip(rendered, enc["input_ids"], enc["offset_mapping"], strict=True):
@@ -146,13 +193,18 @@ def encode_chats(
 
 
 def prompt_token_ids(messages: Sequence[Mapping[str, str]], tokenizer, template: str = "tulu") -> list[int]:
-    """Token ids of a chat rendered with `template` and the assistant header appended (the generation
-    prompt), no special tokens added: what a sampler continues. Raises ValueError for an unknown role."""
-    text, _ = TEMPLATES[template](messages, tokenizer.eos_token, add_generation_prompt=True)
+    """Token ids of a chat rendered with `template` ("tulu" or "model", see `render_chats`) and the
+    assistant header appended (the generation prompt), no special tokens added beyond what the template
+    writes: what a sampler continues. For "model" this equals the tokenizer's
+    `apply_chat_template(messages, add_generation_prompt=True)`. Raises ValueError for an unknown role or
+    template, InputError when a `model` tokenizer has no template or the template refuses the chat."""
+    ((text, _),) = render_chats([messages], tokenizer, template, add_generation_prompt=True, with_spans=False)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def encode_chat(messages: Sequence[Mapping[str, str]], tokenizer, max_seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+def encode_chat(
+    messages: Sequence[Mapping[str, str]], tokenizer, max_seq_len: int, template: str = "tulu"
+) -> tuple[np.ndarray, np.ndarray]:
     """Token ids and loss mask (1 = trained, not shifted) of one conversation, truncated on the right."""
-    ids, mask, _ = encode_chats([messages], tokenizer, max_seq_len)[0]
+    ids, mask, _ = encode_chats([messages], tokenizer, max_seq_len, template)[0]
     return ids, mask

@@ -24,7 +24,7 @@ import grain
 import numpy as np
 
 from tulu_jax.config import LABEL_MODES, PreferenceDataConfig
-from tulu_jax.data.chat import TEMPLATES, DataError, spans_to_token_mask, validate_messages
+from tulu_jax.data.chat import DataError, render_chats, spans_to_token_mask, validate_messages
 from tulu_jax.data.pipeline import BATCH_KEYS, bundled_file, resolve_files, run_inputs, slice_rows, trim_padding
 from tulu_jax.data.sources import iter_valid_rows
 from tulu_jax.data.tokenizer import pad_token_id
@@ -154,8 +154,7 @@ def iter_preference_pairs(
 
 def _encode_full(conversations, tokenizer, template: str) -> list[tuple[np.ndarray, np.ndarray, int]]:
     """Untruncated ids, SFT mask (all assistant turns) and the index of the final reply's first trained token."""
-    render = TEMPLATES[template]
-    rendered = [render(msgs, tokenizer.eos_token) for msgs in conversations]
+    rendered = render_chats(conversations, tokenizer, template)
     enc = tokenizer([text for text, _ in rendered], add_special_tokens=False, return_offsets_mapping=True)
     out = []
     for (_, spans), ids, offsets in zip(rendered, enc["input_ids"], enc["offset_mapping"], strict=True):
