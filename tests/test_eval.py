@@ -161,6 +161,26 @@ def test_missing_and_empty_files(tmp_path):
         load_task("math", str(tmp_path))
 
 
+def test_bundled_tiny_tasks():
+    for name, dataset in (("tiny_arith", "gsm8k"), ("tiny_if", "ifeval")):
+        task = load_task(name)
+        assert task.source.endswith(f"tiny_{name[5:]}/eval.jsonl") and task.max_tokens == BUILTIN[name].max_tokens
+        assert {i.dataset for i in task.items} == {dataset} and len(task.items) > 100
+        assert [i.index for i in task.items] == list(range(len(task.items)))
+
+
+def test_model_template_prompts(tiny_tokenizer):
+    """--chat-template model renders with the folder's template: the tiny tokenizer stores Tülu's, so the
+    prompts equal the built-in renderer's, few-shot chats included."""
+    from tulu_jax.evaluation.cli import _prompt_ids
+
+    tasks = [load_task("gsm8k", limit=2), load_task("tiny_if", limit=2)]
+    budgets = {t.name: 8 for t in tasks}
+    model = _prompt_ids(tasks, tiny_tokenizer, "model", budgets, 2048)
+    assert model == _prompt_ids(tasks, tiny_tokenizer, "tulu", budgets, 2048)
+    assert len(model["gsm8k"][0]) > 500  # the eight exemplars are in the prompt
+
+
 def test_bundled_samples_are_marked_as_samples():
     for name in ("gsm8k", "math", "ifeval"):
         task = load_task(name)
@@ -343,14 +363,15 @@ def test_score_responses_rewards_right_answers():
     if the ground truths or the verifier wiring are wrong (a random model scores ~0 either way)."""
     from tulu_jax.rewards.scorer import Scorer
 
-    gsm8k, math = load_task("gsm8k").items, load_task("math").items
+    gsm8k = load_task("gsm8k").items + load_task("tiny_arith", limit=20).items
+    math = load_task("math").items
     right = [f"Some work. So the answer is {i.ground_truth}." for i in gsm8k]
     right += [f"Final Answer: The final answer is ${i.ground_truth}$. I hope it is correct." for i in math]
     wrong = [f"So the answer is {int(i.ground_truth) + 1}." for i in gsm8k]
     wrong += ["Final Answer: The final answer is $-99$. I hope it is correct." for _ in math]
     with Scorer(workers=1) as scorer:
-        assert [v.score for v in runner.score_responses([*gsm8k, *math], right, scorer)] == [1.0] * 40
-        assert [v.score for v in runner.score_responses([*gsm8k, *math], wrong, scorer)] == [0.0] * 40
+        assert [v.score for v in runner.score_responses([*gsm8k, *math], right, scorer)] == [1.0] * 60
+        assert [v.score for v in runner.score_responses([*gsm8k, *math], wrong, scorer)] == [0.0] * 60
 
 
 def test_score_responses_ifeval_instructions():
@@ -395,10 +416,18 @@ def test_bad_flags_exit_2_with_one_line(eval_model, tmp_path, capsys, extra, mes
 def test_bad_paths_exit_2_with_one_line(eval_model, tmp_path, capsys):
     afile = tmp_path / "f"
     afile.write_text("x")
+    plain = tmp_path / "plain"  # the model with a tokenizer that has no chat template
+    shutil.copytree(eval_model, plain)
+    config = json.loads((plain / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (plain / "tokenizer_config.json").write_text(json.dumps(config))
+    (plain / "chat_template.jinja").unlink(missing_ok=True)
     for argv, message in [
         (["--model", str(tmp_path / "none"), "--tasks", "gsm8k"], "no such directory"),
         (["--model", str(eval_model), "--tasks", "gsm8k", "--out", str(afile)], f"--out {afile}: is a file"),
         (["--model", str(eval_model), "--tasks", "gsm8k", "--data-dir", str(tmp_path)], "no gsm8k/test.jsonl"),
+        (["--model", str(plain), "--tasks", "tiny_if", "--chat-template", "model"], "--chat-template model: the tokenizer at"),
+        (["--model", str(eval_model), "--tasks", "gsm8k", "--max-tokens", "1000"], "exceeds the model's 2048"),
     ]:
         assert main(["eval", *argv]) == 2
         err = capsys.readouterr().err

@@ -91,14 +91,19 @@ def _load_tasks(args) -> list:
 
 
 def _prompt_ids(tasks, tokenizer, template: str, max_tokens: dict[str, int], max_positions: int) -> dict:
-    from tulu_jax.data.chat import prompt_token_ids
+    from tulu_jax.data.chat import check_chat_template, prompt_token_ids
 
+    check_chat_template(tokenizer, template, "--chat-template")
     out = {}
     for task in tasks:
         try:
             ids = [prompt_token_ids(item.messages, tokenizer, template=template) for item in task.items]
+        except InputError:  # already names the flag and the folder (e.g. a tokenizer without a template)
+            raise
         except (KeyError, ValueError) as e:
-            raise InputError(f"--chat-template {template}: cannot render the prompts: {e}") from None
+            raise InputError(
+                f"--chat-template {template}: cannot render the prompts of task {task.name}: {e}"
+            ) from None
         for item, row in zip(task.items, ids):
             if len(row) + max_tokens[task.name] > max_positions:
                 raise InputError(
