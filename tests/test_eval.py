@@ -116,6 +116,20 @@ def test_ifeval_reader_jsonl_and_parquet(tmp_path):
             "ifeval",
             "ifeval/input_data.jsonl",
             IFEVAL_ROWS[0],
+            {**IFEVAL_ROWS[0], "kwargs": [{}, {"num_words": 5}]},
+            "kwargs",
+        ),  # no relation: the checker would draw one at random
+        (
+            "ifeval",
+            "ifeval/input_data.jsonl",
+            IFEVAL_ROWS[0],
+            {**IFEVAL_ROWS[0], "instruction_id_list": ["punctuation:no_comma", "no:such"]},
+            "instruction_id_list",
+        ),
+        (
+            "ifeval",
+            "ifeval/input_data.jsonl",
+            IFEVAL_ROWS[0],
             {**IFEVAL_ROWS[0], "instruction_id_list": []},
             "instruction_id_list",
         ),
@@ -426,7 +440,10 @@ def test_bad_paths_exit_2_with_one_line(eval_model, tmp_path, capsys):
         (["--model", str(tmp_path / "none"), "--tasks", "gsm8k"], "no such directory"),
         (["--model", str(eval_model), "--tasks", "gsm8k", "--out", str(afile)], f"--out {afile}: is a file"),
         (["--model", str(eval_model), "--tasks", "gsm8k", "--data-dir", str(tmp_path)], "no gsm8k/test.jsonl"),
-        (["--model", str(plain), "--tasks", "tiny_if", "--chat-template", "model"], "--chat-template model: the tokenizer at"),
+        (
+            ["--model", str(plain), "--tasks", "tiny_if", "--chat-template", "model"],
+            "--chat-template model: the tokenizer at",
+        ),
         (["--model", str(eval_model), "--tasks", "gsm8k", "--max-tokens", "1000"], "exceeds the model's 2048"),
     ]:
         assert main(["eval", *argv]) == 2

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.resources
-import json
 import os
 import re
 from collections.abc import Callable, Iterator, Mapping
@@ -35,6 +34,7 @@ from tulu_jax.data.chat import DataError
 from tulu_jax.data.sources import iter_raw_rows
 from tulu_jax.evaluation.prompts import gsm8k_messages, math_messages
 from tulu_jax.rewards.gsm8k import gsm8k_ground_truth
+from tulu_jax.rewards.ifeval_google import ground_truth_from_row, instruction_ids
 from tulu_jax.rewards.math_answer import last_boxed_content
 from tulu_jax.rewards.registry import UnknownDataset, canonical_dataset
 
@@ -107,16 +107,10 @@ def math_item(row: Any, where: str, index: int) -> EvalItem:
     return EvalItem(index, math_messages(problem), truth, "math", where)
 
 
-def ifeval_ground_truth(prompt: str, instruction_ids: list[str], kwargs: list[dict]) -> str:
-    """The `google_ifeval` verifier's ground truth: JSON {"instruction_id_list", "kwargs", "prompt"}, with
-    the kwargs' null entries dropped (the Hugging Face copy of IFEval fills every absent argument with null;
-    Google's evaluation passes only the arguments that are set)."""
-    clean = [{k: v for k, v in kw.items() if v is not None} for kw in kwargs]
-    return json.dumps({"instruction_id_list": list(instruction_ids), "kwargs": clean, "prompt": prompt})
-
-
 def ifeval_item(row: Any, where: str, index: int) -> EvalItem:
-    """An IFEval row {"key", "prompt", "instruction_id_list", "kwargs"} -> its zero-shot item."""
+    """An IFEval row {"key", "prompt", "instruction_id_list", "kwargs"} -> its zero-shot item; ground truth
+    from the reward's `ground_truth_from_row` (kwargs' nulls, which the Hugging Face copy adds, dropped;
+    every instruction checked to build from its kwargs)."""
     prompt = _text(row, where, "prompt")
     ids, kwargs = row.get("instruction_id_list"), row.get("kwargs")
     ids, kwargs = (x.tolist() if hasattr(x, "tolist") else x for x in (ids, kwargs))  # Parquet arrays
@@ -124,9 +118,14 @@ def ifeval_item(row: Any, where: str, index: int) -> EvalItem:
         _fail(where, "instruction_id_list", f"expected a non-empty list of instruction ids, got {ids!r:.60}")
     if not isinstance(kwargs, list) or len(kwargs) != len(ids) or not all(isinstance(k, Mapping) for k in kwargs):
         _fail(where, "kwargs", f"expected a list of {len(ids)} objects (one per instruction), got {kwargs!r:.60}")
-    return EvalItem(
-        index, [{"role": "user", "content": prompt}], ifeval_ground_truth(prompt, ids, kwargs), "google_ifeval", where
-    )
+    unknown = sorted(set(ids) - set(instruction_ids()))
+    if unknown:
+        _fail(where, "instruction_id_list", f"unknown IFEval instruction ids {unknown}")
+    try:
+        truth = ground_truth_from_row({"prompt": prompt, "instruction_id_list": ids, "kwargs": kwargs})
+    except ValueError as e:
+        _fail(where, "kwargs", str(e).removeprefix("IFEval row: "))
+    return EvalItem(index, [{"role": "user", "content": prompt}], truth, "google_ifeval", where)
 
 
 def rlvr_item(row: Any, where: str, index: int) -> EvalItem:
