@@ -302,6 +302,22 @@ def test_eval_writes_rows_summary_and_table(full_run, task_files):
     assert summary["tasks"]["gsm8k"]["source"] == str(task_files["data"] / "gsm8k" / "test.jsonl")
 
 
+def test_rows_hold_the_greedy_response_and_its_verdict(full_run, eval_model, tiny_tokenizer):
+    """Each row is the backend's greedy completion of the Tülu-rendered prompt, decoded, with the verdict
+    the reward gives it (checked in-process, without the worker pool)."""
+    from tulu_jax.data.chat import prompt_token_ids
+    from tulu_jax.rewards.registry import verify
+    from tulu_jax.rollout.types import SamplingParams
+
+    rows = _rows(full_run[0] / "arith.jsonl")[:2]  # batch 0, as the run sent it
+    backend, _ = _shared_backend("local", str(eval_model), dtype="float32", mesh_shape=None)
+    ids = [prompt_token_ids(r["prompt"], tiny_tokenizer) for r in rows]
+    for row, c in zip(rows, backend.generate(ids, SamplingParams(max_tokens=6, temperature=0.0))):
+        assert row["response"] == tiny_tokenizer.decode(list(c.token_ids), skip_special_tokens=True)
+        assert (row["response_tokens"], row["finish_reason"]) == (len(c.token_ids), c.finish_reason)
+        assert row["score"] == verify("gsm8k", row["response"], row["ground_truth"]).score
+
+
 def test_summarize_hand_computed():
     """Three IFEval rows: all followed; one of two followed; verifier error (2 instructions, counted failed)."""
     gt = json.dumps({"instruction_id_list": ["a", "b"], "kwargs": [{}, {}], "prompt": "p"})
