@@ -207,6 +207,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.set_defaults(fn=_generate)
 
+    from tulu_jax.evaluation import cli as eval_cli
+
+    ev = sub.add_parser(
+        "eval", help="benchmark accuracy, scored by the RLVR verifiers", description=eval_cli.DESCRIPTION
+    )
+    eval_cli.add_arguments(ev)
+    ev.set_defaults(fn=eval_cli.run)
+
     ver = sub.add_parser(
         "verify",
         help="score responses with the RLVR verifiers (gsm8k, math, ifeval) and print accuracy per verifier",
