@@ -5,6 +5,7 @@ end on a tiny random model (result files, summary, table, --limit, resume after 
 import contextlib
 import io
 import json
+import os
 import re
 import shutil
 
@@ -386,6 +387,30 @@ def test_resume_refuses_other_settings_or_data(full_run, eval_model, task_files,
     args = _eval_args(eval_model, {**task_files, "arith": other}, out)
     assert main(args) == 2
     assert "arith.jsonl line 1: not the row of task arith item 0" in capsys.readouterr().err
+
+
+def test_a_retrained_model_is_refused_and_overwrite_starts_over(full_run, eval_model, task_files, tmp_path, capsys):
+    from tulu_jax.evaluation.runner import weights_fingerprint
+
+    model = tmp_path / "model"
+    shutil.copytree(eval_model, model)
+    before = weights_fingerprint(str(model))
+    assert weights_fingerprint(str(model)) == before  # stable while the weights are untouched
+    weights = model / "model.safetensors"
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))  # rewritten
+    assert weights_fingerprint(str(model)) != before
+
+    out = tmp_path / "stale"
+    shutil.copytree(full_run[0], out)
+    settings = json.loads((out / "settings.json").read_text())
+    (out / "settings.json").write_text(json.dumps({**settings, "weights": "0" * 16}))  # rows of other weights
+    assert main(_eval_args(eval_model, task_files, out)) == 2
+    err = capsys.readouterr().err
+    assert "rows here were made with weights='0000000000000000'" in err and "--overwrite" in err
+    (out / "ifeval.jsonl").write_text('{"stale": true}\n')  # would be refused as foreign without --overwrite
+    assert main(_eval_args(eval_model, task_files, out, "--overwrite")) == 0
+    for name in ("arith.jsonl", "ifeval.jsonl", "gsm8k.jsonl", "summary.json", "settings.json"):
+        assert (out / name).read_text() == (full_run[0] / name).read_text(), name
 
 
 def test_score_responses_rewards_right_answers():

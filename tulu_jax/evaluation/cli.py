@@ -30,6 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--servers", help="vLLM server URLs, comma-separated (backend vllm)")
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N items of each task")
     p.add_argument("--out", default=None, help="folder for TASK.jsonl and summary.json (resumed if present)")
+    p.add_argument("--overwrite", action="store_true", help="delete what an earlier eval wrote in --out and start over")
     p.add_argument("--data-dir", default=None, help="folder holding gsm8k/, math/, ifeval/ (see the description)")
     p.add_argument(
         "--chat-template",
@@ -141,7 +142,14 @@ def run(args, overrides) -> int:
     prompt_ids = _prompt_ids(tasks, tokenizer, args.chat_template, max_tokens, max_positions)
     model = os.path.abspath(args.model)
     if args.out is not None:
-        settings = runner.RunSettings(model=model, chat_template=args.chat_template, dtype=args.dtype)
+        if args.overwrite:
+            runner.clear_outputs(args.out)
+        settings = runner.RunSettings(
+            model=model,
+            chat_template=args.chat_template,
+            dtype=args.dtype,
+            weights=runner.weights_fingerprint(args.model),
+        )
         runner.check_settings(args.out, settings, max_tokens)
         for task in tasks:  # refuse a foreign TASK.jsonl before any compute
             runner.resume_rows(os.path.join(args.out, f"{task.name}.jsonl"), task)

@@ -23,6 +23,7 @@ the missing rows: the files end as an uninterrupted run writes them.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 from collections.abc import Sequence
@@ -92,7 +93,7 @@ def resume_rows(path: str, task: EvalTask) -> list[dict]:
         if not same:
             raise DataError(
                 f"{path} line {n}: not the row of task {task.name} item {item.index} (other data or settings); "
-                "use another --out",
+                "use another --out or --overwrite",
                 "bad_output",
             )
         rows.append(row)
@@ -187,9 +188,39 @@ class RunSettings:
     model: str
     chat_template: str
     dtype: str
+    weights: str  # `weights_fingerprint` of the model folder: a model retrained at the same path differs
 
     def as_json(self, max_tokens: dict[str, int]) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "max_tokens": dict(sorted(max_tokens.items()))}
+
+
+def weights_fingerprint(model_dir: str) -> str:
+    """A short hash of the names, sizes and modification times of `model_dir`'s weight files (a folder
+    without any, e.g. a tokenizer-only folder for vLLM, hashes the empty list). Cheap at any model size;
+    a copy of the same weights elsewhere counts as different, which only costs a re-run."""
+    entries = []
+    for name in sorted(os.listdir(model_dir)):
+        if name.endswith((".safetensors", ".bin", ".safetensors.index.json")):
+            st = os.stat(os.path.join(model_dir, name))
+            entries.append((name, st.st_size, st.st_mtime_ns))
+    return hashlib.sha256(json.dumps(entries).encode()).hexdigest()[:16]
+
+
+def clear_outputs(out_dir: str) -> None:
+    """Deletes what an earlier eval wrote in `out_dir` (settings.json, summary.json and the TASK.jsonl of
+    every task it recorded), for `--overwrite`. Other files are left alone."""
+    path = os.path.join(out_dir, "settings.json")
+    tasks: list[str] = []
+    if os.path.exists(path):
+        try:
+            with open(path, encoding="utf-8") as f:
+                tasks = list(json.load(f).get("max_tokens", {}))
+        except (ValueError, AttributeError):
+            tasks = []
+    for name in ["settings.json", "summary.json", *(f"{t}.jsonl" for t in tasks)]:
+        target = os.path.join(out_dir, name)
+        if os.path.exists(target):
+            os.remove(target)
 
 
 def check_settings(out_dir: str, settings: RunSettings, max_tokens: dict[str, int]) -> None:
@@ -202,20 +233,21 @@ def check_settings(out_dir: str, settings: RunSettings, max_tokens: dict[str, in
             with open(path, encoding="utf-8") as f:
                 old = json.load(f)
         except ValueError:
-            raise DataError(f"{path}: not JSON; use another --out", "bad_output") from None
+            raise DataError(f"{path}: not JSON; use another --out or --overwrite", "bad_output") from None
         new = dataclasses.asdict(settings)
         for key, value in new.items():
             if old.get(key) != value:
                 raise DataError(
                     f"{path}: rows here were made with {key}={old.get(key)!r}, this run has {value!r}; "
-                    "use another --out",
+                    "use another --out or --overwrite",
                     "bad_output",
                 )
         for task, budget in max_tokens.items():
             before = old.get("max_tokens", {}).get(task)
             if before is not None and before != budget:
                 raise DataError(
-                    f"{path}: task {task} was run with max_tokens={before}, this run has {budget}; use another --out",
+                    f"{path}: task {task} was run with max_tokens={before}, this run has {budget}; "
+                    "use another --out or --overwrite",
                     "bad_output",
                 )
     merged = {**old.get("max_tokens", {}), **max_tokens}
