@@ -1,9 +1,11 @@
-"""Bad inputs to `tulu-jax score`, `generate`, `vllm` and the trainers' --config: one line naming the flag
-and the path on stderr, exit code 2, no traceback. Each case runs the real command in a subprocess."""
+"""Bad inputs to `tulu-jax score`, `generate` (flags, vLLM server URLs), `vllm` and the trainers' --config:
+one line naming the flag and the path on stderr, exit code 2, no traceback. Each case runs the real command
+in a subprocess."""
 
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 
@@ -37,7 +39,15 @@ def paths(tmp_path_factory):
         "file": str(root / "file.txt"),
         "prompts": str(prompts),
         "out": str(root / "out.jsonl"),
+        "dead_server": f"http://127.0.0.1:{_closed_port()}",
     }
+
+
+def _closed_port() -> int:
+    """A loopback port nobody listens on (bound, then released): connecting to it is refused at once."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _run(*argv):
@@ -76,6 +86,12 @@ CASES = {
                                        "no eos_token"),
     "generate_out_is_a_dir": (lambda p: _gen(p, **{"--out": p["empty"]}), "--out", "empty", "is a directory"),
     "generate_bad_mesh": (lambda p: _gen(p, **{"--mesh": "3,1,1"}), "--mesh", "3,1,1", "devices"),
+    "generate_servers_without_vllm": (lambda p: _gen(p, **{"--servers": "http://127.0.0.1:8000"}), "--servers",
+                                      "http://127.0.0.1:8000", "needs --backend vllm"),
+    "generate_servers_not_a_url": (lambda p: _gen(p, **{"--backend": "vllm", "--servers": "notaurl"}), "--servers",
+                                   "notaurl", "not an http(s) URL"),
+    "generate_server_down": (lambda p: _gen(p, **{"--backend": "vllm", "--servers": p["dead_server"]}), "--servers",
+                             "http://127.0.0.1:", "no vLLM server answers (connection refused)"),
     "vllm_missing_model": (lambda p: ["vllm", "--model", "/no/such/dir"], "--model", "/no/such/dir",
                            "no such directory"),
     "sft_config_is_a_dir": (lambda p: ["sft", "--config", p["empty"]], "--config", "empty", "is a directory"),

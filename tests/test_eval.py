@@ -17,7 +17,7 @@ from tulu_jax.cli import main
 from tulu_jax.data.chat import DataError
 from tulu_jax.evaluation import runner
 from tulu_jax.evaluation.prompts import GSM8K_EXEMPLARS, MATH_EXEMPLARS
-from tulu_jax.evaluation.tasks import BUILTIN, SAMPLE_NOTE, EvalTask, load_task
+from tulu_jax.evaluation.tasks import BUILTIN, SAMPLE_NOTE, EvalItem, EvalTask, load_task
 from tulu_jax.generate import make_backend
 
 
@@ -156,10 +156,14 @@ def test_rlvr_file_rows(tmp_path):
     task = load_task(f"mine={_jsonl(tmp_path / 'r.jsonl', rows)}")
     assert task.name == "mine" and [i.dataset for i in task.items] == ["gsm8k", "math"]
     assert task.items[0].messages == rows[0]["messages"]
+    prompt_row = {"prompt": "2+2?", "ground_truth": "4", "dataset": "gsm8k"}  # as `tulu-jax generate` reads
+    (item,) = load_task(f"mine={_jsonl(tmp_path / 'p.jsonl', [prompt_row])}").items
+    assert item.messages == rows[0]["messages"] and item.ground_truth == "4"
     for bad, field in [
         ({**rows[0], "dataset": "chess"}, "dataset"),
         ({**rows[0], "ground_truth": ""}, "ground_truth"),
         ({"ground_truth": "4", "dataset": "gsm8k"}, "messages"),
+        ({"prompt": " ", "ground_truth": "4", "dataset": "gsm8k"}, "prompt"),
         ({**rows[0], "messages": [{"role": "assistant", "content": "4"}]}, "messages"),
     ]:
         path = _jsonl(tmp_path / "bad.jsonl", [rows[0], bad])
@@ -328,8 +332,12 @@ def test_summarize_hand_computed():
         {"score": 0.0, "response_tokens": 10, "finish_reason": "stop", "status": "error", "instructions": None},
     ]
     rows = [{**r, "ground_truth": gt} for r in rows]
-    task = EvalTask("t", (), "src", 8)
+    items = tuple(EvalItem(i, [{"role": "user", "content": "p"}], gt, "google_ifeval", f"f line {i}") for i in range(3))
+    with pytest.raises(ValueError, match="2 rows for 3 items"):
+        runner.summarize(EvalTask("t", items, "src", 8), rows[:2], max_tokens=8)
+    task = EvalTask("t", items, "src", 8)
     s = runner.summarize(task, rows, max_tokens=8)
+    assert s["complete"] is True
     assert s["accuracy"] == pytest.approx(1 / 3) and s["prompt_level_strict"] == pytest.approx(1 / 3)
     assert s["instruction_level_strict"] == pytest.approx(3 / 6)
     assert s["mean_response_tokens"] == pytest.approx(6.0) and s["no_eos_share"] == pytest.approx(1 / 3)
@@ -413,6 +421,95 @@ def test_a_retrained_model_is_refused_and_overwrite_starts_over(full_run, eval_m
         assert (out / name).read_text() == (full_run[0] / name).read_text(), name
 
 
+def _edit_chat_template(model_dir, edit):
+    """Applies `edit` (str -> str) to the folder's chat template, wherever transformers saved it."""
+    jinja = model_dir / "chat_template.jinja"
+    if jinja.exists():
+        jinja.write_text(edit(jinja.read_text()))
+        return
+    config = json.loads((model_dir / "tokenizer_config.json").read_text())
+    (model_dir / "tokenizer_config.json").write_text(
+        json.dumps({**config, "chat_template": edit(config["chat_template"])})
+    )
+
+
+def test_an_edited_chat_template_is_refused(eval_model, task_files, tmp_path, monkeypatch, capsys):
+    """Rows keep a hash of their prompt's token ids: after the model's chat template changes, the old rows
+    are refused (one line suggesting --overwrite), not mixed with new ones."""
+    model = tmp_path / "model"
+    shutil.copytree(eval_model, model)
+    same_weights = str(eval_model)  # the copy's weights are the fixture's: reuse its compiled sampler
+    monkeypatch.setattr("tulu_jax.generate.make_backend", lambda b, m, **kw: _shared_backend(b, same_weights, **kw))
+    out = tmp_path / "out"
+    args = [
+        "eval", "--model", str(model), "--tasks", f"arith={task_files['arith']}", "--limit", "2",
+        "--max-tokens", "6", "--batch-size", "2", "--out", str(out), "--workers", "1", "--chat-template", "model",
+    ]  # fmt: skip
+    assert main(args) == 0
+    before = (out / "arith.jsonl").read_text()
+    _edit_chat_template(model, lambda t: "Answer briefly.\n" + t)
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "arith.jsonl line 1: the prompt of task arith item 0 now renders to other" in err
+    assert "--overwrite" in err and (out / "arith.jsonl").read_text() == before  # refused: nothing rewritten
+    assert main([*args, "--overwrite"]) == 0
+    rows = _rows(out / "arith.jsonl")
+    assert len(rows) == 2 and all(
+        r["prompt_sha"] != json.loads(b)["prompt_sha"] for r, b in zip(rows, before.splitlines())
+    )
+
+
+def test_an_input_file_in_out_is_refused_and_nothing_written(eval_model, tmp_path, capsys):
+    out = tmp_path / "clob"
+    mine = _jsonl(out / "mine.jsonl", ARITH_ROWS)
+    args = ["eval", "--model", str(eval_model), "--tasks", f"mine={mine}", "--out", str(out), "--overwrite"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"tulu-jax: error: --tasks mine={mine}: the task's file is also an output in --out; use another --out\n"
+    )
+    assert sorted(p.name for p in out.iterdir()) == ["mine.jsonl"] and len(_rows(mine)) == len(ARITH_ROWS)
+
+
+def test_a_smaller_limit_reuses_the_first_rows(full_run, eval_model, task_files, tmp_path):
+    """Items and greedy rows are deterministic: --limit 3 after --limit 4 summarizes the first 3 rows."""
+    out = tmp_path / "fewer"
+    shutil.copytree(full_run[0], out)
+    args = _eval_args(eval_model, task_files, out)
+    args[args.index("--limit") + 1] = "3"
+    assert main(args) == 0
+    summary = json.loads((out / "summary.json").read_text())["tasks"]
+    for name in ("arith", "ifeval", "gsm8k"):
+        rows = _rows(out / f"{name}.jsonl")
+        assert rows == _rows(full_run[0] / f"{name}.jsonl")  # the file keeps its 4 rows
+        s = summary[name]
+        assert s["n"] == 3 and s["complete"] is True
+        assert s["accuracy"] == pytest.approx(sum(r["score"] for r in rows[:3]) / 3)
+        assert s["mean_response_tokens"] == pytest.approx(sum(r["response_tokens"] for r in rows[:3]) / 3)
+
+
+def test_a_killed_run_leaves_unfinished_tasks_marked(full_run, eval_model, task_files, tmp_path, monkeypatch):
+    """Each task of a run is marked {"complete": false} in summary.json until it is done, so a summary left
+    by a run killed in its second task says which tasks it lacks (even over an earlier run's summary)."""
+    out = tmp_path / "partial"
+    shutil.copytree(full_run[0], out)
+    (out / "ifeval.jsonl").unlink()
+    evaluate = runner.evaluate_task
+
+    def killed_in_ifeval(task, *a, **kw):
+        if task.name == "ifeval":
+            raise KeyboardInterrupt
+        return evaluate(task, *a, **kw)
+
+    monkeypatch.setattr(runner, "evaluate_task", killed_in_ifeval)
+    with pytest.raises(KeyboardInterrupt):
+        main(_eval_args(eval_model, task_files, out))
+    tasks = json.loads((out / "summary.json").read_text())["tasks"]
+    full = json.loads((full_run[0] / "summary.json").read_text())["tasks"]
+    assert tasks == {"arith": full["arith"], "ifeval": {"complete": False}, "gsm8k": {"complete": False}}
+
+
 def test_score_responses_rewards_right_answers():
     """The scoring path of the runner, on the bundled samples answered right and wrong: a check that fails
     if the ground truths or the verifier wiring are wrong (a random model scores ~0 either way)."""
@@ -450,11 +547,17 @@ def test_score_responses_ifeval_instructions():
     [
         (["--limit", "0"], "--limit 0: must be >= 1"),
         (["--batch-size", "0"], "--batch-size 0: must be >= 1"),
-        (["--timeout-s", "0"], "--timeout-s 0.0: must be > 0"),
+        (["--timeout-s", "0"], "--timeout-s 0.0: must be a finite number > 0"),
+        (["--timeout-s", "inf"], "--timeout-s inf: must be a finite number > 0"),
+        (["--timeout-s", "nan"], "--timeout-s nan: must be a finite number > 0"),
         (["--tasks", "nope"], "--tasks: unknown task 'nope'"),
         (["--tasks", "gsm8k,gsm8k"], "a task is named twice"),
         (["--tasks", "a b=x.jsonl"], "--tasks: task name 'a b'"),
-        (["--tasks", "mine=/no/such.jsonl"], "task mine: no such file /no/such.jsonl"),
+        (["--tasks", "mine=/no/such.jsonl"], "--tasks mine=/no/such.jsonl: no such file"),
+        (["--tasks", "gsm8k=/x.jsonl"], "--tasks: gsm8k=/x.jsonl: gsm8k is a built-in task"),
+        (["--servers", "http://127.0.0.1:8000"], "--servers http://127.0.0.1:8000: needs --backend vllm"),
+        (["--backend", "vllm", "--servers", "notaurl"], "--servers notaurl: not an http(s) URL"),
+        (["--backend", "vllm", "--servers", "ftp://h/"], "--servers ftp://h: not an http(s) URL"),
         (["--data-dir", "/no/such/dir"], "--data-dir /no/such/dir: no such directory"),
         (["--backend", "vllm"], "--backend vllm needs --servers"),
         (["--mesh", "3,1"], "--mesh 3,1: expected three comma-separated integers"),
@@ -466,6 +569,40 @@ def test_bad_flags_exit_2_with_one_line(eval_model, tmp_path, capsys, extra, mes
     assert main(args + extra) == 2
     err = capsys.readouterr().err
     assert err.startswith("tulu-jax: error: ") and err.count("\n") == 1 and message in err
+    assert not (tmp_path / "o" / "settings.json").exists()  # a refused run writes nothing
+
+
+def _closed_port() -> int:
+    """A loopback port nobody listens on (bound, then released): connecting to it is refused at once."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_dead_vllm_server_is_refused_up_front(eval_model, tmp_path, capsys):
+    """No retrying for minutes against a server that is not there: one probe, one line, nothing written."""
+    import time
+
+    url = f"http://127.0.0.1:{_closed_port()}"
+    args = ["eval", "--model", str(eval_model), "--tasks", "tiny_arith", "--out", str(tmp_path / "o")]
+    start = time.monotonic()
+    assert main([*args, "--backend", "vllm", "--servers", f"{url}/"]) == 2
+    assert time.monotonic() - start < 30  # the client's retry deadline is 300 s
+    err = capsys.readouterr().err
+    assert err == (
+        f"tulu-jax: error: --servers {url}: no vLLM server answers (connection refused); "
+        "start one with tulu-jax vllm --model DIR\n"
+    )
+    assert not (tmp_path / "o" / "settings.json").exists()
+
+
+def test_help_shows_defaults_and_settings(capsys):
+    with pytest.raises(SystemExit):
+        main(["eval", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: 10.0)" in text and "(default: 64)" in text and "settings.json" in text
 
 
 def test_bad_paths_exit_2_with_one_line(eval_model, tmp_path, capsys):

@@ -175,17 +175,17 @@ def make_backend(
 
     local: a `LocalSampler` computing in `dtype` on `make_mesh(*mesh_shape)` (default: one device).
     vllm: a `VLLMClient` on the comma-separated `servers` URLs, given the folder's config so it can push
-    weights. `tokenizer` defaults to the folder's. Raises ValueError for a missing `servers`, a mesh with
-    the vllm backend, an unknown backend or a mesh that does not fit the devices."""
+    weights; every server is first probed (`tulu_jax.inputs.check_servers`). `tokenizer` defaults to the
+    folder's. Raises InputError (a ValueError naming the flag) for flags that do not go together
+    (`check_backend_flags`), a URL that is not http(s) or a server that does not answer; ValueError for an
+    unknown backend or a mesh that does not fit the devices."""
     from tulu_jax.data.tokenizer import load_tokenizer, pad_token_id
+    from tulu_jax.inputs import check_backend_flags, check_servers
     from tulu_jax.models import hf
 
     if backend not in ("local", "vllm"):
         raise ValueError(f"unknown backend {backend!r}; expected local or vllm")
-    if backend == "vllm" and mesh_shape is not None:
-        raise ValueError("--mesh applies to --backend local only (vLLM servers shard themselves)")
-    if backend == "vllm" and not servers:
-        raise ValueError("--backend vllm needs --servers URL[,URL...] (start one with `tulu-jax vllm --model DIR`)")
+    check_backend_flags(backend, servers, mesh_shape)
     tokenizer = load_tokenizer(model) if tokenizer is None else tokenizer
     if backend == "local":
         from tulu_jax.sampling.sampler import LocalSampler
@@ -195,7 +195,7 @@ def make_backend(
         return LocalSampler.from_hf(model, mesh, dtype=dtype), tokenizer
     from tulu_jax.rollout.vllm_client import VLLMClient
 
-    urls = [u.strip() for u in servers.split(",") if u.strip()]
+    urls = check_servers(servers)
     client = VLLMClient(
         urls, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad_token_id(tokenizer), cfg=hf.load_hf_config(model)
     )

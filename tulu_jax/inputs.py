@@ -123,3 +123,51 @@ def parse_mesh(text: str | None, flag: str = "--mesh") -> tuple[int, int, int] |
         return resolve_mesh_shape(*sizes, jax.device_count())
     except ValueError as e:
         raise InputError(f"{where(flag, text)}: {e}") from None
+
+
+def check_backend_flags(backend: str, servers: str | None, mesh) -> None:
+    """The rollout-backend flags of `generate` and `eval` agree: `--backend vllm` needs `--servers` and takes
+    no `--mesh`; `--servers` needs `--backend vllm` (a local run would silently ignore the servers).
+    InputError naming the flag otherwise."""
+    if backend == "vllm" and not servers:
+        raise InputError("--backend vllm needs --servers URL[,URL...] (start one with `tulu-jax vllm --model DIR`)")
+    if backend == "vllm" and mesh:
+        raise InputError("--mesh applies to --backend local only (vLLM servers shard themselves)")
+    if backend != "vllm" and servers:
+        raise InputError(f"--servers {servers}: needs --backend vllm (the {backend} backend would ignore it)")
+
+
+SERVER_PROBE_TIMEOUT_S = 5.0  # a vLLM server answers /health at once once its model is loaded
+
+
+def check_servers(servers: str, flag: str = "--servers", timeout_s: float = SERVER_PROBE_TIMEOUT_S) -> list[str]:
+    """The comma-separated vLLM server URLs of `servers`, each checked to be an http(s) URL with a host and to
+    answer GET URL/health (HTTP 200) within `timeout_s` seconds, so a wrong or dead server fails at once
+    instead of after the rollout client's retry deadline. InputError naming `flag` and the URL otherwise."""
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    urls = [u.strip().rstrip("/") for u in servers.split(",") if u.strip()]
+    if not urls:
+        raise InputError(f"{where(flag, servers)}: no server URL")
+    for url in urls:
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise InputError(f"{where(flag, url)}: not an http(s) URL")
+    for url in urls:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=timeout_s) as r:
+                r.read()
+        except urllib.error.HTTPError as e:
+            raise InputError(
+                f"{where(flag, url)}: GET /health answered HTTP {e.code}, not a ready vLLM server "
+                "(start one with tulu-jax vllm --model DIR)"
+            ) from None
+        except (urllib.error.URLError, OSError, ValueError) as e:  # refused, unknown host, timed out
+            reason = getattr(e, "reason", e)
+            text = getattr(reason, "strerror", None) or str(reason) or type(e).__name__
+            raise InputError(
+                f"{where(flag, url)}: no vLLM server answers ({text.lower()}); start one with tulu-jax vllm --model DIR"
+            ) from None
+    return urls

@@ -3,17 +3,25 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 
 from tulu_jax.config import DTYPE_NAMES
-from tulu_jax.inputs import InputError, check_model_dir, check_writable_output, load_chat_tokenizer, parse_mesh
+from tulu_jax.inputs import (
+    InputError,
+    check_backend_flags,
+    check_model_dir,
+    check_writable_output,
+    load_chat_tokenizer,
+    parse_mesh,
+)
 
 MAX_WORKERS = 8  # default cap: every verifier process imports its own sympy and math-verify
 
 DESCRIPTION = (
     "Greedy responses to benchmark prompts, scored by the RLVR verifiers (the reward the same response earns "
     "in training). Tasks: gsm8k (8-shot CoT), math (4-shot Minerva), ifeval (zero-shot, strict), tiny_arith, "
-    "tiny_if, or NAME=PATH for a file of RLVR rows (messages, ground_truth, dataset). Benchmarks read "
+    "tiny_if, or NAME=PATH for a file of RLVR rows (messages or prompt, ground_truth, dataset). Benchmarks read "
     "--data-dir/gsm8k/test.jsonl|.parquet, math/test.jsonl|.parquet, ifeval/input_data.jsonl|.parquet; "
     "without --data-dir, small hand-written bundled samples (not benchmark items). Prints one row per task; "
     "--out DIR keeps TASK.jsonl (per item) and summary.json, and a restarted run resumes them."
@@ -29,8 +37,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", choices=("local", "vllm"), default="local")
     p.add_argument("--servers", help="vLLM server URLs, comma-separated (backend vllm)")
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N items of each task")
-    p.add_argument("--out", default=None, help="folder for TASK.jsonl and summary.json (resumed if present)")
-    p.add_argument("--overwrite", action="store_true", help="delete what an earlier eval wrote in --out and start over")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="folder for TASK.jsonl, summary.json and settings.json (the settings its rows were made with); "
+        "a rerun with the same settings resumes it",
+    )
+    p.add_argument(
+        "--overwrite", action="store_true", help="delete what an earlier eval and this run's tasks wrote in --out first"
+    )
     p.add_argument("--data-dir", default=None, help="folder holding gsm8k/, math/, ifeval/ (see the description)")
     p.add_argument(
         "--chat-template",
@@ -44,11 +59,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="generation budget per response (default: 512 for benchmarks and files, 128 for the tiny tasks)",
     )
-    p.add_argument("--batch-size", type=int, default=64, help="prompts per backend call (and per output flush)")
+    p.add_argument(
+        "--batch-size", type=int, default=64, help="prompts per backend call and output flush (default: %(default)s)"
+    )
     p.add_argument(
         "--workers", type=int, default=None, help=f"verifier processes (default: CPU cores, at most {MAX_WORKERS})"
     )
-    p.add_argument("--timeout-s", type=float, default=10.0, help="seconds a verifier may take per response")
+    p.add_argument(
+        "--timeout-s", type=float, default=10.0, help="seconds a verifier may take per response (default: %(default)s)"
+    )
     p.add_argument("--dtype", default="float32", choices=DTYPE_NAMES, help="compute dtype of the local sampler")
     p.add_argument(
         "--mesh",
@@ -66,8 +85,8 @@ def _check_numbers(args) -> None:
     ):
         if value is not None and value < low:
             raise InputError(f"{flag} {value}: must be >= {low}")
-    if not args.timeout_s > 0:
-        raise InputError(f"--timeout-s {args.timeout_s}: must be > 0")
+    if not (math.isfinite(args.timeout_s) and args.timeout_s > 0):  # the verifiers' deadline must be a real time
+        raise InputError(f"--timeout-s {args.timeout_s}: must be a finite number > 0")
 
 
 def _check_out(out: str) -> None:
@@ -115,16 +134,26 @@ def _prompt_ids(tasks, tokenizer, template: str, max_tokens: dict[str, int], max
     return out
 
 
+def _check_inputs_are_not_outputs(tasks, out: str) -> None:
+    """An input file that is also one of the run's outputs would be overwritten (or deleted by --overwrite)."""
+    from tulu_jax.evaluation.tasks import BUILTIN
+
+    outputs = {os.path.realpath(os.path.join(out, n)) for n in ("settings.json", "summary.json")}
+    outputs |= {os.path.realpath(os.path.join(out, f"{t.name}.jsonl")) for t in tasks}
+    for task in tasks:
+        if os.path.realpath(task.path) in outputs:
+            named = f"--data-dir {task.path}" if task.name in BUILTIN else f"--tasks {task.name}={task.path}"
+            raise InputError(f"{named}: the task's file is also an output in --out; use another --out")
+
+
 def run(args, overrides) -> int:
-    """Checks every flag, loads the tasks and renders their prompts, then generates, scores, writes and
-    prints. Bad flags, paths and rows raise InputError / DataError / FileNotFoundError (exit 2)."""
+    """Checks every flag, loads the tasks and renders their prompts, loads the backend, checks --out, and
+    only then writes anything: generates, scores, writes and prints. Bad flags, paths and rows raise
+    InputError / DataError / FileNotFoundError (exit 2)."""
     if overrides:
         raise InputError(f"eval takes no key=value overrides, got {overrides}")
     _check_numbers(args)
-    if args.backend == "vllm" and not args.servers:
-        raise InputError("--backend vllm needs --servers URL[,URL...] (start one with `tulu-jax vllm --model DIR`)")
-    if args.backend == "vllm" and args.mesh:
-        raise InputError("--mesh applies to --backend local only (vLLM servers shard themselves)")
+    check_backend_flags(args.backend, args.servers, args.mesh)
     check_model_dir(args.model, "--model", weights=args.backend == "local")
     if args.data_dir is not None and not os.path.isdir(args.data_dir):
         raise InputError(f"--data-dir {args.data_dir}: no such directory")
@@ -133,6 +162,8 @@ def run(args, overrides) -> int:
     tokenizer = load_chat_tokenizer(args.model, "--model")
     mesh_shape = parse_mesh(args.mesh)
     tasks = _load_tasks(args)
+    if args.out is not None:
+        _check_inputs_are_not_outputs(tasks, args.out)
 
     from tulu_jax.evaluation import runner
     from tulu_jax.models import hf
@@ -141,25 +172,26 @@ def run(args, overrides) -> int:
     max_positions = hf.load_hf_config(args.model).max_position_embeddings
     prompt_ids = _prompt_ids(tasks, tokenizer, args.chat_template, max_tokens, max_positions)
     model = os.path.abspath(args.model)
-    if args.out is not None:
-        if args.overwrite:
-            runner.clear_outputs(args.out)
-        settings = runner.RunSettings(
-            model=model,
-            chat_template=args.chat_template,
-            dtype=args.dtype,
-            weights=runner.weights_fingerprint(args.model),
-        )
+    settings = runner.RunSettings(
+        model=model, chat_template=args.chat_template, dtype=args.dtype, weights=runner.weights_fingerprint(args.model)
+    )
+    if args.out is not None and not args.overwrite:  # refuse foreign or stale rows before any compute
         runner.check_settings(args.out, settings, max_tokens)
-        for task in tasks:  # refuse a foreign TASK.jsonl before any compute
-            runner.resume_rows(os.path.join(args.out, f"{task.name}.jsonl"), task)
+        for task in tasks:
+            runner.resume_rows(os.path.join(args.out, f"{task.name}.jsonl"), task, prompt_ids[task.name])
 
     from tulu_jax.generate import make_backend
     from tulu_jax.rewards.scorer import Scorer
 
-    backend, tokenizer = make_backend(
+    backend, tokenizer = make_backend(  # probes vLLM servers: a dead one fails here, before anything is written
         args.backend, args.model, servers=args.servers, dtype=args.dtype, mesh_shape=mesh_shape, tokenizer=tokenizer
     )
+    if args.out is not None:
+        if args.overwrite:
+            runner.clear_outputs(args.out, [t.name for t in tasks])
+        runner.record_settings(args.out, settings, max_tokens)
+        # until a task is done its entry says so: a killed run's summary is not mistaken for a finished one
+        runner.write_summary(args.out, model, {t.name: {"complete": False} for t in tasks})
     summaries = {}
     workers = args.workers or min(os.cpu_count() or 1, MAX_WORKERS)
     with Scorer(workers=workers, timeout_s=args.timeout_s) as scorer:

@@ -8,16 +8,20 @@ Output folder (`--out DIR`):
   DIR/TASK.jsonl     one row per item, in item order, appended batch by batch (flushed): task, index,
                      prompt (the chat messages), response, ground_truth, score, verifier, status,
                      finish_reason ("stop": ended on EOS; "length": ran into max_tokens), response_tokens
-                     (generated tokens, EOS included), and for `google_ifeval` items `instructions` (one
-                     strict pass/fail per instruction).
-  DIR/settings.json  model, chat template, dtype and per-task max_tokens of the rows: a restart with other
-                     settings is refused instead of mixing rows of two setups.
-  DIR/summary.json   {"model", "tasks": {TASK: {"accuracy", "n", "mean_response_tokens", "no_eos_share",
-                     "source", "max_tokens", ...}}}, IFEval-style tasks adding prompt_level_strict and
-                     instruction_level_strict (accuracy = prompt_level_strict).
+                     (generated tokens, EOS included), prompt_sha (`prompt_fingerprint` of the prompt's
+                     token ids: a changed chat template or tokenizer is refused, not mixed in), and for
+                     `google_ifeval` items `instructions` (one strict pass/fail per instruction).
+  DIR/settings.json  model, chat template, dtype, weights fingerprint and per-task max_tokens of the rows: a
+                     restart with other settings is refused instead of mixing rows of two setups.
+  DIR/summary.json   {"model", "tasks": {TASK: {"complete", "accuracy", "n", "mean_response_tokens",
+                     "no_eos_share", "source", "max_tokens", ...}}}, IFEval-style tasks adding
+                     prompt_level_strict and instruction_level_strict (accuracy = prompt_level_strict). A run
+                     first marks each of its tasks {"complete": false}, and replaces the mark with the metrics
+                     when the task is done, so the summary of a killed run says which tasks it lacks.
 A killed run started again with the same --out repairs a torn last line, keeps the finished rows, regenerates
 the batch it was killed in (the same prompts together, so greedy decoding repeats itself) and writes only
-the missing rows: the files end as an uninterrupted run writes them.
+the missing rows: the files end as an uninterrupted run writes them. Items and greedy responses are
+deterministic, so a run with a smaller --limit reuses the first rows of a larger one.
 """
 
 from __future__ import annotations
@@ -47,7 +51,15 @@ def score_responses(items: Sequence[EvalItem], responses: Sequence[str], scorer)
     return scorer.score([VerifyItem(it.dataset, r, it.ground_truth) for it, r in zip(items, responses)])
 
 
-def result_row(task: str, item: EvalItem, completion: Completion, response: str, verdict) -> dict[str, Any]:
+def prompt_fingerprint(prompt_ids: Sequence[int]) -> str:
+    """A short hash of a rendered prompt's token ids: rows whose prompt now renders differently (another
+    chat template, tokenizer or task data) are not resumed."""
+    return hashlib.sha256(json.dumps([int(t) for t in prompt_ids]).encode()).hexdigest()[:16]
+
+
+def result_row(
+    task: str, item: EvalItem, prompt_ids: Sequence[int], completion: Completion, response: str, verdict
+) -> dict[str, Any]:
     """One line of TASK.jsonl (see the module docstring)."""
     row = {
         "task": task,
@@ -60,25 +72,26 @@ def result_row(task: str, item: EvalItem, completion: Completion, response: str,
         "status": verdict.status,
         "finish_reason": completion.finish_reason,
         "response_tokens": len(completion.token_ids),
+        "prompt_sha": prompt_fingerprint(prompt_ids),
     }
     if item.dataset == "google_ifeval":
         row["instructions"] = None if verdict.details is None else [bool(d) for d in verdict.details]
     return row
 
 
-def resume_rows(path: str, task: EvalTask) -> list[dict]:
-    """The finished rows of `path` (empty if absent). A last line without its newline (a kill mid-write) is
-    cut off the file. Raises DataError naming the file and line when a line is not this task's row for the
-    item at its position (another task, data file, --limit or chat), or the file has more rows than items."""
+def resume_rows(path: str, task: EvalTask, prompt_ids: Sequence[Sequence[int]]) -> list[dict]:
+    """The finished rows of `path` for the items of `task` (empty if absent; the first len(task.items) when
+    the file holds more, e.g. from a run with a larger --limit). `prompt_ids[i]`: item i's prompt tokens. A
+    last line without its newline (a kill mid-write) is cut off the file. Raises DataError naming the file
+    and line when a line is not this task's row for the item at its position (another task or data file),
+    or its prompt_sha differs from this run's rendering of the prompt (another chat template or tokenizer)."""
     if not os.path.exists(path):
         return []
     with open(path, "rb") as f:
         data = f.read()
     *lines, tail = data.split(b"\n")
-    if len(lines) > len(task.items):
-        raise DataError(f"{path}: {len(lines)} rows but task {task.name} has {len(task.items)} items", "bad_output")
     rows = []
-    for n, (line, item) in enumerate(zip(lines, task.items), 1):
+    for n, (line, item, ids) in enumerate(zip(lines, task.items, prompt_ids), 1):
         try:
             row = json.loads(line)
         except ValueError:
@@ -94,6 +107,12 @@ def resume_rows(path: str, task: EvalTask) -> list[dict]:
             raise DataError(
                 f"{path} line {n}: not the row of task {task.name} item {item.index} (other data or settings); "
                 "use another --out or --overwrite",
+                "bad_output",
+            )
+        if row.get("prompt_sha") != prompt_fingerprint(ids):
+            raise DataError(
+                f"{path} line {n}: the prompt of task {task.name} item {item.index} now renders to other tokens "
+                "(the chat template or tokenizer changed); use another --out or --overwrite",
                 "bad_output",
             )
         rows.append(row)
@@ -121,7 +140,7 @@ def evaluate_task(
         raise ValueError(f"{len(prompt_ids)} prompts for {len(task.items)} items")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    rows = resume_rows(out_path, task) if out_path else []
+    rows = resume_rows(out_path, task, prompt_ids) if out_path else []
     done = len(rows)
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
     out = open(out_path, "a" if done else "w", encoding="utf-8") if out_path else None
@@ -133,10 +152,10 @@ def evaluate_task(
                     continue
                 completions = backend.generate(list(prompt_ids[start:stop]), params)
                 keep = range(max(start, done), stop)  # a batch cut by a kill is regenerated whole, written in part
-                picked = [(task.items[i], completions[i - start]) for i in keep]
-                texts = [tokenizer.decode(list(c.token_ids), skip_special_tokens=True) for _, c in picked]
-                verdicts = score_responses([it for it, _ in picked], texts, scorer)
-                new = [result_row(task.name, it, c, t, v) for (it, c), t, v in zip(picked, texts, verdicts)]
+                picked = [(task.items[i], prompt_ids[i], completions[i - start]) for i in keep]
+                texts = [tokenizer.decode(list(c.token_ids), skip_special_tokens=True) for _, _, c in picked]
+                verdicts = score_responses([it for it, _, _ in picked], texts, scorer)
+                new = [result_row(task.name, it, ids, c, t, v) for (it, ids, c), t, v in zip(picked, texts, verdicts)]
                 if out is not None:
                     out.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in new))
                     out.flush()
@@ -149,16 +168,19 @@ def evaluate_task(
 
 
 def summarize(task: EvalTask, rows: Sequence[dict], max_tokens: int) -> dict[str, Any]:
-    """Task metrics from its result rows: accuracy (mean score), n, mean_response_tokens, no_eos_share
-    (share of finish_reason "length"), source, max_tokens, verifier_timeouts and verifier_errors (responses
-    scored 0 because the verifier ran out of time or failed); rows with `instructions` (IFEval) add
-    prompt_level_strict (share of prompts with every instruction followed) and instruction_level_strict
-    (share of all instructions followed; a row the verifier could not check counts all its instructions as
-    failed)."""
+    """Task metrics from its result rows (one per item of `task`; ValueError otherwise): complete (true),
+    accuracy (mean score), n, mean_response_tokens, no_eos_share (share of finish_reason "length"), source,
+    max_tokens, verifier_timeouts and verifier_errors (responses scored 0 because the verifier ran out of
+    time or failed); rows with `instructions` (IFEval) add prompt_level_strict (share of prompts with every
+    instruction followed) and instruction_level_strict (share of all instructions followed; a row the
+    verifier could not check counts all its instructions as failed)."""
     n = len(rows)
     if n == 0:
         raise ValueError(f"task {task.name}: no rows to summarize")
+    if n != len(task.items):
+        raise ValueError(f"task {task.name}: {n} rows for {len(task.items)} items")
     out: dict[str, Any] = {
+        "complete": True,
         "accuracy": sum(r["score"] for r in rows) / n,
         "n": n,
         "mean_response_tokens": sum(r["response_tokens"] for r in rows) / n,
@@ -206,51 +228,66 @@ def weights_fingerprint(model_dir: str) -> str:
     return hashlib.sha256(json.dumps(entries).encode()).hexdigest()[:16]
 
 
-def clear_outputs(out_dir: str) -> None:
+def clear_outputs(out_dir: str, tasks: Sequence[str] = ()) -> None:
     """Deletes what an earlier eval wrote in `out_dir` (settings.json, summary.json and the TASK.jsonl of
-    every task it recorded), for `--overwrite`. Other files are left alone."""
+    every task it recorded) and the TASK.jsonl of each of `tasks` (this run's outputs), for `--overwrite`.
+    Other files are left alone."""
     path = os.path.join(out_dir, "settings.json")
-    tasks: list[str] = []
+    recorded: list[str] = []
     if os.path.exists(path):
         try:
             with open(path, encoding="utf-8") as f:
-                tasks = list(json.load(f).get("max_tokens", {}))
+                recorded = list(json.load(f).get("max_tokens", {}))
         except (ValueError, AttributeError):
-            tasks = []
-    for name in ["settings.json", "summary.json", *(f"{t}.jsonl" for t in tasks)]:
+            recorded = []
+    for name in ["settings.json", "summary.json", *(f"{t}.jsonl" for t in dict.fromkeys([*recorded, *tasks]))]:
         target = os.path.join(out_dir, name)
         if os.path.exists(target):
             os.remove(target)
 
 
+def _read_settings(path: str) -> dict[str, Any]:
+    if not os.path.exists(path):
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            old = json.load(f)
+    except ValueError:
+        old = None
+    if not isinstance(old, dict):
+        raise DataError(f"{path}: not a settings file of tulu-jax eval; use another --out or --overwrite", "bad_output")
+    return old
+
+
 def check_settings(out_dir: str, settings: RunSettings, max_tokens: dict[str, int]) -> None:
-    """Records the run's settings in `out_dir`/settings.json, first refusing (DataError naming the file and
-    the setting) a folder whose rows were made with other ones. Tasks not in this run keep their entries."""
+    """Refuses (DataError naming the file and the setting) an `out_dir` whose settings.json says its rows were
+    made with other settings or another max_tokens for one of this run's tasks. Writes nothing."""
     path = os.path.join(out_dir, "settings.json")
-    old: dict[str, Any] = {}
-    if os.path.exists(path):
-        try:
-            with open(path, encoding="utf-8") as f:
-                old = json.load(f)
-        except ValueError:
-            raise DataError(f"{path}: not JSON; use another --out or --overwrite", "bad_output") from None
-        new = dataclasses.asdict(settings)
-        for key, value in new.items():
-            if old.get(key) != value:
-                raise DataError(
-                    f"{path}: rows here were made with {key}={old.get(key)!r}, this run has {value!r}; "
-                    "use another --out or --overwrite",
-                    "bad_output",
-                )
-        for task, budget in max_tokens.items():
-            before = old.get("max_tokens", {}).get(task)
-            if before is not None and before != budget:
-                raise DataError(
-                    f"{path}: task {task} was run with max_tokens={before}, this run has {budget}; "
-                    "use another --out or --overwrite",
-                    "bad_output",
-                )
-    merged = {**old.get("max_tokens", {}), **max_tokens}
+    old = _read_settings(path)
+    if not old:
+        return
+    for key, value in dataclasses.asdict(settings).items():
+        if old.get(key) != value:
+            raise DataError(
+                f"{path}: rows here were made with {key}={old.get(key)!r}, this run has {value!r}; "
+                "use another --out or --overwrite",
+                "bad_output",
+            )
+    for task, budget in max_tokens.items():
+        before = (old.get("max_tokens") or {}).get(task)
+        if before is not None and before != budget:
+            raise DataError(
+                f"{path}: task {task} was run with max_tokens={before}, this run has {budget}; "
+                "use another --out or --overwrite",
+                "bad_output",
+            )
+
+
+def record_settings(out_dir: str, settings: RunSettings, max_tokens: dict[str, int]) -> None:
+    """Writes `out_dir`/settings.json (after `check_settings` passed); tasks not in this run keep their
+    max_tokens entries."""
+    path = os.path.join(out_dir, "settings.json")
+    merged = {**(_read_settings(path).get("max_tokens") or {}), **max_tokens}
     write_json(path, settings.as_json(merged))
 
 

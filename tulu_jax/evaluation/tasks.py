@@ -15,8 +15,9 @@ this package and NOT benchmark items, so their scores say nothing about a model'
           is the user turn. Verifier dataset "google_ifeval" (every instruction, strict).
   tiny_arith, tiny_if   bundled RLVR files tulu_jax/assets/tiny_arith/eval.jsonl, tiny_if/eval.jsonl.
   NAME=PATH  any .jsonl/.parquet of RLVR rows {"messages": [...], "ground_truth": str, "dataset": str}
-          (the format of Tülu 3's RLVR data): zero-shot, the messages are the chat; scored by the row's
-          verifier dataset (lower-cased, so "MATH" is "math").
+          (the format of Tülu 3's RLVR data; {"prompt": str} may stand for messages, one user turn):
+          zero-shot, the messages are the chat; scored by the row's verifier dataset (lower-cased, so
+          "MATH" is "math"). NAME may not be a built-in task's.
 
 A bad row is a DataError naming "<file> line N" (or "row N" for Parquet) and the field.
 """
@@ -58,12 +59,13 @@ class EvalItem:
 @dataclasses.dataclass(frozen=True)
 class EvalTask:
     """A named list of items. `source`: the file read (with a note for bundled samples); `max_tokens`: the
-    task's default generation budget."""
+    task's default generation budget; `path`: the file read."""
 
     name: str
     items: tuple[EvalItem, ...]
     source: str
     max_tokens: int
+    path: str = ""
 
 
 def _fail(where: str, field: str, what: str, reason: str = "bad_eval_row"):
@@ -129,11 +131,10 @@ def ifeval_item(row: Any, where: str, index: int) -> EvalItem:
 
 
 def rlvr_item(row: Any, where: str, index: int) -> EvalItem:
-    """A Tülu RLVR row {"messages", "ground_truth", "dataset"} -> a zero-shot item scored by `dataset`."""
+    """A Tülu RLVR row {"messages", "ground_truth", "dataset"} -> a zero-shot item scored by `dataset`. As in
+    `tulu-jax generate`, {"prompt": str} may stand for "messages" (one user turn)."""
     from tulu_jax.generate import prompt_messages
 
-    if isinstance(row, Mapping) and "messages" not in row:
-        _fail(where, "messages", "missing")
     messages = prompt_messages(row, where)
     truth = _text(row, where, "ground_truth")
     try:
@@ -206,6 +207,8 @@ def parse_task_spec(spec: str) -> tuple[str, str | None]:
     name, sep, path = spec.partition("=")
     name = name.strip()
     if sep:
+        if name in BUILTIN:
+            raise ValueError(f"{spec}: {name} is a built-in task; give the file another name")
         if not _NAME.fullmatch(name):
             raise ValueError(f"task name {name!r}: use letters, digits, '_', '.', '-' (it names the output file)")
         if not path.strip():
@@ -223,16 +226,16 @@ def load_task(spec: str, data_dir: str | None = None, limit: int | None = None) 
     name, path = parse_task_spec(spec)
     if path is not None:
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"task {name}: no such file {path}")
-        return EvalTask(name, tuple(read_items(path, rlvr_item, limit)), path, DEFAULT_MAX_TOKENS)
+            raise FileNotFoundError(f"--tasks {name}={path}: no such file")
+        return EvalTask(name, tuple(read_items(path, rlvr_item, limit)), path, DEFAULT_MAX_TOKENS, path)
     task = BUILTIN[name]
     if data_dir is not None and task.data_files:
         found = [os.path.join(data_dir, f) for f in task.data_files if os.path.isfile(os.path.join(data_dir, f))]
         if not found:
             raise FileNotFoundError(f"--data-dir {data_dir}: no {' or '.join(task.data_files)} for task {name}")
-        return EvalTask(name, tuple(read_items(found[0], task.reader, limit)), found[0], task.max_tokens)
+        return EvalTask(name, tuple(read_items(found[0], task.reader, limit)), found[0], task.max_tokens, found[0])
     bundled = asset_path(task.bundled)
     if not os.path.isfile(bundled):
         raise FileNotFoundError(f"task {name}: the bundled file {bundled} is missing (incomplete installation)")
     source = f"{SAMPLE_NOTE}: {bundled}" if task.sample else bundled
-    return EvalTask(name, tuple(read_items(bundled, task.reader, limit)), source, task.max_tokens)
+    return EvalTask(name, tuple(read_items(bundled, task.reader, limit)), source, task.max_tokens, bundled)
