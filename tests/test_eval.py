@@ -395,6 +395,11 @@ def test_resume_refuses_other_settings_or_data(full_run, eval_model, task_files,
     args = _eval_args(eval_model, {**task_files, "arith": other}, out)
     assert main(args) == 2
     assert "arith.jsonl line 1: not the row of task arith item 0" in capsys.readouterr().err
+    fresh = tmp_path / "fresh"  # a foreign file where a row file goes: refused before settings.json is written
+    _jsonl(fresh / "arith.jsonl", [{"stale": True}])
+    assert main(_eval_args(eval_model, task_files, fresh)) == 2
+    assert "arith.jsonl line 1: not the row" in capsys.readouterr().err
+    assert sorted(p.name for p in fresh.iterdir()) == ["arith.jsonl"]
 
 
 def test_a_retrained_model_is_refused_and_overwrite_starts_over(full_run, eval_model, task_files, tmp_path, capsys):
