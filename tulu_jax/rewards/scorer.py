@@ -46,10 +46,10 @@ class VerifyItem:
 
 
 def parse_legacy(if_semantics: str) -> frozenset[str]:
-    """The IF functions to run with 2024 semantics for an `--if-semantics` spec (`head`, `2024`,
+    """The IF functions to run with 2024 semantics for an `--if-semantics` spec (`head` in any case, `2024`,
     `2024:f1,f2`), parsed by `tulu_jax.rewards.ifeval.parse_if_semantics` (imported only when the spec is
     not "head"). Raises ValueError for a bad spec."""
-    if if_semantics == "head":
+    if isinstance(if_semantics, str) and if_semantics.lower() == "head":
         return frozenset()
     from tulu_jax.rewards.ifeval import parse_if_semantics
 
