@@ -154,14 +154,10 @@ def test_skip_counts_bad_rows_and_keeps_them_in_out(tmp_path, capsys):
         (None, "skipped"),
     ]
     assert scored[1]["verify_message"].startswith(f"{data} line 2: invalid JSON")
-    assert scored[2] == {
-        **lines[2],
-        "score": None,
-        "verifier": None,
-        "verify_status": "skipped",
-        "verify_message": f"{data} line 3: field 'dataset': unknown dataset 'mmlu'; "
-        "known: google_ifeval, gsm8k, ifeval, math",
-    }
+    message = scored[2].pop("verify_message")
+    assert scored[2] == {**lines[2], "score": None, "verifier": None, "verify_status": "skipped"}
+    # (test_scorer's plugin may have added test verifiers to the known names)
+    assert message.startswith(f"{data} line 3: field 'dataset': unknown dataset 'mmlu'; known: google_ifeval, gsm8k")
     assert scored[4]["verify_message"].startswith(f"{data} line 5: field 'ground_truth': IFEval ground truth")
     assert "verify_message" not in scored[0]
     printed = capsys.readouterr().out
