@@ -249,3 +249,37 @@ def test_config_help_lists_every_dotted_key():
 def test_not_a_dataclass():
     with pytest.raises(TypeError):
         from_dict(int, {})
+
+
+def test_section_validation_errors_name_the_key():
+    """A section's __post_init__ message is reported under the key it names (first named field wins), and
+    under the section with its class name when it names none."""
+    from tulu_jax.config import SFTConfig
+
+    cases = {
+        "data.chat_template=chatml": "data.chat_template: unknown chat_template 'chatml'",
+        "train.log_every=0": "train.log_every: log_every must be >= 1, got 0",
+        "train.num_epochs=0": "train.num_epochs: num_epochs must be >= 1, got 0",
+        "checkpoint.every_steps=-2": "checkpoint.every_steps: every_steps must be >= 0",
+        "data.num_workers=-1": "data.num_workers: num_workers must be >= 0, got -1",
+    }
+    for override, message in cases.items():
+        with pytest.raises(ConfigError) as err:
+            load_config(SFTConfig, None, [override])
+        assert str(err.value).startswith(message), (override, str(err.value))
+
+    @dataclass(frozen=True)
+    class Section:
+        lo: int = 0
+        hi: int = 1
+
+        def __post_init__(self):
+            if self.lo > self.hi:
+                raise ValueError("the range is empty")
+
+    @dataclass(frozen=True)
+    class Root:
+        span: Section = field(default_factory=Section)
+
+    with pytest.raises(ConfigError, match=r"^span \(Section\): the range is empty$"):
+        from_dict(Root, {"span": {"lo": 3}})

@@ -10,6 +10,7 @@ import time
 import pytest
 from conftest import REPO
 
+from tulu_jax.rewards import check_ground_truth
 from tulu_jax.rewards.ifeval import (
     DIFFERENCES_TABLE,
     IF_FUNCTIONS,
@@ -215,8 +216,17 @@ def test_sections_count_matches_numbered_header_split():
     ],
 )
 def test_malformed_ground_truth_raises_value_error(ground_truth, message):
-    with pytest.raises(ValueError, match=re.escape(message)):
+    with pytest.raises(ValueError, match=re.escape(message)) as from_verifier:
         verify_ifeval("any answer", ground_truth)
+    # `verify` refuses such a row up front, with the reason the verifier would give on every response.
+    with pytest.raises(ValueError) as from_check:
+        check_ground_truth("IFEval", ground_truth)
+    assert str(from_check.value) == str(from_verifier.value)
+
+
+def test_check_ground_truth_accepts_every_case():
+    for name, kwargs, *_ in CASES:
+        assert check_ground_truth("ifeval", gt(name, **kwargs)) is None
 
 
 def test_integral_float_counts_are_accepted():

@@ -6,6 +6,7 @@ import time
 
 import pytest
 
+from tulu_jax.rewards import check_ground_truth
 from tulu_jax.rewards.ifeval_google import (
     _build,
     check_instructions,
@@ -173,6 +174,37 @@ def test_bad_rows_raise_value_error_naming_the_row(bad_row, message):
     with pytest.raises(ValueError, match=message) as error:
         ground_truth_from_row(bad_row)
     assert "key=" in str(error.value)
+    # The same content given as a ground truth: `verify` refuses the row, with the verifier's own reason.
+    truth = json.dumps({k: v for k, v in bad_row.items() if k != "key"})
+    with pytest.raises(ValueError, match=message) as from_verifier:
+        check_instructions("any answer", truth)
+    with pytest.raises(ValueError) as from_check:
+        check_ground_truth("google_ifeval", truth)
+    assert str(from_check.value) == str(from_verifier.value)
+
+
+@pytest.mark.parametrize(
+    "spec,message",
+    [
+        ({"kwargs": [{}], "prompt": "p"}, "instruction_id_list must be a non-empty list"),
+        ({"instruction_id_list": ["punctuation:no_comma"], "prompt": "p"}, "kwargs must be a list of 1"),
+        ({"instruction_id_list": ["punctuation:no_comma"], "kwargs": [{}]}, "prompt must be a string"),
+        ({"instruction_id_list": ["punctuation:no_comma"], "kwargs": [7], "prompt": "p"}, "must be an object"),
+        ({"instruction_id_list": ["keywords:existence"], "kwargs": [{"keywords": ["(c"]}], "prompt": ""},
+         "not a valid regex"),
+    ],
+)  # fmt: skip
+def test_check_ground_truth_refuses_what_the_verifier_cannot_use(spec, message):
+    with pytest.raises(ValueError, match=message):
+        check_ground_truth("google_ifeval", json.dumps(spec))
+    for not_an_object in ("{", "[1]", '"text"'):
+        with pytest.raises(ValueError, match="not JSON|JSON object"):
+            check_ground_truth("google_ifeval", not_an_object)
+
+
+def test_check_ground_truth_accepts_every_case():
+    for instruction_id, (kwargs, _, _) in CASES.items():
+        assert check_ground_truth("google_ifeval", ground_truth_from_row(row([instruction_id], [kwargs]))) is None
 
 
 def test_bad_ground_truth_raises_value_error():

@@ -11,6 +11,7 @@ import pytest
 
 from tulu_jax.rewards import (
     answer_text,
+    check_ground_truth,
     extract_gsm8k_answer,
     gsm8k_ground_truth,
     hendrycks_is_equiv,
@@ -355,3 +356,16 @@ def test_sympy_parse_expr_is_never_called(monkeypatch):
 def test_refused_answers_fail_even_against_themselves():
     for answer in ["9^{9^{9^{9}}}", "100!!!!", "{" * 5000 + "5" + "}" * 5000]:
         assert not verify_math(f"\\boxed{{{answer}}}", answer)
+
+
+def test_check_ground_truth_needs_a_reference_answer():
+    for dataset in ("gsm8k", "MATH"):
+        for empty in ("", " \n\t"):
+            with pytest.raises(ValueError, match="non-empty string"):
+                check_ground_truth(dataset, empty)
+        with pytest.raises(ValueError, match="must be a string, got list"):
+            check_ground_truth(dataset, ["18"])
+    for _, ground_truth, _ in GSM8K_VECTORS:
+        assert check_ground_truth("gsm8k", ground_truth) is None
+    for _, ground_truth, _ in MATH_VECTORS:
+        assert check_ground_truth("math", ground_truth) is None

@@ -2,10 +2,15 @@
 exceptions and dead workers scored as errors, and a seeded fuzz of every verifier."""
 
 import json
+import os
 import random
+import signal
+import subprocess
+import sys
 import time
 
 import pytest
+from conftest import cli_env
 from test_rewards_math_gsm8k import GSM8K_ANSWERS, GSM8K_VECTORS, MATH_ANSWERS, MATH_VECTORS, hostile_inputs
 
 from tulu_jax.rewards import Scorer, UnknownDataset, VerifyItem, verify
@@ -125,8 +130,56 @@ def test_workers_do_not_import_jax(scorer):
 def test_bad_arguments():
     with pytest.raises(ValueError, match="workers"):
         Scorer(workers=0)
-    with pytest.raises(ValueError, match="timeout_s"):
-        Scorer(workers=1, timeout_s=0)
+    for timeout_s in (0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match=r"^timeout_s must be a finite number of seconds > 0, got"):
+            Scorer(workers=1, timeout_s=timeout_s)
+
+
+# The owner of a Scorer, hung on two items that each run for minutes: prints its worker pids, then scores.
+OWNER = """
+from tulu_jax.rewards import Scorer, VerifyItem
+if __name__ == "__main__":
+    with Scorer(workers=2, timeout_s=60) as scorer:
+        print(*scorer.pids, flush=True)
+        scorer.score([VerifyItem("math", {response!r}, {ground_truth!r})] * 2)
+"""
+
+
+def _running(pid: int) -> bool:
+    """Whether `pid` is a live process (a zombie nobody reaps, e.g. under a container's PID 1, is not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
+        return False
+
+
+def _parent(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rpartition(")")[2].split()[1])
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads process states from /proc (Linux)")
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_workers_die_with_their_owner(sig):
+    code = OWNER.format(response=HANG.response, ground_truth=HANG.ground_truth)
+    owner = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=cli_env())
+    try:
+        workers = [int(p) for p in owner.stdout.readline().split()]
+        assert len(workers) == 2, owner.communicate(timeout=60)
+        forkserver = {_parent(pid) for pid in workers}
+        assert owner.pid not in forkserver  # the workers are the forkserver's children, not the owner's
+        time.sleep(2.0)  # both workers are now deep in sympy
+        assert all(_running(pid) for pid in workers)
+        owner.send_signal(sig)
+        owner.wait(timeout=30)
+        deadline = time.monotonic() + 5.0
+        while time.monotonic() < deadline and any(_running(p) for p in [*workers, *forkserver]):
+            time.sleep(0.1)
+        assert [p for p in [*workers, *forkserver] if _running(p)] == []
+    finally:
+        owner.kill()
+        owner.wait()
 
 
 # ------------------------------------------------------------------------------------------------ fuzz

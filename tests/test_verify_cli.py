@@ -2,14 +2,17 @@
 (exit 2) or skipped and counted; flag errors."""
 
 import json
+import os
 import subprocess
 import sys
+import time
 
 import pytest
 from conftest import cli_env
 from test_rewards_math_gsm8k import GSM8K_VECTORS, MATH_VECTORS
 
 from tulu_jax.cli import main
+from tulu_jax.rewards import check_ground_truth, verify
 from tulu_jax.verify import verify_file
 
 PROMPT = "<|user|>\nQ\n<|assistant|>\n"
@@ -84,21 +87,148 @@ def test_bad_row_names_file_line_and_field(tmp_path, capsys, line, message):
     assert len(err.splitlines()) == 1
 
 
-def test_skip_counts_bad_rows(tmp_path, capsys):
-    data = _write(tmp_path / "bad.jsonl", [GOOD, "{oops", {**GOOD, "dataset": "mmlu"}, {**GOOD, "response": "17"}])
+GOOGLE = {"instruction_id_list": ["punctuation:no_comma"], "kwargs": [{}], "prompt": "Answer."}
+# (dataset, malformed ground truth): every response would score 0 with status "error".
+BAD_GROUND_TRUTHS = [
+    ("ifeval", "not json"),
+    ("ifeval", '["validate_title"]'),
+    ("ifeval", '{"func_name": "validate_nothing"}'),
+    ("ifeval", '{"func_name": "validate_end"}'),
+    ("ifeval", '{"func_name": "validate_title", "N": 3}'),
+    ("ifeval", '{"func_name": "validate_word_constraint", "N": "3", "quantifier": "around"}'),
+    ("google_ifeval", json.dumps({k: v for k, v in GOOGLE.items() if k != "prompt"})),
+    ("google_ifeval", json.dumps({**GOOGLE, "instruction_id_list": ["detectable_format:rephrase"]})),
+    ("google_ifeval", json.dumps({**GOOGLE, "kwargs": [{}, {}]})),
+    ("google_ifeval", json.dumps({**GOOGLE, "kwargs": [{"num_words": 5}]})),
+]
+
+
+@pytest.mark.parametrize(("dataset", "ground_truth"), BAD_GROUND_TRUTHS)
+def test_bad_ground_truth_is_a_bad_row(tmp_path, capsys, dataset, ground_truth):
+    with pytest.raises(ValueError) as from_verifier:  # in-process, the verifier raises on any response
+        verify(dataset, "18", ground_truth)
+    data = _write(tmp_path / "bad.jsonl", [GOOD, {"response": "18", "ground_truth": ground_truth, "dataset": dataset}])
+    assert main(["verify", "--data", data, "--workers", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"tulu-jax: error: {data} line 2: field 'ground_truth': {from_verifier.value}"
+
+
+@pytest.mark.parametrize(("dataset", "ground_truth"), [("gsm8k", ""), ("MATH", " \n")])
+def test_empty_reference_answer_is_a_bad_row(tmp_path, capsys, dataset, ground_truth):
+    data = _write(tmp_path / "bad.jsonl", [GOOD, {"response": "18", "ground_truth": ground_truth, "dataset": dataset}])
+    assert main(["verify", "--data", data, "--workers", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert (
+        err
+        == f"tulu-jax: error: {data} line 2: field 'ground_truth': must be a non-empty string (the reference answer)"
+    )
+
+
+def test_check_ground_truth_is_fast_on_repeated_ground_truths():
+    truths = [json.dumps({**GOOGLE, "prompt": f"Answer {i}."}) for i in range(20)]
+    check_ground_truth("google_ifeval", truths[0])  # the first google_ifeval check imports its checkers
+    start = time.perf_counter()
+    for i in range(20_000):
+        check_ground_truth("google_ifeval", truths[i % len(truths)])
+    rate = 20_000 / (time.perf_counter() - start)
+    assert rate > 50_000, f"{rate:.0f} checks/s"  # verify reads tens of thousands of rows per second
+
+
+def test_skip_counts_bad_rows_and_keeps_them_in_out(tmp_path, capsys):
+    lines = [
+        GOOD,
+        "{oops",
+        {**GOOD, "dataset": "mmlu"},
+        {**GOOD, "response": "17"},
+        {**GOOD, "dataset": "ifeval", "ground_truth": "{}"},
+    ]
+    data = _write(tmp_path / "bad.jsonl", lines)
     out = tmp_path / "scored.jsonl"
     assert main(["verify", "--data", data, "--out", str(out), "--workers", "1", "--on-bad-row", "skip"]) == 0
-    assert [json.loads(line)["score"] for line in out.read_text().splitlines()] == [1.0, 0.0]
+    scored = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["score"], r["verify_status"]) for r in scored] == [
+        (1.0, "ok"),
+        (None, "skipped"),
+        (None, "skipped"),
+        (0.0, "ok"),
+        (None, "skipped"),
+    ]
+    assert scored[1]["verify_message"].startswith(f"{data} line 2: invalid JSON")
+    message = scored[2].pop("verify_message")
+    assert scored[2] == {**lines[2], "score": None, "verifier": None, "verify_status": "skipped"}
+    # (test_scorer's plugin may have added test verifiers to the known names)
+    assert message.startswith(f"{data} line 3: field 'dataset': unknown dataset 'mmlu'; known: google_ifeval, gsm8k")
+    assert scored[4]["verify_message"].startswith(f"{data} line 5: field 'ground_truth': IFEval ground truth")
+    assert "verify_message" not in scored[0]
     printed = capsys.readouterr().out
     assert _table(printed)["gsm8k"][:2] == ["2", "1"]
-    assert "skipped bad rows: 2 (invalid_json: 1, unknown_dataset: 1)" in printed
+    assert "skipped bad rows: 3 (invalid_json: 1, unknown_dataset: 1, bad_ground_truth: 1)" in printed
+
+
+def test_timeout_message_in_out_and_under_the_table(tmp_path, capsys):
+    hang = {"response": "So the answer is $\\boxed{(x+y+z)^{999}}$.", "ground_truth": "x^2+1", "dataset": "math"}
+    data = _write(tmp_path / "rows.jsonl", [GOOD, hang])
+    out = tmp_path / "scored.jsonl"
+    assert main(["verify", "--data", data, "--out", str(out), "--workers", "1", "--timeout-s", "1"]) == 0
+    scored = [json.loads(line) for line in out.read_text().splitlines()]
+    assert (scored[1]["score"], scored[1]["verify_status"]) == (0.0, "timeout")
+    assert scored[1]["verify_message"] == "over the 1 s deadline"
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[-2:] == ["timeouts and errors:", f"  {data} line 2 (math, timeout): over the 1 s deadline"]
+
+
+@pytest.mark.parametrize(
+    ("lines", "message"),
+    [
+        ([], "no rows to verify"),
+        (["", "  "], "no rows to verify"),
+        (
+            ["{oops", {**GOOD, "dataset": "mmlu"}],
+            "no rows to verify: all 2 rows were skipped as bad (invalid_json: 1, unknown_dataset: 1)",
+        ),
+    ],
+)
+def test_no_rows_to_verify(tmp_path, capsys, lines, message):
+    data = _write(tmp_path / "rows.jsonl", lines)
+    assert main(["verify", "--data", data, "--workers", "1", "--on-bad-row", "skip"]) == 2
+    assert capsys.readouterr().err.strip() == f"tulu-jax: error: {data}: {message}"
+
+
+def test_if_semantics_is_case_insensitive(tmp_path, capsys):
+    data = _write(tmp_path / "rows.jsonl", [GOOD])
+    assert main(["verify", "--data", data, "--workers", "1", "--if-semantics", "HEAD"]) == 0
+    assert _table(capsys.readouterr().out)["all"][:2] == ["1", "1"]
+
+
+def test_ctrl_c_is_one_line_and_exit_130(tmp_path, capsys, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("tulu_jax.verify.verify_file", interrupted)
+    data = _write(tmp_path / "rows.jsonl", [GOOD])
+    assert main(["verify", "--data", data]) == 130
+    assert capsys.readouterr().err == "tulu-jax: interrupted\n"
 
 
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
-        (["--workers", "0"], "--workers 0: must be >= 1"),
-        (["--timeout-s", "0"], "--timeout-s 0.0: must be > 0"),
+        (
+            ["--workers", "0"],
+            f"--workers 0: must be between 1 and {4 * (os.cpu_count() or 1)} "
+            f"(4 per CPU; this machine has {os.cpu_count() or 1})",
+        ),
+        (["--timeout-s", "0"], "--timeout-s 0: must be a finite number of seconds > 0"),
+        (["--timeout-s", "inf"], "--timeout-s inf: must be a finite number of seconds > 0"),
+        (["--timeout-s", "nan"], "--timeout-s nan: must be a finite number of seconds > 0"),
+        (["--timeout-s", "-1"], "--timeout-s -1: must be a finite number of seconds > 0"),
+        (["--out", ""], "--out: empty path; give a file to write or leave --out out"),
+        (["--out", "/proc/x.jsonl"], "--out /proc/x.jsonl: cannot be written: No such file or directory"),
+        (
+            ["--workers", str(4 * (os.cpu_count() or 1) + 1)],
+            f"--workers {4 * (os.cpu_count() or 1) + 1}: must be between 1 and {4 * (os.cpu_count() or 1)} "
+            f"(4 per CPU; this machine has {os.cpu_count() or 1})",
+        ),
         (["--data", "/nonexistent/rows.jsonl"], "--data /nonexistent/rows.jsonl: no such file or directory"),
         (["--out", "DATA"], "--out DATA: is the --data file; writing would destroy it"),
     ],

@@ -237,7 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Runs one subcommand -> exit code. Bad inputs (InputError, ConfigError, DataError, FileNotFoundError)
-    print one `tulu-jax: error: ...` line on stderr and return 2."""
+    print one `tulu-jax: error: ...` line on stderr and return 2; Ctrl-C prints `tulu-jax: interrupted`
+    and returns 130 (the shell's code for SIGINT)."""
     argv = sys.argv[1:] if argv is None else argv
     try:
         if argv[:1] == ["vllm"]:  # the launcher has its own flags, plus vLLM's after `--`
@@ -249,6 +250,9 @@ def main(argv: list[str] | None = None) -> int:
         if bad:
             raise InputError(f"unrecognised arguments {bad} (config overrides are dotted.key=value)")
         return args.fn(args, overrides)
+    except KeyboardInterrupt:
+        print("tulu-jax: interrupted", file=sys.stderr)
+        return 130
     except (ValueError, FileNotFoundError) as e:  # input errors: one clear line, no traceback
         from tulu_jax.configlib import ConfigError
         from tulu_jax.data import DataError

@@ -162,8 +162,10 @@ class DataFilesConfig:
             raise ValueError(f"on_bad_row must be one of {ON_BAD_ROW}, got {self.on_bad_row!r}")
         if self.chat_template not in CHAT_TEMPLATES:
             raise ValueError(f"unknown chat_template {self.chat_template!r}; known: {list(CHAT_TEMPLATES)}")
-        if self.max_seq_len < 1 or self.num_workers < 0:
-            raise ValueError(f"need max_seq_len >= 1 and num_workers >= 0, got {self}")
+        if self.max_seq_len < 1:
+            raise ValueError(f"max_seq_len must be >= 1, got {self.max_seq_len}")
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
         if self.use_bundled and (self.train_files or self.eval_files):
             raise ValueError(
                 "use_bundled=true (train on the bundled toy set) and train_files/eval_files are both set: add "
@@ -248,8 +250,10 @@ class TrainConfig:
     )
 
     def __post_init__(self):
-        if self.num_epochs < 1 or self.log_every < 1:
-            raise ValueError(f"need num_epochs >= 1 and log_every >= 1, got {self.num_epochs}, {self.log_every}")
+        if self.num_epochs < 1:
+            raise ValueError(f"num_epochs must be >= 1, got {self.num_epochs}")
+        if self.log_every < 1:
+            raise ValueError(f"log_every must be >= 1, got {self.log_every}")
         if self.max_steps == 0 or self.max_steps < -1:
             raise ValueError(f"max_steps must be a positive number of steps or -1 (all epochs), got {self.max_steps}")
         if self.batch_size <= 0 or self.grad_accum_steps <= 0 or self.batch_size % self.grad_accum_steps:
@@ -277,10 +281,10 @@ class CheckpointConfig:
     keep: int = field(default=2, metadata={"help": "how many recent checkpoints to keep (>= 1: a run must resume)"})
 
     def __post_init__(self):
-        if self.keep < 1 or self.every_steps < 0:
-            raise ValueError(
-                f"need keep >= 1 and every_steps >= 0, got keep={self.keep}, every_steps={self.every_steps}"
-            )
+        if self.keep < 1:
+            raise ValueError(f"keep must be >= 1 (checkpoints kept on disk), got {self.keep}")
+        if self.every_steps < 0:
+            raise ValueError(f"every_steps must be >= 0 (0: only at the end), got {self.every_steps}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -364,8 +368,10 @@ class DPOLossConfig:
     def __post_init__(self):
         if self.beta is None:  # β = 5 only makes sense with length normalization (Tülu 3 §5, dpo_norm)
             object.__setattr__(self, "beta", DEFAULT_BETA[self.loss])
-        if self.beta <= 0 or not 0 <= self.label_smoothing < 0.5:
-            raise ValueError(f"need beta > 0 and 0 <= label_smoothing < 0.5, got {self.beta}, {self.label_smoothing}")
+        if self.beta <= 0:
+            raise ValueError(f"beta must be > 0, got {self.beta}")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
 
     @property
     def needs_reference(self) -> bool:

@@ -147,7 +147,17 @@ def from_dict(cls: type, data: dict[str, Any], path: str = "") -> Any:
     except ConfigError:
         raise
     except ValueError as e:  # a section's __post_init__ validation
+        key = _named_field(str(e), fields)
+        if key is not None:
+            raise ConfigError(f"{_join(path, key)}: {e}") from e
         raise ConfigError(f"{path or '<root>'} ({cls.__name__}): {e}") from e
+
+
+def _named_field(message: str, fields) -> str | None:
+    """The field a validation message is about: the one whose name occurs first in it as a whole word
+    (`unknown chat_template 'x'` -> chat_template), None when it names none."""
+    found = [(m.start(), name) for name in fields for m in [re.search(rf"\b{re.escape(name)}\b", message)] if m]
+    return min(found)[1] if found else None
 
 
 def _safe_load(text: str, where: str) -> Any:

@@ -4,42 +4,66 @@ Input rows use the field names of Tülu's RLVR data (open-instruct `ground_truth
 `response` (the model output; the text after its last `<|assistant|>\\n` is checked), `ground_truth` and
 `dataset` (`gsm8k`, `math`/`MATH`, `ifeval`, `google_ifeval`; case-insensitive). `ground_truth` must be a
 string: IF constraints are the JSON text Tülu's datasets store there, not a decoded object, so the
-verifier sees exactly what the dataset holds. Each row of `--out` is the input row, in input order, plus
-`score` (1.0/0.0), `verifier` (canonical dataset name) and `verify_status` (ok, timeout or error).
+verifier sees exactly what the dataset holds; a ground truth its verifier cannot use
+(`tulu_jax.rewards.check_ground_truth`) makes the row a bad row. Each row of `--out` is the input row, in
+input order, plus `score` (1.0/0.0), `verifier` (canonical dataset name) and `verify_status` (ok, timeout,
+error) with `verify_message` when not ok. Under `--on-bad-row skip` a bad row is written too, as
+`verify_status: "skipped"` with `score` and `verifier` null, so line N of --out is row N of --data.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 from tulu_jax.inputs import InputError, check_data_path, check_writable_output
 
 BATCH_ROWS = 4096  # rows scored per Scorer call (and per --out flush)
 FIELDS = ("response", "ground_truth", "dataset")
+WORKERS_PER_CPU = 4  # more verifier processes than this only cost memory and start-up time
+SHOWN_ERRORS = 5  # error/timeout messages printed under the table
 
 
 def add_arguments(p) -> None:
     """The `verify` subcommand's flags, on the argparse parser `p`."""
     p.add_argument("--data", required=True, help="JSONL (or Parquet) of rows {response, ground_truth, dataset}")
-    p.add_argument("--out", help="JSONL: every input row, in order, plus score, verifier and verify_status")
-    p.add_argument("--workers", type=int, default=None, help="verifier processes (default: one per CPU)")
-    p.add_argument("--timeout-s", type=float, default=10.0, help="hard deadline per response, seconds")
+    p.add_argument(
+        "--out",
+        help="JSONL: every input row, in order, plus score, verifier, verify_status (and verify_message when "
+        "not ok); a skipped bad row has verify_status skipped and no score",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help=f"verifier processes (default: one per CPU; at most {WORKERS_PER_CPU} per CPU)",
+    )
+    p.add_argument(
+        "--timeout-s", type=float, default=10.0, help="hard deadline per response, seconds (default: %(default)s)"
+    )
     p.add_argument(
         "--if-semantics",
         default="head",
         help="IF constraint semantics: head (open-instruct HEAD), 2024, or 2024:f1,f2 (2024 for those functions)",
     )
-    p.add_argument("--on-bad-row", choices=("error", "skip"), default="error")
+    p.add_argument(
+        "--on-bad-row",
+        choices=("error", "skip"),
+        default="error",
+        help="a bad row (invalid JSON, missing field, unknown dataset, unusable ground truth): error stops with "
+        "its file, line and field; skip counts it and writes it to --out as skipped (default: %(default)s)",
+    )
 
 
 def parse_row(row: Any, where: str):
     """The VerifyItem of one input row. Raises DataError naming `where` (file and line) and the field:
-    not an object, a missing or non-string field, an unknown dataset (the message lists the known ones)."""
+    not an object, a missing or non-string field, an unknown dataset (the message lists the known ones),
+    a ground truth the dataset's verifier cannot use (`check_ground_truth`, reason "bad_ground_truth")."""
     from tulu_jax.data.chat import DataError
-    from tulu_jax.rewards.registry import UnknownDataset, canonical_dataset
+    from tulu_jax.rewards.registry import UnknownDataset, canonical_dataset, check_ground_truth
     from tulu_jax.rewards.scorer import VerifyItem
 
     if not isinstance(row, Mapping):
@@ -54,7 +78,41 @@ def parse_row(row: Any, where: str):
         dataset = canonical_dataset(row["dataset"])
     except UnknownDataset as e:
         raise DataError(f"{where}: field 'dataset': {e}", "unknown_dataset") from None
+    try:
+        check_ground_truth(dataset, row["ground_truth"])
+    except ValueError as e:
+        raise DataError(f"{where}: field 'ground_truth': {e}", "bad_ground_truth") from None
     return row, VerifyItem(dataset, row["response"], row["ground_truth"])
+
+
+class _Row(NamedTuple):
+    where: str
+    row: Any  # the decoded row (None for a line that is not JSON)
+    item: Any  # its VerifyItem, or None for a skipped bad row
+    skipped: str | None  # why it was skipped
+
+
+def _read(data: str, on_bad_row: str, counts: dict[str, Any]) -> Iterator[_Row]:
+    """Every row of `data` in order, bad rows included (as skipped) under on_bad_row="skip"; counts
+    `rows_read` and `rows_skipped` (reason -> count). Raises the first bad row's DataError otherwise."""
+    from tulu_jax.data.chat import DataError
+    from tulu_jax.data.sources import iter_raw_rows
+
+    if on_bad_row not in ("error", "skip"):
+        raise ValueError(f"on_bad_row must be 'error' or 'skip', got {on_bad_row!r}")
+    counts.setdefault("rows_read", 0)
+    skipped = counts.setdefault("rows_skipped", {})
+    for where, row in iter_raw_rows(data):
+        counts["rows_read"] += 1
+        try:
+            if isinstance(row, DataError):
+                raise row
+            yield _Row(where, *parse_row(row, where), None)
+        except DataError as e:
+            if on_bad_row == "error":
+                raise
+            skipped[e.reason] = skipped.get(e.reason, 0) + 1
+            yield _Row(where, None if isinstance(row, DataError) else row, None, str(e))
 
 
 def _batches(rows: Iterator, size: int) -> Iterator[list]:
@@ -68,8 +126,14 @@ def _batches(rows: Iterator, size: int) -> Iterator[list]:
         yield batch
 
 
-def _scored_line(row: Mapping, verdict) -> str:
-    scored = {**row, "score": verdict.score, "verifier": verdict.verifier, "verify_status": verdict.status}
+def _out_line(entry: _Row, verdict) -> str:
+    base = dict(entry.row) if isinstance(entry.row, Mapping) else {}
+    if verdict is None:
+        scored = {**base, "score": None, "verifier": None, "verify_status": "skipped", "verify_message": entry.skipped}
+    else:
+        scored = {**base, "score": verdict.score, "verifier": verdict.verifier, "verify_status": verdict.status}
+        if verdict.status != "ok":
+            scored["verify_message"] = verdict.message
     return json.dumps(scored, ensure_ascii=False) + "\n"
 
 
@@ -84,41 +148,57 @@ def verify_file(
 ) -> dict:
     """Scores every row of `data` (see the module docstring) in a Scorer pool and writes `out` (if given).
     Returns {"verifiers": {name: {n, passed, accuracy, timeouts, errors}}, "rows_read", "rows_skipped"
-    (reason -> count)}. Raises DataError for a bad row unless on_bad_row="skip"."""
+    (reason -> count), "problems" (the first SHOWN_ERRORS "where (verifier, status): message" of items
+    that timed out or raised)}. Raises DataError for a bad row unless on_bad_row="skip", and DataError
+    "no rows to verify" when `data` has no row or every row was skipped."""
     from tqdm import tqdm
 
-    from tulu_jax.data.sources import iter_valid_rows
+    from tulu_jax.data.chat import DataError
     from tulu_jax.rewards.scorer import Scorer
 
     counts: dict[str, Any] = {}
     table: dict[str, dict[str, Any]] = {}
-    rows = iter_valid_rows([data], on_bad_row, counts, parse_row)
+    problems: list[str] = []
     # A lone surrogate (valid in JSON escapes) cannot be UTF-8: it is written back as the same \\uXXXX escape.
     sink = open(out, "w", encoding="utf-8", errors="backslashreplace") if out else None  # noqa: SIM115
     try:
         with Scorer(workers, timeout_s, if_semantics) as scorer, tqdm(unit="row", disable=None) as bar:
-            for batch in _batches(rows, BATCH_ROWS):
-                verdicts = scorer.score([item for _, item in batch])
-                for v in verdicts:
-                    entry = table.setdefault(v.verifier, {"n": 0, "passed": 0, "timeouts": 0, "errors": 0})
-                    entry["n"] += 1
-                    entry["passed"] += v.score == 1.0
-                    entry["timeouts"] += v.status == "timeout"
-                    entry["errors"] += v.status == "error"
+            for batch in _batches(_read(data, on_bad_row, counts), BATCH_ROWS):
+                scored = iter(scorer.score([e.item for e in batch if e.item is not None]))
+                verdicts = [None if e.item is None else next(scored) for e in batch]
+                for entry, v in zip(batch, verdicts, strict=True):
+                    if v is None:
+                        continue
+                    stats = table.setdefault(v.verifier, {"n": 0, "passed": 0, "timeouts": 0, "errors": 0})
+                    stats["n"] += 1
+                    stats["passed"] += v.score == 1.0
+                    stats["timeouts"] += v.status == "timeout"
+                    stats["errors"] += v.status == "error"
+                    if v.status != "ok" and len(problems) < SHOWN_ERRORS:
+                        problems.append(f"{entry.where} ({v.verifier}, {v.status}): {v.message}")
                 if sink is not None:
-                    sink.write("".join(_scored_line(row, v) for (row, _), v in zip(batch, verdicts, strict=True)))
+                    sink.write("".join(_out_line(e, v) for e, v in zip(batch, verdicts, strict=True)))
                     sink.flush()
                 bar.update(len(batch))
     finally:
         if sink is not None:
             sink.close()
-    for entry in table.values():
-        entry["accuracy"] = entry["passed"] / entry["n"]
+    if not table:
+        skipped = counts.get("rows_skipped", {})
+        why = f": all {sum(skipped.values())} rows were skipped as bad ({_reasons(skipped)})" if skipped else ""
+        raise DataError(f"{data}: no rows to verify{why}", "no_rows")
+    for stats in table.values():
+        stats["accuracy"] = stats["passed"] / stats["n"]
     return {
         "verifiers": dict(sorted(table.items())),
         "rows_read": counts.get("rows_read", 0),
         "rows_skipped": counts.get("rows_skipped", {}),
+        "problems": problems,
     }
+
+
+def _reasons(skipped: dict[str, int]) -> str:
+    return ", ".join(f"{k}: {v}" for k, v in skipped.items())
 
 
 def format_table(summary: dict) -> str:
@@ -137,9 +217,12 @@ def format_table(summary: dict) -> str:
     )
     skipped = summary["rows_skipped"]
     if skipped:
-        lines.append(
-            f"skipped bad rows: {sum(skipped.values())} ({', '.join(f'{k}: {v}' for k, v in skipped.items())})"
-        )
+        lines.append(f"skipped bad rows: {sum(skipped.values())} ({_reasons(skipped)})")
+    problems = summary.get("problems", [])
+    if problems:
+        shown = "first " if len(problems) < total["timeouts"] + total["errors"] else ""
+        lines.append(f"{shown}timeouts and errors:")
+        lines.extend(f"  {p}" for p in problems)
     return "\n".join(lines)
 
 
@@ -149,13 +232,20 @@ def run(args, overrides) -> int:
         raise InputError(f"verify takes no key=value overrides, got {overrides}")
     check_data_path(args.data, "--data")
     if args.out is not None:
+        if not args.out:
+            raise InputError("--out: empty path; give a file to write or leave --out out")
         check_writable_output(args.out, "--out")
         if os.path.exists(args.out) and os.path.samefile(args.out, args.data):
             raise InputError(f"--out {args.out}: is the --data file; writing would destroy it")
-    if args.workers is not None and args.workers < 1:
-        raise InputError(f"--workers {args.workers}: must be >= 1")
-    if not args.timeout_s > 0:
-        raise InputError(f"--timeout-s {args.timeout_s}: must be > 0")
+        _probe_writable(args.out)
+    cpus = os.cpu_count() or 1
+    if args.workers is not None and not 1 <= args.workers <= WORKERS_PER_CPU * cpus:
+        raise InputError(
+            f"--workers {args.workers}: must be between 1 and {WORKERS_PER_CPU * cpus} "
+            f"({WORKERS_PER_CPU} per CPU; this machine has {cpus})"
+        )
+    if not (math.isfinite(args.timeout_s) and args.timeout_s > 0):
+        raise InputError(f"--timeout-s {args.timeout_s:g}: must be a finite number of seconds > 0")
     from tulu_jax.rewards.scorer import parse_legacy
 
     try:
@@ -172,3 +262,16 @@ def run(args, overrides) -> int:
     )
     print(format_table(summary))
     return 0
+
+
+def _probe_writable(path: str) -> None:
+    """Opens `path` for appending (and removes it again if it was not there): some folders pass an access
+    check yet refuse new files (/sys, /proc). Raises InputError naming --out."""
+    existed = os.path.exists(path)
+    try:
+        with open(path, "a", encoding="utf-8"):
+            pass
+    except OSError as e:
+        raise InputError(f"--out {path}: cannot be written: {e.strerror or e}") from None
+    if not existed:
+        os.remove(path)

@@ -11,7 +11,7 @@ from tulu_jax.rewards.math_answer import (
     symbolic_equiv,
     verify_math,
 )
-from tulu_jax.rewards.registry import VERIFIERS, UnknownDataset, canonical_dataset, verify
+from tulu_jax.rewards.registry import VERIFIERS, UnknownDataset, canonical_dataset, check_ground_truth, verify
 from tulu_jax.rewards.scorer import Scorer, VerifyItem
 from tulu_jax.rewards.text import answer_text
 from tulu_jax.rewards.verdict import Verdict
@@ -24,6 +24,7 @@ __all__ = [
     "VerifyItem",
     "answer_text",
     "canonical_dataset",
+    "check_ground_truth",
     "extract_gsm8k_answer",
     "gsm8k_ground_truth",
     "hendrycks_is_equiv",

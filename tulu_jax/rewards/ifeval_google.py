@@ -294,6 +294,17 @@ def ground_truth_from_row(row: dict[str, Any]) -> str:
     return json.dumps({"instruction_id_list": ids, "kwargs": kwargs_list, "prompt": prompt})
 
 
+def check_ground_truth(ground_truth: str) -> None:
+    """Raises the ValueError ``check_instructions`` would raise for ``ground_truth`` whatever the answer (not
+    JSON, a missing/mistyped field, mismatched lengths, an unknown instruction id, kwargs missing or invalid, a
+    keyword that is not a valid regular expression); returns None for a usable ground truth."""
+    check_instructions(_PROBE_ANSWER, ground_truth)
+
+
+# A non-blank answer, so that every checker (and every keyword regex) runs once.
+_PROBE_ANSWER = "probe"
+
+
 def check_instructions(answer: str, ground_truth: str) -> tuple[bool, ...]:
     """Strict pass/fail of ``answer`` for each instruction in ``ground_truth``, in order.
 

@@ -7,6 +7,7 @@ everywhere else (a response can make sympy compute for minutes).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 from tulu_jax.rewards.gsm8k import verify_gsm8k
@@ -70,3 +71,57 @@ def verify(dataset: str, model_output: str, ground_truth: str | None, legacy: fr
     if isinstance(result, tuple):
         return Verdict(float(all(result)), name, "ok", tuple(bool(r) for r in result))
     return Verdict(float(bool(result)), name, "ok", None)
+
+
+def _check_answer_text(ground_truth: str) -> None:
+    if not ground_truth.strip():
+        raise ValueError("must be a non-empty string (the reference answer)")
+
+
+def _check_ifeval(ground_truth: str) -> None:
+    from tulu_jax.rewards.ifeval import parse_ground_truth
+
+    parse_ground_truth(ground_truth)
+
+
+def _check_google_ifeval(ground_truth: str) -> None:
+    from tulu_jax.rewards.ifeval_google import check_ground_truth as check_google
+
+    check_google(ground_truth)
+
+
+# The same ValueError the dataset's verifier would raise on this ground truth, for any response.
+_GROUND_TRUTH_CHECKS: dict[str, Callable[[str], None]] = {
+    "gsm8k": _check_answer_text,
+    "math": _check_answer_text,
+    "ifeval": _check_ifeval,
+    "google_ifeval": _check_google_ifeval,
+}
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _ground_truth_problem(name: str, ground_truth: str) -> str | None:
+    # Cached: RLVR data repeats a few thousand ground truths over hundreds of thousands of rows.
+    check = _GROUND_TRUTH_CHECKS.get(name)  # verifiers added by a plugin have none
+    try:
+        if check is not None:
+            check(ground_truth)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def check_ground_truth(dataset: str, ground_truth: str) -> None:
+    """Raises ValueError (a one-line reason) when `ground_truth` is malformed for `dataset`'s verifier, so
+    every response would score 0 with status "error": gsm8k/math need a non-empty string; ifeval the JSON
+    `{"func_name": ..., **kwargs}` that `ifeval.parse_ground_truth` accepts; google_ifeval the JSON
+    `{"instruction_id_list": [...], "kwargs": [{...}], "prompt": "..."}` that
+    `ifeval_google.check_ground_truth` accepts. Pure and cached per distinct (dataset, ground_truth).
+    Raises UnknownDataset (a ValueError) for an unknown dataset. Mirrors the validation of open-instruct
+    `ground_truth_utils.py`'s verifiers, which would instead fail on every response."""
+    name = canonical_dataset(dataset)
+    if not isinstance(ground_truth, str):
+        raise ValueError(f"must be a string, got {type(ground_truth).__name__}")
+    problem = _ground_truth_problem(name, ground_truth)
+    if problem is not None:
+        raise ValueError(problem)

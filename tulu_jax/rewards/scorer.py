@@ -46,10 +46,10 @@ class VerifyItem:
 
 
 def parse_legacy(if_semantics: str) -> frozenset[str]:
-    """The IF functions to run with 2024 semantics for an `--if-semantics` spec (`head`, `2024`,
+    """The IF functions to run with 2024 semantics for an `--if-semantics` spec (`head` in any case, `2024`,
     `2024:f1,f2`), parsed by `tulu_jax.rewards.ifeval.parse_if_semantics` (imported only when the spec is
     not "head"). Raises ValueError for a bad spec."""
-    if if_semantics == "head":
+    if isinstance(if_semantics, str) and if_semantics.lower() == "head":
         return frozenset()
     from tulu_jax.rewards.ifeval import parse_if_semantics
 
@@ -63,9 +63,14 @@ class _Worker:
         self.progress = ctx.RawArray("q", 2)  # [index in chunk or -1, CLOCK_MONOTONIC ns it started]
         self.progress[0] = -1
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=worker_main, args=(child, self.progress, legacy, plugins), daemon=True)
+        # Never written: the worker sees EOF on its end when this process dies, however it dies (SIGKILL).
+        owner_alive, self._alive = ctx.Pipe(duplex=False)
+        self.proc = ctx.Process(
+            target=worker_main, args=(child, self.progress, legacy, plugins, owner_alive), daemon=True
+        )
         self.proc.start()
         child.close()
+        owner_alive.close()
         self.ready = False
         self.job: list[int] | None = None  # item indices of the chunk it holds
 
@@ -85,6 +90,7 @@ class _Worker:
             self.proc.kill()  # SIGKILL: the hang may be in C code that ignores everything else
         self.proc.join()
         self.conn.close()
+        self._alive.close()
 
 
 class Scorer:
@@ -97,9 +103,12 @@ class Scorer:
     Worker processes re-import the `__main__` module (forkserver/spawn), so a script that creates a
     Scorer must do so under `if __name__ == "__main__":`.
 
+    Workers exit when the process that created the Scorer dies, even by SIGKILL (see worker.py), so a
+    killed `verify`/`eval` leaves no verifier running.
+
     `stats[verifier][status]` counts the verdicts of all calls so far (status "ok", "timeout", "error").
-    Raises ValueError for workers < 1, timeout_s <= 0 or a bad if_semantics, RuntimeError when the
-    workers do not start within START_TIMEOUT_S."""
+    Raises ValueError for workers < 1, a timeout_s that is not a finite number > 0 or a bad if_semantics,
+    RuntimeError when the workers do not start within START_TIMEOUT_S."""
 
     def __init__(
         self,
@@ -111,8 +120,8 @@ class Scorer:
         workers = (os.cpu_count() or 1) if workers is None else workers
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
-        if not timeout_s > 0:
-            raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+        if not (math.isfinite(timeout_s) and timeout_s > 0):  # inf would overflow the ns deadline
+            raise ValueError(f"timeout_s must be a finite number of seconds > 0, got {timeout_s}")
         self.timeout_s = float(timeout_s)
         self.legacy = parse_legacy(if_semantics)
         self._plugins = tuple(plugins)

@@ -7,8 +7,12 @@ verifiers (no JAX): it starts in a forkserver/spawn child, never a fork of the (
 
 from __future__ import annotations
 
+import ctypes
 import importlib
+import os
 import signal
+import sys
+import threading
 import time
 
 from tulu_jax.rewards.math_answer import symbolic_equiv
@@ -41,10 +45,38 @@ def verify_chunk(items, legacy: frozenset[str], progress) -> list[tuple]:
     return out
 
 
-def worker_main(conn, progress, legacy: frozenset[str], plugins: tuple[str, ...] = ()) -> None:
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def exit_with_owner(owner_alive) -> None:
+    """Makes this process exit when the Scorer's owner dies, even mid-hang in a verifier.
+
+    `owner_alive` is the read end of a pipe whose write end only the owner holds (and never writes): a
+    daemon thread blocks on it and calls os._exit(1) at EOF. A verifier stuck in pure Python (sympy) still
+    lets that thread run. On Linux the worker also asks for SIGKILL when its parent, the forkserver, dies
+    (the forkserver exits when the owner does), which also covers a verifier holding the GIL in C code."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        except (OSError, AttributeError):  # no prctl: the watchdog thread alone
+            pass
+
+    def watch() -> None:
+        try:
+            owner_alive.poll(None)  # readable only at EOF: the owner never writes
+        except (OSError, EOFError):
+            pass
+        os._exit(1)
+
+    threading.Thread(target=watch, name="owner-watchdog", daemon=True).start()
+
+
+def worker_main(conn, progress, legacy: frozenset[str], plugins: tuple[str, ...] = (), owner_alive=None) -> None:
     """Imports `plugins`, then serves (chunk_id, items) requests from `conn` until None or EOF, answering
-    (chunk_id, results)."""
+    (chunk_id, results). With `owner_alive` (see `exit_with_owner`) it exits when the owner dies."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle (it kills us)
+    if owner_alive is not None:
+        exit_with_owner(owner_alive)
     for name in plugins:
         importlib.import_module(name)
     warm_up()
