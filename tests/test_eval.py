@@ -164,6 +164,8 @@ def test_rlvr_file_rows(tmp_path):
         ({**rows[0], "ground_truth": ""}, "ground_truth"),
         ({"ground_truth": "4", "dataset": "gsm8k"}, "messages"),
         ({"prompt": " ", "ground_truth": "4", "dataset": "gsm8k"}, "prompt"),
+        ({**rows[0], "dataset": "ifeval", "ground_truth": "not json"}, "ground_truth"),
+        ({**rows[0], "dataset": "google_ifeval", "ground_truth": '{"instruction_id_list": ["nope"]}'}, "ground_truth"),
         ({**rows[0], "messages": [{"role": "assistant", "content": "4"}]}, "messages"),
     ]:
         path = _jsonl(tmp_path / "bad.jsonl", [rows[0], bad])
@@ -508,8 +510,7 @@ def test_a_killed_run_leaves_unfinished_tasks_marked(full_run, eval_model, task_
         return evaluate(task, *a, **kw)
 
     monkeypatch.setattr(runner, "evaluate_task", killed_in_ifeval)
-    with pytest.raises(KeyboardInterrupt):
-        main(_eval_args(eval_model, task_files, out))
+    assert main(_eval_args(eval_model, task_files, out)) == 130  # Ctrl-C: `tulu-jax: interrupted`
     tasks = json.loads((out / "summary.json").read_text())["tasks"]
     full = json.loads((full_run[0] / "summary.json").read_text())["tasks"]
     assert tasks == {"arith": full["arith"], "ifeval": {"complete": False}, "gsm8k": {"complete": False}}

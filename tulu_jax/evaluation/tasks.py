@@ -37,7 +37,7 @@ from tulu_jax.evaluation.prompts import gsm8k_messages, math_messages
 from tulu_jax.rewards.gsm8k import gsm8k_ground_truth
 from tulu_jax.rewards.ifeval_google import ground_truth_from_row, instruction_ids
 from tulu_jax.rewards.math_answer import last_boxed_content
-from tulu_jax.rewards.registry import UnknownDataset, canonical_dataset
+from tulu_jax.rewards.registry import UnknownDataset, canonical_dataset, check_ground_truth
 
 SAMPLE_NOTE = "bundled sample, hand-written, not benchmark items"
 DEFAULT_MAX_TOKENS = 512  # benchmark tasks and user files
@@ -132,7 +132,8 @@ def ifeval_item(row: Any, where: str, index: int) -> EvalItem:
 
 def rlvr_item(row: Any, where: str, index: int) -> EvalItem:
     """A Tülu RLVR row {"messages", "ground_truth", "dataset"} -> a zero-shot item scored by `dataset`. As in
-    `tulu-jax generate`, {"prompt": str} may stand for "messages" (one user turn)."""
+    `tulu-jax generate`, {"prompt": str} may stand for "messages" (one user turn). A ground truth the
+    verifier cannot use (`tulu_jax.rewards.check_ground_truth`) is a DataError naming field ground_truth."""
     from tulu_jax.generate import prompt_messages
 
     messages = prompt_messages(row, where)
@@ -141,6 +142,10 @@ def rlvr_item(row: Any, where: str, index: int) -> EvalItem:
         dataset = canonical_dataset(_text(row, where, "dataset"))
     except UnknownDataset as e:
         _fail(where, "dataset", str(e))
+    try:  # a ground truth the verifier cannot use would score every response 0: refuse it before generating
+        check_ground_truth(dataset, truth)
+    except ValueError as e:
+        _fail(where, "ground_truth", f"not a {dataset} ground truth: {e}")
     return EvalItem(index, messages, truth, dataset, where)
 
 
