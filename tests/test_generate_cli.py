@@ -1,9 +1,12 @@
 """`tulu-jax generate` with the local backend: rows in, completions with token ids and log-probs out,
 resumable after a kill (torn last line repaired, same file as an unbroken run), per-chunk seeds, a sharded
-sampler equal to one device, and bad prompt rows named by file, line and field."""
+sampler equal to one device, bad prompt rows named by file, line and field, and the backend flags checked
+up front (vLLM server URLs probed on /health)."""
 
+import http.server
 import json
 import re
+import threading
 
 import jax
 import numpy as np
@@ -12,6 +15,7 @@ import pytest
 from tulu_jax.cli import main
 from tulu_jax.data.chat import DataError
 from tulu_jax.generate import chunk_seed, prompt_messages, resume_output
+from tulu_jax.inputs import InputError, check_backend_flags, check_servers
 
 
 def _write(path, rows):
@@ -134,3 +138,56 @@ def test_generate_n_samples_per_prompt(tmp_path, tiny_sft_export):
 def test_bad_prompt_rows_name_file_line_and_field(row, field):
     with pytest.raises(DataError, match=re.escape(f"p.jsonl line 3: field '{field}'")):
         prompt_messages(row, "p.jsonl line 3")
+
+
+class _Health(http.server.BaseHTTPRequestHandler):
+    """A stand-in server: /health answers 200 on port A; every path answers 404 on port B."""
+
+    def do_GET(self):  # noqa: N802 (the http.server name)
+        ok = self.server.healthy and self.path == "/health"
+        self.send_response(200 if ok else 404)
+        self.end_headers()
+
+    def log_message(self, *args):  # keep the test output quiet
+        pass
+
+
+@pytest.fixture
+def health_servers():
+    servers = []
+    for healthy in (True, False):
+        server = http.server.HTTPServer(("127.0.0.1", 0), _Health)
+        server.healthy = healthy
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+    yield [f"http://127.0.0.1:{s.server_address[1]}" for s in servers]
+    for s in servers:
+        s.shutdown()
+        s.server_close()
+
+
+def test_check_servers_probes_health(health_servers):
+    """Every URL is probed before any request: a server that answers /health passes (trailing slash dropped),
+    one that does not is refused by URL; a malformed URL is refused before any probe."""
+    good, bad = health_servers
+    assert check_servers(f"{good}/, {good}") == [good, good]
+    with pytest.raises(InputError, match=re.escape(f"--servers {bad}: GET /health answered HTTP 404")):
+        check_servers(f"{good},{bad}")
+    for url in ("notaurl", "127.0.0.1:8000", "http://", "file:///tmp/x"):
+        with pytest.raises(InputError, match=re.escape(f"--servers {url.rstrip('/')}: not an http(s) URL")):
+            check_servers(f"{url},{good}")
+
+
+@pytest.mark.parametrize(
+    "backend,servers,mesh,message",
+    [
+        ("vllm", None, None, "--backend vllm needs --servers"),
+        ("vllm", "http://h:1", (1, 1, 1), "--mesh applies to --backend local only"),
+        ("local", "http://h:1", None, "--servers http://h:1: needs --backend vllm"),
+    ],
+)
+def test_backend_flags_that_do_not_go_together(backend, servers, mesh, message):
+    with pytest.raises(InputError, match=re.escape(message)):
+        check_backend_flags(backend, servers, mesh)
+    check_backend_flags("vllm", "http://h:1", None)  # the combinations that go together pass
+    check_backend_flags("local", None, (1, 1, 1))
