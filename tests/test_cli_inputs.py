@@ -116,3 +116,17 @@ def test_unreadable_prompts_is_one_line_exit_2(paths, tmp_path):
     proc = _run(*_gen(paths, **{"--prompts": str(locked)}))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith(f"tulu-jax: error: --prompts {locked}: cannot read")
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs /proc (Linux)")
+def test_output_a_folder_refuses_is_named_before_any_work(tmp_path):
+    """/proc passes an access check as root yet refuses new files: every command's output check opens it."""
+    from tulu_jax.inputs import InputError, check_writable_output
+
+    with pytest.raises(InputError, match=r"^--out /proc/x\.jsonl: cannot be written: "):
+        check_writable_output("/proc/x.jsonl", "--out")
+    fine = tmp_path / "new" / "o.jsonl"
+    assert check_writable_output(str(fine), "--out") == str(fine) and not fine.exists()  # probe leaves nothing
+    fine.write_text("kept\n")
+    check_writable_output(str(fine), "--out")
+    assert fine.read_text() == "kept\n"  # an existing output (resume) is untouched

@@ -79,6 +79,13 @@ def _scores(cfg, params, completion, temperature):
     return np.asarray(token_logps(logits[:, :-1], seq[:, 1:]))[0, n - 1 :]
 
 
+def test_start_up_probe_passes_a_real_server(vllm_server):
+    """`tulu-jax generate/eval --servers` probe every server's /health before any work (inputs.check_servers)."""
+    from tulu_jax.inputs import check_servers
+
+    assert check_servers(f"{vllm_server.url}/") == [vllm_server.url]
+
+
 def test_greedy_equals_transformers_and_logprobs_are_temperature_one(client, vllm_tiny_model):
     path, cfg, params = vllm_tiny_model
     assert isinstance(client, RolloutBackend)

@@ -9,6 +9,7 @@ import sys
 from tulu_jax.config import CHAT_TEMPLATES, DTYPE_NAMES
 from tulu_jax.inputs import (
     InputError,
+    check_backend_flags,
     check_model_dir,
     check_readable_file,
     check_writable_output,
@@ -77,10 +78,7 @@ def _generate(args, overrides):
 
     if args.chunk_size < 1:
         raise InputError(f"--chunk-size {args.chunk_size}: must be >= 1")
-    if args.backend == "vllm" and not args.servers:
-        raise InputError("--backend vllm needs --servers URL[,URL...] (start one with `tulu-jax vllm --model DIR`)")
-    if args.backend == "vllm" and args.mesh:
-        raise InputError("--mesh applies to --backend local only (vLLM servers shard themselves)")
+    check_backend_flags(args.backend, args.servers, args.mesh)
     check_model_dir(args.model, "--model", weights=args.backend == "local")
     check_readable_file(args.prompts, "--prompts")
     check_writable_output(args.out, "--out")

@@ -102,6 +102,16 @@ def check_writable_output(path: str, flag: str) -> str:
     target = path if os.path.exists(path) else parent
     if not os.access(target, os.W_OK):
         raise InputError(f"{where(flag, path)}: not writable")
+    # Some folders pass the access check yet refuse new files (/sys, /proc; read-only mounts as root):
+    # open for appending, and remove the file again if this check created it.
+    existed = os.path.exists(path)
+    try:
+        with open(path, "a", encoding="utf-8"):
+            pass
+    except OSError as e:
+        raise InputError(f"{where(flag, path)}: cannot be written: {e.strerror or e}") from None
+    if not existed:
+        os.remove(path)
     return path
 
 

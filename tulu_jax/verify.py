@@ -237,7 +237,6 @@ def run(args, overrides) -> int:
         check_writable_output(args.out, "--out")
         if os.path.exists(args.out) and os.path.samefile(args.out, args.data):
             raise InputError(f"--out {args.out}: is the --data file; writing would destroy it")
-        _probe_writable(args.out)
     cpus = os.cpu_count() or 1
     if args.workers is not None and not 1 <= args.workers <= WORKERS_PER_CPU * cpus:
         raise InputError(
@@ -262,16 +261,3 @@ def run(args, overrides) -> int:
     )
     print(format_table(summary))
     return 0
-
-
-def _probe_writable(path: str) -> None:
-    """Opens `path` for appending (and removes it again if it was not there): some folders pass an access
-    check yet refuse new files (/sys, /proc). Raises InputError naming --out."""
-    existed = os.path.exists(path)
-    try:
-        with open(path, "a", encoding="utf-8"):
-            pass
-    except OSError as e:
-        raise InputError(f"--out {path}: cannot be written: {e.strerror or e}") from None
-    if not existed:
-        os.remove(path)
