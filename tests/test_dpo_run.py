@@ -95,7 +95,9 @@ def test_tiny_dpo_learns_logs_checkpoints_and_exports(cached_run):
 
 def test_live_reference_gives_the_cached_losses(cached_run, tmp_path, tiny_sft_export, small_prefs):
     out_cached, _ = cached_run
-    cmd = _cmd(tmp_path, tiny_sft_export, small_prefs, "dpo.reference=live", "checkpoint.every_steps=0")
+    # Evaluated only at the end: the final policy is what the live reference could change.
+    extra = ("dpo.reference=live", "checkpoint.every_steps=0", "train.eval_every=0")
+    cmd = _cmd(tmp_path, tiny_sft_export, small_prefs, *extra)
     proc = subprocess.run(cmd, env=cli_env(), capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     # Live: no cache of the training pairs, only of the held-out pairs (eval reuses cached log-probs).
