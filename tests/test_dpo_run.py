@@ -95,7 +95,9 @@ def test_tiny_dpo_learns_logs_checkpoints_and_exports(cached_run):
 
 def test_live_reference_gives_the_cached_losses(cached_run, tmp_path, tiny_sft_export, small_prefs):
     out_cached, _ = cached_run
-    cmd = _cmd(tmp_path, tiny_sft_export, small_prefs, "dpo.reference=live", "checkpoint.every_steps=0")
+    # Evaluated only at the end: the final policy is what the live reference could change.
+    extra = ("dpo.reference=live", "checkpoint.every_steps=0", "train.eval_every=0")
+    cmd = _cmd(tmp_path, tiny_sft_export, small_prefs, *extra)
     proc = subprocess.run(cmd, env=cli_env(), capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     # Live: no cache of the training pairs, only of the held-out pairs (eval reuses cached log-probs).
@@ -128,11 +130,17 @@ def test_sigkill_then_resume_gives_identical_losses(cached_run, tmp_path, tiny_s
     }
 
 
-def test_bad_preference_row_is_one_clear_line(tmp_path, tiny_sft_export):
+def test_bad_preference_row_is_one_clear_line(tmp_path, tiny_sft_export, capsys):
+    """In-process (`tulu_jax.cli.main`, what `python -m tulu_jax.cli` calls): the row is read before any
+    compile, so a fresh interpreter would only add its start-up."""
+    from tulu_jax.cli import main
+
     bad = tmp_path / "bad.jsonl"
     good = {"chosen": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
     bad.write_text(json.dumps({**good, "rejected": good["chosen"][:1] + [{"role": "assistant", "content": "x"}]}))
     bad.write_text(bad.read_text() + "\n" + json.dumps(good) + "\n")
-    proc = subprocess.run(_cmd(tmp_path / "o", tiny_sft_export, bad), env=cli_env(), capture_output=True, text=True)
-    assert proc.returncode == 2
-    assert f"{bad} line 2" in proc.stderr and "rejected" in proc.stderr and "Traceback" not in proc.stderr
+    assert main(_cmd(tmp_path / "o", tiny_sft_export, bad)[3:]) == 2  # after `python -m tulu_jax.cli`
+    err = capsys.readouterr().err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("tulu-jax: error: ") and f"{bad} line 2" in line and "rejected" in line, err
+    assert "Traceback" not in err

@@ -98,8 +98,9 @@ def _compile(step, *args):
 
 
 @functools.cache
-def compile_sft(name: str, rows_per_device: int, mesh_shape=None):
-    """(compiled SFT step, abstract params, seconds) for configs/sft/tulu3_{name}.yaml at its max_seq_len."""
+def compile_sft(name: str, rows_per_device: int, mesh_shape: tuple[int, int, int] | None):
+    """(compiled SFT step, abstract params, seconds) for configs/sft/tulu3_{name}.yaml at its max_seq_len, on
+    `mesh_shape` or (None) the mesh the config sets. Cached: the tests that share a compile pass equal keys."""
     from tulu_jax.train.batches import TOKEN_KEYS
     from tulu_jax.train.sft_step import jit_sft_step
 
@@ -127,9 +128,9 @@ def compile_sft(name: str, rows_per_device: int, mesh_shape=None):
 
 
 @functools.cache
-def compile_dpo(name: str, pairs_per_device: int, mesh_shape=None):
+def compile_dpo(name: str, pairs_per_device: int, mesh_shape: tuple[int, int, int] | None):
     """(compiled DPO step, abstract state, seconds) for configs/dpo/tulu3_{name}.yaml as configured (live or
-    cached reference), each side `data.max_seq_len` tokens."""
+    cached reference), each side `data.max_seq_len` tokens, on `mesh_shape` or (None) the configured mesh."""
     from tulu_jax.train.batches import TOKEN_KEYS
     from tulu_jax.train.dpo_step import LossParams, jit_dpo_step
 
@@ -155,10 +156,15 @@ def compile_dpo(name: str, pairs_per_device: int, mesh_shape=None):
     return compiled, abstract, live, seconds
 
 
-@pytest.mark.parametrize("name,mesh_shape", [("8b", (1, 4, 2)), ("70b", (1, 2, 4))])
+# 8B on its configured mesh (fsdp over all 8 devices: the compile the 80 GB test below reuses), 70B with
+# tensor parallelism in the mesh: both kinds of split, one full-size compile each.
+MESHES = [("8b", None), ("70b", (1, 2, 4))]
+
+
+@pytest.mark.parametrize("name,mesh_shape", MESHES)
 def test_full_size_sft_step_splits_parameters(name, mesh_shape):
     """Tülu 3's 8B and 70B SFT steps (4,096 tokens): parameters and Adam state split over all 8 devices,
-    also with tensor parallelism in the mesh."""
+    by fsdp alone (8B) and by fsdp x tensor (70B)."""
     compiled, abstract, shardings, _ = compile_sft(name, 1, mesh_shape)
     n_params = _n_params(abstract.params)
     dcfg = preset(f"llama3.1-{name}")
@@ -174,10 +180,11 @@ def test_full_size_sft_step_splits_parameters(name, mesh_shape):
         assert 0.9 * expected < mem["argument"] < 1.3 * expected
 
 
-@pytest.mark.parametrize("name,mesh_shape,live", [("8b", (1, 4, 2), True), ("70b", (1, 2, 4), False)])
+@pytest.mark.parametrize("name,mesh_shape,live", [(*m, live) for m, live in zip(MESHES, (True, False))])
 def test_full_size_dpo_step_splits_parameters(name, mesh_shape, live):
     """Tülu 3's DPO steps as configured (8B: live reference; 70B: cached reference log-probs), 2,048 tokens
-    per side: the reference parameters, when live, are sharded like the policy's."""
+    per side: the reference parameters, when live, are sharded like the policy's (the same sharding tree,
+    so the 70B case's tensor split covers them too)."""
     compiled, abstract, is_live, _ = compile_dpo(name, 1, mesh_shape)
     assert is_live == live
     mem = _memory(compiled)
@@ -199,13 +206,13 @@ def _assert_fits(what: str, mem: dict[str, float] | None, seconds: float, state_
 def test_8b_sft_step_fits_80gb():
     """One 4,096-token sequence per device and micro-batch (the reference: 64 GPUs x 1 x accumulation 2),
     remat on as configs/sft/tulu3_8b.yaml sets, ZeRO-3-like mesh (fsdp over all 8 devices)."""
-    compiled, abstract, _, seconds = compile_sft("8b", 1)
+    compiled, abstract, _, seconds = compile_sft("8b", 1, None)
     _assert_fits("8B SFT step, 1 x 4096 tokens/device", _memory(compiled), seconds, 12 * _n_params(abstract.params) / 8)
 
 
 def test_8b_dpo_step_fits_80gb():
     """One pair (2 x 2,048 tokens) per device and micro-batch, live reference, remat on (configs/dpo)."""
-    compiled, abstract, live, seconds = compile_dpo("8b", 1)
+    compiled, abstract, live, seconds = compile_dpo("8b", 1, None)
     state = (12 + 4 * live) * _n_params(abstract.params) / 8
     _assert_fits("8B DPO step (live ref), 1 pair x 2 x 2048 tokens/device", _memory(compiled), seconds, state)
 

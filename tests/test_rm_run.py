@@ -132,7 +132,7 @@ def test_reward_model_scores_in_transformers_whatever_the_pad_token(pad, tmp_pat
         f"model.path={start}",
         "data.use_bundled=false",
         f"data.train_files={small_prefs}",
-        "train.max_steps=6",
+        "train.max_steps=2",  # trained weights to export; the comparison needs no learning
         "train.eval_every=-1",
         "checkpoint.every_steps=0",
     ]

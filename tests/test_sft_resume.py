@@ -16,6 +16,7 @@ REPO = Path(__file__).resolve().parent.parent
 STEPS = 24
 ARGS = [
     "train.max_steps=%d" % STEPS,
+    "train.num_epochs=1",  # one epoch holds ~470 batches: counting them (packing) for 3 would cost seconds a run
     "checkpoint.every_steps=5",
     "data.max_seq_len=128",
     "train.batch_size=4",
@@ -116,6 +117,7 @@ def test_nan_loss_stops_the_run_with_a_clear_error(tmp_path):
         [
             f"output_dir={tmp_path}",
             "train.max_steps=4",
+            "train.num_epochs=1",
             "optim.lr=1e30",
             "optim.warmup_ratio=0",
             "checkpoint.every_steps=1",
@@ -158,7 +160,8 @@ def test_output_dir_that_holds_another_run_is_one_clear_line(uninterrupted, tmp_
 def test_more_steps_than_the_data_holds_is_one_clear_line(tmp_path):
     rows = Path(REPO / "tulu_jax/assets/tiny_chat/train.jsonl").read_text().splitlines()[:8]
     (tmp_path / "few.jsonl").write_text("\n".join(rows) + "\n")
-    extra = ["data.use_bundled=false", f"data.train_files={tmp_path / 'few.jsonl'}", "train.max_steps=50"]
+    few = [f"data.train_files={tmp_path / 'few.jsonl'}", "train.num_epochs=3"]  # 3: some full batch, not 50
+    extra = ["data.use_bundled=false", *few, "train.max_steps=50"]
     proc = subprocess.run(_cmd(tmp_path / "o") + extra, env=_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert "train.max_steps=50: the training data yields only" in proc.stderr

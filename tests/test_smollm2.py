@@ -16,6 +16,7 @@ import transformers
 from hf_models import f32_atol, model_reductions
 
 from tulu_jax.configlib import ConfigError
+from tulu_jax.data import bundled_file
 from tulu_jax.models import smollm2
 from tulu_jax.score import score_text
 
@@ -80,6 +81,10 @@ def test_smollm2_logprobs_match_transformers(smollm2_dir):
 def test_short_sft_from_smollm2(smollm2_dir, tmp_path):
     env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1")
     env.pop("XLA_FLAGS", None)
+    # The first 100 bundled conversations: ample for 3 steps of 2 packed rows; the run then neither encodes
+    # nor packs (to count its batches) all 7,500.
+    train = tmp_path / "train.jsonl"
+    train.write_text("\n".join(Path(bundled_file("train")).read_text().splitlines()[:100]) + "\n")
     cmd = [
         sys.executable,
         "-m",
@@ -88,7 +93,9 @@ def test_short_sft_from_smollm2(smollm2_dir, tmp_path):
         "--config",
         str(REPO / "configs/sft/smollm2_135m.yaml"),
         f"model.path={smollm2_dir}",
-        f"output_dir={tmp_path}",
+        f"output_dir={tmp_path / 'out'}",
+        "data.use_bundled=false",
+        f"data.train_files={train}",
         "train.max_steps=3",
         "data.max_seq_len=128",
         "train.batch_size=2",
@@ -98,9 +105,9 @@ def test_short_sft_from_smollm2(smollm2_dir, tmp_path):
     ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    rows = [json.loads(line) for line in open(tmp_path / "out" / "metrics.jsonl")]
     assert [r["step"] for r in rows] == [1, 2, 3]
     # A pretrained instruct model starts far below a random model's ~ln(49152)=10.8 nats per token.
     assert all(np.isfinite(r["loss"]) for r in rows) and rows[0]["nll_per_token"] < 6
-    exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32)
+    exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "hf", dtype=torch.float32)
     assert exported.config.tie_word_embeddings and exported.config.num_hidden_layers == 30
