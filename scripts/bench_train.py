@@ -45,9 +45,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
+
+from machine import cpu_model  # scripts/machine.py, next to this script (sys.path[0])
 
 # XLA settings, measured with jaxlib 0.10.2 on the 2-core Xeon (Sapphire Rapids: AVX-512 + AMX) this
 # was written on, by in-process interleaved A/B runs of the whole step.
@@ -178,17 +179,6 @@ def _median(xs):
     return float(np.median(xs)) if xs else float("nan")
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     if not args.in_one_process and (len(args.sizes) > 1 or len(args.task) > 1 or not (args.no_torch or args.no_jax)):
@@ -216,7 +206,7 @@ def main(argv=None) -> int:
 
     cores = os.cpu_count()
     print(
-        f"# bench_train: {_cpu_name()}, {cores} cores; jax {jax.__version__} ({jax.default_backend()}, "
+        f"# bench_train: {cpu_model()}, {cores} cores; jax {jax.__version__} ({jax.default_backend()}, "
         f"{len(jax.devices())} device)"
         + (
             ""
@@ -367,7 +357,7 @@ def main(argv=None) -> int:
             compiler_options=compiler_options,
             torch_fused_adamw=args.torch_fused_adamw,
             torch_attn=args.torch_attn,
-            cpu=_cpu_name(),
+            cpu=cpu_model(),
             cores=cores,
             jax_version=jax.__version__,
             torch_version=None if torch is None else torch.__version__,

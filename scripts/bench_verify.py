@@ -18,9 +18,10 @@ import argparse
 import importlib.util
 import json
 import os
-import platform
 import random
 import time
+
+from machine import cpu_model  # scripts/machine.py, next to this script (sys.path[0])
 
 
 def parse_args(argv=None):
@@ -34,18 +35,6 @@ def parse_args(argv=None):
     p.add_argument("--timeout-s", type=float, default=10.0)
     p.add_argument("--json", dest="out", help="also write the rows here")
     return p.parse_args(argv)
-
-
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo (Linux), else platform.processor()."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def make_items(verifier: str, n: int, rng: random.Random):
