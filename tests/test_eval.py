@@ -348,6 +348,13 @@ def test_summarize_hand_computed():
     assert table[1].split()[:5] == ["t", "0.3333", "3", "6.0", "0.333"]
     assert table[2] == "note: t: 0 verifier timeouts and 1 errors, scored 0 (see the rows' status)"
 
+    # A user file mixing datasets: the IFEval metrics cover only its google_ifeval rows.
+    arith = {"score": 1.0, "response_tokens": 4, "finish_reason": "stop", "status": "ok", "ground_truth": "18"}
+    mixed_items = items + (EvalItem(3, [{"role": "user", "content": "q"}], "18", "gsm8k", "f line 3"),)
+    m = runner.summarize(EvalTask("m", mixed_items, "src", 8), [*rows, arith], max_tokens=8)
+    assert m["accuracy"] == pytest.approx(2 / 4) and m["prompt_level_strict"] == pytest.approx(1 / 3)
+    assert m["instruction_level_strict"] == pytest.approx(3 / 6)
+
 
 def _kill(path, keep_rows):
     """What a kill mid-write leaves: `keep_rows` complete lines, then half of the next (no newline)."""
@@ -397,6 +404,12 @@ def test_resume_refuses_other_settings_or_data(full_run, eval_model, task_files,
     args = _eval_args(eval_model, {**task_files, "arith": other}, out)
     assert main(args) == 2
     assert "arith.jsonl line 1: not the row of task arith item 0" in capsys.readouterr().err
+    args = _eval_args(eval_model, task_files, out)
+    args[args.index("--batch-size") + 1] = "3"  # other padding: greedy float32 tokens may differ
+    assert main(args) == 2
+    assert "settings.json: rows here were made with batch_size=2, this run has 3" in capsys.readouterr().err
+    assert main(_eval_args(eval_model, task_files, out, "--timeout-s", "5")) == 2
+    assert "settings.json: rows here were made with timeout_s=10.0, this run has 5.0" in capsys.readouterr().err
     fresh = tmp_path / "fresh"  # a foreign file where a row file goes: refused before settings.json is written
     _jsonl(fresh / "arith.jsonl", [{"stale": True}])
     assert main(_eval_args(eval_model, task_files, fresh)) == 2

@@ -173,7 +173,14 @@ def run(args, overrides) -> int:
     prompt_ids = _prompt_ids(tasks, tokenizer, args.chat_template, max_tokens, max_positions)
     model = os.path.abspath(args.model)
     settings = runner.RunSettings(
-        model=model, chat_template=args.chat_template, dtype=args.dtype, weights=runner.weights_fingerprint(args.model)
+        model=model,
+        chat_template=args.chat_template,
+        dtype=args.dtype,
+        weights=runner.weights_fingerprint(args.model),
+        backend=args.backend,
+        servers=tuple(u.strip().rstrip("/") for u in (args.servers or "").split(",") if u.strip()),
+        batch_size=args.batch_size,
+        timeout_s=args.timeout_s,
     )
     if args.out is not None and not args.overwrite:  # refuse foreign or stale rows before any compute
         runner.check_settings(args.out, settings, max_tokens)

@@ -171,9 +171,9 @@ def summarize(task: EvalTask, rows: Sequence[dict], max_tokens: int) -> dict[str
     """Task metrics from its result rows (one per item of `task`; ValueError otherwise): complete (true),
     accuracy (mean score), n, mean_response_tokens, no_eos_share (share of finish_reason "length"), source,
     max_tokens, verifier_timeouts and verifier_errors (responses scored 0 because the verifier ran out of
-    time or failed); rows with `instructions` (IFEval) add prompt_level_strict (share of prompts with every
-    instruction followed) and instruction_level_strict (share of all instructions followed; a row the
-    verifier could not check counts all its instructions as failed)."""
+    time or failed); rows with `instructions` (google_ifeval) add prompt_level_strict (share of those
+    prompts with every instruction followed) and instruction_level_strict (share of all their instructions
+    followed; a row the verifier could not check counts all its instructions as failed)."""
     n = len(rows)
     if n == 0:
         raise ValueError(f"task {task.name}: no rows to summarize")
@@ -191,26 +191,33 @@ def summarize(task: EvalTask, rows: Sequence[dict], max_tokens: int) -> dict[str
         "verifier_timeouts": sum(r["status"] == "timeout" for r in rows),
         "verifier_errors": sum(r["status"] == "error" for r in rows),
     }
-    if any("instructions" in r for r in rows):
+    ifeval_rows = [r for r in rows if "instructions" in r]  # google_ifeval rows; a user file may mix datasets
+    if ifeval_rows:
         followed = total = prompts = 0
-        for r in rows:
-            checks = r.get("instructions")
+        for r in ifeval_rows:
+            checks = r["instructions"]
             count = len(json.loads(r["ground_truth"])["instruction_id_list"])
             passed = sum(checks) if checks else 0
             followed, total, prompts = followed + passed, total + count, prompts + (passed == count)
-        out["prompt_level_strict"] = prompts / n
+        out["prompt_level_strict"] = prompts / len(ifeval_rows)
         out["instruction_level_strict"] = followed / total
     return out
 
 
 @dataclasses.dataclass(frozen=True)
 class RunSettings:
-    """What makes two runs' rows comparable; stored in DIR/settings.json."""
+    """What makes two runs' rows comparable; stored in DIR/settings.json. The backend and its servers, and
+    the batch size (padding changes float32 rounding, so greedy tokens can differ), decide the responses;
+    the verifier deadline decides which slow responses score 0."""
 
     model: str
     chat_template: str
     dtype: str
     weights: str  # `weights_fingerprint` of the model folder: a model retrained at the same path differs
+    backend: str = "local"
+    servers: tuple[str, ...] = ()
+    batch_size: int = 64
+    timeout_s: float = 10.0
 
     def as_json(self, max_tokens: dict[str, int]) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "max_tokens": dict(sorted(max_tokens.items()))}
@@ -266,7 +273,7 @@ def check_settings(out_dir: str, settings: RunSettings, max_tokens: dict[str, in
     old = _read_settings(path)
     if not old:
         return
-    for key, value in dataclasses.asdict(settings).items():
+    for key, value in json.loads(json.dumps(dataclasses.asdict(settings))).items():  # as settings.json has it
         if old.get(key) != value:
             raise DataError(
                 f"{path}: rows here were made with {key}={old.get(key)!r}, this run has {value!r}; "
