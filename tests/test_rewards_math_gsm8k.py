@@ -84,29 +84,32 @@ def test_gsm8k_verdicts(response, ground_truth, expected):
 
 def test_gsm8k_pieces():
     assert extract_gsm8k_answer("no number here") == "no number here"
-    assert extract_gsm8k_answer("a 1,2,3 b") == "123"
+    assert extract_gsm8k_answer("a 1,2,3 b") == "3"  # one pass: "12,3"
     assert extract_gsm8k_answer("x -7.25 and +3") == "+3"
     assert gsm8k_ground_truth("So 3 * 6 = 18.\n#### 1,018 ") == "1018"
     assert gsm8k_ground_truth("a #### 1 #### 2") == "2"
-    assert gsm8k_ground_truth(" 18 ") == " 18 "  # no ####: the ground truth as given (compared exactly)
+    assert gsm8k_ground_truth(" 18 ") == "18"  # no ####: the whole field, stripped
     assert answer_text("<|assistant|>\nfirst<|assistant|>\n  second \n") == "second"
     assert answer_text("  no header ") == "no header"
 
 
-def test_thousands_commas_equal_the_reference_loop():
-    """One lookaround pass equals the reference's `(\\d),(\\d)` -> `\\1\\2` repeated until nothing changes."""
+def test_thousands_commas_equal_the_reference_single_pass():
+    """The reference's line `re.sub(r"(\\d),(\\d)", r"\\1\\2", text)`, run once (not until nothing changes)."""
 
     def reference(text: str) -> str:
-        while True:
-            new = re.sub(r"(\d),(\d)", r"\1\2", text)
-            if new == text:
-                return text
-            text = new
+        return re.sub(r"(\d),(\d)", r"\1\2", text)
 
     rng = random.Random(0)
     for _ in range(2000):
         text = "".join(rng.choice("12,, a.-") for _ in range(rng.randint(0, 20)))
         assert drop_thousands_commas(text) == reference(text), text
+    # Groups of 2+ digits merge in one pass (the digit after a comma is not the next match's first digit);
+    # single digits do not: a list of primes is not one number.
+    assert drop_thousands_commas("1,000,000 and 12,345.67") == "1000000 and 12345.67"
+    assert drop_thousands_commas("2,3,5") == "23,5"
+    assert score("gsm8k", "The primes are 2,3,5", "5") == 1
+    assert score("gsm8k", "The primes are 2,3,5", "235") == 0
+    assert score("gsm8k", "Count 1,2,3", "3") == 1
 
 
 MATH_VECTORS = [
@@ -365,7 +368,35 @@ def test_check_ground_truth_needs_a_reference_answer():
                 check_ground_truth(dataset, empty)
         with pytest.raises(ValueError, match="must be a string, got list"):
             check_ground_truth(dataset, ["18"])
-    for _, ground_truth, _ in GSM8K_VECTORS:
+    for _, ground_truth, _ in GSM8K_VECTORS + GSM8K_ANSWERS:
         assert check_ground_truth("gsm8k", ground_truth) is None
     for _, ground_truth, _ in MATH_VECTORS:
         assert check_ground_truth("math", ground_truth) is None
+
+
+@pytest.mark.parametrize("ground_truth", ["18 apples", "$18", "1,2,3", "18 #### ", "1e3", "- 5"])
+def test_gsm8k_ground_truth_that_can_never_match_is_refused(ground_truth):
+    # No response can make its last number equal these: every row would silently score 0.
+    rng = random.Random(1)
+    responses = [ground_truth, f"The answer is {ground_truth}"] + [str(rng.randint(-999, 999)) for _ in range(50)]
+    assert not any(score("gsm8k", r, ground_truth) for r in responses)
+    with pytest.raises(ValueError, match="is not a number the GSM8K rule can match"):
+        check_ground_truth("gsm8k", ground_truth)
+
+
+def test_gsm8k_word_ground_truth_is_refused():
+    # A word only equals a whole response without any digit (the reference's no-number fallback): not a
+    # GSM8K answer.
+    assert score("gsm8k", "eighteen", "eighteen") == 1
+    assert score("gsm8k", "It is eighteen", "eighteen") == 0
+    with pytest.raises(ValueError, match="'eighteen' is not a number"):
+        check_ground_truth("gsm8k", "eighteen")
+
+
+@pytest.mark.parametrize(
+    ("ground_truth", "number"), [(" 18", "18"), ("1,200", "1200"), ("x #### -7 ", "-7"), ("+.5", "+.5")]
+)
+def test_gsm8k_ground_truth_is_normalised_before_comparing(ground_truth, number):
+    assert check_ground_truth("gsm8k", ground_truth) is None
+    assert gsm8k_ground_truth(ground_truth) == number
+    assert score("gsm8k", f"so it is {number}", ground_truth) == 1
