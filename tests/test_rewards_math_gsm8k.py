@@ -24,7 +24,7 @@ from tulu_jax.rewards import (
     verify_math,
 )
 from tulu_jax.rewards.gsm8k import drop_thousands_commas
-from tulu_jax.rewards.math_answer import last_boxed_content, minerva_answer
+from tulu_jax.rewards.math_answer import ambiguity_reason, last_boxed_content, minerva_answer
 
 PROMPT = "<|user|>\nQ\n<|assistant|>\n"
 # In-process (no deadline) hostile inputs must finish well inside the Scorer's default 10 s deadline,
@@ -158,6 +158,57 @@ MATH_ANSWERS = [
 @pytest.mark.parametrize(("response", "ground_truth", "expected"), MATH_VECTORS + MATH_ANSWERS)
 def test_math_verdicts(response, ground_truth, expected):
     assert score("MATH", response, ground_truth) == expected
+
+
+# Hedged answers: math-verify (and, for some, the reference's Hendrycks prefix/unit rules) accept the gold
+# among several answers. Each is checked to pass the lenient comparison, so that the refusal is what fails it.
+HEDGED = [
+    ("\\boxed{7 = 5}", "5"),
+    ("\\boxed{7 = 5 = 3}", "3"),
+    ("\\boxed{7 \\text{ or } 5}", "7"),
+    ("\\boxed{7 \\approx 5}", "7"),
+    ("\\boxed{x=7 \\\\ y=5}", "5"),
+    ("\\boxed{7 \\equiv 5}", "5"),
+    ("\\boxed{f(x) = 5}", "5"),
+    ("\\boxed{x = 7 = 5}", "5"),
+]
+LEGIT = [
+    ("\\boxed{x=3}", "3"),
+    ("\\boxed{k = 3}", "3"),
+    ("\\boxed{x = \\frac{1}{2}}", "\\frac{1}{2}"),
+    ("\\boxed{(1,2)}", "(1, 2)"),
+    ("\\boxed{[1, 2)}", "[1,2)"),
+    ("\\boxed{x \\in (1, 2)}", "(1,2)"),
+    ("\\boxed{2\\sqrt{2}}", "\\sqrt{8}"),
+    ("\\boxed{x^2+y^2=1}", "x^2 + y^2 = 1"),  # the ground truth's own left side
+    ("\\boxed{\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}}", "\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}"),
+    ("\\boxed{\\text{Monday or Tuesday}}", "\\text{Monday or Tuesday}"),  # the ground truth's own "or"
+    ("\\boxed{\\int_0^1 x\\,dx}", "\\frac{1}{2}"),  # `\\in` of `\\int` is no relation
+]
+
+
+@pytest.mark.parametrize(("response", "ground_truth"), HEDGED)
+def test_hedged_answers_score_zero(response, ground_truth):
+    (candidate,) = math_candidates(response)
+    assert hendrycks_is_equiv(candidate, ground_truth) or symbolic_equiv(candidate, ground_truth)
+    assert ambiguity_reason(candidate, ground_truth) is not None
+    assert score("MATH", response, ground_truth) == 0
+
+
+@pytest.mark.parametrize(("response", "ground_truth"), LEGIT)
+def test_single_answers_still_pass(response, ground_truth):
+    (candidate,) = math_candidates(response)
+    assert ambiguity_reason(candidate, ground_truth) is None
+    assert score("MATH", response, ground_truth) == 1
+
+
+def test_a_box_inside_a_box_is_refused():
+    # The last box is the inner `\\boxed{5}` (as in the reference), but it sits inside a box holding two answers.
+    assert math_candidates("\\boxed{\\boxed{7}\\boxed{5}}") == ["5"]
+    assert score("MATH", "\\boxed{\\boxed{7}\\boxed{5}}", "5") == 0
+    assert score("MATH", "\\boxed{\\boxed{7}} \\boxed{5}", "5") == 1  # boxes one after another: the last counts
+    assert score("MATH", "\\boxed{ok} then {\\boxed{5}}", "5") == 1  # braces that are no box do not nest it
+    assert score("MATH", "\\boxed 7 \\boxed{5}$", "5") == 0  # `\\boxed ` takes "7 \\boxed{5}": two answers
 
 
 def test_math_candidates_follow_the_reference_order():
