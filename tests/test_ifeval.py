@@ -209,7 +209,7 @@ def test_sections_count_matches_numbered_header_split():
         ('{"func_name": "validate_word_constraint", "N": 2.5, "quantifier": "around"}', "N must be a non-negative"),
         ('{"func_name": "validate_word_constraint", "N": true, "quantifier": "around"}', "N must be a non-negative"),
         ('{"func_name": "verify_letter_frequency", "letter": "ab", "N": 1}', "single character"),
-        ('{"func_name": "verify_keywords", "keyword_list": "apple"}', "list of strings"),
+        ('{"func_name": "verify_keywords", "keyword_list": "apple"}', "list of non-empty strings"),
         ('{"func_name": "validate_paragraphs", "N": 2, "first_word": "A", "i": 3}', "exceeds N=2"),
         ('{"func_name": "validate_paragraphs", "N": 2, "first_word": "A", "i": 0}', "positive integer"),
         ('{"func_name": "validate_sections", "N": 2, "section_splitter": ""}', "non-empty string"),
@@ -221,6 +221,36 @@ def test_malformed_ground_truth_raises_value_error(ground_truth, message):
     # `verify` refuses such a row up front, with the reason the verifier would give on every response.
     with pytest.raises(ValueError) as from_check:
         check_ground_truth("IFEval", ground_truth)
+    assert str(from_check.value) == str(from_verifier.value)
+
+
+# Empty strings and lists make a checker vacuous: every response passes (or, for [""], none does).
+VACUOUS = [
+    ("verify_keywords", {"keyword_list": []}),
+    ("verify_keywords", {"keyword_list": [""]}),
+    ("validate_forbidden_words", {"forbidden_words": []}),
+    ("validate_end", {"end_phrase": ""}),
+    ("validate_repeat_prompt", {"original_prompt": ""}),
+    ("validate_paragraphs", {"N": 1, "first_word": "", "i": 1}),
+    ("verify_postscript", {"postscript_marker": ""}),
+    ("validate_choice", {"options": []}),
+    ("validate_choice", {"options": ["", "yes"]}),
+    ("validate_sections", {"N": 0, "section_splitter": ""}),
+    ("verify_letter_frequency", {"letter": "", "N": 0}),
+    ("verify_keyword_frequency", {"word": "", "N": 0}),
+]
+
+
+@pytest.mark.parametrize("name,kwargs", VACUOUS, ids=[f"{n}-{json.dumps(k)}" for n, k in VACUOUS])
+def test_vacuous_ground_truths_are_refused(name, kwargs):
+    responses = ("One paragraph, no marker.", "P.S. yes, Section 1 of apple pie", "nothing at all")
+    verdicts = {bool(IF_FUNCTIONS[name](text, **kwargs)) for text in responses}
+    assert len(verdicts) == 1, "the checker cannot tell these responses apart"
+    truth = gt(name, **kwargs)
+    with pytest.raises(ValueError, match="non-empty|single character") as from_verifier:
+        verify_ifeval(responses[0], truth)
+    with pytest.raises(ValueError) as from_check:
+        check_ground_truth("ifeval", truth)
     assert str(from_check.value) == str(from_verifier.value)
 
 

@@ -219,6 +219,25 @@ def test_bad_ground_truth_raises_value_error():
         check_instructions("I write (c", bad_regex)
 
 
+@pytest.mark.parametrize("error", [IndexError("list index out of range"), TypeError("unhashable type: 'list'\nmore")])
+def test_checker_crash_on_a_ground_truth_is_reported_as_a_bad_ground_truth(monkeypatch, error):
+    """A checker that trips over odd kwargs on the probe answer (any exception, not only ValueError) makes
+    `check_ground_truth` raise a one-line ValueError naming the exception, instead of a traceback."""
+    import tulu_jax.rewards.ifeval_google as ifeval_google
+
+    def crash(answer, ground_truth):
+        raise error
+
+    monkeypatch.setattr(ifeval_google, "check_instructions", crash)
+    # A ground truth no other test checks, so that the per-ground-truth cache holds no earlier answer.
+    truth = json.dumps({"instruction_id_list": [], "kwargs": [], "prompt": f"crash {type(error).__name__}"})
+    with pytest.raises(ValueError) as raised:
+        check_ground_truth("google_ifeval", truth)
+    message = str(raised.value)
+    assert f"{type(error).__name__}: {str(error).splitlines()[0]}" in message
+    assert "google_ifeval" in message and "\n" not in message
+
+
 # The library's own checkers are the reference for the ones rewritten to run in linear time.
 REWRITTEN = {
     "detectable_content:number_placeholders": ([{"num_placeholders": n} for n in range(4)], "[]ab \n"),

@@ -24,7 +24,7 @@ from tulu_jax.rewards import (
     verify_math,
 )
 from tulu_jax.rewards.gsm8k import drop_thousands_commas
-from tulu_jax.rewards.math_answer import last_boxed_content, minerva_answer
+from tulu_jax.rewards.math_answer import ambiguity_reason, last_boxed_content, minerva_answer
 
 PROMPT = "<|user|>\nQ\n<|assistant|>\n"
 # In-process (no deadline) hostile inputs must finish well inside the Scorer's default 10 s deadline,
@@ -84,29 +84,32 @@ def test_gsm8k_verdicts(response, ground_truth, expected):
 
 def test_gsm8k_pieces():
     assert extract_gsm8k_answer("no number here") == "no number here"
-    assert extract_gsm8k_answer("a 1,2,3 b") == "123"
+    assert extract_gsm8k_answer("a 1,2,3 b") == "3"  # one pass: "12,3"
     assert extract_gsm8k_answer("x -7.25 and +3") == "+3"
     assert gsm8k_ground_truth("So 3 * 6 = 18.\n#### 1,018 ") == "1018"
     assert gsm8k_ground_truth("a #### 1 #### 2") == "2"
-    assert gsm8k_ground_truth(" 18 ") == " 18 "  # no ####: the ground truth as given (compared exactly)
+    assert gsm8k_ground_truth(" 18 ") == "18"  # no ####: the whole field, stripped
     assert answer_text("<|assistant|>\nfirst<|assistant|>\n  second \n") == "second"
     assert answer_text("  no header ") == "no header"
 
 
-def test_thousands_commas_equal_the_reference_loop():
-    """One lookaround pass equals the reference's `(\\d),(\\d)` -> `\\1\\2` repeated until nothing changes."""
+def test_thousands_commas_equal_the_reference_single_pass():
+    """The reference's line `re.sub(r"(\\d),(\\d)", r"\\1\\2", text)`, run once (not until nothing changes)."""
 
     def reference(text: str) -> str:
-        while True:
-            new = re.sub(r"(\d),(\d)", r"\1\2", text)
-            if new == text:
-                return text
-            text = new
+        return re.sub(r"(\d),(\d)", r"\1\2", text)
 
     rng = random.Random(0)
     for _ in range(2000):
         text = "".join(rng.choice("12,, a.-") for _ in range(rng.randint(0, 20)))
         assert drop_thousands_commas(text) == reference(text), text
+    # Groups of 2+ digits merge in one pass (the digit after a comma is not the next match's first digit);
+    # single digits do not: a list of primes is not one number.
+    assert drop_thousands_commas("1,000,000 and 12,345.67") == "1000000 and 12345.67"
+    assert drop_thousands_commas("2,3,5") == "23,5"
+    assert score("gsm8k", "The primes are 2,3,5", "5") == 1
+    assert score("gsm8k", "The primes are 2,3,5", "235") == 0
+    assert score("gsm8k", "Count 1,2,3", "3") == 1
 
 
 MATH_VECTORS = [
@@ -155,6 +158,57 @@ MATH_ANSWERS = [
 @pytest.mark.parametrize(("response", "ground_truth", "expected"), MATH_VECTORS + MATH_ANSWERS)
 def test_math_verdicts(response, ground_truth, expected):
     assert score("MATH", response, ground_truth) == expected
+
+
+# Hedged answers: math-verify (and, for some, the reference's Hendrycks prefix/unit rules) accept the gold
+# among several answers. Each is checked to pass the lenient comparison, so that the refusal is what fails it.
+HEDGED = [
+    ("\\boxed{7 = 5}", "5"),
+    ("\\boxed{7 = 5 = 3}", "3"),
+    ("\\boxed{7 \\text{ or } 5}", "7"),
+    ("\\boxed{7 \\approx 5}", "7"),
+    ("\\boxed{x=7 \\\\ y=5}", "5"),
+    ("\\boxed{7 \\equiv 5}", "5"),
+    ("\\boxed{f(x) = 5}", "5"),
+    ("\\boxed{x = 7 = 5}", "5"),
+]
+LEGIT = [
+    ("\\boxed{x=3}", "3"),
+    ("\\boxed{k = 3}", "3"),
+    ("\\boxed{x = \\frac{1}{2}}", "\\frac{1}{2}"),
+    ("\\boxed{(1,2)}", "(1, 2)"),
+    ("\\boxed{[1, 2)}", "[1,2)"),
+    ("\\boxed{x \\in (1, 2)}", "(1,2)"),
+    ("\\boxed{2\\sqrt{2}}", "\\sqrt{8}"),
+    ("\\boxed{x^2+y^2=1}", "x^2 + y^2 = 1"),  # the ground truth's own left side
+    ("\\boxed{\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}}", "\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}"),
+    ("\\boxed{\\text{Monday or Tuesday}}", "\\text{Monday or Tuesday}"),  # the ground truth's own "or"
+    ("\\boxed{\\int_0^1 x\\,dx}", "\\frac{1}{2}"),  # `\\in` of `\\int` is no relation
+]
+
+
+@pytest.mark.parametrize(("response", "ground_truth"), HEDGED)
+def test_hedged_answers_score_zero(response, ground_truth):
+    (candidate,) = math_candidates(response)
+    assert hendrycks_is_equiv(candidate, ground_truth) or symbolic_equiv(candidate, ground_truth)
+    assert ambiguity_reason(candidate, ground_truth) is not None
+    assert score("MATH", response, ground_truth) == 0
+
+
+@pytest.mark.parametrize(("response", "ground_truth"), LEGIT)
+def test_single_answers_still_pass(response, ground_truth):
+    (candidate,) = math_candidates(response)
+    assert ambiguity_reason(candidate, ground_truth) is None
+    assert score("MATH", response, ground_truth) == 1
+
+
+def test_a_box_inside_a_box_is_refused():
+    # The last box is the inner `\\boxed{5}` (as in the reference), but it sits inside a box holding two answers.
+    assert math_candidates("\\boxed{\\boxed{7}\\boxed{5}}") == ["5"]
+    assert score("MATH", "\\boxed{\\boxed{7}\\boxed{5}}", "5") == 0
+    assert score("MATH", "\\boxed{\\boxed{7}} \\boxed{5}", "5") == 1  # boxes one after another: the last counts
+    assert score("MATH", "\\boxed{ok} then {\\boxed{5}}", "5") == 1  # braces that are no box do not nest it
+    assert score("MATH", "\\boxed 7 \\boxed{5}$", "5") == 0  # `\\boxed ` takes "7 \\boxed{5}": two answers
 
 
 def test_math_candidates_follow_the_reference_order():
@@ -365,7 +419,35 @@ def test_check_ground_truth_needs_a_reference_answer():
                 check_ground_truth(dataset, empty)
         with pytest.raises(ValueError, match="must be a string, got list"):
             check_ground_truth(dataset, ["18"])
-    for _, ground_truth, _ in GSM8K_VECTORS:
+    for _, ground_truth, _ in GSM8K_VECTORS + GSM8K_ANSWERS:
         assert check_ground_truth("gsm8k", ground_truth) is None
     for _, ground_truth, _ in MATH_VECTORS:
         assert check_ground_truth("math", ground_truth) is None
+
+
+@pytest.mark.parametrize("ground_truth", ["18 apples", "$18", "1,2,3", "18 #### ", "1e3", "- 5"])
+def test_gsm8k_ground_truth_that_can_never_match_is_refused(ground_truth):
+    # No response can make its last number equal these: every row would silently score 0.
+    rng = random.Random(1)
+    responses = [ground_truth, f"The answer is {ground_truth}"] + [str(rng.randint(-999, 999)) for _ in range(50)]
+    assert not any(score("gsm8k", r, ground_truth) for r in responses)
+    with pytest.raises(ValueError, match="is not a number the GSM8K rule can match"):
+        check_ground_truth("gsm8k", ground_truth)
+
+
+def test_gsm8k_word_ground_truth_is_refused():
+    # A word only equals a whole response without any digit (the reference's no-number fallback): not a
+    # GSM8K answer.
+    assert score("gsm8k", "eighteen", "eighteen") == 1
+    assert score("gsm8k", "It is eighteen", "eighteen") == 0
+    with pytest.raises(ValueError, match="'eighteen' is not a number"):
+        check_ground_truth("gsm8k", "eighteen")
+
+
+@pytest.mark.parametrize(
+    ("ground_truth", "number"), [(" 18", "18"), ("1,200", "1200"), ("x #### -7 ", "-7"), ("+.5", "+.5")]
+)
+def test_gsm8k_ground_truth_is_normalised_before_comparing(ground_truth, number):
+    assert check_ground_truth("gsm8k", ground_truth) is None
+    assert gsm8k_ground_truth(ground_truth) == number
+    assert score("gsm8k", f"so it is {number}", ground_truth) == 1

@@ -361,9 +361,10 @@ def _check_letter(value: Any) -> str | None:
     return None if isinstance(value, str) and len(value) == 1 else "a single character"
 
 
-def _check_str_list(value: Any) -> str | None:
-    ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
-    return None if ok else "a list of strings"
+def _check_nonempty_str_list(value: Any) -> str | None:
+    # An empty list or an empty element makes the check vacuous: every response passes (or none does).
+    ok = isinstance(value, list) and bool(value) and all(isinstance(v, str) and v for v in value)
+    return None if ok else "a non-empty list of non-empty strings"
 
 
 def _check_quantifier(value: Any) -> str | None:
@@ -377,18 +378,18 @@ def _check_index(value: Any) -> str | None:
 _KWARG_CHECKS: dict[str, Callable[[Any], str | None]] = {
     "N": _check_count,
     "i": _check_index,
-    "word": _check_str,
+    "word": _check_nonempty_str,
     "letter": _check_letter,
     "language": _check_str,
     "quantifier": _check_quantifier,
-    "first_word": _check_str,
-    "postscript_marker": _check_str,
+    "first_word": _check_nonempty_str,
+    "postscript_marker": _check_nonempty_str,
     "section_splitter": _check_nonempty_str,
-    "original_prompt": _check_str,
-    "end_phrase": _check_str,
-    "keyword_list": _check_str_list,
-    "forbidden_words": _check_str_list,
-    "options": _check_str_list,
+    "original_prompt": _check_nonempty_str,
+    "end_phrase": _check_nonempty_str,
+    "keyword_list": _check_nonempty_str_list,
+    "forbidden_words": _check_nonempty_str_list,
+    "options": _check_nonempty_str_list,
 }
 
 _PARAMETERS: dict[str, frozenset[str]] = {

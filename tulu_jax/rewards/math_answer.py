@@ -311,6 +311,68 @@ def refusal_reason(candidate: str) -> str | None:
     return _power_refusal(candidate)
 
 
+# ------------------------------------------------------------------------------ ambiguous answers
+
+# math-verify reads `7 = 5`, `x=7 \\ y=5`, `7 \approx 5` or `7 \text{ or } 5` as several answers and accepts
+# the gold among them, and Hendrycks' short-prefix and unit rules strip `7 = ` and ` \text{ or } 5`: a policy
+# would learn to hedge. A candidate may not use these constructs unless the ground truth does.
+_EQUALITY = re.compile(r"=|\\equiv(?![A-Za-z])|\\in(?![A-Za-z])")
+_SHORT_NAME = re.compile(r"[A-Za-z]{1,2}")
+_HEDGES = (
+    (re.compile(r"\\text\{\s*or\s*\}|\bor\b", re.IGNORECASE), "an 'or' between answers"),
+    (re.compile(r"\\(?:approx|simeq)(?![A-Za-z])"), "an approximate relation"),
+    (re.compile(r"\\boxed"), "a nested \\boxed"),
+    (re.compile(r"\\\\"), "a \\\\ line break"),
+)
+
+
+def _without_spaces(s: str) -> str:
+    return "".join(s.split())
+
+
+def ambiguity_reason(candidate: str, ground_truth: str) -> str | None:
+    """Why `candidate` is not one answer that `ground_truth` can be compared with (None: it is). Refused,
+    unless `ground_truth` has the same construct: an `or`, `\\approx`/`\\simeq`, a `\\boxed`, a `\\\\` line
+    break; more equalities (`=`, `\\equiv`, `\\in`) than the ground truth (at least one is allowed); and an
+    equality whose left side is neither a short variable name (1-2 letters: `x = 3`, `k=5`, as Hendrycks'
+    prefix rule intends) nor the ground truth's left side (`x^2+y^2=1`). Stricter than math-verify, which
+    picks either side of `7 = 5`, and than open-instruct `math_utils.py` `strip_string`, whose short-prefix
+    rule strips `7 = ` and whose unit rule strips ` \\text{ or } 5`."""
+    for pattern, what in _HEDGES:
+        if pattern.search(candidate) and not pattern.search(ground_truth):
+            return what
+    sides = _EQUALITY.split(candidate)
+    gold_sides = _EQUALITY.split(ground_truth)
+    if len(sides) > max(2, len(gold_sides)):
+        return "more equalities than the ground truth"
+    if len(sides) == 2 and not _SHORT_NAME.fullmatch(sides[0].strip()):
+        if len(gold_sides) != 2 or _without_spaces(sides[0]) != _without_spaces(gold_sides[0]):
+            return "an equality whose left side is not a variable name"
+    return None
+
+
+def _last_box_is_nested(answer: str) -> bool:
+    # True when the last `\boxed{` opens inside an earlier, still open `\boxed{...}`: `\boxed{\boxed{7}\boxed{5}}`.
+    last = answer.rfind("\\boxed{")
+    if last < 0:
+        return False
+    open_boxes: list[int] = []  # brace depth at which each open box started
+    depth = 0
+    for m in _BOX_OR_BRACE.finditer(answer, 0, last):
+        if m.group() == "}":
+            depth -= 1
+            if open_boxes and depth == open_boxes[-1]:
+                open_boxes.pop()
+        else:
+            if m.group() != "{":
+                open_boxes.append(depth)
+            depth += 1
+    return bool(open_boxes)
+
+
+_BOX_OR_BRACE = re.compile(r"\\boxed\{|[{}]")
+
+
 # ---------------------------------------------------------------------------------- symbolic equivalence
 
 
@@ -353,10 +415,16 @@ def symbolic_equiv(candidate: str, ground_truth: str) -> bool:
 
 def verify_math(answer: str, ground_truth: str) -> bool:
     """True iff one candidate of `answer` (see `math_candidates`) is equivalent to the raw `ground_truth`
-    (`hendrycks_is_equiv` or `symbolic_equiv`); refused candidates never pass, nor do `\\fbox` ones
-    (the reference rejects them; math-verify would unwrap them like `\\boxed`)."""
-    for candidate in math_candidates(answer):
+    (`hendrycks_is_equiv` or `symbolic_equiv`); refused candidates never pass (`refusal_reason`,
+    `ambiguity_reason`, a last `\\boxed` inside another), nor do `\\fbox` ones (the reference rejects them;
+    math-verify would unwrap them like `\\boxed`)."""
+    candidates = math_candidates(answer)
+    if candidates[0] is not None and last_boxed_content(answer) is not None and _last_box_is_nested(answer):
+        candidates[0] = None  # a box inside a box is two answers, not one
+    for candidate in candidates:
         if candidate is None or refusal_reason(candidate) or "\\fbox" in candidate:
+            continue
+        if ambiguity_reason(candidate, ground_truth):
             continue
         if hendrycks_is_equiv(candidate, ground_truth) or symbolic_equiv(candidate, ground_truth):
             return True

@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 
-from tulu_jax.rewards.gsm8k import verify_gsm8k
+from tulu_jax.rewards.gsm8k import check_gsm8k_ground_truth, verify_gsm8k
 from tulu_jax.rewards.math_answer import verify_math
 from tulu_jax.rewards.text import answer_text
 from tulu_jax.rewards.verdict import Verdict
@@ -78,6 +78,11 @@ def _check_answer_text(ground_truth: str) -> None:
         raise ValueError("must be a non-empty string (the reference answer)")
 
 
+def _check_gsm8k(ground_truth: str) -> None:
+    _check_answer_text(ground_truth)
+    check_gsm8k_ground_truth(ground_truth)
+
+
 def _check_ifeval(ground_truth: str) -> None:
     from tulu_jax.rewards.ifeval import parse_ground_truth
 
@@ -92,7 +97,7 @@ def _check_google_ifeval(ground_truth: str) -> None:
 
 # The same ValueError the dataset's verifier would raise on this ground truth, for any response.
 _GROUND_TRUTH_CHECKS: dict[str, Callable[[str], None]] = {
-    "gsm8k": _check_answer_text,
+    "gsm8k": _check_gsm8k,
     "math": _check_answer_text,
     "ifeval": _check_ifeval,
     "google_ifeval": _check_google_ifeval,
@@ -108,12 +113,17 @@ def _ground_truth_problem(name: str, ground_truth: str) -> str | None:
             check(ground_truth)
     except ValueError as e:
         return str(e)
+    except Exception as e:  # noqa: BLE001 - a checker tripping on odd kwargs is a bad ground truth, not a crash
+        reason = " ".join(str(e).split())  # one line
+        return f"ground truth breaks the {name} checks ({type(e).__name__}: {reason:.200})"
     return None
 
 
 def check_ground_truth(dataset: str, ground_truth: str) -> None:
     """Raises ValueError (a one-line reason) when `ground_truth` is malformed for `dataset`'s verifier, so
-    every response would score 0 with status "error": gsm8k/math need a non-empty string; ifeval the JSON
+    every response would score 0 with status "error" (or the same score whatever the response): gsm8k needs
+    a number the extraction pattern can match (after `gsm8k.gsm8k_ground_truth`'s normalisation), math a
+    non-empty string; ifeval the JSON
     `{"func_name": ..., **kwargs}` that `ifeval.parse_ground_truth` accepts; google_ifeval the JSON
     `{"instruction_id_list": [...], "kwargs": [{...}], "prompt": "..."}` that
     `ifeval_google.check_ground_truth` accepts. Pure and cached per distinct (dataset, ground_truth).
