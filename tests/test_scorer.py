@@ -303,3 +303,145 @@ def test_interrupted_call_leaves_no_stale_chunk(scorer, monkeypatch):
         scorer.score(_items(CASES * 4))
     monkeypatch.setattr(ScorerClass, "_wait", real_wait)
     assert [v.score for v in scorer.score(_items(CASES[:30]))] == _expected(CASES[:30])
+
+
+# ------------------------------------------------------------------------------------ failed replacements
+
+SCORER_MODULE = sys.modules[Scorer.__module__]
+
+
+def _flaky_workers(monkeypatch, plugin: str, failures: int) -> list:
+    """Makes the next `failures` workers the Scorer starts also import `plugin` (which kills or hangs them
+    while they start); returns the list those workers are appended to."""
+    real = SCORER_MODULE._Worker
+    bad = []
+
+    class Flaky(real):
+        def __init__(self, ctx, legacy, plugins, *rest):
+            flaky = len(bad) < failures
+            super().__init__(ctx, legacy, (*plugins, plugin) if flaky else plugins, *rest)
+            if flaky:
+                bad.append(self)
+
+    monkeypatch.setattr(SCORER_MODULE, "_Worker", Flaky)
+    return bad
+
+
+def _crash_then_ok():
+    """A chunk whose crash kills the only worker, so that a replacement must start to finish the call."""
+    return _items(CASES[:3]) + [VerifyItem("test_crash", "x", "x")] + _items(CASES[3:8])
+
+
+def _alarm(seconds: int):
+    """Raises TimeoutError in this (main) thread after `seconds`: a call that would loop forever fails."""
+
+    def fire(signum, frame):
+        raise TimeoutError(f"no answer within {seconds} s")
+
+    signal.signal(signal.SIGALRM, fire)
+    signal.alarm(seconds)
+
+
+def _no_alarm():
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, signal.SIG_DFL)
+
+
+def test_replacement_that_dies_while_starting_is_retried(monkeypatch):
+    with Scorer(workers=1, timeout_s=TIMEOUT_S, plugins=("verifier_plugin",)) as scorer:
+        bad = _flaky_workers(monkeypatch, "start_crash_plugin", failures=SCORER_MODULE.START_TRIES - 1)
+        verdicts = scorer.score(_crash_then_ok())
+        assert len(bad) == SCORER_MODULE.START_TRIES - 1
+        assert [w.proc.exitcode for w in bad] == [5] * len(bad)  # each died in its plugin import
+        assert (verdicts[3].score, verdicts[3].status) == (0.0, "error")
+        assert [v.score for v in verdicts[:3] + verdicts[4:]] == _expected(CASES[:8])
+        assert {v.status for v in verdicts[:3] + verdicts[4:]} == {"ok"}
+
+
+def test_replacement_that_never_starts_is_a_clear_error(monkeypatch):
+    scorer = Scorer(workers=1, timeout_s=TIMEOUT_S, plugins=("verifier_plugin",))
+    try:
+        bad = _flaky_workers(monkeypatch, "start_crash_plugin", failures=100)
+        tries = SCORER_MODULE.START_TRIES
+        with pytest.raises(RuntimeError, match=rf"failed to start {tries} times in a row; last: worker \d+ died"):
+            scorer.score(_crash_then_ok())
+        assert len(bad) == tries
+        with pytest.raises(RuntimeError, match="Scorer is closed"):  # the short pool is shut, not reused
+            scorer.score(_items(CASES[:1]))
+        assert not any(_running(pid) for pid in scorer.pids)
+    finally:
+        scorer.close()
+
+
+def test_replacement_that_hangs_while_starting_is_timed_out(monkeypatch):
+    with Scorer(workers=1, timeout_s=TIMEOUT_S, plugins=("verifier_plugin",)) as scorer:
+        scorer.start_timeout_s = 3.0  # for the replacements only: the first worker has started
+        bad = _flaky_workers(monkeypatch, "start_hang_plugin", failures=1)
+        _alarm(120)  # without a start deadline, score() would wait for the hung worker forever
+        try:
+            start = time.monotonic()
+            verdicts = scorer.score(_crash_then_ok())
+            wall = time.monotonic() - start
+        finally:
+            _no_alarm()
+        assert len(bad) == 1 and not bad[0].proc.is_alive()  # killed at its start deadline
+        assert wall >= scorer.start_timeout_s
+        assert (verdicts[3].score, verdicts[3].status) == (0.0, "error")
+        assert [v.score for v in verdicts[:3] + verdicts[4:]] == _expected(CASES[:8])
+
+
+# ------------------------------------------------------------------------------------ the deadline race
+
+
+def test_overrun_blames_the_item_checked_not_the_next_one():
+    """The deadline check saw item 0 overdue, but the worker finished it and moved on to item 1 before the
+    kill: item 0 gets "timeout", item 1 (innocent) is queued again. `_lost` is called directly with the
+    checked (index, start), so the moment of the move is fixed rather than left to the scheduler."""
+    from collections import deque
+
+    with Scorer(workers=1, timeout_s=TIMEOUT_S, plugins=("verifier_plugin",)) as scorer:
+        w = scorer._workers[0]
+        payload = [("gsm8k", PROMPT + "18", "18"), ("test_sleep", "30", "x")]
+        w.send([0, 1], payload)
+        deadline = time.monotonic() + 30
+        while w.current()[0] != 1:  # item 0 done, item 1 (30 s of sleep) under way
+            assert time.monotonic() < deadline, "the worker never reached item 1"
+            time.sleep(0.01)
+        checked = (0, w.current()[1] - int((TIMEOUT_S + 1) * 1e9))  # as the check saw it: item 0, overdue
+        results, queue = [None, None], deque()
+        scorer._lost(0, payload, results, queue, "timeout", "over the deadline", checked)
+        assert (results[0].score, results[0].status, results[0].verifier) == (0.0, "timeout", "gsm8k")
+        assert results[0].elapsed_s > TIMEOUT_S
+        assert results[1] is None and list(queue) == [[1]]
+        assert not w.proc.is_alive() and scorer.pids != [w.proc.pid]
+        assert [v.score for v in scorer.score(_items(CASES[:5]))] == _expected(CASES[:5])  # the pool works
+
+
+def test_lost_worker_reply_already_sent_is_kept():
+    """A worker that sent its whole chunk's reply just before the kill: the reply is used, nothing is blamed."""
+    from collections import deque
+
+    with Scorer(workers=1, timeout_s=TIMEOUT_S, plugins=("verifier_plugin",)) as scorer:
+        w = scorer._workers[0]
+        payload = [(d, PROMPT + r, g) for d, r, g, _ in CASES[:4]]
+        w.send([0, 1, 2, 3], payload)
+        assert w.conn.poll(30)  # the reply is in the pipe
+        results, queue = [None] * 4, deque()
+        scorer._lost(0, payload, results, queue, "timeout", "over the deadline", (0, 0))
+        assert [(v.score, v.status) for v in results] == [(e, "ok") for e in _expected(CASES[:4])]
+        assert not queue
+
+
+# ------------------------------------------------------------------------------------ pool size
+
+
+def test_default_pool_size_is_capped(monkeypatch):
+    from tulu_jax.rewards.scorer import DEFAULT_MAX_WORKERS, default_workers
+
+    for cpus, expected in ((None, 1), (1, 1), (3, 3), (DEFAULT_MAX_WORKERS, DEFAULT_MAX_WORKERS), (256, 8)):
+        monkeypatch.setattr(os, "cpu_count", lambda cpus=cpus: cpus)
+        assert default_workers() == min(cpus or 1, DEFAULT_MAX_WORKERS) == expected
+    monkeypatch.setattr(os, "cpu_count", lambda: 256)
+    monkeypatch.setattr(SCORER_MODULE, "default_workers", lambda: 1)  # Scorer() asks default_workers
+    with Scorer() as scorer:
+        assert len(scorer.pids) == 1

@@ -49,6 +49,21 @@ def test_table_and_scored_rows_in_input_order(tmp_path, capsys):
         assert (int(n), int(passed), int(timeouts), int(errors)) == (len(mine), sum(mine), 0, 0)
         assert float(accuracy) == pytest.approx(sum(mine) / len(mine), abs=5e-5)  # printed with 4 decimals
     assert int(table["all"][0]) == len(ROWS)
+    assert sorted(os.listdir(tmp_path)) == ["rows.jsonl", "scored.jsonl"]  # the .tmp was renamed
+
+
+@pytest.mark.parametrize("before", [None, "rows of an earlier run\n"])
+def test_bad_row_late_in_the_file_leaves_out_as_it_was(tmp_path, capsys, monkeypatch, before):
+    """A bad row after some batches were written: no truncated --out, an earlier --out kept, no .tmp left."""
+    monkeypatch.setattr("tulu_jax.verify.BATCH_ROWS", 1)  # every row is its own batch, written before the next
+    data = _write(tmp_path / "rows.jsonl", [GOOD, GOOD, {**GOOD, "dataset": "mmlu"}])
+    out = tmp_path / "scored.jsonl"
+    if before is not None:
+        out.write_text(before)
+    assert main(["verify", "--data", data, "--out", str(out), "--workers", "1"]) == 2
+    assert "line 3: field 'dataset'" in capsys.readouterr().err
+    assert (out.read_text() if out.exists() else None) == before
+    assert not os.path.exists(f"{out}.tmp")
 
 
 def test_lone_surrogates_round_trip(tmp_path):

@@ -1,4 +1,4 @@
-"""Test-only verifiers for the Scorer's `plugins` hook: one raises, one kills its own worker process.
+"""Test-only verifiers for the Scorer's `plugins` hook: one raises, one kills its own worker process, one sleeps.
 (A verifier that really hangs needs no plugin: sympy expanding `(x+y+z)^{999}` does.)"""
 
 import os
@@ -25,3 +25,13 @@ def _modules(answer: str, ground_truth: str, legacy: frozenset[str]) -> tuple[bo
 
 
 VERIFIERS.setdefault("test_modules", _modules)
+
+
+def _sleep(answer: str, ground_truth: str, legacy: frozenset[str]) -> bool:
+    import time
+
+    time.sleep(float(answer))  # a slow verifier that finishes: seconds given as the response
+    return True
+
+
+VERIFIERS.setdefault("test_sleep", _sleep)

@@ -35,11 +35,14 @@ def add_arguments(p) -> None:
         help="JSONL: every input row, in order, plus score, verifier, verify_status (and verify_message when "
         "not ok); a skipped bad row has verify_status skipped and no score",
     )
+    from tulu_jax.rewards.scorer import DEFAULT_MAX_WORKERS
+
     p.add_argument(
         "--workers",
         type=int,
         default=None,
-        help=f"verifier processes (default: one per CPU; at most {WORKERS_PER_CPU} per CPU)",
+        help=f"verifier processes (default: one per CPU, at most {DEFAULT_MAX_WORKERS}; "
+        f"at most {WORKERS_PER_CPU} per CPU when given)",
     )
     p.add_argument(
         "--timeout-s", type=float, default=10.0, help="hard deadline per response, seconds (default: %(default)s)"
@@ -149,8 +152,9 @@ def verify_file(
     """Scores every row of `data` (see the module docstring) in a Scorer pool and writes `out` (if given).
     Returns {"verifiers": {name: {n, passed, accuracy, timeouts, errors}}, "rows_read", "rows_skipped"
     (reason -> count), "problems" (the first SHOWN_ERRORS "where (verifier, status): message" of items
-    that timed out or raised)}. Raises DataError for a bad row unless on_bad_row="skip", and DataError
-    "no rows to verify" when `data` has no row or every row was skipped."""
+    that timed out or raised)}. `out` is written as `out`.tmp and renamed on success; on any error the tmp
+    file is removed and an existing `out` is left as it was. Raises DataError for a bad row unless
+    on_bad_row="skip", and DataError "no rows to verify" when `data` has no row or every row was skipped."""
     from tqdm import tqdm
 
     from tulu_jax.data.chat import DataError
@@ -159,8 +163,11 @@ def verify_file(
     counts: dict[str, Any] = {}
     table: dict[str, dict[str, Any]] = {}
     problems: list[str] = []
+    # Rows go to OUT.tmp, renamed to OUT only on success: a bad row late in the file (or Ctrl-C) leaves no
+    # truncated OUT, and an OUT from an earlier run stays as it was.
+    tmp = f"{out}.tmp" if out else None
     # A lone surrogate (valid in JSON escapes) cannot be UTF-8: it is written back as the same \\uXXXX escape.
-    sink = open(out, "w", encoding="utf-8", errors="backslashreplace") if out else None  # noqa: SIM115
+    sink = open(tmp, "w", encoding="utf-8", errors="backslashreplace") if tmp else None  # noqa: SIM115
     try:
         with Scorer(workers, timeout_s, if_semantics) as scorer, tqdm(unit="row", disable=None) as bar:
             for batch in _batches(_read(data, on_bad_row, counts), BATCH_ROWS):
@@ -180,13 +187,19 @@ def verify_file(
                     sink.write("".join(_out_line(e, v) for e, v in zip(batch, verdicts, strict=True)))
                     sink.flush()
                 bar.update(len(batch))
-    finally:
+        if not table:
+            skipped = counts.get("rows_skipped", {})
+            why = f": all {sum(skipped.values())} rows were skipped as bad ({_reasons(skipped)})" if skipped else ""
+            raise DataError(f"{data}: no rows to verify{why}", "no_rows")
         if sink is not None:
             sink.close()
-    if not table:
-        skipped = counts.get("rows_skipped", {})
-        why = f": all {sum(skipped.values())} rows were skipped as bad ({_reasons(skipped)})" if skipped else ""
-        raise DataError(f"{data}: no rows to verify{why}", "no_rows")
+            os.replace(tmp, out)
+    except BaseException:
+        if sink is not None:
+            sink.close()
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        raise
     for stats in table.values():
         stats["accuracy"] = stats["passed"] / stats["n"]
     return {
