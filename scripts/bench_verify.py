@@ -27,7 +27,7 @@ from machine import cpu_model  # scripts/machine.py, next to this script (sys.pa
 def parse_args(argv=None):
     """The command line above -> argparse.Namespace."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--workers", type=int, default=None, help="worker processes (default: one per CPU)")
+    p.add_argument("--workers", type=int, default=None, help="worker processes (default: one per CPU, at most 8)")
     p.add_argument("--gsm8k", type=int, default=20000, help="GSM8K items per call")
     p.add_argument("--math", type=int, default=2000, help="MATH items per call")
     p.add_argument("--ifeval", type=int, default=20000, help="IF items per call (if the IF verifier exists)")

@@ -15,8 +15,7 @@ from tulu_jax.inputs import (
     load_chat_tokenizer,
     parse_mesh,
 )
-
-MAX_WORKERS = 8  # default cap: every verifier process imports its own sympy and math-verify
+from tulu_jax.rewards.scorer import DEFAULT_MAX_WORKERS, default_workers
 
 DESCRIPTION = (
     "Greedy responses to benchmark prompts, scored by the RLVR verifiers (the reward the same response earns "
@@ -63,7 +62,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--batch-size", type=int, default=64, help="prompts per backend call and output flush (default: %(default)s)"
     )
     p.add_argument(
-        "--workers", type=int, default=None, help=f"verifier processes (default: CPU cores, at most {MAX_WORKERS})"
+        "--workers",
+        type=int,
+        default=None,
+        help=f"verifier processes (default: CPU cores, at most {DEFAULT_MAX_WORKERS})",
     )
     p.add_argument(
         "--timeout-s", type=float, default=10.0, help="seconds a verifier may take per response (default: %(default)s)"
@@ -200,7 +202,7 @@ def run(args, overrides) -> int:
         # until a task is done its entry says so: a killed run's summary is not mistaken for a finished one
         runner.write_summary(args.out, model, {t.name: {"complete": False} for t in tasks})
     summaries = {}
-    workers = args.workers or min(os.cpu_count() or 1, MAX_WORKERS)
+    workers = args.workers or default_workers()
     with Scorer(workers=workers, timeout_s=args.timeout_s) as scorer:
         for task in tasks:
             out_path = None if args.out is None else os.path.join(args.out, f"{task.name}.jsonl")
