@@ -13,7 +13,9 @@ tiny_arith: word problems ("Tom has 12 apples. He gets 7 more. ...") in the tiny
 ground truth is a number, scored by the GSM8K rule (last number of the answer). Held out: no eval
 operand value, name or object word occurs in any train problem.
 tiny_if: tiny-domain questions with one format constraint (lowercase, capital letters, no commas, end
-with a phrase, include a keyword, at most N words), scored by the IFEval-style functions. Held out: the
+with a phrase, include a keyword, at least N words), scored by the IFEval-style functions. An empty
+response satisfies the lowercase, capital-letters and no-commas prompts (as in Tülu's own IF data): about
+half of tiny_if's prompts are of the other three kinds, which it fails. Held out: the
 eval questions' subjects, keywords and end phrases do not occur in train prompts.
 """
 
@@ -64,37 +66,37 @@ def arith_problem(rng: random.Random, split: str) -> tuple[str, str, int]:
 
 
 # --- tiny_if ----------------------------------------------------------------------------------------
-# (question, plain answer, short answer): subjects split between train and eval.
+# (question, plain answer): subjects split between train and eval.
 TRAIN_SUBJECTS = (
-    ("What is the capital of France?", "The capital of France is Paris.", "Paris."),
-    ("What is the capital of Japan?", "The capital of Japan is Tokyo.", "Tokyo."),
-    ("What is the capital of Italy?", "The capital of Italy is Rome.", "Rome."),
-    ("What is the capital of Egypt?", "The capital of Egypt is Cairo.", "Cairo."),
-    ("What is the capital of Kenya?", "The capital of Kenya is Nairobi.", "Nairobi."),
-    ("What is the capital of Norway?", "The capital of Norway is Oslo.", "Oslo."),
-    ("What color is grass?", "Grass is green.", "Green."),
-    ("What color is snow?", "Snow is white.", "White."),
-    ("What color is a tomato?", "A tomato is red.", "Red."),
-    ("What is the opposite of 'hot'?", "The opposite of 'hot' is 'cold'.", "Cold."),
-    ("What is the opposite of 'big'?", "The opposite of 'big' is 'small'.", "Small."),
-    ("What is the opposite of 'day'?", "The opposite of 'day' is 'night'.", "Night."),
-    ("Name three colors.", "Red, green, and blue.", "Red, green, blue."),
-    ("Name three animals.", "A tiger, a rabbit, and a zebra.", "Tiger, rabbit, zebra."),
-    ("Name three fruits.", "An apple, a lemon, and a banana.", "Apple, lemon, banana."),
+    ("What is the capital of France?", "The capital of France is Paris."),
+    ("What is the capital of Japan?", "The capital of Japan is Tokyo."),
+    ("What is the capital of Italy?", "The capital of Italy is Rome."),
+    ("What is the capital of Egypt?", "The capital of Egypt is Cairo."),
+    ("What is the capital of Kenya?", "The capital of Kenya is Nairobi."),
+    ("What is the capital of Norway?", "The capital of Norway is Oslo."),
+    ("What color is grass?", "Grass is green."),
+    ("What color is snow?", "Snow is white."),
+    ("What color is a tomato?", "A tomato is red."),
+    ("What is the opposite of 'hot'?", "The opposite of 'hot' is 'cold'."),
+    ("What is the opposite of 'big'?", "The opposite of 'big' is 'small'."),
+    ("What is the opposite of 'day'?", "The opposite of 'day' is 'night'."),
+    ("Name three colors.", "Red, green, and blue."),
+    ("Name three animals.", "A tiger, a rabbit, and a zebra."),
+    ("Name three fruits.", "An apple, a lemon, and a banana."),
 )
 EVAL_SUBJECTS = (
-    ("What is the capital of Peru?", "The capital of Peru is Lima.", "Lima."),
-    ("What is the capital of Greece?", "The capital of Greece is Athens.", "Athens."),
-    ("What is the capital of Cuba?", "The capital of Cuba is Havana.", "Havana."),
-    ("What color is coal?", "Coal is black.", "Black."),
-    ("What color is the sky?", "The sky is blue.", "Blue."),
-    ("What is the opposite of 'fast'?", "The opposite of 'fast' is 'slow'.", "Slow."),
-    ("What is the opposite of 'early'?", "The opposite of 'early' is 'late'.", "Late."),
-    ("Name three birds.", "A parrot, a falcon, and an owl.", "Parrot, falcon, owl."),
-    ("Name three tools.", "A hammer, a needle, and a ladder.", "Hammer, needle, ladder."),
-    ("What is the capital of Chile?", "The capital of Chile is Santiago.", "Santiago."),
-    ("What color is a plum?", "A plum is purple.", "Purple."),
-    ("What is the opposite of 'full'?", "The opposite of 'full' is 'empty'.", "Empty."),
+    ("What is the capital of Peru?", "The capital of Peru is Lima."),
+    ("What is the capital of Greece?", "The capital of Greece is Athens."),
+    ("What is the capital of Cuba?", "The capital of Cuba is Havana."),
+    ("What color is coal?", "Coal is black."),
+    ("What color is the sky?", "The sky is blue."),
+    ("What is the opposite of 'fast'?", "The opposite of 'fast' is 'slow'."),
+    ("What is the opposite of 'early'?", "The opposite of 'early' is 'late'."),
+    ("Name three birds.", "A parrot, a falcon, and an owl."),
+    ("Name three tools.", "A hammer, a needle, and a ladder."),
+    ("What is the capital of Chile?", "The capital of Chile is Santiago."),
+    ("What color is a plum?", "A plum is purple."),
+    ("What is the opposite of 'full'?", "The opposite of 'full' is 'empty'."),
 )
 TRAIN_KEYWORDS = ("river", "garden", "window", "silver", "candle", "forest", "rocket", "castle")
 EVAL_KEYWORDS = ("velvet", "harbor", "quartz", "meadow")
@@ -109,7 +111,7 @@ def _no_commas(text: str) -> str:
 def if_problem(rng: random.Random, split: str) -> tuple[str, str, dict]:
     """(question, compliant answer, ground-truth constraint) of one constrained prompt from `split`."""
     held = split == "eval"
-    question, plain, short = rng.choice(EVAL_SUBJECTS if held else TRAIN_SUBJECTS)
+    question, plain = rng.choice(EVAL_SUBJECTS if held else TRAIN_SUBJECTS)
     kind = rng.randrange(6)
     if kind == 0:
         return f"{question} Answer in lowercase letters only.", plain.lower(), {"func_name": "validate_lowercase"}
@@ -125,9 +127,10 @@ def if_problem(rng: random.Random, split: str) -> tuple[str, str, dict]:
         word = rng.choice(EVAL_KEYWORDS if held else TRAIN_KEYWORDS)
         truth = {"func_name": "verify_keywords", "keyword_list": [word]}
         return f"{question} Include the word '{word}' in your answer.", f"{plain} The word is {word}.", truth
-    n = rng.choice((2, 3, 4))
-    truth = {"func_name": "validate_word_constraint", "N": n, "quantifier": "at most"}
-    return f"{question} Answer in at most {n} words.", short, truth
+    # "at least", not "at most": an empty response must not satisfy it (three kinds above already accept one)
+    n = rng.choice((6, 7, 8))
+    truth = {"func_name": "validate_word_constraint", "N": n, "quantifier": "at least"}
+    return f"{question} Answer in at least {n} words.", f"{plain} I am sure of it.", truth
 
 
 # --- rows -------------------------------------------------------------------------------------------
