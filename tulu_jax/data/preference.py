@@ -179,6 +179,8 @@ class _PairStore:
         return (len(self.offsets) - 1) // 2
 
     def side(self, i: int, s: int) -> tuple[np.ndarray, np.ndarray]:
+        """(token ids [L] int32, loss mask [L] int32) of pair `i`'s side `s` (0 chosen, 1 rejected): views
+        into the flat arrays, no copy. IndexError for a pair past the end."""
         a, b = self.offsets[2 * i + s], self.offsets[2 * i + s + 1]
         return self.ids[a:b], self.masks[a:b]
 

@@ -220,6 +220,7 @@ class RunSettings:
     timeout_s: float = 10.0
 
     def as_json(self, max_tokens: dict[str, int]) -> dict[str, Any]:
+        """settings.json's content: these settings plus `max_tokens` (task -> new-token budget), sorted."""
         return {**dataclasses.asdict(self), "max_tokens": dict(sorted(max_tokens.items()))}
 
 

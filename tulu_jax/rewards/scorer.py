@@ -88,6 +88,8 @@ class _Worker:
         self.job: list[int] | None = None  # item indices of the chunk it holds
 
     def send(self, job: list[int], payload: list[tuple]) -> None:
+        """Hands the worker one chunk: `job` (the items' indices in the score() call) and `payload` (their
+        (dataset, response, ground_truth) tuples); its deadline clock starts now."""
         self.progress[0] = -1
         self.progress[1] = time.monotonic_ns()  # until the first item starts, the deadline runs from now
         self.job = job
@@ -105,6 +107,7 @@ class _Worker:
         self.proc.join()
 
     def kill(self) -> None:
+        """`stop`, then closes the pipe and the owner-alive pipe: the worker slot is done for good."""
         self.stop()
         self.conn.close()
         self._alive.close()

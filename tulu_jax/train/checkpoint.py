@@ -24,6 +24,10 @@ def layout(tree) -> list[str]:
 
 
 class Checkpointer:
+    """Orbax checkpoints of any pytree of train states plus the data iterator's state and extras, under
+    `directory`, keeping the newest `keep` (ValueError from Orbax for keep < 1). Saves are asynchronous:
+    `wait` or `close` before reading them from another process."""
+
     def __init__(self, directory: str, keep: int):
         self.directory = os.path.abspath(directory)  # Orbax wants absolute paths
         self._mngr = ocp.CheckpointManager(
@@ -31,6 +35,7 @@ class Checkpointer:
         )
 
     def latest_step(self) -> int | None:
+        """The newest saved step, or None when the directory holds no checkpoint."""
         return self._mngr.latest_step()
 
     def save(self, step: int, state, data_state: dict[str, Any], extra: dict[str, Any] | None = None) -> None:
@@ -72,8 +77,10 @@ class Checkpointer:
         return out["state"], out["data"], extra
 
     def wait(self) -> None:
+        """Blocks until every asynchronous save has been written."""
         self._mngr.wait_until_finished()
 
     def close(self) -> None:
+        """Waits for pending saves, then releases the manager. Not usable afterwards."""
         self._mngr.wait_until_finished()
         self._mngr.close()

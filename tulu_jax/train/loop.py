@@ -29,6 +29,9 @@ from tulu_jax.train.reporter import MetricsReporter, log
 
 @dataclass
 class LoopResult:
+    """What `train_loop` hands back: the final state, the last step taken, the step it started from and
+    the last logged metrics (floats by name)."""
+
     state: Any
     step: int  # the last step taken (== start when nothing was left to do)
     last_metrics: dict[str, float]
@@ -132,6 +135,7 @@ def train_loop(
 
 
 def write_summary(out_dir: str, summary: dict) -> None:
+    """Writes OUTPUT_DIR/summary.json (process 0 only; the others return) and logs it as one JSON line."""
     if jax.process_index() == 0:
         with open(os.path.join(out_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2, default=str)
