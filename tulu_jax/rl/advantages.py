@@ -85,7 +85,10 @@ def group_advantages(scores_B: Array, group_size: int, *, normalize_std: bool = 
     near-constant groups. Raises ValueError (at trace time) when group_size does not divide B.
     """
     scores_GxN = _grouped(scores_B, group_size)
-    centred_GxN = scores_GxN - jnp.mean(scores_GxN, axis=1, keepdims=True)
+    # Centre on the first sample before averaging: a group of equal scores then gives exactly 0 (its float32
+    # mean need not round back to the score, and ±1 ulp would be blown up to ±1 by the std division).
+    shifted_GxN = scores_GxN - scores_GxN[:, :1]
+    centred_GxN = shifted_GxN - jnp.mean(shifted_GxN, axis=1, keepdims=True)
     if normalize_std:
         std_Gx1 = jnp.sqrt(jnp.mean(jnp.square(centred_GxN), axis=1, keepdims=True))
         centred_GxN = centred_GxN / (std_Gx1 + _f32(eps))
