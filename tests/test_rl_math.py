@@ -279,6 +279,11 @@ def test_kl_estimators_by_hand():
     assert_f32(kl_penalty(d, zero, "k1"), [[ln2]], scale=1.0)
     assert_f32(kl_penalty(d, zero, "k2"), [[0.5 * ln2 * ln2]], scale=1.0)
     assert_f32(kl_penalty(d, zero, "k3"), [[ln2 - 0.5]], scale=1.0)
+    # Small Δ: k3 ≈ Δ²/2 = 5e-7 at Δ = 1e-3, while exp(-Δ) - 1 in float32 alone would err by ~EPS ≈ 1e-7 (20%);
+    # the bound below (terms |expm1(-Δ)| + |Δ| ≈ 2e-3) allows under 1%.
+    small = np.float32(1e-3)
+    want = math.expm1(-float(small)) + float(small)
+    assert_f32(kl_penalty(jnp.full((1, 1), small), zero, "k3"), [[want]], scale=2 * float(small))
     with pytest.raises(ValueError, match="k4"):
         kl_penalty(d, zero, "k4")
 

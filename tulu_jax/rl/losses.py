@@ -80,6 +80,7 @@ def policy_loss(
     stats: "clipfrac" (share of masked tokens where the clipped term is strictly the larger, the reference's
     `(pg_losses2 > pg_losses)` masked mean), "approxkl" (½ masked mean of (logps − old_logps)²), "ratio"
     (masked mean of ρ), "ratio_var" (masked population variance of ρ). Stats carry no gradient.
+    Raises ValueError (at trace time) for an aggregation not in AGGREGATIONS.
     Source: open-instruct's `ppo_vllm_thread_ray_gtrl.py` and `grpo_fast.py`.
     """
     mask_BxT = _f32(mask_BxT)
@@ -122,6 +123,7 @@ def value_loss(
     V' = old + clip(values − old, −clip, clip); loss = ½ · aggregate(max((V − R)², (V' − R)²)). Inputs
     [B, T] float32; `mask_BxT` is the value mask. stats "clipfrac": share of masked tokens where the clipped
     error is strictly the larger (`vf_clipfrac` of open-instruct's `ppo_vllm_thread_ray_gtrl.py`).
+    Raises ValueError (at trace time) for an aggregation not in AGGREGATIONS.
     """
     values_BxT, old_values_BxT, returns_BxT = _f32(values_BxT), _f32(old_values_BxT), _f32(returns_BxT)
     clipped_values_BxT = old_values_BxT + jnp.clip(values_BxT - old_values_BxT, -clip, clip)
