@@ -22,6 +22,11 @@ TRAINERS = {
     "sft": ("tulu_jax.config:SFTConfig", "tulu_jax.train.sft:run_sft", "supervised fine-tuning"),
     "dpo": ("tulu_jax.config:DPOConfig", "tulu_jax.train.dpo:run_dpo", "preference tuning (DPO family)"),
     "rm": ("tulu_jax.config:RMConfig", "tulu_jax.train.rm:run_rm", "reward model (Bradley-Terry)"),
+    "rlvr": (
+        "tulu_jax.config:RLVRConfig",
+        "tulu_jax.train.rlvr:run_rlvr",
+        "RL with verifiable rewards (Tülu 3's PPO, or GRPO)",
+    ),
 }
 
 

@@ -415,3 +415,268 @@ class RMConfig:
     mesh: MeshConfig = field(default_factory=MeshConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+
+
+# --- RLVR (Tülu 3 §6; open-instruct `ppo_vllm_thread_ray_gtrl.py`, `grpo_fast.py`) ------------------------
+
+RL_ALGOS = ("ppo", "grpo")
+
+
+def _at_least(section, **minimums) -> None:
+    """ValueError naming the first field of `section` below its minimum (one field per message, so the
+    config loader can name the key)."""
+    for name, low in minimums.items():
+        if getattr(section, name) < low:
+            raise ValueError(f"{name} must be >= {low}, got {getattr(section, name)}")
+
+
+KL_ESTIMATORS = ("k1", "k2", "k3")
+LOSS_AGGREGATIONS = ("token", "sequence", "constant")
+VALUE_INITS = ("reward_model", "policy")
+ROLLOUT_BACKENDS = ("local", "vllm")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RLVRDataConfig(DataFilesConfig):
+    """RLVR prompts: Tülu's rows {"messages", "ground_truth", "dataset"} (bundled: the tiny_arith and tiny_if
+    train sets; their eval sets for `eval_files`). Every ground truth is checked against its verifier before
+    training. `max_seq_len` bounds the prompt: longer prompts are skipped and counted, as the reference drops
+    prompts over 2,048 tokens."""
+
+    bundled: ClassVar[tuple[str, ...]] = ("tiny_arith", "tiny_if")
+
+    max_seq_len: int = field(
+        default=256,
+        metadata={"help": "most prompt tokens (chat template included); longer prompts are skipped and counted"},
+    )
+    eval_limit: int = field(
+        default=0, metadata={"help": "evaluate on at most this many eval prompts (0: all), greedily"}
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.eval_limit < 0:
+            raise ValueError(f"eval_limit must be >= 0, got {self.eval_limit}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RolloutConfig:
+    """Where and how responses are sampled. ValueError for a bad backend, sampling value or async depth."""
+
+    backend: str = field(
+        default="local",
+        metadata={"help": "local: the in-process JAX sampler on the trainer's devices; vllm: external vLLM servers"},
+    )
+    servers: tuple[str, ...] = field(
+        default=(), metadata={"help": "vLLM server URLs (backend vllm), e.g. [http://h1:8000, http://h2:8000]"}
+    )
+    max_tokens: int = field(default=2048, metadata={"help": "response length budget (Tülu 3: 2048)"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature (Tülu 3: 1.0), also in log-probs"})
+    top_p: float = field(
+        default=1.0,
+        metadata={"help": "nucleus sampling; must stay 1.0 (the trainer's log-probs use the full vocabulary)"},
+    )
+    top_k: int = field(default=0, metadata={"help": "top-k sampling; must stay 0 for training (see top_p)"})
+    n: int = field(default=1, metadata={"help": "samples per prompt (Tülu 3 PPO: 1; GRPO: the group size)"})
+    async_steps: int = field(
+        default=0,
+        metadata={
+            "help": "0: generate each batch with the latest weights; k >= 1: generate batch t+k while training on "
+            "batch t (responses at most k weight versions stale; Tülu 3 ran 1 step off-policy)"
+        },
+    )
+    push_every: int = field(default=1, metadata={"help": "push the policy's weights to the generator every N steps"})
+    max_batch: int = field(
+        default=0, metadata={"help": "local backend: most rows per sampler call (0: the whole rollout batch)"}
+    )
+
+    def __post_init__(self):
+        object.__setattr__(self, "servers", tuple(str(s) for s in self.servers))
+        if self.backend not in ROLLOUT_BACKENDS:
+            raise ValueError(f"backend must be one of {ROLLOUT_BACKENDS}, got {self.backend!r}")
+        if self.backend == "vllm" and not self.servers:
+            raise ValueError("backend vllm needs servers (rollout.servers=[http://HOST:PORT,...])")
+        if self.backend == "local" and self.servers:
+            raise ValueError("servers are only used by backend vllm (set rollout.backend=vllm)")
+        _at_least(self, max_tokens=1, n=1, push_every=1, async_steps=0, max_batch=0)
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0 for training rollouts, got {self.temperature}")
+        if self.top_p != 1.0 or self.top_k != 0:
+            # The trainer's log-probs (old, reference, KL) are over the full vocabulary; samples from a truncated
+            # distribution would make every ratio and KL estimate biased.
+            raise ValueError(
+                f"top_p={self.top_p}, top_k={self.top_k}: training rollouts must sample the full distribution "
+                "(top_p 1.0, top_k 0), the support the trainer's log-probs are computed on"
+            )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PolicyLossConfig:
+    """What PPO and GRPO share: rewards, KL, the clipped surrogate, epochs and minibatches, aggregation, TIS."""
+
+    verify_reward: float = field(default=10.0, metadata={"help": "score of a verified response (Tülu 3: 10), else 0"})
+    non_stop_penalty: float | None = field(
+        default=-10.0,
+        metadata={"help": "score that REPLACES the verifier's for a response without EOS (Tülu 3: -10); null: off"},
+    )
+    beta: float = field(default=0.05, metadata={"help": "KL coefficient β (Tülu 3 8B: 0.05, 70B: 0.07)"})
+    kl_estimator: str = field(default="k1", metadata={"help": f"per-token KL estimator: {KL_ESTIMATORS}"})
+    clip: float = field(default=0.2, metadata={"help": "PPO ratio clip ε (lower side, and upper unless clip_high)"})
+    clip_high: float | None = field(
+        default=None, metadata={"help": "upper ratio clip (DAPO clip-higher, e.g. 0.28); null: = clip"}
+    )
+    epochs: int = field(default=4, metadata={"help": "passes over each rollout batch (Tülu 3: 4)"})
+    minibatches: int = field(default=1, metadata={"help": "optimizer steps per pass (Tülu 3: 1)"})
+    aggregation: str = field(
+        default="token",
+        metadata={
+            "help": "token: mean over all response tokens of the minibatch (Tülu 3, DAPO); sequence: mean of per-"
+            "response means (GRPO); constant: token sum / (responses x max_tokens) (Dr. GRPO)"
+        },
+    )
+    tis_cap: float = field(
+        default=0.0,
+        metadata={
+            "help": "truncated importance sampling: weight each token by min(π_trainer/π_sampler, tis_cap) to "
+            "correct the sampler/trainer mismatch; 0: off"
+        },
+    )
+
+    def __post_init__(self):
+        if self.kl_estimator not in KL_ESTIMATORS:
+            raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {self.kl_estimator!r}")
+        if self.aggregation not in LOSS_AGGREGATIONS:
+            raise ValueError(f"aggregation must be one of {LOSS_AGGREGATIONS}, got {self.aggregation!r}")
+        _at_least(self, beta=0.0, epochs=1, minibatches=1, tis_cap=0.0)
+        if not self.clip > 0 or (self.clip_high is not None and not self.clip_high > 0):
+            raise ValueError(f"clip and clip_high must be > 0, got {self.clip} and {self.clip_high}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PPOConfig(PolicyLossConfig):
+    """Tülu 3's PPO (§6; open-instruct `ppo_vllm_thread_ray_gtrl.py`): KL in the reward, GAE over a value
+    model, whitened advantages, clipped value loss."""
+
+    gamma: float = field(default=1.0, metadata={"help": "GAE discount γ (Tülu 3: 1.0)"})
+    lam: float = field(default=0.95, metadata={"help": "GAE λ (Tülu 3: 0.95)"})
+    value_clip: float = field(default=0.2, metadata={"help": "value clip around the rollout's values (Tülu 3: 0.2)"})
+    value_coef: float = field(default=0.1, metadata={"help": "value-loss coefficient c1 (Tülu 3: 0.1)"})
+    whiten_advantages: bool = field(default=True, metadata={"help": "whiten advantages over the batch's tokens"})
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name in ("gamma", "lam"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        _at_least(self, value_coef=0.0)
+        if not self.value_clip > 0:
+            raise ValueError(f"value_clip must be > 0, got {self.value_clip}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GRPOConfig(PolicyLossConfig):
+    """The GRPO family (open-instruct `grpo_fast.py`, Tülu 3.1): group-normalised scores as advantages, no
+    value model, KL in the loss; Dr. GRPO (no std division, constant aggregation) and DAPO (clip-higher,
+    dynamic sampling) by their switches."""
+
+    non_stop_penalty: float | None = field(
+        default=None, metadata={"help": "score that replaces the verifier's for a response without EOS; null: off"}
+    )
+    beta: float = field(default=0.01, metadata={"help": "KL coefficient in the loss (grpo_fast 8B: 0.01)"})
+    kl_estimator: str = field(default="k3", metadata={"help": f"KL estimator in the loss: {KL_ESTIMATORS}"})
+    epochs: int = field(default=1, metadata={"help": "passes over each rollout batch"})
+    normalize_std: bool = field(
+        default=True, metadata={"help": "divide by the group's score std (false: Dr. GRPO, mean-centred only)"}
+    )
+    dynamic_sampling: bool = field(
+        default=False,
+        metadata={
+            "help": "drop groups whose samples all scored the same (no signal) and refill from the next prompts (DAPO)"
+        },
+    )
+    max_refills: int = field(
+        default=4, metadata={"help": "dynamic sampling: most extra prompt batches drawn to refill one step"}
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        _at_least(self, max_refills=0)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ValueConfig:
+    """PPO's value model: a reward-model export (Tülu 3) or the policy with a fresh scalar head."""
+
+    init: str = field(
+        default="reward_model",
+        metadata={
+            "help": "reward_model: load value.path (a `tulu-jax rm` export; Tülu 3 uses its 8B RM); policy: the "
+            "policy's weights plus a fresh score head (no value.path)"
+        },
+    )
+    path: str | None = field(default=None, metadata={"help": "reward-model folder the value model starts from"})
+    lr: float | None = field(default=None, metadata={"help": "value learning rate; null: optim.lr (Tülu 3: the same)"})
+
+    def __post_init__(self):
+        if self.path is not None:
+            object.__setattr__(self, "path", os.path.expanduser(self.path))
+        if self.init not in VALUE_INITS:
+            raise ValueError(f"init must be one of {VALUE_INITS}, got {self.init!r}")
+        if self.init == "policy" and self.path is not None:
+            raise ValueError("init=policy starts from the policy's weights: leave value.path null")
+        if self.lr is not None and self.lr < 0:
+            raise ValueError(f"lr must be >= 0, got {self.lr}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RLVROptimConfig(OptimConfig):
+    """AdamW for the policy (and the value model) with Tülu 3 8B RLVR defaults: lr 3e-7, no warm-up, linear decay,
+    weight decay 0.01 (torch's AdamW default, which the reference kept)."""
+
+    lr: float = field(default=3e-7, metadata={"help": "peak learning rate (Tülu 3 RLVR: 3e-7 for 8B, 1e-7 for 70B)"})
+    warmup_ratio: float = field(default=0.0, metadata={"help": "fraction of the steps spent warming up linearly"})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW decoupled weight decay (Tülu 3 RLVR: 0.01)"})
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RLVRTrainConfig(TrainConfig):
+    """TrainConfig for RLVR: batch_size counts prompts per step (each sampled rollout.n times); grad_accum_steps
+    splits each minibatch into micro-batches."""
+
+    batch_size: int = field(default=8, metadata={"help": "prompts per RL step, over all devices"})
+    num_epochs: int = field(default=1, metadata={"help": "passes over the prompts"})
+    eval_every: int = field(
+        default=0,
+        metadata={"help": "greedy accuracy on data.eval_files every N steps and at the end (0: at the end; -1: never)"},
+    )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RLVRConfig:
+    """`tulu-jax rlvr`: one RL-with-verifiable-rewards experiment (Tülu 3 §6). `algo` picks the `ppo` or
+    `grpo` section; the other is ignored."""
+
+    output_dir: str = field(default="runs/rlvr-tiny", metadata={"help": "where checkpoints, metrics and hf/ go"})
+    algo: str = field(default="ppo", metadata={"help": f"{RL_ALGOS}: Tülu 3's PPO, or the GRPO family"})
+    model: ModelConfig = field(default_factory=ModelConfig)
+    value: ValueConfig = field(default_factory=ValueConfig)
+    data: RLVRDataConfig = field(default_factory=RLVRDataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    optim: RLVROptimConfig = field(default_factory=RLVROptimConfig)
+    train: RLVRTrainConfig = field(default_factory=RLVRTrainConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+    def __post_init__(self):
+        if self.algo not in RL_ALGOS:
+            raise ValueError(f"algo must be one of {RL_ALGOS}, got {self.algo!r}")
+        if self.algo == "grpo" and self.rollout.n < 2:
+            raise ValueError("algo grpo needs rollout.n >= 2 samples per prompt (the group)")
+
+    @property
+    def loss(self) -> PolicyLossConfig:
+        """The active algorithm's section (`ppo` or `grpo`)."""
+        return self.ppo if self.algo == "ppo" else self.grpo

@@ -36,7 +36,8 @@ def resolve_files(cfg: DataFilesConfig, split: str) -> tuple[str, ...]:
     if split not in ("train", "eval"):
         raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
     if cfg.use_bundled:
-        return (bundled_file(split, cfg.bundled),)
+        names = (cfg.bundled,) if isinstance(cfg.bundled, str) else cfg.bundled  # RLVR bundles two task sets
+        return tuple(bundled_file(split, name) for name in names)
     if split == "train" and not cfg.train_files:
         from tulu_jax.configlib import ConfigError
 

@@ -41,14 +41,15 @@ def head_logits(hidden_BxTxD: Array, head_DxV: Array, dtype=None) -> Array:
     )
 
 
-def _chunk_logps(hidden_BxCxD: Array, head_DxV: Array, targets_BxC: Array, dtype) -> Array:
+def _chunk_logps(hidden_BxCxD: Array, head_DxV: Array, targets_BxC: Array, dtype, temperature: float = 1.0) -> Array:
     # The head is cast *inside* the chunk so that its gradient reaches the float32 parameter chunk by chunk
     # and is summed in float32, not rounded to `dtype` after every chunk.
-    return token_logps(head_logits(hidden_BxCxD, head_DxV, dtype), targets_BxC)
+    logits = head_logits(hidden_BxCxD, head_DxV, dtype)
+    return token_logps(logits if temperature == 1.0 else logits / temperature, targets_BxC)
 
 
 def chunked_token_logps(
-    hidden_BxTxD: Array, head_DxV: Array, targets_BxT: Array, *, chunk_size: int, dtype=None
+    hidden_BxTxD: Array, head_DxV: Array, targets_BxT: Array, *, chunk_size: int, dtype=None, temperature: float = 1.0
 ) -> Array:
     """log softmax(hidden @ head)[target] per position -> float32 logps [B, T], C = `chunk_size` positions
     of every row at a time.
@@ -60,6 +61,8 @@ def chunked_token_logps(
         log-softmax and the result are float32 whatever it is.
     chunk_size: positions per chunk; 0 or >= T computes all positions at once (the plain path, which
         materialises [B, T, V]). T need not be a multiple: the last T mod C positions form a smaller chunk.
+    temperature: the logits are divided by it before the log-softmax (RL: the sampling temperature, so the
+        log-probs are those of the distribution the responses were drawn from; a Python float > 0).
 
     Raises ValueError for a negative chunk_size or mismatched shapes. Equals `token_logps` of
     `head_logits(hidden, head, dtype)`, gradients included, to float32 rounding; only the memory differs.
@@ -73,9 +76,9 @@ def chunked_token_logps(
         raise ValueError(f"logits chunk_size must be >= 0 (0 = unchunked), got {chunk_size}")
     dtype = hidden_BxTxD.dtype if dtype is None else dtype
     if chunk_size == 0 or chunk_size >= t:
-        return _chunk_logps(hidden_BxTxD, head_DxV, targets_BxT, dtype)
+        return _chunk_logps(hidden_BxTxD, head_DxV, targets_BxT, dtype, temperature)
 
-    body = jax.checkpoint(lambda h, y: _chunk_logps(h, head_DxV, y, dtype), prevent_cse=False)
+    body = jax.checkpoint(lambda h, y: _chunk_logps(h, head_DxV, y, dtype, temperature), prevent_cse=False)
     n, tail = divmod(t, chunk_size)
     full = n * chunk_size
     # [B, n·C, ...] -> [n, B, C, ...]: the mapped axis leads; rows keep their (batch) sharding.

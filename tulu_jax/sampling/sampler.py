@@ -125,12 +125,18 @@ class LocalSampler:
             pad = tokenizer_pad_token_id(tok) if pad is None else pad
         return cls(model, load_params(path, model, mesh), mesh, eos_token_id=eos, pad_token_id=pad, **kwargs)
 
-    def push_weights(self, params, version: str | None) -> None:
-        """Copies `params` (our layout, any placement and float dtype) onto this sampler's mesh in the
-        compute dtype and tags later samples `version`. The caller's arrays are never aliased: they may be
-        donated or deleted afterwards. Resets the call counter of `derived_seed`."""
+    def snapshot(self, params):
+        """A copy of `params` (our layout, any placement and float dtype) on this sampler's mesh in the compute
+        dtype, sharing no buffer with them: the caller may donate or delete `params` right after (a trainer
+        takes it before its next step and pushes it later, e.g. from a rollout thread)."""
         placed = jax.device_put(params, self._param_shardings)  # may alias the caller's buffers...
-        self.params = self._copy(placed)  # ...this never does
+        return self._copy(placed)  # ...this never does
+
+    def push_weights(self, params, version: str | None, *, copy: bool = True) -> None:
+        """Makes later samples use `params` and tags them `version`; resets the call counter of
+        `derived_seed`. With `copy` (default) the parameters are copied first (`snapshot`), so the caller's
+        arrays are never aliased; `copy=False` takes a `snapshot` result as it is."""
+        self.params = self.snapshot(params) if copy else params
         self.weight_version, self._calls = version, 0
 
     def _compiled(self, max_tokens: int):

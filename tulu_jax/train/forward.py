@@ -26,17 +26,30 @@ def next_targets(input_ids_BxT: Array) -> Array:
 
 
 def next_token_logps(
-    model: Decoder, params, input_ids_BxT: Array, positions_BxT: Array, segment_ids_BxT: Array, *, chunk_size: int
+    model: Decoder,
+    params,
+    input_ids_BxT: Array,
+    positions_BxT: Array,
+    segment_ids_BxT: Array,
+    *,
+    chunk_size: int,
+    temperature: float = 1.0,
 ) -> Array:
     """float32 logps [B, T]: log p(input_ids[t+1] | tokens ≤ t) at position t (the last position predicts
     token 0; weight it out, as `tulu_jax.losses.shift_for_next_token`'s weights do, together with padding
     and document boundaries).
 
     `params` are the Decoder's (tied or untied head); `chunk_size` positions at a time go through the LM head
-    (0 = all at once, see `chunked_token_logps`). Equal to `token_logps(model.apply(...), targets)`, with
+    (0 = all at once, see `chunked_token_logps`); `temperature` divides the logits first (RL log-probs of the
+    sampling distribution). Equal to `token_logps(model.apply(...), targets)`, with
     gradients, to float32 rounding.
     """
     hidden_BxTxD = model.apply({"params": params}, input_ids_BxT, positions_BxT, segment_ids_BxT, output="hidden")
     return chunked_token_logps(
-        hidden_BxTxD, lm_head(model, params), next_targets(input_ids_BxT), chunk_size=chunk_size, dtype=model.dtype
+        hidden_BxTxD,
+        lm_head(model, params),
+        next_targets(input_ids_BxT),
+        chunk_size=chunk_size,
+        dtype=model.dtype,
+        temperature=temperature,
     )

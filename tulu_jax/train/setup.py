@@ -162,10 +162,11 @@ class Run:
     def global_batch(self) -> int:
         return self.cfg.train.batch_size
 
-    def add_optimizer(self, total_steps: int) -> None:
-        """AdamW + schedule for `total_steps`, and the train state's abstract layout and shardings."""
+    def add_optimizer(self, total_steps: int, updates_per_step: int = 1) -> None:
+        """AdamW + a schedule over total_steps * updates_per_step optimizer updates (RL takes several per
+        step), and the train state's abstract layout and shardings."""
         self.total_steps = total_steps
-        self.tx, self.schedule = make_optimizer(self.cfg.optim, total_steps)
+        self.tx, self.schedule = make_optimizer(self.cfg.optim, total_steps * updates_per_step)
         try:
             self.abstract, self.shardings = state_layout(self.model, self.tx, self.mesh)
         except ValueError as e:  # a dimension that the mesh does not divide

@@ -1,0 +1,484 @@
+"""The RLVR trainer (Tülu 3 §6; open-instruct `ppo_vllm_thread_ray_gtrl.py`, and `grpo_fast.py` for GRPO).
+
+One step: take the next sampled prompt batch from the `RolloutSource` (generated with the newest weights, or
+`rollout.async_steps` versions back while this step trains) -> the trainer's log-probs of the responses
+(policy and frozen reference, at the sampling temperature) and, for PPO, the value model's values, while the
+verifiers score them -> advantages (GAE over KL-penalised rewards for PPO; group-normalised scores for
+GRPO) -> `epochs` passes of `minibatches` optimizer steps over shuffled episodes, the value step before the
+policy step as in the reference -> push the new policy to the generator.
+
+Checkpoints hold the policy and value train states (their AdamW moments included), the prompt iterator's
+state and the rollout seed, so a killed run resumes exactly: batch i is always sampled with the seed of draw
+i, from the weights the uninterrupted run had (with async_steps = 0).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+
+import jax
+import numpy as np
+
+from tulu_jax.config import RLVRConfig
+from tulu_jax.configlib import ConfigError
+from tulu_jax.data.pipeline import resolve_files
+from tulu_jax.data.prompts import PromptPipeline, read_prompts
+from tulu_jax.data.tokenizer import pad_token_id
+from tulu_jax.models import hf
+from tulu_jax.models.loading import build_model
+from tulu_jax.models.reward import RewardModel, init_reward_params, load_reward_params
+from tulu_jax.rewards.scorer import Scorer, VerifyItem
+from tulu_jax.rollout.types import SamplingParams
+from tulu_jax.train import batches, setup
+from tulu_jax.train.cadence import checkpoint_due, eval_due
+from tulu_jax.train.checkpoint import Checkpointer
+from tulu_jax.train.episodes import SEQUENCE_KEYS, concat_episodes, episode_arrays, prompt_width, take_rows
+from tulu_jax.train.loop import LoopResult, finish_run, make_reporter, restore_or_start
+from tulu_jax.train.optimizer import make_optimizer
+from tulu_jax.train.reporter import log
+from tulu_jax.train.rlvr_step import (
+    Shapes,
+    grpo_advantages,
+    jit_forward,
+    jit_update,
+    policy_update,
+    ppo_advantages,
+    response_logps,
+    response_values,
+    sampler_gap,
+    value_update,
+)
+from tulu_jax.train.rollouts import Rollout, RolloutSource, host_copy, versions_of
+from tulu_jax.train.state import create_state, state_layout
+
+POLICY_KEYS = ("old_logps", "advantages", "policy_mask", "tis_weights", *SEQUENCE_KEYS)
+VALUE_KEYS = ("old_values", "returns", "value_mask", *SEQUENCE_KEYS)
+
+
+def check_rlvr_inputs(cfg: RLVRConfig) -> None:
+    """Fail closed on the value model: PPO with value.init=reward_model needs an existing value.path."""
+    if cfg.algo != "ppo":
+        return
+    if cfg.value.init == "reward_model":
+        if cfg.value.path is None:
+            raise ConfigError(
+                "value.path: required for PPO (a `tulu-jax rm` export, e.g. runs/rm-tiny/hf; Tülu 3 starts the "
+                "value model from its reward model), or set value.init=policy for a fresh value head on the policy"
+            )
+        from tulu_jax.inputs import check_model_dir
+
+        check_model_dir(cfg.value.path, "value.path")
+
+
+def check_batch_layout(cfg: RLVRConfig, mesh) -> None:
+    """Every minibatch of episodes must split into grad_accum_steps micro-batches that split over the
+    data-parallel devices."""
+    episodes = cfg.train.batch_size * cfg.rollout.n
+    loss = cfg.loss
+    dp = mesh.shape["data"] * mesh.shape["fsdp"]
+    if episodes % loss.minibatches:
+        raise ConfigError(
+            f"{cfg.algo}.minibatches: {episodes} episodes per step (train.batch_size x rollout.n) do not split into "
+            f"{loss.minibatches} minibatches"
+        )
+    per_minibatch = episodes // loss.minibatches
+    accum = cfg.train.grad_accum_steps
+    if per_minibatch % accum or (per_minibatch // accum) % dp:
+        raise ConfigError(
+            f"train.grad_accum_steps: {per_minibatch} episodes per minibatch must split into {accum} micro-batches "
+            f"of a multiple of the data-parallel size data*fsdp = {dp}"
+        )
+
+
+class RLVRRun:
+    """Everything an RLVR run builds before its loop (models, optimizers, state layouts, prompts, jitted steps)."""
+
+    def __init__(self, cfg: RLVRConfig):
+        self.cfg = cfg
+        self.ppo = cfg.algo == "ppo"
+        check_rlvr_inputs(cfg)
+        loss = cfg.loss
+        describe = f"; RLVR {cfg.algo}, {cfg.rollout.n} sample(s) per prompt, rollouts {cfg.rollout.backend}"
+        self.run = run = setup.prepare(cfg, describe=describe)
+        self.mesh, self.tokenizer, self.model, self.out_dir = run.mesh, run.tokenizer, run.model, run.out_dir
+        check_batch_layout(cfg, self.mesh)
+        self.eos, self.pad = run.tokenizer.eos_token_id, pad_token_id(run.tokenizer)
+
+        files = resolve_files(cfg.data, "train")
+        self.pipeline = PromptPipeline(
+            cfg.data,
+            run.tokenizer,
+            files=files,
+            batch_size=cfg.train.batch_size,
+            seed=cfg.train.seed,
+            num_epochs=cfg.train.num_epochs,
+        )
+        s = self.pipeline.stats
+        log(
+            f"prompts: {s['prompts']} ({s['by_dataset']}) from {s['rows_read']} rows; "
+            f"skipped: {s['rows_skipped'] or 'none'}"
+        )
+        self.updates_per_step = loss.epochs * loss.minibatches  # optimizer updates per RL step
+        run.add_optimizer(setup.run_length(cfg.train, self.pipeline.count_batches()), self.updates_per_step)
+        self.total_steps = run.total_steps
+        self.shapes = Shapes(
+            width=prompt_width(s["longest_prompt"]),
+            temperature=cfg.rollout.temperature,
+            logits_chunk=cfg.model.logits_chunk,
+        )
+
+        # The value model: its own network (Tülu 3's 70B policy used the 8B RM), optimizer and state.
+        self.abstract = {"policy": run.abstract}
+        self.shardings = {"policy": run.shardings}
+        if self.ppo:
+            vdcfg = hf.load_hf_config(cfg.value.path) if cfg.value.init == "reward_model" else run.dcfg
+            self.value_model = setup.build_train_model(cfg.model, vdcfg, RewardModel)
+            value_optim = dataclasses.replace(cfg.optim, lr=cfg.optim.lr if cfg.value.lr is None else cfg.value.lr)
+            self.value_tx, _ = make_optimizer(value_optim, self.total_steps * self.updates_per_step)
+            try:
+                self.abstract["value"], self.shardings["value"] = state_layout(
+                    self.value_model, self.value_tx, self.mesh
+                )
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
+            source = cfg.value.path if cfg.value.init == "reward_model" else "the policy + a fresh head"
+            log(f"value model: {source}: {vdcfg.num_params / 1e6:.1f}M parameters, lr {value_optim.lr}")
+        rep = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+        self.abstract["rollout_seed"] = jax.ShapeDtypeStruct((), np.int32)
+        self.shardings["rollout_seed"] = rep
+
+        # Compiled pieces.
+        params_sh = run.shardings.params
+        self.logps_fn = jit_forward(response_logps, self.model, self.mesh, params_sh, self.shapes)
+        accum = cfg.train.grad_accum_steps
+        self.policy_step = jit_update(
+            policy_update,
+            self.mesh,
+            run.shardings,
+            POLICY_KEYS + (("ref_logps",) if not self.ppo else ()),
+            model=self.model,
+            tx=run.tx,
+            schedule=run.schedule,
+            shapes=self.shapes,
+            cfg=loss,
+            kl_in_loss=not self.ppo and loss.beta > 0,
+            accum=accum,
+        )
+        if self.ppo:
+            vsh = self.shardings["value"]
+            self.values_fn = jit_forward(response_values, self.value_model, self.mesh, vsh.params, self.shapes)
+            self.value_step = jit_update(
+                value_update,
+                self.mesh,
+                vsh,
+                VALUE_KEYS,
+                value_model=self.value_model,
+                tx=self.value_tx,
+                shapes=self.shapes,
+                cfg=loss,
+                accum=accum,
+            )
+            self.advantages_fn = jax.jit(lambda *a: ppo_advantages(*a, cfg=loss))
+        else:
+            n = cfg.rollout.n
+            self.advantages_fn = jax.jit(
+                lambda lp, ref, sc, ln, st: grpo_advantages(lp, ref, sc, ln, st, cfg=loss, group_size=n)
+            )
+        self.gap_fn = jax.jit(lambda lp, sp, m: sampler_gap(lp, sp, m, loss.tis_cap))
+
+    # --- states -----------------------------------------------------------------------------------------------
+
+    def fresh_states(self) -> dict:
+        cfg, run = self.cfg, self.run
+        states = {"policy": create_state(run.load_or_init(cfg.model.path), run.tx, cfg.train.seed, run.shardings)}
+        if self.ppo:
+            rng = jax.random.key(cfg.train.seed + 1)
+            if cfg.value.init == "reward_model":
+                params = load_reward_params(cfg.value.path, self.value_model, self.mesh, rng)
+            elif cfg.model.path:  # the policy's decoder (its LM head skipped) and a fresh score head
+                params = load_reward_params(cfg.model.path, self.value_model, self.mesh, rng)
+            else:  # a random-init toy policy (model.preset): a random value model of the same shape
+                params = init_reward_params(self.value_model, self.mesh, rng)
+            states["value"] = create_state(params, self.value_tx, cfg.train.seed, self.shardings["value"])
+        states["rollout_seed"] = jax.device_put(np.int32(cfg.train.seed), self.shardings["rollout_seed"])
+        return states
+
+    # --- the generator ------------------------------------------------------------------------------------------
+
+    def make_backend(self, params):
+        """The rollout backend, holding `params` (the starting or restored policy)."""
+        cfg = self.cfg
+        if cfg.rollout.backend == "local":
+            from tulu_jax.sampling.sampler import LocalSampler
+
+            sampler_model = build_model(self.run.dcfg, dtype=cfg.model.dtype, attention_block=cfg.model.attention_block)
+            return LocalSampler(
+                sampler_model,
+                params,
+                self.mesh,
+                eos_token_id=self.eos,
+                pad_token_id=self.pad,
+                max_batch=cfg.rollout.max_batch or None,
+                seed=cfg.train.seed,
+            ), None
+        from tulu_jax.inputs import check_servers
+        from tulu_jax.rollout.vllm_client import VLLMClient
+
+        check_servers(list(cfg.rollout.servers), "rollout.servers")
+        client = VLLMClient(
+            list(cfg.rollout.servers),
+            eos_token_id=self.eos,
+            pad_token_id=self.pad,
+            cfg=self.run.dcfg,
+            weights_dir=os.path.join(self.out_dir, "pushed_weights"),
+        )
+        return client, host_copy
+
+
+def rollout_metrics(rollout: Rollout, verdicts, scores: np.ndarray, learner_version: int) -> dict[str, float]:
+    """Host-side figures of one batch: verifier accuracy overall and per dataset, verifier timeouts and errors,
+    staleness (learner version minus the version that sampled each row)."""
+    out: dict[str, float] = {"objective/verifiable_correct_rate": float(np.mean(scores > 0))}
+    datasets = np.array([rollout.prompts[int(i)].dataset for i in rollout.batch.prompt_index])
+    for name in sorted(set(datasets)):
+        out[f"objective/{name}_correct_rate"] = float(np.mean(scores[datasets == name] > 0))
+    out["rollout/verifier_timeouts"] = float(sum(v.status == "timeout" for v in verdicts))
+    out["rollout/verifier_errors"] = float(sum(v.status == "error" for v in verdicts))
+    stale = learner_version - versions_of(rollout.batch)
+    out["rollout/staleness_mean"] = float(np.nanmean(stale)) if np.isfinite(stale).any() else 0.0
+    out["rollout/staleness_max"] = float(np.nanmax(stale)) if np.isfinite(stale).any() else 0.0
+    return out
+
+
+def mean_metrics(rows: list[dict]) -> dict:
+    """Element-wise mean of metric dicts (device scalars), keys of the first."""
+    return {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
+
+
+class Evaluator:
+    """Greedy accuracy on held-out RLVR prompts (data.eval_files, or the bundled tiny eval sets), scored by
+    the same verifiers: eval/verifiable_correct_rate and eval/{dataset}_correct_rate."""
+
+    def __init__(self, rl: RLVRRun):
+        cfg = rl.cfg
+        files = resolve_files(cfg.data, "eval")
+        self.enabled = bool(files) and cfg.train.eval_every >= 0
+        if not self.enabled:
+            return
+        self.prompts, _ = read_prompts(
+            files,
+            rl.tokenizer,
+            max_prompt_len=cfg.data.max_seq_len,
+            on_bad_row=cfg.data.on_bad_row,
+            template=cfg.data.chat_template,
+            limit=cfg.data.eval_limit,
+        )
+        self.rl = rl
+        log(f"eval: {len(self.prompts)} held-out prompts from {', '.join(files)}")
+
+    def __call__(self, source: RolloutSource) -> dict[str, float]:
+        rl = self.rl
+        sp = SamplingParams(max_tokens=rl.cfg.rollout.max_tokens, temperature=0.0)
+        completions = source.run_in_backend(lambda: rl_generate(source.backend, self.prompts, sp))
+        texts = [rl.tokenizer.decode(list(c.token_ids), skip_special_tokens=True) for c in completions]
+        verdicts = source.score([VerifyItem(p.dataset, t, p.ground_truth) for p, t in zip(self.prompts, texts)])
+        correct = np.array([v.score > 0 for v in verdicts])
+        datasets = np.array([p.dataset for p in self.prompts])
+        out = {"eval/verifiable_correct_rate": float(correct.mean())}
+        for name in sorted(set(datasets)):
+            out[f"eval/{name}_correct_rate"] = float(correct[datasets == name].mean())
+        return out
+
+
+def rl_generate(backend, prompts, sp: SamplingParams):
+    return backend.generate([p.token_ids for p in prompts], sp)
+
+
+def run_rlvr(cfg: RLVRConfig) -> dict:
+    """Trains, checkpoints and exports the policy as `cfg` says; returns the summary (also OUTPUT_DIR/summary.json)."""
+    rl = RLVRRun(cfg)
+    ckpt = Checkpointer(os.path.join(rl.out_dir, "checkpoints"), cfg.checkpoint.keep)
+    data_iter = rl.pipeline.iterator()
+    states, start = restore_or_start(
+        ckpt, rl.abstract, rl.shardings, data_iter, rl.fresh_states, total_steps=rl.total_steps
+    )
+    ref_params = rl.run.load_or_init(cfg.model.path, dtype=rl.model.dtype)  # frozen: the starting policy
+    backend, snapshot = rl.make_backend(states["policy"].params)
+    if snapshot is None:
+        snapshot = backend.snapshot
+    sampling = SamplingParams(max_tokens=cfg.rollout.max_tokens, temperature=cfg.rollout.temperature, n=cfg.rollout.n)
+    scorer = Scorer()
+    source = RolloutSource(
+        backend=backend,
+        pipeline=rl.pipeline,
+        data_iter=data_iter,
+        tokenizer=rl.tokenizer,
+        scorer=scorer,
+        sampling=sampling,
+        seed=int(states["rollout_seed"]),
+        async_steps=cfg.rollout.async_steps,
+        snapshot=snapshot,
+    )
+    evaluate = Evaluator(rl)
+    reporter = make_reporter(
+        f"rlvr-{cfg.algo}",
+        cfg,
+        rl.out_dir,
+        start=start,
+        total_steps=rl.total_steps,
+        ckpt=ckpt,
+        show=("objective/verifiable_correct_rate", "objective/scores", "objective/kl"),
+    )
+    try:
+        source.publish(states["policy"].params, start)  # the restored (or starting) policy, tagged with its step
+        if start == 0 and evaluate.enabled:
+            reporter.log_now(0, evaluate(source))
+        step, last_state = start, None
+        for step in range(start + 1, rl.total_steps + 1):
+            step_start = time.perf_counter()
+            rollout, waited = source.get()
+            if rollout is None:
+                step -= 1
+                break
+            states, metrics, host, data_state = train_step(rl, states, ref_params, source, rollout, waited, step)
+            if step % cfg.rollout.push_every == 0 or step == rl.total_steps:
+                source.publish(states["policy"].params, step)
+            host["time/step_s"] = time.perf_counter() - step_start
+            due = evaluate.enabled and eval_due(step, cfg.train.eval_every, rl.total_steps)
+            reporter.submit(step, metrics, host=host, late=(lambda: evaluate(source)) if due else None)
+            if due:
+                reporter.flush()
+            if checkpoint_due(step, cfg.checkpoint.every_steps):
+                reporter.flush()  # never checkpoint a non-finite state
+                ckpt.save(step, states, data_state)
+            last_state = data_state
+        reporter.flush()
+        if step > start and ckpt.latest_step() != step:
+            ckpt.save(step, states, last_state)
+        ckpt.wait()
+    finally:
+        source.close()
+        scorer.close()
+        reporter.close()
+        ckpt.close()
+    result = LoopResult(state=states["policy"], step=step, last_metrics=dict(reporter.last), start=start)
+    stats = rl.pipeline.stats
+    return finish_run(cfg, rl.out_dir, result, stats, exporter=hf.export_hf, dcfg=rl.run.dcfg, tokenizer=rl.tokenizer)
+
+
+def gather_rollouts(rl: RLVRRun, source: RolloutSource, first: Rollout, learner_version: int):
+    """The episodes of one step: `first`'s, and for GRPO with dynamic sampling, groups with a spread of scores
+    only, refilled from further batches (at most grpo.max_refills) and cut to train.batch_size groups.
+    Returns (episodes, scores [N], host metrics, data state after the last batch used, verdict wait seconds)."""
+    cfg = rl.cfg
+    n, wanted = cfg.rollout.n, cfg.train.batch_size
+    parts, scores, host, waited = [], [], [], 0.0
+    rollout, refills, kept_groups, dropped = first, 0, 0, 0
+    while True:
+        t0 = time.perf_counter()
+        verdicts, scoring_s = rollout.verdicts.result()
+        waited += time.perf_counter() - t0
+        s = np.array([v.score for v in verdicts], np.float32) * cfg.loss.verify_reward
+        eps = episode_arrays(rollout.batch, width=rl.shapes.width, pad_token_id=rl.pad)
+        m = rollout_metrics(rollout, verdicts, s, learner_version)
+        m["time/scoring_s"] = scoring_s
+        m.update({f"time/{k}": v for k, v in rollout.timings.items() if k.endswith("_s")})
+        m["tokens"] = rollout.timings["new_tokens"]
+        host.append(m)
+        if rl.ppo or not cfg.grpo.dynamic_sampling:
+            parts.append(eps)
+            scores.append(s)
+            break
+        spread = ~np.all(s.reshape(-1, n) == s.reshape(-1, n)[:, :1], axis=1)
+        dropped += int((~spread).sum())
+        rows = np.flatnonzero(np.repeat(spread, n))
+        parts.append(take_rows(eps, rows))
+        scores.append(s[rows])
+        kept_groups += int(spread.sum())
+        if kept_groups >= wanted or refills >= cfg.grpo.max_refills:
+            break
+        nxt = source.extra()
+        if nxt is None:
+            break
+        rollout, refills = nxt, refills + 1
+    episodes, scores = concat_episodes(parts), np.concatenate(scores)
+    metrics = {k: float(np.mean([h[k] for h in host if k in h])) for k in host[0]}
+    metrics["tokens"] = float(sum(h["tokens"] for h in host))
+    if not rl.ppo and cfg.grpo.dynamic_sampling:
+        total_groups = len(host) * wanted
+        metrics["rollout/dropped_groups_share"] = dropped / total_groups
+        metrics["rollout/refill_batches"] = float(refills)
+        rows_needed = wanted * n
+        if len(scores) < rows_needed:  # still short: pad with zero-advantage copies (no gradient, fixed shapes)
+            log(f"dynamic sampling: only {len(scores) // n} of {wanted} groups had a spread of scores")
+            episodes, scores = fill_rows(episodes, scores, rows_needed, first, rl)
+        episodes = take_rows(episodes, np.arange(rows_needed))
+        scores = scores[:rows_needed]
+    metrics["time/wait_scoring_s"] = waited
+    return episodes, scores, metrics, rollout.data_state
+
+
+def fill_rows(episodes, scores, rows_needed, first: Rollout, rl: RLVRRun):
+    """Pads the episodes to `rows_needed` rows with the first batch's rows given identical scores within each
+    group, so their group-normalised advantages are zero: they keep shapes fixed and add no gradient."""
+    eps = episode_arrays(first.batch, width=rl.shapes.width, pad_token_id=rl.pad)
+    missing = rows_needed - len(scores)
+    filler = take_rows(eps, np.arange(missing) % len(first.batch))
+    return concat_episodes([episodes, filler]) if len(scores) else filler, np.concatenate(
+        [scores, np.zeros(missing, np.float32)]
+    )
+
+
+def train_step(
+    rl: RLVRRun, states: dict, ref_params, source: RolloutSource, rollout: Rollout, waited: float, step: int
+):
+    """One RL step on `rollout` -> (states, device metrics, host metrics, data state to checkpoint)."""
+    cfg, loss, mesh = rl.cfg, rl.cfg.loss, rl.mesh
+    episodes, scores, host, data_state = gather_rollouts(rl, source, rollout, learner_version=step - 1)
+    host["time/wait_rollout_s"] = waited
+    t0 = time.perf_counter()
+    seq = batches.to_device(episodes, mesh, SEQUENCE_KEYS)
+    rows = lambda x: batches.to_device({"x": x}, mesh, ("x",))["x"]  # noqa: E731
+    policy, value = states["policy"], states.get("value")
+    logps = rl.logps_fn(policy.params, seq)
+    ref_logps = rl.logps_fn(ref_params, seq)
+    lengths, stopped, scores_d = rows(episodes["lengths"]), rows(episodes["stopped"]), rows(scores)
+    if rl.ppo:
+        values = rl.values_fn(value.params, seq)
+        arrays, stats = rl.advantages_fn(logps, ref_logps, values, scores_d, lengths, stopped)
+    else:
+        arrays, stats = rl.advantages_fn(logps, ref_logps, scores_d, lengths, stopped)
+    tis_weights, gap_stats = rl.gap_fn(logps, rows(episodes["sampler_logps"]), arrays["policy_mask"])
+    jax.block_until_ready(arrays)
+    host["time/forward_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    batch = {**seq, **arrays, "old_logps": logps, "ref_logps": ref_logps, "tis_weights": tis_weights}
+    n = len(scores)
+    size = n // loss.minibatches
+    updates = []
+    policy_keys = POLICY_KEYS + (("ref_logps",) if not rl.ppo else ())
+    for epoch in range(loss.epochs):
+        perm = np.random.default_rng([cfg.train.seed, step, epoch]).permutation(n)
+        for lo in range(0, n, size):
+            idx = perm[lo : lo + size]
+            mb = {k: v[idx] for k, v in batch.items()}
+            m = {}
+            if rl.ppo:  # the value step first, as in the reference
+                value, vm = rl.value_step(value, {k: mb[k] for k in VALUE_KEYS})
+                m.update(vm)
+            policy, pm = rl.policy_step(policy, {k: mb[k] for k in policy_keys})
+            m.update(pm)
+            updates.append(m)
+    metrics = {**mean_metrics(updates), **stats, **gap_stats}
+    metrics["loss"] = metrics["loss/policy_avg"] + (loss.value_coef * metrics["loss/value_avg"] if rl.ppo else 0.0)
+    metrics["grad_norm"] = metrics["policy/grad_norm"]
+    jax.block_until_ready(policy.params)
+    host["time/update_s"] = time.perf_counter() - t0
+    host["episodes"] = float(step * cfg.train.batch_size * cfg.rollout.n)
+    new_states = {**states, "policy": policy}
+    if rl.ppo:
+        new_states["value"] = value
+    return new_states, metrics, host, data_state
