@@ -21,6 +21,7 @@ import time
 import jax
 import numpy as np
 
+from tulu_jax import sharding as shd
 from tulu_jax.config import RLVRConfig
 from tulu_jax.configlib import ConfigError
 from tulu_jax.data.pipeline import resolve_files
@@ -30,6 +31,7 @@ from tulu_jax.models import hf
 from tulu_jax.models.loading import build_model
 from tulu_jax.models.reward import RewardModel, init_reward_params, load_reward_params
 from tulu_jax.rewards.scorer import Scorer, VerifyItem
+from tulu_jax.rl.rewards import apply_non_stop_penalty
 from tulu_jax.rollout.types import SamplingParams
 from tulu_jax.train import batches, setup
 from tulu_jax.train.cadence import checkpoint_due, eval_due
@@ -98,10 +100,12 @@ class RLVRRun:
     def __init__(self, cfg: RLVRConfig):
         self.cfg = cfg
         self.ppo = cfg.algo == "ppo"
+        setup.check_inputs(cfg)  # model.path and the prompt files first, then the value model
         check_rlvr_inputs(cfg)
         loss = cfg.loss
         describe = f"; RLVR {cfg.algo}, {cfg.rollout.n} sample(s) per prompt, rollouts {cfg.rollout.backend}"
-        self.run = run = setup.prepare(cfg, describe=describe)
+        episodes = cfg.train.batch_size * cfg.rollout.n
+        self.run = run = setup.prepare(cfg, describe=describe, what="episodes", rows=episodes)
         self.mesh, self.tokenizer, self.model, self.out_dir = run.mesh, run.tokenizer, run.model, run.out_dir
         check_batch_layout(cfg, self.mesh)
         self.eos, self.pad = run.tokenizer.eos_token_id, pad_token_id(run.tokenizer)
@@ -146,8 +150,9 @@ class RLVRRun:
             source = cfg.value.path if cfg.value.init == "reward_model" else "the policy + a fresh head"
             log(f"value model: {source}: {vdcfg.num_params / 1e6:.1f}M parameters, lr {value_optim.lr}")
         rep = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
-        self.abstract["rollout_seed"] = jax.ShapeDtypeStruct((), np.int32)
-        self.shardings["rollout_seed"] = rep
+        for name in ("rollout_seed", "rollout_draws"):  # the sampling seed; prompt batches drawn so far
+            self.abstract[name] = jax.ShapeDtypeStruct((), np.int32)
+            self.shardings[name] = rep
 
         # Compiled pieces.
         params_sh = run.shardings.params
@@ -203,6 +208,7 @@ class RLVRRun:
                 params = init_reward_params(self.value_model, self.mesh, rng)
             states["value"] = create_state(params, self.value_tx, cfg.train.seed, self.shardings["value"])
         states["rollout_seed"] = jax.device_put(np.int32(cfg.train.seed), self.shardings["rollout_seed"])
+        states["rollout_draws"] = jax.device_put(np.int32(0), self.shardings["rollout_draws"])
         return states
 
     # --- the generator ------------------------------------------------------------------------------------------
@@ -320,6 +326,7 @@ def run_rlvr(cfg: RLVRConfig) -> dict:
         seed=int(states["rollout_seed"]),
         async_steps=cfg.rollout.async_steps,
         snapshot=snapshot,
+        start_draws=int(states["rollout_draws"]),  # a resumed run samples batch i with draw i's seed
     )
     evaluate = Evaluator(rl)
     reporter = make_reporter(
@@ -391,7 +398,8 @@ def gather_rollouts(rl: RLVRRun, source: RolloutSource, first: Rollout, learner_
             parts.append(eps)
             scores.append(s)
             break
-        spread = ~np.all(s.reshape(-1, n) == s.reshape(-1, n)[:, :1], axis=1)
+        final = np.asarray(apply_non_stop_penalty(s, eps["stopped"], cfg.loss.non_stop_penalty))  # what GRPO sees
+        spread = ~np.all(final.reshape(-1, n) == final.reshape(-1, n)[:, :1], axis=1)
         dropped += int((~spread).sum())
         rows = np.flatnonzero(np.repeat(spread, n))
         parts.append(take_rows(eps, rows))
@@ -417,7 +425,7 @@ def gather_rollouts(rl: RLVRRun, source: RolloutSource, first: Rollout, learner_
         episodes = take_rows(episodes, np.arange(rows_needed))
         scores = scores[:rows_needed]
     metrics["time/wait_scoring_s"] = waited
-    return episodes, scores, metrics, rollout.data_state
+    return episodes, scores, metrics, rollout
 
 
 def fill_rows(episodes, scores, rows_needed, first: Rollout, rl: RLVRRun):
@@ -436,7 +444,7 @@ def train_step(
 ):
     """One RL step on `rollout` -> (states, device metrics, host metrics, data state to checkpoint)."""
     cfg, loss, mesh = rl.cfg, rl.cfg.loss, rl.mesh
-    episodes, scores, host, data_state = gather_rollouts(rl, source, rollout, learner_version=step - 1)
+    episodes, scores, host, last = gather_rollouts(rl, source, rollout, learner_version=step - 1)
     host["time/wait_rollout_s"] = waited
     t0 = time.perf_counter()
     seq = batches.to_device(episodes, mesh, SEQUENCE_KEYS)
@@ -460,11 +468,12 @@ def train_step(
     size = n // loss.minibatches
     updates = []
     policy_keys = POLICY_KEYS + (("ref_logps",) if not rl.ppo else ())
+    row_sharding = shd.batch_sharding(mesh)
     for epoch in range(loss.epochs):
         perm = np.random.default_rng([cfg.train.seed, step, epoch]).permutation(n)
         for lo in range(0, n, size):
             idx = perm[lo : lo + size]
-            mb = {k: v[idx] for k, v in batch.items()}
+            mb = jax.device_put({k: v[idx] for k, v in batch.items()}, row_sharding)  # gathers lose the sharding
             m = {}
             if rl.ppo:  # the value step first, as in the reference
                 value, vm = rl.value_step(value, {k: mb[k] for k in VALUE_KEYS})
@@ -478,7 +487,11 @@ def train_step(
     jax.block_until_ready(policy.params)
     host["time/update_s"] = time.perf_counter() - t0
     host["episodes"] = float(step * cfg.train.batch_size * cfg.rollout.n)
-    new_states = {**states, "policy": policy}
+    new_states = {**states, "policy": policy, "rollout_draws": jax.device_put(np.int32(last.index), row_rep(mesh))}
     if rl.ppo:
         new_states["value"] = value
-    return new_states, metrics, host, data_state
+    return new_states, metrics, host, last.data_state
+
+
+def row_rep(mesh):
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())

@@ -125,17 +125,19 @@ def prepare_output_dir(cfg) -> str:
     return out_dir
 
 
-def make_train_mesh(mesh_cfg, train_cfg, what: str = "rows") -> Mesh:
-    """The device mesh, after checking each micro-batch splits evenly over the data-parallel devices."""
+def make_train_mesh(mesh_cfg, train_cfg, what: str = "rows", rows: int | None = None) -> Mesh:
+    """The device mesh, after checking each micro-batch splits evenly over the data-parallel devices.
+    `rows` (default train.batch_size) is what a step's batch holds, e.g. RL episodes = prompts x samples."""
     try:
         mesh = shd.make_mesh(mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     dp = mesh.shape["data"] * mesh.shape["fsdp"]
-    micro = train_cfg.batch_size // train_cfg.grad_accum_steps
+    rows = train_cfg.batch_size if rows is None else rows
+    micro = rows // train_cfg.grad_accum_steps
     if micro % dp:
         raise ConfigError(
-            f"train.batch_size / train.grad_accum_steps = {micro} {what} per micro-batch is not "
+            f"train.batch_size / train.grad_accum_steps: {micro} {what} per micro-batch is not "
             f"divisible by the data-parallel size data*fsdp = {dp}"
         )
     return mesh
@@ -205,12 +207,14 @@ def cast_params(params, dtype):
     return jax.jit(lambda p: jax.tree.map(lambda x: x.astype(dtype), p))(params)
 
 
-def prepare(cfg, *, module: type[nn.Module] = Decoder, what: str = "rows", describe: str = "") -> Run:
+def prepare(
+    cfg, *, module: type[nn.Module] = Decoder, what: str = "rows", describe: str = "", rows: int | None = None
+) -> Run:
     """Checks the inputs, then builds the output folder, mesh, tokenizer and network of a run and logs
-    what it uses (model, tokenizer, data files, mesh)."""
+    what it uses (model, tokenizer, data files, mesh). `rows`: a step's batch rows (default train.batch_size)."""
     check_inputs(cfg)
     out_dir = prepare_output_dir(cfg)
-    mesh = make_train_mesh(cfg.mesh, cfg.train, what=what)
+    mesh = make_train_mesh(cfg.mesh, cfg.train, what=what, rows=rows)
     dcfg, tokenizer = load_model_and_tokenizer(cfg.model)
     model = build_train_model(cfg.model, dcfg, module)
     mcfg = cfg.model
