@@ -281,3 +281,67 @@ def test_8b_local_sampler_fits_80gb():
     )
     compiled, seconds = _compile(decode, *args)
     _assert_fits(f"8B sampler decode, 8 rows x {prompt + new} slots/device", _memory(compiled), seconds, param_bytes)
+
+
+def test_8b_ppo_update_fits_80gb():
+    """Tülu 3 8B PPO (configs/rlvr/tulu3_8b.yaml): the policy update, the value-model update and the frozen
+    bf16 reference's forward pass, compiled from shapes on the configured mesh at the reference's per-device
+    micro-batch (2 episodes of 2,048 prompt + 2,048 response tokens). Each fits 80 GB on its own, and so do
+    the three resident models plus the largest step's scratch space."""
+    from tulu_jax.config import RLVRConfig
+    from tulu_jax.models.reward import RewardModel
+    from tulu_jax.train.episodes import SEQUENCE_KEYS
+    from tulu_jax.train.rlvr import POLICY_KEYS, VALUE_KEYS
+    from tulu_jax.train.rlvr_step import Shapes, jit_forward, jit_update, policy_update, response_logps, value_update
+
+    overrides = ["model.preset=llama3.1-8b", "rollout.servers=[http://localhost:1]"]
+    cfg = configlib.load_config(RLVRConfig, str(REPO / "configs/rlvr/tulu3_8b.yaml"), overrides)
+    mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    width, t = cfg.data.max_seq_len, cfg.rollout.max_tokens
+    shapes = Shapes(width=width, temperature=cfg.rollout.temperature, logits_chunk=cfg.model.logits_chunk)
+    rows, sh = 2 * mesh.size * ACCUM, batch_sharding(mesh)
+    seq = {k: jax.ShapeDtypeStruct((rows, width + t), np.int32, sharding=sh) for k in SEQUENCE_KEYS}
+    per_token = {k: jax.ShapeDtypeStruct((rows, t), np.float32, sharding=sh) for k in (*POLICY_KEYS, *VALUE_KEYS)}
+    batch = {**per_token, **seq}
+
+    policy = _model(cfg)
+    tx, schedule = make_optimizer(cfg.optim, 1000)
+    p_abstract, p_shardings = state_layout(policy, tx, mesh)
+    step = jit_update(
+        policy_update,
+        mesh,
+        p_shardings,
+        POLICY_KEYS,
+        model=policy,
+        tx=tx,
+        schedule=schedule,
+        shapes=shapes,
+        cfg=cfg.ppo,
+        kl_in_loss=False,
+        accum=ACCUM,
+    )
+    p_compiled, p_seconds = _compile(step, _shaped(p_abstract, p_shardings), {k: batch[k] for k in POLICY_KEYS})
+    n = _n_params(p_abstract.params)
+    _assert_fits("8B PPO policy update, 2 x 4096 tokens/device", _memory(p_compiled), p_seconds, 12 * n / 8)
+
+    value = _model(cfg, module=RewardModel)
+    v_abstract, v_shardings = state_layout(value, tx, mesh)
+    vstep = jit_update(
+        value_update, mesh, v_shardings, VALUE_KEYS, value_model=value, tx=tx, shapes=shapes, cfg=cfg.ppo, accum=ACCUM
+    )
+    v_compiled, v_seconds = _compile(vstep, _shaped(v_abstract, v_shardings), {k: batch[k] for k in VALUE_KEYS})
+    _assert_fits("8B PPO value update, 2 x 4096 tokens/device", _memory(v_compiled), v_seconds, 12 * n / 8)
+
+    ref_params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, jax.numpy.bfloat16), p_abstract.params)
+    forward = jit_forward(response_logps, policy, mesh, p_shardings.params, shapes)
+    ref_rows = {k: jax.ShapeDtypeStruct((rows // ACCUM, width + t), np.int32, sharding=sh) for k in SEQUENCE_KEYS}
+    r_compiled, r_seconds = _compile(forward, _shaped(ref_params, p_shardings.params), ref_rows)
+    r_mem = _memory(r_compiled)
+    _assert_fits("8B reference log-probs (bf16), 2 x 4096 tokens/device", r_mem, r_seconds, 2 * n / 8)
+
+    # Resident together: policy and value states (float32 masters + AdamW: 12 bytes/param each), the bf16
+    # reference (2 bytes/param), all split over the 8 devices, plus the largest step's scratch space.
+    temps = [m["temp"] for m in (_memory(p_compiled), _memory(v_compiled), r_mem)]
+    resident = (12 + 12 + 2) * n / 8 + max(temps)
+    print(f"\n[memory] 8B PPO resident: {resident / 1e9:.2f} GB per device")
+    assert resident < DEVICE_BYTES
