@@ -93,7 +93,11 @@ def test_prompt_width_is_the_next_power_of_two(longest, width):
 
 def _rows(n, dataset="gsm8k"):
     return [
-        {"messages": [{"role": "user", "content": f"What is {i} plus {i}?"}], "ground_truth": str(2 * i), "dataset": dataset}
+        {
+            "messages": [{"role": "user", "content": f"What is {i} plus {i}?"}],
+            "ground_truth": str(2 * i),
+            "dataset": dataset,
+        }
         for i in range(n)
     ]
 
@@ -112,7 +116,11 @@ def _read(tok, files, **kw):
 BAD_ROWS = [
     ({"messages": [{"role": "user", "content": "hi"}], "dataset": "gsm8k"}, "ground_truth", "missing"),
     ({"messages": [{"role": "user", "content": "hi"}], "ground_truth": "4", "dataset": "nope"}, "dataset", "nope"),
-    ({"messages": [{"role": "user", "content": "hi"}], "ground_truth": "four", "dataset": "gsm8k"}, "ground_truth", "gsm8k"),
+    (
+        {"messages": [{"role": "user", "content": "hi"}], "ground_truth": "four", "dataset": "gsm8k"},
+        "ground_truth",
+        "gsm8k",
+    ),
 ]
 
 
@@ -230,8 +238,12 @@ def test_cli_names_model_path_first(tmp_path):
     assert "model.path" in line, line
 
 
-def test_cli_names_value_path_then_train_files(tmp_path, tiny_export):
+def test_cli_names_train_files_then_value_path(tmp_path, tiny_export, tmp_path_factory):
+    """After model.path: the prompt files (what every algorithm needs), then PPO's value model."""
     line = _cli_error(tmp_path, SERVER, f"model.path={tiny_export}")
-    assert "value.path" in line and "required for PPO" in line, line
-    line = _cli_error(tmp_path, SERVER, f"model.path={tiny_export}", "value.init=policy")
     assert "data.train_files" in line, line
+    prompts = tmp_path_factory.mktemp("prompts") / "p.jsonl"
+    row = {"messages": [{"role": "user", "content": "1+1?"}], "ground_truth": "2", "dataset": "gsm8k"}
+    prompts.write_text(json.dumps(row) + "\n")
+    line = _cli_error(tmp_path, SERVER, f"model.path={tiny_export}", f"data.train_files=[{prompts}]")
+    assert "value.path" in line and "required for PPO" in line, line

@@ -273,10 +273,10 @@ def test_dynamic_sampling_judges_groups_by_the_scores_the_advantages_use():
     # Refills: group 0 stopped/not stopped with equal raw scores -> (10, -10); group 1 constant again.
     extra = iter([_stub_rollout(2, [1, 1, 0, 0], [2, 3, 3, 3]), _stub_rollout(3, [0, 0, 1, 0], [1, 3, 3, 3])])
     source = SimpleNamespace(extra=lambda: next(extra, None))
-    episodes, scores, metrics, data_state = gather_rollouts(rl, source, first, learner_version=0)
+    episodes, scores, metrics, last = gather_rollouts(rl, source, first, learner_version=0)
     assert metrics["rollout/refill_batches"] == 2.0
     assert metrics["rollout/dropped_groups_share"] == pytest.approx(4 / 6)
-    assert data_state == {"draw": 3}
+    assert last.data_state == {"draw": 3}
     assert episodes["lengths"].shape == (4,) and scores.shape == (4,)
     np.testing.assert_array_equal(episodes["lengths"][:4], [2, 3, 1, 3])  # the two kept groups, in order
 

@@ -232,9 +232,9 @@ class RLVRRun:
         from tulu_jax.inputs import check_servers
         from tulu_jax.rollout.vllm_client import VLLMClient
 
-        check_servers(list(cfg.rollout.servers), "rollout.servers")
+        urls = check_servers(",".join(cfg.rollout.servers), "rollout.servers")  # each answers /health
         client = VLLMClient(
-            list(cfg.rollout.servers),
+            urls,
             eos_token_id=self.eos,
             pad_token_id=self.pad,
             cfg=self.run.dcfg,
@@ -258,9 +258,9 @@ def rollout_metrics(rollout: Rollout, verdicts, scores: np.ndarray, learner_vers
     return out
 
 
-def mean_metrics(rows: list[dict]) -> dict:
-    """Element-wise mean of metric dicts (device scalars), keys of the first."""
-    return {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
+def mean_metrics(rows: list[dict]) -> dict[str, float]:
+    """Element-wise mean of metric dicts (host scalars), keys of the first."""
+    return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
 
 
 class Evaluator:
@@ -481,11 +481,11 @@ def train_step(
             policy, pm = rl.policy_step(policy, {k: mb[k] for k in policy_keys})
             m.update(pm)
             updates.append(m)
-    metrics = {**mean_metrics(updates), **stats, **gap_stats}
-    metrics["loss"] = metrics["loss/policy_avg"] + (loss.value_coef * metrics["loss/value_avg"] if rl.ppo else 0.0)
-    metrics["grad_norm"] = metrics["policy/grad_norm"]
     jax.block_until_ready(policy.params)
     host["time/update_s"] = time.perf_counter() - t0
+    metrics = {**mean_metrics(jax.device_get(updates)), **stats, **gap_stats}  # update means on the host
+    metrics["loss"] = metrics["loss/policy_avg"] + (loss.value_coef * metrics["loss/value_avg"] if rl.ppo else 0.0)
+    metrics["grad_norm"] = metrics["policy/grad_norm"]
     host["episodes"] = float(step * cfg.train.batch_size * cfg.rollout.n)
     new_states = {**states, "policy": policy, "rollout_draws": jax.device_put(np.int32(last.index), row_rep(mesh))}
     if rl.ppo:

@@ -199,10 +199,14 @@ class RolloutSource:
         return self._score(items)[0]
 
     def close(self) -> None:
-        """Waits for in-flight work and stops both threads."""
+        """Drops the batches requested ahead that have not started, waits for the rest (queued pushes
+        included: the generator ends up with the last weights published) and stops both threads."""
+        for future in self._pending:
+            future.cancel()
+        self._pending.clear()
         for pool in (self._worker, self._scoring):
             if pool is not None:
-                pool.shutdown(wait=True, cancel_futures=True)
+                pool.shutdown(wait=True)
 
 
 def host_copy(params):
