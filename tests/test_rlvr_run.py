@@ -175,7 +175,17 @@ def test_mesh_2x2x2_step_1_equals_8x1x1(ppo_run, tmp_path):
     from tulu_jax.train.rlvr import run_rlvr
 
     args = [a for a in PPO_ARGS if not a.startswith("train.max_steps")]
-    run_rlvr(_cfg("configs/rlvr/tiny.yaml", tmp_path, *args, "train.max_steps=1", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"))
+    run_rlvr(
+        _cfg(
+            "configs/rlvr/tiny.yaml",
+            tmp_path,
+            *args,
+            "train.max_steps=1",
+            "mesh.data=2",
+            "mesh.fsdp=2",
+            "mesh.tensor=2",
+        )
+    )
     a, b = _deterministic(_rows(tmp_path)[1]), _deterministic(_rows(ppo_run[0])[1])
     assert a.keys() == b.keys()
     # Sampled tokens and verifier outcomes are discrete: they must agree exactly.
@@ -289,11 +299,11 @@ def two_steps(tmp_path_factory):
     """An RLVRRun stepped twice by hand as run_rlvr does (1 epoch, 1 minibatch; no non-stop penalty; scores by
     response parity so advantages have a spread; per-response aggregation so the whitened advantages do not
     cancel in the policy loss). Records host copies around step 1, and step 2's inputs, targets and metrics."""
+    from tulu_jax.rollout.types import SamplingParams
+    from tulu_jax.train import batches
     from tulu_jax.train.episodes import SEQUENCE_KEYS
     from tulu_jax.train.rlvr import RLVRRun, gather_rollouts, train_step
-    from tulu_jax.train import batches
     from tulu_jax.train.rollouts import RolloutSource
-    from tulu_jax.rollout.types import SamplingParams
 
     out = tmp_path_factory.mktemp("steps")
     args = [*TINY, "train.max_steps=2", "ppo.epochs=1", "ppo.minibatches=1", "ppo.non_stop_penalty=null"]
@@ -350,7 +360,10 @@ def _leaves_equal(a, b) -> bool:
 def test_update_leaves_the_reference_unchanged(two_steps):
     assert _leaves_equal(two_steps["ref_after"], two_steps["ref_before"])
     assert _leaves_equal(two_steps["policy_before"], two_steps["ref_before"])  # the reference is the start
-    changed = [not np.array_equal(x, y) for x, y in zip(*(jax.tree.leaves(two_steps[k]) for k in ("policy_after", "policy_before")))]
+    changed = [
+        not np.array_equal(x, y)
+        for x, y in zip(*(jax.tree.leaves(two_steps[k]) for k in ("policy_after", "policy_before")))
+    ]
     assert all(changed), f"{sum(changed)} of {len(changed)} policy tensors changed"
 
 
@@ -392,9 +405,7 @@ def test_one_ppo_update_matches_float64_numpy(two_steps):
     n, t = r["logps"].shape
     assert len(set(scores.tolist())) == 2, "scores need a spread for a non-trivial check"
     assert np.abs(r["logps"] - r["ref_logps"]).max() > 1e-3, "step 1 should have moved the policy off the reference"
-    rewards, values, returns, advantages = _ppo_reference(
-        r["logps"], r["ref_logps"], r["values"], scores, lengths, cfg
-    )
+    rewards, values, returns, advantages = _ppo_reference(r["logps"], r["ref_logps"], r["values"], scores, lengths, cfg)
     arrays = r["arrays"]
     # float32 over T-long recurrences of terms bounded by `scale`: a few ulps per step.
     scale = np.abs(rewards).max() + np.abs(values).max()
@@ -420,5 +431,7 @@ def test_one_ppo_update_matches_float64_numpy(two_steps):
     assert m["val/ratio"] == pytest.approx(1.0, abs=1e-5) and m["policy/clipfrac_avg"] == 0.0
     assert m["val/clipfrac_avg"] == 0.0
     np.testing.assert_allclose(m["loss"], m["loss/policy_avg"] + cfg.value_coef * m["loss/value_avg"], rtol=1e-6)
-    kl = np.array([np.sum(r["logps"][i, : lengths[i]].astype(np.float64) - r["ref_logps"][i, : lengths[i]]) for i in range(n)])
+    kl = np.array(
+        [np.sum(r["logps"][i, : lengths[i]].astype(np.float64) - r["ref_logps"][i, : lengths[i]]) for i in range(n)]
+    )
     np.testing.assert_allclose(m["objective/kl"], kl.mean(), rtol=0, atol=8 * t * EPS32 * np.abs(r["logps"]).max())
