@@ -227,3 +227,29 @@ def test_next_token_logps_matches_model_logits(tiny_decoder, chunk_size):
         scale = np.abs(np.asarray(g_want)).max()
         assert scale > 0, jax.tree_util.keystr(path)
         np.testing.assert_allclose(g_got, g_want, rtol=0, atol=k * scale, err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.mark.parametrize("chunk_size,temperature", [(0, 1.0), (4, 1.0), (5, 0.7), (64, 1.3)])
+def test_logps_and_entropy_match_float64(chunk_size, temperature):
+    """`chunked_logps_and_entropy` (the RL rollout pass): log-probs equal `chunked_token_logps`'s, and the
+    entropy -Σ p log p of softmax(h @ w / temperature) equals a float64 NumPy computation, for whole, even
+    and uneven chunks (T = 11)."""
+    from tulu_jax.losses.logps import chunked_logps_and_entropy
+
+    h, w, y, _ = make_inputs(2, 11, 16, 37, seed=7, scale=2.0)
+    logps, entropy = chunked_logps_and_entropy(
+        jnp.asarray(h), jnp.asarray(w), jnp.asarray(y), chunk_size=chunk_size, temperature=temperature
+    )
+    logits = (h.astype(np.float64) @ w.astype(np.float64)) / temperature
+    z = logits - logits.max(-1, keepdims=True)
+    logp_all = z - np.log(np.exp(z).sum(-1, keepdims=True))
+    np_entropy = -(np.exp(logp_all) * logp_all).sum(-1)
+    np_logps = np.take_along_axis(logp_all, y[..., None], -1)[..., 0]
+    tol, _, _ = bounds(h, w / temperature, np.ones((2, 11), np.float32))
+    np.testing.assert_allclose(np.asarray(logps), np_logps, rtol=0, atol=tol)
+    # Entropy = Σ p·(-log p): the same per-logit error, weighted by probabilities that sum to 1, plus V roundings.
+    np.testing.assert_allclose(np.asarray(entropy), np_entropy, rtol=0, atol=2 * tol + 37 * EPS * np.log(37))
+    same = chunked_token_logps(
+        jnp.asarray(h), jnp.asarray(w), jnp.asarray(y), chunk_size=chunk_size, temperature=temperature
+    )
+    np.testing.assert_allclose(np.asarray(logps), np.asarray(same), rtol=0, atol=tol)

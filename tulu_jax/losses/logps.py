@@ -67,6 +67,16 @@ def chunked_token_logps(
     Raises ValueError for a negative chunk_size or mismatched shapes. Equals `token_logps` of
     `head_logits(hidden, head, dtype)`, gradients included, to float32 rounding; only the memory differs.
     """
+    checked = _check(hidden_BxTxD, head_DxV, targets_BxT, chunk_size)
+    dtype = checked if dtype is None else dtype
+    if chunk_size == 0 or chunk_size >= hidden_BxTxD.shape[1]:  # the plain path: no remat of the head
+        return _chunk_logps(hidden_BxTxD, head_DxV, targets_BxT, dtype, temperature)
+    body = jax.checkpoint(lambda h, y: _chunk_logps(h, head_DxV, y, dtype, temperature), prevent_cse=False)
+    return _over_chunks(body, hidden_BxTxD, targets_BxT, chunk_size)
+
+
+def _check(hidden_BxTxD: Array, head_DxV: Array, targets_BxT: Array, chunk_size: int):
+    """The matmul dtype default (hidden's) after checking shapes and chunk_size (ValueError)."""
     b, t, d = hidden_BxTxD.shape
     if head_DxV.ndim != 2 or head_DxV.shape[0] != d:
         raise ValueError(f"head shape {head_DxV.shape} does not match hidden size {d} (expected [D, V])")
@@ -74,18 +84,43 @@ def chunked_token_logps(
         raise ValueError(f"targets shape {targets_BxT.shape} != hidden's [B, T] = {(b, t)}")
     if chunk_size < 0:
         raise ValueError(f"logits chunk_size must be >= 0 (0 = unchunked), got {chunk_size}")
-    dtype = hidden_BxTxD.dtype if dtype is None else dtype
-    if chunk_size == 0 or chunk_size >= t:
-        return _chunk_logps(hidden_BxTxD, head_DxV, targets_BxT, dtype, temperature)
+    return hidden_BxTxD.dtype
 
-    body = jax.checkpoint(lambda h, y: _chunk_logps(h, head_DxV, y, dtype, temperature), prevent_cse=False)
+
+def _over_chunks(body, hidden_BxTxD: Array, targets_BxT: Array, chunk_size: int):
+    """`body(hidden [B, C, D], targets [B, C]) -> pytree of [B, C]` over C positions at a time (all at once for
+    chunk_size 0 or >= T), reassembled to [B, T] per leaf."""
+    b, t, d = hidden_BxTxD.shape
+    if chunk_size == 0 or chunk_size >= t:
+        return body(hidden_BxTxD, targets_BxT)
     n, tail = divmod(t, chunk_size)
     full = n * chunk_size
     # [B, n·C, ...] -> [n, B, C, ...]: the mapped axis leads; rows keep their (batch) sharding.
     h_NxBxCxD = hidden_BxTxD[:, :full].reshape(b, n, chunk_size, d).swapaxes(0, 1)
     y_NxBxC = targets_BxT[:, :full].reshape(b, n, chunk_size).swapaxes(0, 1)
-    logps_NxBxC = jax.lax.map(lambda xs: body(*xs), (h_NxBxCxD, y_NxBxC))
-    logps_BxT = logps_NxBxC.swapaxes(0, 1).reshape(b, full)
+    out = jax.lax.map(lambda xs: body(*xs), (h_NxBxCxD, y_NxBxC))
+    out = jax.tree.map(lambda x: x.swapaxes(0, 1).reshape(b, full), out)
     if tail:
-        logps_BxT = jnp.concatenate([logps_BxT, body(hidden_BxTxD[:, full:], targets_BxT[:, full:])], axis=1)
-    return logps_BxT
+        rest = body(hidden_BxTxD[:, full:], targets_BxT[:, full:])
+        out = jax.tree.map(lambda a, r: jnp.concatenate([a, r], axis=1), out, rest)
+    return out
+
+
+def chunked_logps_and_entropy(
+    hidden_BxTxD: Array, head_DxV: Array, targets_BxT: Array, *, chunk_size: int, dtype=None, temperature: float = 1.0
+) -> tuple[Array, Array]:
+    """(logps [B, T], entropy [B, T]), both float32: `chunked_token_logps`'s log-probs plus the entropy
+    −Σ_v p_v log p_v of each position's whole next-token distribution (logits / temperature), C positions at a
+    time. For no-gradient passes (RL: the policy's log-probs of its rollouts, whose entropy is logged); same
+    arguments and errors as `chunked_token_logps`."""
+    from tulu_jax.rl.losses import entropy_from_logits
+
+    checked = _check(hidden_BxTxD, head_DxV, targets_BxT, chunk_size)
+    dtype = checked if dtype is None else dtype
+
+    def body(h, y):
+        logits = head_logits(h, head_DxV, dtype)
+        logits = logits if temperature == 1.0 else logits / temperature
+        return token_logps(logits, y), entropy_from_logits(logits)
+
+    return _over_chunks(body, hidden_BxTxD, targets_BxT, chunk_size)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from tulu_jax.losses.logps import chunked_token_logps
+from tulu_jax.losses.logps import chunked_logps_and_entropy, chunked_token_logps
 from tulu_jax.models.decoder import Decoder
 
 Array = jax.Array
@@ -46,6 +46,29 @@ def next_token_logps(
     """
     hidden_BxTxD = model.apply({"params": params}, input_ids_BxT, positions_BxT, segment_ids_BxT, output="hidden")
     return chunked_token_logps(
+        hidden_BxTxD,
+        lm_head(model, params),
+        next_targets(input_ids_BxT),
+        chunk_size=chunk_size,
+        dtype=model.dtype,
+        temperature=temperature,
+    )
+
+
+def next_token_logps_and_entropy(
+    model: Decoder,
+    params,
+    input_ids_BxT: Array,
+    positions_BxT: Array,
+    segment_ids_BxT: Array,
+    *,
+    chunk_size: int,
+    temperature: float = 1.0,
+) -> tuple[Array, Array]:
+    """`next_token_logps` plus the entropy of every position's next-token distribution (float32 [B, T] each),
+    for forward-only passes (`chunked_logps_and_entropy`)."""
+    hidden_BxTxD = model.apply({"params": params}, input_ids_BxT, positions_BxT, segment_ids_BxT, output="hidden")
+    return chunked_logps_and_entropy(
         hidden_BxTxD,
         lm_head(model, params),
         next_targets(input_ids_BxT),

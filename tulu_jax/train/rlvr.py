@@ -48,8 +48,9 @@ from tulu_jax.train.rlvr_step import (
     policy_update,
     ppo_advantages,
     response_logps,
+    response_logps_and_entropy,
     response_values,
-    sampler_gap,
+    rollout_policy_stats,
     value_update,
 )
 from tulu_jax.train.rollouts import Rollout, RolloutSource, host_copy, versions_of
@@ -157,6 +158,7 @@ class RLVRRun:
         # Compiled pieces.
         params_sh = run.shardings.params
         self.logps_fn = jit_forward(response_logps, self.model, self.mesh, params_sh, self.shapes)
+        self.logps_entropy_fn = jit_forward(response_logps_and_entropy, self.model, self.mesh, params_sh, self.shapes)
         accum = cfg.train.grad_accum_steps
         self.policy_step = jit_update(
             policy_update,
@@ -191,7 +193,7 @@ class RLVRRun:
             self.advantages_fn = jax.jit(
                 lambda lp, ref, sc, ln, st: grpo_advantages(lp, ref, sc, ln, st, cfg=loss, group_size=n)
             )
-        self.gap_fn = jax.jit(lambda lp, sp, m: sampler_gap(lp, sp, m, loss.tis_cap))
+        self.gap_fn = jax.jit(lambda lp, sp, ent, m: rollout_policy_stats(lp, sp, ent, m, loss.tis_cap))
 
     # --- states -----------------------------------------------------------------------------------------------
 
@@ -450,7 +452,7 @@ def train_step(
     seq = batches.to_device(episodes, mesh, SEQUENCE_KEYS)
     rows = lambda x: batches.to_device({"x": x}, mesh, ("x",))["x"]  # noqa: E731
     policy, value = states["policy"], states.get("value")
-    logps = rl.logps_fn(policy.params, seq)
+    logps, entropy = rl.logps_entropy_fn(policy.params, seq)
     ref_logps = rl.logps_fn(ref_params, seq)
     lengths, stopped, scores_d = rows(episodes["lengths"]), rows(episodes["stopped"]), rows(scores)
     if rl.ppo:
@@ -458,7 +460,7 @@ def train_step(
         arrays, stats = rl.advantages_fn(logps, ref_logps, values, scores_d, lengths, stopped)
     else:
         arrays, stats = rl.advantages_fn(logps, ref_logps, scores_d, lengths, stopped)
-    tis_weights, gap_stats = rl.gap_fn(logps, rows(episodes["sampler_logps"]), arrays["policy_mask"])
+    tis_weights, gap_stats = rl.gap_fn(logps, rows(episodes["sampler_logps"]), entropy, arrays["policy_mask"])
     jax.block_until_ready(arrays)
     host["time/forward_s"] = time.perf_counter() - t0
 

@@ -26,7 +26,7 @@ from tulu_jax.rl.rewards import apply_non_stop_penalty, kl_penalty, response_mas
 from tulu_jax.train.accumulate import accumulate_grads
 from tulu_jax.train.batches import batch_shardings
 from tulu_jax.train.episodes import SEQUENCE_KEYS
-from tulu_jax.train.forward import next_token_logps
+from tulu_jax.train.forward import next_token_logps, next_token_logps_and_entropy
 
 Array = jax.Array
 
@@ -57,6 +57,23 @@ def response_logps(model, params, batch: dict, shapes: Shapes) -> Array:
     return logps_NxL[:, shapes.width - 1 : shapes.width - 1 + t]
 
 
+def response_logps_and_entropy(model, params, batch: dict, shapes: Shapes) -> tuple[Array, Array]:
+    """(`response_logps`, entropy [N, T] of each response position's whole next-token distribution at the
+    sampling temperature), float32, forward only: the policy's pass over its own rollouts."""
+    logps_NxL, entropy_NxL = next_token_logps_and_entropy(
+        model,
+        params,
+        batch["input_ids"],
+        batch["positions"],
+        batch["segment_ids"],
+        chunk_size=shapes.logits_chunk,
+        temperature=shapes.temperature,
+    )
+    t = batch["input_ids"].shape[1] - shapes.width
+    cut = lambda x: x[:, shapes.width - 1 : shapes.width - 1 + t]  # noqa: E731
+    return cut(logps_NxL), cut(entropy_NxL)
+
+
 def response_values(value_model, params, batch: dict, shapes: Shapes) -> Array:
     """float32 [N, T]: V_t, the value model's output at the position before response token t (the state in
     which token t is chosen), columns P-1 .. P+T-2."""
@@ -66,7 +83,8 @@ def response_values(value_model, params, batch: dict, shapes: Shapes) -> Array:
 
 
 def jit_forward(fn, module, mesh: Mesh, param_shardings, shapes: Shapes):
-    """`run(params, batch) -> [N, T]` for `fn` = response_logps or response_values, rows split over data+fsdp."""
+    """`run(params, batch) -> [N, T]` (or a tuple of them) for `fn` = response_logps, response_values or
+    response_logps_and_entropy, rows split over data+fsdp."""
     return shd.jit_on_mesh(
         lambda p, b: fn(module, p, b, shapes),
         mesh,
@@ -145,6 +163,14 @@ def masked_variance(x, mask):
     return masked_mean((x - mean) ** 2, mask)
 
 
+def rollout_policy_stats(trainer_logps, sampler_logps, entropy, policy_mask, tis_cap: float) -> tuple[Array, dict]:
+    """`sampler_gap` plus policy/entropy_avg, the mean entropy (nats) of the policy's next-token distribution
+    over the response tokens."""
+    weights, stats = sampler_gap(trainer_logps, sampler_logps, policy_mask, tis_cap)
+    stats["policy/entropy_avg"] = masked_mean(entropy, policy_mask)
+    return weights, stats
+
+
 def sampler_gap(trainer_logps, sampler_logps, policy_mask, tis_cap: float) -> tuple[Array, dict]:
     """(importance weights [N, T], stats) for the sampler/trainer mismatch: rollout/logp_gap_mean and _max
     (|Δ| of the two log-probs of each sampled token), the ratio π_trainer/π_sampler's mean and 1st/99th
@@ -184,8 +210,7 @@ def policy_update(state, batch, *, model, tx, schedule, shapes: Shapes, cfg: Pol
     (aggregated as `cfg.aggregation`; each micro-batch's loss weighs 1/accum, as DeepSpeed averages gradient
     accumulation steps), weighted by `tis_weights`, plus β·KL to the reference when `kl_in_loss` (GRPO).
     Metrics (reference names): loss/policy_avg, policy/clipfrac_avg, policy/approxkl_avg, val/ratio,
-    val/ratio_var, policy/entropy_avg (−mean log-prob of the sampled tokens, a Monte Carlo estimate of the
-    per-token entropy), policy/grad_norm, learning_rate; with kl_in_loss also loss/kl_avg."""
+    val/ratio_var, policy/grad_norm, learning_rate; with kl_in_loss also loss/kl_avg."""
     t = batch["old_logps"].shape[1]
 
     def micro_loss(params, mb):
@@ -207,7 +232,6 @@ def policy_update(state, batch, *, model, tx, schedule, shapes: Shapes, cfg: Pol
             "policy/approxkl_avg": stats["approxkl"],
             "val/ratio": stats["ratio"],
             "val/ratio_var": stats["ratio_var"],
-            "policy/entropy_avg": masked_mean(-logps, mask),
         }
         if kl_in_loss:
             kl = masked_mean(kl_penalty(logps, mb["ref_logps"], cfg.kl_estimator), mask)
