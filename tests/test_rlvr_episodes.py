@@ -186,14 +186,25 @@ def test_prompt_pipeline_resumes_the_same_batches(tiny_tokenizer, tmp_path):
     "kw, match",
     [
         ({"top_p": 0.9}, "top_p=0.9"),
-        ({"top_k": 5}, "top_k=5"),
+        ({"top_k": 5}, "^top_k=5"),
         ({"temperature": 0.0}, "temperature must be > 0"),
-        ({"backend": "vllm"}, "backend vllm needs servers"),
     ],
 )
 def test_rollout_config_refuses(kw, match):
     with pytest.raises(ValueError, match=match):
         RolloutConfig(**kw)
+
+
+def test_vllm_backend_needs_servers_before_any_weights_load():
+    """Servers are one of the run's required inputs, checked with the others (after model.path and the
+    prompt files), before anything is loaded."""
+    from tulu_jax.train.rlvr import check_rlvr_inputs
+
+    cfg = configlib.load_config(
+        RLVRConfig, str(REPO / "configs/rlvr/grpo_tiny.yaml"), ["rollout.backend=vllm", "rollout.servers=[]"]
+    )
+    with pytest.raises(configlib.ConfigError, match="^rollout.servers: required"):
+        check_rlvr_inputs(cfg)
 
 
 def test_grpo_needs_a_group():

@@ -261,3 +261,24 @@ def test_export_tokenizer_carries_the_template_the_run_trained_in(tiny_tokenizer
     assert exported.chat_template == TULU_CHAT_TEMPLATE
     assert exported.apply_chat_template(chat, tokenize=False) == render_tulu(chat, tokenizer.eos_token)
     assert trained_template_tokenizer(tokenizer, "model") is tokenizer  # trained in its own format
+
+
+def test_config_yaml_describes_the_run_that_made_the_checkpoints(tmp_path):
+    """A new folder gets config.yaml; a folder with checkpoints keeps it when a later invocation (a resume, a
+    rerun with other settings) differs, and that invocation's config goes to config.resumed.yaml."""
+    import yaml
+
+    from tulu_jax.train.setup import record_config
+
+    first = {"optim": {"lr": 1e-4}, "train": {"max_steps": 10}}
+    record_config(str(tmp_path), first)
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text()) == first
+    record_config(str(tmp_path), {"optim": {"lr": 5e-4}, "train": {"max_steps": 10}})  # no checkpoint yet: a new run
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["optim"]["lr"] == 5e-4
+    (tmp_path / "checkpoints" / "3").mkdir(parents=True)
+    record_config(str(tmp_path), {"optim": {"lr": 5e-4}, "train": {"max_steps": 10}})  # same config: nothing new
+    assert not (tmp_path / "config.resumed.yaml").exists()
+    later = {"optim": {"lr": 9e-4}, "train": {"max_steps": 20}}
+    record_config(str(tmp_path), later)
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["optim"]["lr"] == 5e-4
+    assert yaml.safe_load((tmp_path / "config.resumed.yaml").read_text()) == later

@@ -494,20 +494,19 @@ class RolloutConfig:
         object.__setattr__(self, "servers", tuple(str(s) for s in self.servers))
         if self.backend not in ROLLOUT_BACKENDS:
             raise ValueError(f"backend must be one of {ROLLOUT_BACKENDS}, got {self.backend!r}")
-        if self.backend == "vllm" and not self.servers:
-            raise ValueError("backend vllm needs servers (rollout.servers=[http://HOST:PORT,...])")
         if self.backend == "local" and self.servers:
             raise ValueError("servers are only used by backend vllm (set rollout.backend=vllm)")
         _at_least(self, max_tokens=1, n=1, push_every=1, async_steps=0, max_batch=0)
         if not self.temperature > 0:
             raise ValueError(f"temperature must be > 0 for training rollouts, got {self.temperature}")
-        if self.top_p != 1.0 or self.top_k != 0:
-            # The trainer's log-probs (old, reference, KL) are over the full vocabulary; samples from a truncated
-            # distribution would make every ratio and KL estimate biased.
-            raise ValueError(
-                f"top_p={self.top_p}, top_k={self.top_k}: training rollouts must sample the full distribution "
-                "(top_p 1.0, top_k 0), the support the trainer's log-probs are computed on"
-            )
+        # The trainer's log-probs (old, reference, KL) are over the full vocabulary; samples from a truncated
+        # distribution would make every ratio and KL estimate biased.
+        for name, full in (("top_p", 1.0), ("top_k", 0)):
+            if getattr(self, name) != full:
+                raise ValueError(
+                    f"{name}={getattr(self, name)}: training rollouts must sample the full distribution (top_p 1.0, "
+                    "top_k 0), the support the trainer's log-probs are computed on"
+                )
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -645,9 +644,19 @@ class RLVRTrainConfig(TrainConfig):
 
     batch_size: int = field(default=8, metadata={"help": "prompts per RL step, over all devices"})
     num_epochs: int = field(default=1, metadata={"help": "passes over the prompts"})
+    max_steps: int = field(
+        default=-1,
+        metadata={
+            "help": "stop after this many RL steps (each: one rollout batch, then epochs x minibatches optimizer "
+            "updates); -1: all prompts for num_epochs"
+        },
+    )
     eval_every: int = field(
         default=0,
-        metadata={"help": "greedy accuracy on data.eval_files every N steps and at the end (0: at the end; -1: never)"},
+        metadata={
+            "help": "greedy accuracy on data.eval_files at step 0, every N steps and at the end (0: step 0 and the "
+            "end; -1: never)"
+        },
     )
 
 

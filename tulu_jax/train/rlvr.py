@@ -61,18 +61,27 @@ VALUE_KEYS = ("old_values", "returns", "value_mask", *SEQUENCE_KEYS)
 
 
 def check_rlvr_inputs(cfg: RLVRConfig) -> None:
-    """Fail closed on the value model: PPO with value.init=reward_model needs an existing value.path."""
-    if cfg.algo != "ppo":
-        return
-    if cfg.value.init == "reward_model":
+    """Fail closed, after model.path and the prompt files (`setup.check_inputs`), before any weights load: PPO with
+    value.init=reward_model needs value.path holding a reward model (a score head, not a causal LM), and
+    backend vllm needs servers that answer. ConfigError / InputError naming the key."""
+    from tulu_jax.inputs import check_model_dir, check_servers
+
+    if cfg.algo == "ppo" and cfg.value.init == "reward_model":
         if cfg.value.path is None:
             raise ConfigError(
                 "value.path: required for PPO (a `tulu-jax rm` export, e.g. runs/rm-tiny/hf; Tülu 3 starts the "
                 "value model from its reward model), or set value.init=policy for a fresh value head on the policy"
             )
-        from tulu_jax.inputs import check_model_dir
-
         check_model_dir(cfg.value.path, "value.path")
+        if not hf.checkpoint_has(cfg.value.path, hf.SCORE_NAME):
+            raise ConfigError(
+                f"value.path: {cfg.value.path} has no score head ({hf.SCORE_NAME}): not a reward-model export; give "
+                "a `tulu-jax rm` export, or value.init=policy to start the value model from the policy"
+            )
+    if cfg.rollout.backend == "vllm":
+        if not cfg.rollout.servers:
+            raise ConfigError("rollout.servers: required with rollout.backend=vllm (e.g. [http://h1:8000])")
+        check_servers(",".join(cfg.rollout.servers), "rollout.servers")  # each answers /health
 
 
 def check_batch_layout(cfg: RLVRConfig, mesh) -> None:
@@ -231,12 +240,10 @@ class RLVRRun:
                 max_batch=cfg.rollout.max_batch or None,
                 seed=cfg.train.seed,
             ), None
-        from tulu_jax.inputs import check_servers
         from tulu_jax.rollout.vllm_client import VLLMClient
 
-        urls = check_servers(",".join(cfg.rollout.servers), "rollout.servers")  # each answers /health
         client = VLLMClient(
-            urls,
+            [u.rstrip("/") for u in cfg.rollout.servers],
             eos_token_id=self.eos,
             pad_token_id=self.pad,
             cfg=self.run.dcfg,
@@ -420,6 +427,7 @@ def gather_rollouts(rl: RLVRRun, source: RolloutSource, first: Rollout, learner_
         total_groups = len(host) * wanted
         metrics["rollout/dropped_groups_share"] = dropped / total_groups
         metrics["rollout/refill_batches"] = float(refills)
+        metrics["rollout/kept_groups"] = float(min(kept_groups, wanted))
         rows_needed = wanted * n
         if len(scores) < rows_needed:  # still short: pad with zero-advantage copies (no gradient, fixed shapes)
             log(f"dynamic sampling: only {len(scores) // n} of {wanted} groups had a spread of scores")
@@ -471,7 +479,12 @@ def train_step(
     updates = []
     policy_keys = POLICY_KEYS + (("ref_logps",) if not rl.ppo else ())
     row_sharding = shd.batch_sharding(mesh)
-    for epoch in range(loss.epochs):
+    # Dynamic sampling found no group with a spread of scores even after its refills: every advantage is 0, and an
+    # optimizer step would still move the weights (weight decay, Adam's momentum). Skip it.
+    skip = host.get("rollout/kept_groups", 1.0) == 0
+    if skip:
+        log(f"step {step}: no group had a spread of scores; no update")
+    for epoch in range(0 if skip else loss.epochs):
         perm = np.random.default_rng([cfg.train.seed, step, epoch]).permutation(n)
         for lo in range(0, n, size):
             idx = perm[lo : lo + size]
@@ -485,9 +498,11 @@ def train_step(
             updates.append(m)
     jax.block_until_ready(policy.params)
     host["time/update_s"] = time.perf_counter() - t0
-    metrics = {**mean_metrics(jax.device_get(updates)), **stats, **gap_stats}  # update means on the host
-    metrics["loss"] = metrics["loss/policy_avg"] + (loss.value_coef * metrics["loss/value_avg"] if rl.ppo else 0.0)
-    metrics["grad_norm"] = metrics["policy/grad_norm"]
+    metrics = {**(mean_metrics(jax.device_get(updates)) if updates else {}), **stats, **gap_stats}  # on the host
+    metrics["rollout/update_skipped"] = float(skip)
+    if updates:
+        value_part = loss.value_coef * metrics["loss/value_avg"] if rl.ppo else 0.0
+        metrics["loss"], metrics["grad_norm"] = metrics["loss/policy_avg"] + value_part, metrics["policy/grad_norm"]
     host["episodes"] = float(step * cfg.train.batch_size * cfg.rollout.n)
     new_states = {**states, "policy": policy, "rollout_draws": jax.device_put(np.int32(last.index), row_rep(mesh))}
     if rl.ppo:

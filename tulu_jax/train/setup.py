@@ -120,9 +120,44 @@ def prepare_output_dir(cfg) -> str:
     except OSError as e:
         raise InputError(f"{where('output_dir', out_dir)}: cannot create it: {e.strerror or e}") from None
     if jax.process_index() == 0:
-        with open(os.path.join(out_dir, "config.yaml"), "w") as f:
-            yaml.safe_dump(configlib.to_dict(cfg), f, sort_keys=False)
+        record_config(out_dir, configlib.to_dict(cfg))
     return out_dir
+
+
+def _flat(tree, prefix: str = "") -> dict:
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    out = {}
+    for k, v in tree.items():
+        out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def record_config(out_dir: str, config: dict) -> None:
+    """Writes OUTPUT_DIR/config.yaml for a new run. A folder that already holds checkpoints keeps the
+    config.yaml of the run that made them (it describes those weights); when this invocation's config
+    differs, it goes to config.resumed.yaml and the differing keys are logged."""
+    path = os.path.join(out_dir, "config.yaml")
+    ckpt_dir = os.path.join(out_dir, "checkpoints")
+    resumed = os.path.exists(path) and os.path.isdir(ckpt_dir) and any(n.isdigit() for n in os.listdir(ckpt_dir))
+    if resumed:
+        try:
+            with open(path, encoding="utf-8") as f:
+                saved = _flat(yaml.safe_load(f) or {})
+        except (OSError, yaml.YAMLError):
+            saved = {}
+        ours = _flat(yaml.safe_load(yaml.safe_dump(config, sort_keys=False)))
+        changed = sorted(k for k in saved.keys() | ours.keys() if saved.get(k) != ours.get(k))
+        if not changed:
+            return
+        log(
+            f"output_dir {out_dir} holds a run started with another config ({', '.join(changed[:6])}"
+            f"{', ...' if len(changed) > 6 else ''} differ): config.yaml keeps that run's; this one's is in "
+            "config.resumed.yaml"
+        )
+        path = os.path.join(out_dir, "config.resumed.yaml")
+    with open(path, "w") as f:
+        yaml.safe_dump(config, f, sort_keys=False)
 
 
 def make_train_mesh(mesh_cfg, train_cfg, what: str = "rows", rows: int | None = None) -> Mesh:
