@@ -11,11 +11,11 @@ import pytest
 
 from tulu_jax import configlib
 from tulu_jax.cli import main
-from tulu_jax.config import DPOConfig, RMConfig, SFTConfig
+from tulu_jax.config import DPOConfig, RLVRConfig, RMConfig, SFTConfig
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
-CONFIG_CLASSES = {"sft": SFTConfig, "dpo": DPOConfig, "rm": RMConfig}
+CONFIG_CLASSES = {"sft": SFTConfig, "dpo": DPOConfig, "rm": RMConfig, "rlvr": RLVRConfig}
 
 
 def test_every_config_folder_has_a_config_class():
@@ -42,6 +42,29 @@ def test_tulu3_rm_hyperparameters():
     cfg = configlib.load_config(RMConfig, str(REPO / "configs/rm/tulu3_8b.yaml"), [])
     assert (cfg.optim.lr, cfg.optim.eps, cfg.train.batch_size, cfg.train.num_epochs) == (3e-6, 1e-5, 256, 1)
     assert cfg.data.max_seq_len == 2048
+
+
+@pytest.mark.parametrize(
+    "name,beta,lr,warmup,batch,seed", [("8b", 0.05, 3e-7, 0.0, 224, 3), ("70b", 0.07, 1e-7, 0.1, 640, 8)]
+)
+def test_tulu3_rlvr_hyperparameters(name, beta, lr, warmup, batch, seed):
+    """Tülu 3 §6 / open-instruct `ppo_vllm_thread_ray_gtrl.py` as run for the 8B and 70B models."""
+    cfg = configlib.load_config(RLVRConfig, str(REPO / f"configs/rlvr/tulu3_{name}.yaml"), [])
+    p = cfg.ppo
+    assert cfg.algo == "ppo" and (p.beta, p.kl_estimator, p.verify_reward, p.non_stop_penalty) == (beta, "k1", 10, -10)
+    assert (p.gamma, p.lam, p.clip, p.clip_high, p.value_clip, p.value_coef) == (1.0, 0.95, 0.2, None, 0.2, 0.1)
+    assert (p.epochs, p.minibatches, p.whiten_advantages, p.aggregation, p.tis_cap) == (4, 1, True, "token", 0.0)
+    assert (cfg.optim.lr, cfg.optim.warmup_ratio, cfg.optim.weight_decay, cfg.optim.max_grad_norm) == (
+        lr,
+        warmup,
+        0.01,
+        1,
+    )
+    assert cfg.value.init == "reward_model" and cfg.value.lr is None  # the value model shares the policy's lr
+    assert (cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.n, cfg.rollout.max_tokens) == (1.0, 1.0, 1, 2048)
+    assert (cfg.train.batch_size, cfg.train.seed, cfg.data.max_seq_len) == (batch, seed, 2048)
+    # Fail closed: nothing to train from until the user names it.
+    assert cfg.model.path is None and cfg.value.path is None and not cfg.data.train_files and not cfg.data.use_bundled
 
 
 def test_dpo_beta_defaults_follow_the_loss():
