@@ -359,10 +359,10 @@ def run_rlvr(cfg: RLVRConfig) -> dict:
                 step -= 1
                 break
             states, metrics, host, data_state = train_step(rl, states, ref_params, source, rollout, waited, step)
-            if step % cfg.rollout.push_every == 0 or step == rl.total_steps:
+            due = evaluate.enabled and eval_due(step, cfg.train.eval_every, rl.total_steps)
+            if step % cfg.rollout.push_every == 0 or step == rl.total_steps or due:  # eval samples the newest
                 source.publish(states["policy"].params, step)
             host["time/step_s"] = time.perf_counter() - step_start
-            due = evaluate.enabled and eval_due(step, cfg.train.eval_every, rl.total_steps)
             reporter.submit(step, metrics, host=host, late=(lambda: evaluate(source)) if due else None)
             if due:
                 reporter.flush()
