@@ -105,10 +105,9 @@ def run_once(out: str, policy: list[str], backend: list[str], async_steps: int, 
         "export.enabled=false",
     ]
     run_rlvr(configlib.load_config(RLVRConfig, str(CONFIG), overrides))
-    rows = {}
-    for line in (Path(out) / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        rows[row["step"]] = row
+    from tulu_jax.train.metrics import read_metrics
+
+    rows = read_metrics(out)
     return [rows[s] for s in sorted(rows)]
 
 

@@ -2,7 +2,6 @@
 the non-EOS penalty, SIGKILL resume, the frozen reference, GRPO dynamic sampling, sharded = data-parallel, and one
 PPO update against a float64 NumPy reference. A random tiny policy (model.preset=tiny) needs no earlier stage."""
 
-import json
 import os
 import signal
 import subprocess
@@ -17,6 +16,7 @@ import pytest
 from tulu_jax import configlib
 from tulu_jax.config import RLVRConfig
 from tulu_jax.rewards.verdict import Verdict
+from tulu_jax.train.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parent.parent
 EPS32 = float(np.finfo(np.float32).eps)
@@ -57,11 +57,7 @@ def _cfg(path, out, *overrides):
 
 def _rows(out) -> dict[int, dict]:
     """metrics.jsonl by step (a resumed run's later row for a step wins)."""
-    rows = {}
-    for line in (Path(out) / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        rows[row["step"]] = row
-    return rows
+    return read_metrics(str(out))
 
 
 def _deterministic(row: dict) -> dict:

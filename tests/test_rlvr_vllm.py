@@ -14,6 +14,7 @@ import pytest
 from tulu_jax import configlib
 from tulu_jax.config import RLVRConfig
 from tulu_jax.rollout.vllm_client import VLLMClient
+from tulu_jax.train.metrics import read_metrics
 
 pytestmark = pytest.mark.vllm
 
@@ -43,11 +44,7 @@ def _overrides(model_path: str, url: str, out, async_steps: int) -> list[str]:
 
 
 def _rows(out) -> dict[int, dict]:
-    rows = {}
-    for line in (Path(out) / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        rows[row["step"]] = row
-    return rows
+    return read_metrics(str(out))
 
 
 class Recorder:

@@ -52,3 +52,15 @@ def _step_of(line: str) -> int:
 def _clean(v):
     v = float(v) if hasattr(v, "__float__") else v
     return None if isinstance(v, float) and not math.isfinite(v) else v
+
+
+def read_metrics(output_dir: str) -> dict[int, dict]:
+    """OUTPUT_DIR/metrics.jsonl as {step: row}; where a step appears twice (a run resumed before the file was
+    trimmed), the later row wins. FileNotFoundError when the file is missing."""
+    rows: dict[int, dict] = {}
+    with open(os.path.join(output_dir, "metrics.jsonl")) as f:
+        for line in f:
+            if line.strip():
+                row = json.loads(line)
+                rows[row["step"]] = row
+    return rows
