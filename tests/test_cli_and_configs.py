@@ -63,6 +63,9 @@ def test_tulu3_rlvr_hyperparameters(name, beta, lr, warmup, batch, seed):
     assert cfg.value.init == "reward_model" and cfg.value.lr is None  # the value model shares the policy's lr
     assert (cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.n, cfg.rollout.max_tokens) == (1.0, 1.0, 1, 2048)
     assert (cfg.train.batch_size, cfg.train.seed, cfg.data.max_seq_len) == (batch, seed, 2048)
+    # The episodes of a step split into micro-batches that split over 8 devices (and 64 for 70B).
+    micro = cfg.train.batch_size * cfg.rollout.n // cfg.train.grad_accum_steps
+    assert cfg.train.batch_size * cfg.rollout.n % cfg.train.grad_accum_steps == 0 and micro % 8 == 0
     # Fail closed: nothing to train from until the user names it.
     assert cfg.model.path is None and cfg.value.path is None and not cfg.data.train_files and not cfg.data.use_bundled
 

@@ -547,6 +547,8 @@ class PolicyLossConfig:
         if self.aggregation not in LOSS_AGGREGATIONS:
             raise ValueError(f"aggregation must be one of {LOSS_AGGREGATIONS}, got {self.aggregation!r}")
         _at_least(self, beta=0.0, epochs=1, minibatches=1, tis_cap=0.0)
+        if not self.verify_reward > 0:
+            raise ValueError(f"verify_reward must be > 0 (the score of a verified response), got {self.verify_reward}")
         if not self.clip > 0 or (self.clip_high is not None and not self.clip_high > 0):
             raise ValueError(f"clip and clip_high must be > 0, got {self.clip} and {self.clip_high}")
 
@@ -684,6 +686,13 @@ class RLVRConfig:
             raise ValueError(f"algo must be one of {RL_ALGOS}, got {self.algo!r}")
         if self.algo == "grpo" and self.rollout.n < 2:
             raise ValueError("algo grpo needs rollout.n >= 2 samples per prompt (the group)")
+        if self.algo == "grpo" and self.grpo.dynamic_sampling and self.rollout.async_steps > 0:
+            # Refills would draw prompts past the batches already in flight, so a checkpoint could not name
+            # where the prompt stream stands.
+            raise ValueError(
+                "grpo.dynamic_sampling needs rollout.async_steps=0 (refills and batches sampled ahead would "
+                "interleave in the prompt stream)"
+            )
 
     @property
     def loss(self) -> PolicyLossConfig:

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 Array = jax.Array
 
 KL_ESTIMATORS = ("k1", "k2", "k3")
+K3_CLAMP = 40.0  # |log π − log π_ref| bound inside the k3 estimator
 
 
 def _f32(x) -> Array:
@@ -38,6 +39,9 @@ def kl_penalty(logps_BxT: Array, ref_logps_BxT: Array, kind: str) -> Array:
         return delta_BxT
     if kind == "k2":
         return 0.5 * jnp.square(delta_BxT)
+    # exp(-Δ) overflows float32 below Δ ≈ -88, and inf·0 in the backward pass of a masked position is NaN;
+    # grpo_fast.py clamps Δ to [-40, 40] for the same reason.
+    delta_BxT = jnp.clip(delta_BxT, -K3_CLAMP, K3_CLAMP)
     return jnp.expm1(-delta_BxT) + delta_BxT
 
 

@@ -53,7 +53,7 @@ from tulu_jax.train.rlvr_step import (
     rollout_policy_stats,
     value_update,
 )
-from tulu_jax.train.rollouts import Rollout, RolloutSource, host_copy, versions_of
+from tulu_jax.train.rollouts import Rollout, RolloutSource, device_copy, versions_of
 from tulu_jax.train.state import create_state, state_layout
 
 POLICY_KEYS = ("old_logps", "advantages", "policy_mask", "tis_weights", *SEQUENCE_KEYS)
@@ -225,7 +225,9 @@ class RLVRRun:
     # --- the generator ------------------------------------------------------------------------------------------
 
     def make_backend(self, params):
-        """The rollout backend, holding `params` (the starting or restored policy)."""
+        """(the rollout backend, holding `params` (the starting or restored policy), the snapshot function whose
+        result a push hands to it: the local sampler's own compute-dtype copy, or for vLLM an on-device copy that
+        the push serialises from the rollout thread, so the learner never waits for a host transfer)."""
         cfg = self.cfg
         if cfg.rollout.backend == "local":
             from tulu_jax.sampling.sampler import LocalSampler
@@ -249,7 +251,7 @@ class RLVRRun:
             cfg=self.run.dcfg,
             weights_dir=os.path.join(self.out_dir, "pushed_weights"),
         )
-        return client, host_copy
+        return client, device_copy
 
 
 def rollout_metrics(rollout: Rollout, verdicts, scores: np.ndarray, learner_version: int) -> dict[str, float]:
@@ -281,8 +283,10 @@ class Evaluator:
         files = resolve_files(cfg.data, "eval")
         self.enabled = bool(files) and cfg.train.eval_every >= 0
         if not self.enabled:
+            if cfg.train.eval_every >= 0:
+                log("eval: off (no data.eval_files)")
             return
-        self.prompts, _ = read_prompts(
+        self.prompts, stats = read_prompts(
             files,
             rl.tokenizer,
             max_prompt_len=cfg.data.max_seq_len,
@@ -291,7 +295,10 @@ class Evaluator:
             limit=cfg.data.eval_limit,
         )
         self.rl = rl
-        log(f"eval: {len(self.prompts)} held-out prompts from {', '.join(files)}")
+        log(
+            f"eval: {len(self.prompts)} held-out prompts from {', '.join(files)} (skipped: "
+            f"{stats['rows_skipped'] or 'none'})"
+        )
 
     def __call__(self, source: RolloutSource) -> dict[str, float]:
         rl = self.rl
@@ -321,8 +328,9 @@ def run_rlvr(cfg: RLVRConfig) -> dict:
     )
     ref_params = rl.run.load_or_init(cfg.model.path, dtype=rl.model.dtype)  # frozen: the starting policy
     backend, snapshot = rl.make_backend(states["policy"].params)
-    if snapshot is None:
-        snapshot = backend.snapshot
+    local = snapshot is None
+    if local:  # the sampler made its own copy of these weights: tag it instead of pushing them again
+        snapshot, backend.weight_version = backend.snapshot, str(start)
     sampling = SamplingParams(max_tokens=cfg.rollout.max_tokens, temperature=cfg.rollout.temperature, n=cfg.rollout.n)
     scorer = Scorer()
     source = RolloutSource(
@@ -348,7 +356,8 @@ def run_rlvr(cfg: RLVRConfig) -> dict:
         show=("objective/verifiable_correct_rate", "objective/scores", "objective/kl"),
     )
     try:
-        source.publish(states["policy"].params, start)  # the restored (or starting) policy, tagged with its step
+        if not local:  # the servers get the restored (or starting) policy, tagged with its step
+            source.publish(states["policy"].params, start)
         if start == 0 and evaluate.enabled:
             reporter.log_now(0, evaluate(source))
         step, last_state = start, None
@@ -357,6 +366,13 @@ def run_rlvr(cfg: RLVRConfig) -> dict:
             rollout, waited = source.get()
             if rollout is None:
                 step -= 1
+                log(
+                    f"the prompts are used up after step {step} of {rl.total_steps} (dynamic sampling's refills drew "
+                    "extra batches); raise train.num_epochs or lower grpo.max_refills to run every step"
+                )
+                if evaluate.enabled and step > start:
+                    reporter.flush()
+                    reporter.log_now(step, evaluate(source))
                 break
             states, metrics, host, data_state = train_step(rl, states, ref_params, source, rollout, waited, step)
             due = evaluate.enabled and eval_due(step, cfg.train.eval_every, rl.total_steps)
@@ -387,7 +403,8 @@ def run_rlvr(cfg: RLVRConfig) -> dict:
 def gather_rollouts(rl: RLVRRun, source: RolloutSource, first: Rollout, learner_version: int):
     """The episodes of one step: `first`'s, and for GRPO with dynamic sampling, groups with a spread of scores
     only, refilled from further batches (at most grpo.max_refills) and cut to train.batch_size groups.
-    Returns (episodes, scores [N], host metrics, data state after the last batch used, verdict wait seconds)."""
+    Returns (episodes (`episode_arrays`), scores float32 [N], host metrics, the last Rollout used: its draw index
+    and data state are what a checkpoint after this step must hold)."""
     cfg = rl.cfg
     n, wanted = cfg.rollout.n, cfg.train.batch_size
     parts, scores, host, waited = [], [], [], 0.0
@@ -421,32 +438,26 @@ def gather_rollouts(rl: RLVRRun, source: RolloutSource, first: Rollout, learner_
             break
         rollout, refills = nxt, refills + 1
     episodes, scores = concat_episodes(parts), np.concatenate(scores)
-    metrics = {k: float(np.mean([h[k] for h in host if k in h])) for k in host[0]}
-    metrics["tokens"] = float(sum(h["tokens"] for h in host))
+    # Over refill batches: times and counts add up, rates average.
+    counts = ("tokens", "rollout/verifier_timeouts", "rollout/verifier_errors")
+    additive = lambda k: k.startswith("time/") or k in counts  # noqa: E731
+    metrics = {k: float((np.sum if additive(k) else np.mean)([h[k] for h in host if k in h])) for k in host[0]}
     if not rl.ppo and cfg.grpo.dynamic_sampling:
         total_groups = len(host) * wanted
         metrics["rollout/dropped_groups_share"] = dropped / total_groups
         metrics["rollout/refill_batches"] = float(refills)
         metrics["rollout/kept_groups"] = float(min(kept_groups, wanted))
         rows_needed = wanted * n
-        if len(scores) < rows_needed:  # still short: pad with zero-advantage copies (no gradient, fixed shapes)
-            log(f"dynamic sampling: only {len(scores) // n} of {wanted} groups had a spread of scores")
-            episodes, scores = fill_rows(episodes, scores, rows_needed, first, rl)
-        episodes = take_rows(episodes, np.arange(rows_needed))
-        scores = scores[:rows_needed]
+        if 0 < len(scores) < rows_needed:  # still short: repeat the kept groups (whole groups: prompt-major rows)
+            log(f"dynamic sampling: only {len(scores) // n} of {wanted} groups had a spread of scores; repeating them")
+        if len(scores):
+            rows = np.arange(rows_needed) % len(scores)
+            episodes, scores = take_rows(episodes, rows), scores[rows]
+        else:  # nothing to learn from: the step takes no update (train_step); keep the first batch for its shapes
+            episodes = episode_arrays(first.batch, width=rl.shapes.width, pad_token_id=rl.pad)
+            scores = np.zeros(len(first.batch), np.float32)
     metrics["time/wait_scoring_s"] = waited
     return episodes, scores, metrics, rollout
-
-
-def fill_rows(episodes, scores, rows_needed, first: Rollout, rl: RLVRRun):
-    """Pads the episodes to `rows_needed` rows with the first batch's rows given identical scores within each
-    group, so their group-normalised advantages are zero: they keep shapes fixed and add no gradient."""
-    eps = episode_arrays(first.batch, width=rl.shapes.width, pad_token_id=rl.pad)
-    missing = rows_needed - len(scores)
-    filler = take_rows(eps, np.arange(missing) % len(first.batch))
-    return concat_episodes([episodes, filler]) if len(scores) else filler, np.concatenate(
-        [scores, np.zeros(missing, np.float32)]
-    )
 
 
 def train_step(

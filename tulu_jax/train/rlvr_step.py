@@ -191,12 +191,6 @@ def sampler_gap(trainer_logps, sampler_logps, policy_mask, tis_cap: float) -> tu
     return (jnp.ones_like(ratio) if weights is None else weights), stats
 
 
-def jit_advantages(fn, mesh: Mesh, num_arrays: int):
-    """`fn(*arrays) -> (arrays dict, stats)` compiled with rows split over data+fsdp and stats replicated."""
-    rows = shd.batch_sharding(mesh)
-    return shd.jit_on_mesh(fn, mesh, in_shardings=(rows,) * num_arrays, out_shardings=(rows, NamedSharding(mesh, P())))
-
-
 # --- updates ----------------------------------------------------------------------------------------------
 
 
@@ -211,7 +205,6 @@ def policy_update(state, batch, *, model, tx, schedule, shapes: Shapes, cfg: Pol
     accumulation steps), weighted by `tis_weights`, plus β·KL to the reference when `kl_in_loss` (GRPO).
     Metrics (reference names): loss/policy_avg, policy/clipfrac_avg, policy/approxkl_avg, val/ratio,
     val/ratio_var, policy/grad_norm, learning_rate; with kl_in_loss also loss/kl_avg."""
-    t = batch["old_logps"].shape[1]
 
     def micro_loss(params, mb):
         logps = response_logps(model, params, mb, shapes)
@@ -242,7 +235,6 @@ def policy_update(state, batch, *, model, tx, schedule, shapes: Shapes, cfg: Pol
     keys = ("old_logps", "advantages", "policy_mask", "tis_weights", *SEQUENCE_KEYS)
     keys += ("ref_logps",) if kl_in_loss else ()
     (_, aux), grads = accumulate_grads(micro_loss, state.params, {k: batch[k] for k in keys}, accum)
-    del t
     aux.update({"policy/grad_norm": optax.tree.norm(grads), "learning_rate": schedule(state.step)})
     return _apply(state, tx, grads), aux
 

@@ -46,7 +46,7 @@ class Rollout:
     sampled n times, prompt-major rows); `batch`: the samples; `texts`: each response decoded (special tokens
     skipped); `data_state`: the prompt iterator's state right after this batch was drawn (what a checkpoint
     taken after training on it must hold); `timings`: seconds (generate_s, push_s of pushes queued just
-    before it) and `new_tokens`; `verdicts`: a Future of one Verdict per row."""
+    before it) and `new_tokens`; `verdicts`: a Future of (one Verdict per row, seconds the scoring took)."""
 
     index: int
     prompts: list[Prompt]
@@ -60,7 +60,10 @@ class Rollout:
 class RolloutSource:
     """Draws prompt batches from `data_iter` (a `PromptPipeline` iterator, already rewound on resume), samples
     `sampling.n` responses per prompt with `backend`, and scores them with `scorer` (verify_reward per
-    verified response). `snapshot(params)` makes the copy a push hands to the backend. Close it when done."""
+    verified response). `snapshot(params)` makes the copy a push hands to the backend. Close it when done.
+
+    Guarantees (local sampler or vLLM): with `async_steps` k and `rollout.push_every` 1, every batch was sampled
+    from weights at most k versions older than the learner's; with push_every p > 1, at most k + p - 1."""
 
     def __init__(
         self,
@@ -79,6 +82,7 @@ class RolloutSource:
         self.backend, self.pipeline, self.data_iter, self.tokenizer = backend, pipeline, data_iter, tokenizer
         self.scorer, self.sampling, self.seed, self.async_steps = scorer, sampling, seed, async_steps
         self._snapshot = snapshot
+        self.owns_snapshots = hasattr(backend, "snapshot")  # LocalSampler.push_weights(copy=False) takes them as is
         self._draws = start_draws  # prompt batches drawn so far (checkpointed as the iterator's state)
         self._pending: collections.deque[Future] = collections.deque()  # requested batches, oldest first
         self._pushes: list[Future] = []  # queued pushes, checked for errors before each batch is handed out
@@ -110,7 +114,7 @@ class RolloutSource:
 
         def push():
             start = time.perf_counter()
-            if hasattr(self.backend, "snapshot"):  # the local sampler: the snapshot is already its own copy
+            if self.owns_snapshots:  # the local sampler: the snapshot is already its own copy
                 self.backend.push_weights(snap, str(version), copy=False)
             else:
                 self.backend.push_weights(snap, str(version))
@@ -209,9 +213,11 @@ class RolloutSource:
                 pool.shutdown(wait=True)
 
 
-def host_copy(params):
-    """A host (NumPy) copy of `params`, the snapshot a vLLM push serialises."""
-    return jax.device_get(params)
+@jax.jit
+def device_copy(params):
+    """A fresh on-device copy of `params` (a jitted computation never aliases its inputs without donation): the
+    snapshot a vLLM push serialises later, from the rollout thread, after the learner donated the original."""
+    return jax.tree.map(lambda x: x + 0, params)
 
 
 def versions_of(batch: RolloutBatch) -> np.ndarray:
