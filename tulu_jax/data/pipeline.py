@@ -146,6 +146,7 @@ def _rename_packed(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def slice_rows(batch: dict[str, np.ndarray], *, start: int, size: int) -> dict[str, np.ndarray]:
+    """Rows [start, start + size) of every array of `batch` (a process's share of a global batch)."""
     return {k: v[start : start + size] for k, v in batch.items()}
 
 

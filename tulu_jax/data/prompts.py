@@ -104,4 +104,5 @@ class PromptPipeline:
         return iter(self._dataset)
 
     def take(self, indices: np.ndarray) -> list[Prompt]:
+        """The prompts at `indices` (an int array from the iterator), in that order."""
         return [self.prompts[int(i)] for i in indices]

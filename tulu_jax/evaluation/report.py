@@ -44,6 +44,7 @@ def format_report(report: dict[str, dict[str, float]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Command line (see the module docstring) -> exit code: 0, or 2 after one `report: error:` line."""
     parser = argparse.ArgumentParser(
         prog="python -m tulu_jax.evaluation.report", description="stage x task accuracy from tulu-jax eval folders"
     )

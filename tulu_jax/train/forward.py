@@ -44,15 +44,18 @@ def next_token_logps(
     sampling distribution). Equal to `token_logps(model.apply(...), targets)`, with
     gradients, to float32 rounding.
     """
-    hidden_BxTxD = model.apply({"params": params}, input_ids_BxT, positions_BxT, segment_ids_BxT, output="hidden")
     return chunked_token_logps(
-        hidden_BxTxD,
-        lm_head(model, params),
-        next_targets(input_ids_BxT),
+        *_head_inputs(model, params, input_ids_BxT, positions_BxT, segment_ids_BxT),
         chunk_size=chunk_size,
         dtype=model.dtype,
         temperature=temperature,
     )
+
+
+def _head_inputs(model: Decoder, params, input_ids_BxT, positions_BxT, segment_ids_BxT):
+    """(final-normed hidden states [B, T, D], LM head [D, V], next-token targets [B, T]) of one forward pass."""
+    hidden_BxTxD = model.apply({"params": params}, input_ids_BxT, positions_BxT, segment_ids_BxT, output="hidden")
+    return hidden_BxTxD, lm_head(model, params), next_targets(input_ids_BxT)
 
 
 def next_token_logps_and_entropy(
@@ -67,11 +70,8 @@ def next_token_logps_and_entropy(
 ) -> tuple[Array, Array]:
     """`next_token_logps` plus the entropy of every position's next-token distribution (float32 [B, T] each),
     for forward-only passes (`chunked_logps_and_entropy`)."""
-    hidden_BxTxD = model.apply({"params": params}, input_ids_BxT, positions_BxT, segment_ids_BxT, output="hidden")
     return chunked_logps_and_entropy(
-        hidden_BxTxD,
-        lm_head(model, params),
-        next_targets(input_ids_BxT),
+        *_head_inputs(model, params, input_ids_BxT, positions_BxT, segment_ids_BxT),
         chunk_size=chunk_size,
         dtype=model.dtype,
         temperature=temperature,

@@ -27,6 +27,7 @@ class MetricsLogger:
         self._tb = SummaryWriter(os.path.join(output_dir, "tensorboard"))
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
+        """Appends {"step": step, **metrics} (non-finite values as null) and the numeric ones to TensorBoard."""
         if not self.enabled:
             return
         row = {"step": step, **{k: _clean(v) for k, v in metrics.items()}}
@@ -37,6 +38,7 @@ class MetricsLogger:
                 self._tb.add_scalar(k, v, step)
 
     def close(self) -> None:
+        """Closes metrics.jsonl and the TensorBoard writer."""
         if self.enabled:
             self._file.close()
             self._tb.close()

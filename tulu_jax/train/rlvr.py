@@ -31,6 +31,7 @@ from tulu_jax.models import hf
 from tulu_jax.models.loading import build_model
 from tulu_jax.models.reward import RewardModel, init_reward_params, load_reward_params
 from tulu_jax.rewards.scorer import Scorer, VerifyItem
+from tulu_jax.rl.advantages import constant_groups
 from tulu_jax.rl.rewards import apply_non_stop_penalty
 from tulu_jax.rollout.types import SamplingParams
 from tulu_jax.train import batches, setup
@@ -159,7 +160,7 @@ class RLVRRun:
                 raise ConfigError(str(e)) from None
             source = cfg.value.path if cfg.value.init == "reward_model" else "the policy + a fresh head"
             log(f"value model: {source}: {vdcfg.num_params / 1e6:.1f}M parameters, lr {value_optim.lr}")
-        rep = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+        rep = shd.replicated(self.mesh)
         for name in ("rollout_seed", "rollout_draws"):  # the sampling seed; prompt batches drawn so far
             self.abstract[name] = jax.ShapeDtypeStruct((), np.int32)
             self.shardings[name] = rep
@@ -207,6 +208,9 @@ class RLVRRun:
     # --- states -----------------------------------------------------------------------------------------------
 
     def fresh_states(self) -> dict:
+        """The states of a new run: {"policy": TrainState from model.path (or the preset's init), "value":
+        TrainState from value.path or the policy plus a fresh head (PPO only), "rollout_seed": int32 train.seed,
+        "rollout_draws": int32 0}, each on its shardings."""
         cfg, run = self.cfg, self.run
         states = {"policy": create_state(run.load_or_init(cfg.model.path), run.tx, cfg.train.seed, run.shardings)}
         if self.ppo:
@@ -303,7 +307,8 @@ class Evaluator:
     def __call__(self, source: RolloutSource) -> dict[str, float]:
         rl = self.rl
         sp = SamplingParams(max_tokens=rl.cfg.rollout.max_tokens, temperature=0.0)
-        completions = source.run_in_backend(lambda: rl_generate(source.backend, self.prompts, sp))
+        ids = [p.token_ids for p in self.prompts]
+        completions = source.run_in_backend(lambda: source.backend.generate(ids, sp))
         texts = [rl.tokenizer.decode(list(c.token_ids), skip_special_tokens=True) for c in completions]
         verdicts = source.score([VerifyItem(p.dataset, t, p.ground_truth) for p, t in zip(self.prompts, texts)])
         correct = np.array([v.score > 0 for v in verdicts])
@@ -312,10 +317,6 @@ class Evaluator:
         for name in sorted(set(datasets)):
             out[f"eval/{name}_correct_rate"] = float(correct[datasets == name].mean())
         return out
-
-
-def rl_generate(backend, prompts, sp: SamplingParams):
-    return backend.generate([p.token_ids for p in prompts], sp)
 
 
 def run_rlvr(cfg: RLVRConfig) -> dict:
@@ -425,7 +426,7 @@ def gather_rollouts(rl: RLVRRun, source: RolloutSource, first: Rollout, learner_
             scores.append(s)
             break
         final = np.asarray(apply_non_stop_penalty(s, eps["stopped"], cfg.loss.non_stop_penalty))  # what GRPO sees
-        spread = ~np.all(final.reshape(-1, n) == final.reshape(-1, n)[:, :1], axis=1)
+        spread = ~np.asarray(constant_groups(final, n))
         dropped += int((~spread).sum())
         rows = np.flatnonzero(np.repeat(spread, n))
         parts.append(take_rows(eps, rows))
@@ -515,11 +516,11 @@ def train_step(
         value_part = loss.value_coef * metrics["loss/value_avg"] if rl.ppo else 0.0
         metrics["loss"], metrics["grad_norm"] = metrics["loss/policy_avg"] + value_part, metrics["policy/grad_norm"]
     host["episodes"] = float(step * cfg.train.batch_size * cfg.rollout.n)
-    new_states = {**states, "policy": policy, "rollout_draws": jax.device_put(np.int32(last.index), row_rep(mesh))}
+    new_states = {
+        **states,
+        "policy": policy,
+        "rollout_draws": jax.device_put(np.int32(last.index), shd.replicated(mesh)),
+    }
     if rl.ppo:
         new_states["value"] = value
     return new_states, metrics, host, last.data_state
-
-
-def row_rep(mesh):
-    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())

@@ -45,41 +45,35 @@ def response_logps(model, params, batch: dict, shapes: Shapes) -> Array:
     """float32 [N, T]: log p(response token t | prompt, tokens < t) under `params`, temperature applied.
     logits[j] predicts token j+1, so the response's T log-probs sit at columns P-1 .. P+T-2."""
     logps_NxL = next_token_logps(
-        model,
-        params,
-        batch["input_ids"],
-        batch["positions"],
-        batch["segment_ids"],
-        chunk_size=shapes.logits_chunk,
-        temperature=shapes.temperature,
+        model, params, *_sequences(batch), chunk_size=shapes.logits_chunk, temperature=shapes.temperature
     )
-    t = batch["input_ids"].shape[1] - shapes.width
-    return logps_NxL[:, shapes.width - 1 : shapes.width - 1 + t]
+    return response_columns(logps_NxL, shapes.width)
+
+
+def _sequences(batch: dict) -> tuple[Array, Array, Array]:
+    return batch["input_ids"], batch["positions"], batch["segment_ids"]
+
+
+def response_columns(x_NxL: Array, width: int) -> Array:
+    """[N, T] from [N, L = P + T]: columns P-1 .. L-2, the positions whose outputs concern response tokens
+    0 .. T-1 (position j predicts token j+1; `width` = P)."""
+    return x_NxL[:, width - 1 : -1]
 
 
 def response_logps_and_entropy(model, params, batch: dict, shapes: Shapes) -> tuple[Array, Array]:
     """(`response_logps`, entropy [N, T] of each response position's whole next-token distribution at the
     sampling temperature), float32, forward only: the policy's pass over its own rollouts."""
     logps_NxL, entropy_NxL = next_token_logps_and_entropy(
-        model,
-        params,
-        batch["input_ids"],
-        batch["positions"],
-        batch["segment_ids"],
-        chunk_size=shapes.logits_chunk,
-        temperature=shapes.temperature,
+        model, params, *_sequences(batch), chunk_size=shapes.logits_chunk, temperature=shapes.temperature
     )
-    t = batch["input_ids"].shape[1] - shapes.width
-    cut = lambda x: x[:, shapes.width - 1 : shapes.width - 1 + t]  # noqa: E731
-    return cut(logps_NxL), cut(entropy_NxL)
+    return response_columns(logps_NxL, shapes.width), response_columns(entropy_NxL, shapes.width)
 
 
 def response_values(value_model, params, batch: dict, shapes: Shapes) -> Array:
     """float32 [N, T]: V_t, the value model's output at the position before response token t (the state in
     which token t is chosen), columns P-1 .. P+T-2."""
-    values_NxL = value_model.apply({"params": params}, batch["input_ids"], batch["positions"], batch["segment_ids"])
-    t = batch["input_ids"].shape[1] - shapes.width
-    return values_NxL[:, shapes.width - 1 : shapes.width - 1 + t].astype(jnp.float32)
+    values_NxL = value_model.apply({"params": params}, *_sequences(batch))
+    return response_columns(values_NxL, shapes.width).astype(jnp.float32)
 
 
 def jit_forward(fn, module, mesh: Mesh, param_shardings, shapes: Shapes):

@@ -197,6 +197,7 @@ class Run:
 
     @property
     def global_batch(self) -> int:
+        """train.batch_size: rows (or pairs, or prompts) per step over all processes."""
         return self.cfg.train.batch_size
 
     def add_optimizer(self, total_steps: int, updates_per_step: int = 1) -> None:
