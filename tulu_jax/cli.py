@@ -48,10 +48,9 @@ def _train(args, overrides):
     if args.config is not None:
         check_readable_file(args.config, "--config")
     cfg = configlib.load_config(cls, args.config, overrides)
-    if args.distributed:  # multi-host (TPU pod, SLURM): every host runs the same command
-        import jax
+    from tulu_jax.multihost import initialize
 
-        jax.distributed.initialize()
+    initialize(auto_detect=args.distributed)  # multi-host: every process runs this same command
     _load(run_ref)(cfg)
     return 0
 
@@ -156,7 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(
             "--distributed",
             action="store_true",
-            help="call jax.distributed.initialize() first (multi-host: TPU pods, SLURM)",
+            help="join a multi-process job JAX detects by itself (TPU pods, SLURM, Open MPI); a job named by "
+            "JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID is joined without it",
         )
         p.set_defaults(fn=_train)
 
@@ -259,8 +259,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:  # input errors: one clear line, no traceback
         from tulu_jax.configlib import ConfigError
         from tulu_jax.data import DataError
+        from tulu_jax.multihost import DistributedSetupError
 
-        if isinstance(e, (InputError, ConfigError, DataError, FileNotFoundError)):
+        if isinstance(e, (InputError, ConfigError, DataError, FileNotFoundError, DistributedSetupError)):
             print(f"tulu-jax: error: {e}", file=sys.stderr)
             return 2
         raise
