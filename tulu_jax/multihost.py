@@ -86,3 +86,34 @@ def barrier(name: str) -> None:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(name)
+
+
+def to_host(tree):
+    """Every array of `tree` as a whole numpy array on this process: arrays that span other processes'
+    devices are all-gathered (a collective: every process must call it at the same point), the rest fetched."""
+
+    def one(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+            from jax.experimental import multihost_utils
+
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(jax.device_get(x))
+
+    return jax.tree.map(one, tree)
+
+
+def broadcast_object(obj):
+    """Process 0's `obj` (anything picklable; the others pass anything, e.g. None) on every process. Between
+    the job's own processes only, so unpickling trusts its source. A collective: every process calls it."""
+    if jax.process_count() == 1:
+        return obj
+    import pickle
+
+    from jax.experimental import multihost_utils
+
+    data = np.frombuffer(pickle.dumps(obj), np.uint8) if jax.process_index() == 0 else np.zeros(0, np.uint8)
+    size = process_zero_value(data.size)
+    if jax.process_index() != 0:
+        data = np.zeros(size, np.uint8)
+    data = np.asarray(multihost_utils.broadcast_one_to_all(data))
+    return pickle.loads(data.tobytes())  # noqa: S301 - bytes from process 0 of this same job

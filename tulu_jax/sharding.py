@@ -98,12 +98,31 @@ def check_divisible(abstract_tree, sharding_tree, what: str = "parameter") -> No
                 )
 
 
+def _global_inputs(arg, shardings):
+    """`arg` with every host (numpy) leaf made a global jax.Array of its `shardings` entry (a prefix tree of
+    `arg`), assuming every process passes the same values: a multi-process jit refuses host inputs."""
+
+    def place(sharding, sub):
+        def one(x):
+            if isinstance(x, jax.Array) or sharding is None:
+                return x
+            x = np.asarray(x)
+            return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+        return jax.tree.map(one, sub)
+
+    return jax.tree.map(place, shardings, arg, is_leaf=lambda s: s is None or isinstance(s, jax.sharding.Sharding))
+
+
 def jit_on_mesh(fn, mesh: Mesh, *, in_shardings, out_shardings, donate_argnums=()):
     """`jax.jit` whose calls (and `.lower`) run under `mesh` and the logical rules table, so the
     model's logical constraints resolve to this mesh."""
     jitted = jax.jit(fn, in_shardings=in_shardings, out_shardings=out_shardings, donate_argnums=donate_argnums)
 
     def run(*args):
+        if jax.process_count() > 1:  # host inputs must become global arrays first (every process holds the same)
+            per_arg = in_shardings if isinstance(in_shardings, (tuple, list)) else (in_shardings,) * len(args)
+            args = tuple(_global_inputs(a, s) for a, s in zip(args, per_arg))
         with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
             return jitted(*args)
 

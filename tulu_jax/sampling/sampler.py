@@ -21,6 +21,7 @@ from tulu_jax import sharding as shd
 from tulu_jax.losses import token_logps
 from tulu_jax.models.decoder import Decoder, KVCache
 from tulu_jax.models.loading import param_layout
+from tulu_jax.multihost import to_host
 from tulu_jax.rollout.types import (
     FINISH_LENGTH,
     FINISH_STOP,
@@ -189,7 +190,7 @@ class LocalSampler:
             np.float32(sp.top_p),
             np.asarray(sorted(set(stop_ids)), np.int32),
         )
-        out = jax.device_get(out)
+        out = to_host(out)  # gathered from every process's devices in a multi-process job
         end = time.perf_counter()
         out = {name: (v[: len(rows)] if name != "steps" else int(v)) for name, v in out.items()}
         new_tokens = int(out["lengths"].sum())
@@ -299,7 +300,7 @@ class LocalSampler:
             for i in range(b):  # batch filler rows repeat the first sequence and are dropped below
                 seq = seqs[i] if i < len(seqs) else seqs[0]
                 ids[i, : len(seq)], seg[i, : len(seq)] = seq, 1
-            logp = np.asarray(jax.device_get(self._scorer(self.params, ids, seg, np.float32(temperature))))
+            logp = to_host(self._scorer(self.params, ids, seg, np.float32(temperature)))
             for i, (p, c) in enumerate(zip(prompts, completions)):
                 out[lo + i, : len(c)] = logp[i, len(p) - 1 : len(p) - 1 + len(c)]
         return out

@@ -308,10 +308,14 @@ class Evaluator:
         rl = self.rl
         sp = SamplingParams(max_tokens=rl.cfg.rollout.max_tokens, temperature=0.0)
         ids = [p.token_ids for p in self.prompts]
-        completions = source.run_in_backend(lambda: source.backend.generate(ids, sp))
-        texts = [rl.tokenizer.decode(list(c.token_ids), skip_special_tokens=True) for c in completions]
-        verdicts = source.score([VerifyItem(p.dataset, t, p.ground_truth) for p, t in zip(self.prompts, texts)])
-        correct = np.array([v.score > 0 for v in verdicts])
+
+        def generate_and_score() -> list[bool]:
+            completions = source.backend.generate(ids, sp)
+            texts = [rl.tokenizer.decode(list(c.token_ids), skip_special_tokens=True) for c in completions]
+            verdicts = source.score([VerifyItem(p.dataset, t, p.ground_truth) for p, t in zip(self.prompts, texts)])
+            return [v.score > 0 for v in verdicts]
+
+        correct = np.array(source.run_in_backend(generate_and_score))  # process 0's verdicts on every process
         datasets = np.array([p.dataset for p in self.prompts])
         out = {"eval/verifiable_correct_rate": float(correct.mean())}
         for name in sorted(set(datasets)):

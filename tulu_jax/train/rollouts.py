@@ -11,6 +11,11 @@ learner's forward passes in both modes.
 
 Weights cross threads as snapshots taken in the learner's thread before its next (donating) step: on-device
 copies in the compute dtype for the local sampler, host arrays for vLLM.
+
+In a multi-process job every process draws the same prompt batches, but rollouts are made where the backend
+is: by every process together for the local sampler (an SPMD program over the global mesh; then nothing may
+run in a background thread, so `async_steps` must be 0), by process 0 alone for vLLM servers. Process 0 scores
+them, and its Rollout (samples and verdicts) is broadcast, so every process trains on the same episodes.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import jax
 import numpy as np
 
 from tulu_jax.data.prompts import Prompt, PromptPipeline
+from tulu_jax.multihost import broadcast_object
 from tulu_jax.rewards.scorer import Scorer, VerifyItem
 from tulu_jax.rewards.verdict import Verdict
 from tulu_jax.rollout.types import RolloutBatch, SamplingParams
@@ -88,6 +94,15 @@ class RolloutSource:
         self._pushes: list[Future] = []  # queued pushes, checked for errors before each batch is handed out
         self._push_s = 0.0
         self._score_lock = threading.Lock()  # the Scorer's pool is used by one thread at a time
+        # Multi-process: which processes run the backend (all for an SPMD sampler, else process 0) and score.
+        self._shared = jax.process_count() > 1
+        self._leader = jax.process_index() == 0
+        self._samples = self._leader or self.owns_snapshots
+        if self._shared and self.owns_snapshots and async_steps > 0:
+            raise ValueError(
+                "rollout.async_steps must be 0 for the local backend in a multi-process job (its sampler is one "
+                "program over every process's devices and cannot run beside the learner); use vLLM servers"
+            )
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="rollout") if async_steps > 0 else None
         self._scoring = ThreadPoolExecutor(1, thread_name_prefix="scoring")
 
@@ -132,7 +147,9 @@ class RolloutSource:
         self._draws += 1
         return self._draws, self.pipeline.take(indices), self.data_iter.get_state()
 
-    def _generate(self, index: int, prompts: list[Prompt], data_state: dict) -> Rollout:
+    def _generate(self, index: int, prompts: list[Prompt], data_state: dict) -> Rollout | None:
+        if not self._samples:
+            return None  # process 0 samples; `_share` hands its Rollout to this process
         sp = dataclasses.replace(self.sampling, seed=batch_seed(self.seed, index))
         start = time.perf_counter()
         batch = self.backend.generate_batch([p.token_ids for p in prompts], sp)
@@ -146,7 +163,7 @@ class RolloutSource:
             VerifyItem(dataset=prompts[int(i)].dataset, response=text, ground_truth=prompts[int(i)].ground_truth)
             for i, text in zip(batch.prompt_index, texts)
         ]
-        verdicts = self._scoring.submit(self._score, items)
+        verdicts = self._scoring.submit(self._score, items) if self._leader else None
         timings = {"generate_s": generate_s, "push_s": push_s, "new_tokens": float(batch.lengths.sum())}
         return Rollout(index, prompts, batch, texts, data_state, timings, verdicts)
 
@@ -175,8 +192,20 @@ class RolloutSource:
         if not self._pending:
             return None, 0.0
         start = time.perf_counter()
-        rollout = self._pending.popleft().result()
+        rollout = self._share(self._pending.popleft().result())
         return rollout, time.perf_counter() - start
+
+    def _share(self, rollout: Rollout | None) -> Rollout | None:
+        """Process 0's rollout, with its verdicts, on every process (itself with one process)."""
+        if not self._shared:
+            return rollout
+        payload = None
+        if self._leader and rollout is not None:
+            payload = (dataclasses.replace(rollout, verdicts=None), rollout.verdicts.result())
+        shared, verdicts = broadcast_object(payload)
+        done: Future = Future()
+        done.set_result(verdicts)
+        return dataclasses.replace(shared, verdicts=done)
 
     def _check_pushes(self) -> None:
         """Re-raises a failed background push here, in the learner's thread."""
@@ -192,11 +221,15 @@ class RolloutSource:
             drawn = self._draw()
         except StopIteration:
             return None
-        return self._run(lambda: self._generate(*drawn))
+        return self._share(self._run(lambda: self._generate(*drawn)))
 
     def run_in_backend(self, fn: Callable[[], Any]) -> Any:
-        """`fn()` in order with the queued pushes and generations (e.g. a greedy evaluation)."""
-        return self._run(fn)
+        """`fn()` in order with the queued pushes and generations (e.g. a greedy evaluation). In a
+        multi-process job it runs where rollouts are made (see the module doc) and process 0's result (picklable)
+        is returned on every process."""
+        if not self._shared:
+            return self._run(fn)
+        return broadcast_object(self._run(fn) if self._samples else None)
 
     def score(self, items: list[VerifyItem]) -> list[Verdict]:
         """Verdicts for `items` from the same verifier pool (waits for any scoring in flight)."""
