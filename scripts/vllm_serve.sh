@@ -4,7 +4,7 @@
 #   scripts/vllm_serve.sh start --port P --model DIR [--dtype bfloat16] [-- vLLM flags]
 #   scripts/vllm_serve.sh wait  --port P [--timeout SECONDS]   # until http://127.0.0.1:P/health answers
 #   scripts/vllm_serve.sh stop  --port P                       # Ctrl-C to the launcher: it stops vLLM
-# State lives in logs/vllm-P.pid and logs/vllm-P.log under the repository. The server listens on 0.0.0.0
+# State lives in logs/vllm-P.pid and logs/vllm-P.log under the repository ($VLLM_SERVE_DIR instead of logs/). The server listens on 0.0.0.0
 # (the trainer is on another host): run it only on a trusted network (its dev routes can swap the model).
 # CUDA_VISIBLE_DEVICES and TULU_JAX_VLLM_PYTHON pass through to the server.
 set -euo pipefail
@@ -31,8 +31,9 @@ done
 case $PORT in
   '' | *[!0-9]*) usage_error "--port: give the server's port (a number)" ;;
 esac
-PID_FILE=logs/vllm-$PORT.pid
-LOG=logs/vllm-$PORT.log
+STATE=${VLLM_SERVE_DIR:-logs}
+PID_FILE=$STATE/vllm-$PORT.pid
+LOG=$STATE/vllm-$PORT.log
 TULU_JAX=${TULU_JAX:-.venv/bin/tulu-jax}
 
 alive() {
@@ -46,7 +47,7 @@ case $ACTION in
       say "a server is already running on port $PORT (pid $(cat "$PID_FILE")); stop it first"
       exit 1
     fi
-    mkdir -p logs
+    mkdir -p "$STATE"
     # Job control: the background server keeps SIGINT, which `stop` uses so that tulu-jax vllm shuts vLLM
     # down itself (a non-interactive shell's background jobs would otherwise ignore it).
     set -m
@@ -57,7 +58,7 @@ case $ACTION in
     echo "=== $(date -u '+%F %T') $(quote_all "${cmd[@]}")" >>"$LOG"
     nohup "${cmd[@]}" >>"$LOG" 2>&1 &
     echo $! >"$PID_FILE"
-    say "started tulu-jax vllm on port $PORT (pid $!, log $PWD/$LOG)"
+    say "started tulu-jax vllm on port $PORT (pid $!, log $LOG)"
     ;;
   wait)
     PROBE=$HOST
@@ -69,12 +70,12 @@ case $ACTION in
         exit 0
       fi
       if ! alive; then
-        say "the vLLM server on port $PORT exited; the end of $PWD/$LOG:"
+        say "the vLLM server on port $PORT exited; the end of $LOG:"
         tail -n 40 "$LOG" >&2 || true
         exit 1
       fi
       if [ "$(date +%s)" -ge "$deadline" ]; then
-        say "vLLM on port $PORT not ready after $TIMEOUT s; the end of $PWD/$LOG:"
+        say "vLLM on port $PORT not ready after $TIMEOUT s; the end of $LOG:"
         tail -n 40 "$LOG" >&2 || true
         exit 1
       fi

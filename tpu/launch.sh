@@ -95,7 +95,7 @@ case $(override_value output_dir ${OVERRIDES[@]+"${OVERRIDES[@]}"}) in
   *) say "note: output_dir must be a path every worker sees (e.g. output_dir=/mnt/shared/runs/$RUN)" ;;
 esac
 
-LOG_DIR=$TPU_ROOT/logs/$RUN
+LOG_DIR=${TPU_LOG_ROOT:-$TPU_ROOT/logs}/$RUN
 DIR=$(quote "$TPU_REMOTE_DIR")
 PID_FILE=/tmp/tulu_jax-$RUN.pid
 PIDS=()

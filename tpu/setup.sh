@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Puts the project on every worker of the TPU (or on other hosts) and sets it up there (tpu/worker_setup.sh:
-# .venv from scripts/setup.sh, jax[tpu] at the pinned jax version, optionally vLLM and a gcsfuse mount).
+# Puts the project on every worker of the TPU (or on other hosts) and sets it up there with
+# scripts/setup_host.sh (.venv from scripts/setup.sh, jax[tpu] at the same jax version, optionally vLLM and a
+# gcsfuse mount).
 #   tpu/setup.sh --name NAME --zone ZONE [--git URL [--ref REF]] [--vllm PIP_SPEC] [--bucket BUCKET --mount DIR]
 #                [--hosts HOST,...] [--jax tpu|cuda12|cpu] [--remote-dir DIR] [--dry-run]
 # The code: by default this checkout's working tree (uncommitted changes included; .git, venvs, runs/ and
@@ -73,6 +74,6 @@ for target in "${TARGETS[@]}"; do
     remote "$target" "{ [ -d $DIR/.git ] || git clone -q $url $DIR; } && git -C $DIR fetch -q $url $ref && git -C $DIR checkout -q --detach FETCH_HEAD"
   fi
   say "setting up $target"
-  remote "$target" "cd $DIR && bash tpu/worker_setup.sh $(quote_all --jax "$JAX_EXTRA" ${WORKER_ARGS[@]+"${WORKER_ARGS[@]}"})"
+  remote "$target" "cd $DIR && bash scripts/setup_host.sh $(quote_all --jax "$JAX_EXTRA" ${WORKER_ARGS[@]+"${WORKER_ARGS[@]}"})"
 done
 say "done"

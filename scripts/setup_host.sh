@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Runs on each host (tpu/setup.sh starts it on every TPU worker, or on vLLM hosts): sets up .venv with
-# scripts/setup.sh, then the accelerator's JAX build at the same jax version, and optionally vLLM and a
-# gcsfuse mount of the shared bucket. Idempotent: run it again after pulling new code.
-#   bash tpu/worker_setup.sh [--jax tpu|cuda12|cpu] [--vllm PIP_SPEC] [--bucket BUCKET --mount DIR]
-#                            [--python PYTHON]
+# Sets up a training or serving host: .venv from scripts/setup.sh (without the test extra), the
+# accelerator's JAX build at the jax version setup.sh installed, optionally vLLM and a gcsfuse mount of the
+# shared bucket. tpu/setup.sh runs it on every TPU worker or vLLM host; scripts/run_gpu.sh --setup on a
+# GPU host. Idempotent: run it again after pulling new code.
+#   bash scripts/setup_host.sh [--jax tpu|cuda12|cuda13|cpu] [--vllm PIP_SPEC] [--bucket BUCKET --mount DIR]
+#                              [--python PYTHON]
 # --jax: the pip extra of jax to add (default tpu: jax[tpu]==<jax version setup.sh installed>, with libtpu);
 #        cpu keeps the CPU build (a vLLM host, whose .venv only launches the server).
 # --vllm: make .venv-vllm with this package (vllm-tpu==0.32.0 on a TPU VM, vllm==0.32.0 on a CUDA host).
