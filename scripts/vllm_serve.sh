@@ -79,7 +79,7 @@ case $ACTION in
         tail -n 40 "$LOG" >&2 || true
         exit 1
       fi
-      sleep 5
+      sleep 2
     done
     ;;
   stop)

@@ -152,7 +152,7 @@ env_words=""
 [ ${#ENV_VARS[@]} -eq 0 ] || env_words="env $(quote_all "${ENV_VARS[@]}") "
 trainer=$(quote_all .venv/bin/tulu-jax "$STAGE" --distributed --config "$REMOTE_CONFIG" ${OVERRIDES[@]+"${OVERRIDES[@]}"})
 # The worker's shell records its pid (= its process group) for stop_job and tpu/stop.sh, then runs the stage.
-REMOTE_CMD="cd $DIR && echo \$\$ > $PID_FILE && $env_words$trainer; rc=\$?; rm -f $PID_FILE; exit \$rc"
+REMOTE_CMD="cd $DIR && echo \$\$ > $PID_FILE && $env_words$trainer ; rc=\$?; rm -f $PID_FILE; exit \$rc"
 
 # prefix TEXT: each input line with TEXT in front.
 prefix() {
