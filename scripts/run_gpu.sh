@@ -79,9 +79,9 @@ stop_vllm() {
 if [ -n "$VLLM_GPU" ]; then
   start=(start --port "$VLLM_PORT" --host 127.0.0.1 --model "$VLLM_MODEL")
   [ ${#VLLM_ARGS[@]} -eq 0 ] || start+=(-- "${VLLM_ARGS[@]}")
-  trap stop_vllm EXIT
   trap 'exit 130' INT TERM
   run env CUDA_VISIBLE_DEVICES="$VLLM_GPU" "${SERVE[@]}" "${start[@]}"
+  trap stop_vllm EXIT # only once started: a server already on the port is not ours to stop
   run "${SERVE[@]}" wait --port "$VLLM_PORT" --host 127.0.0.1 --timeout "$VLLM_TIMEOUT"
   OVERRIDES+=(rollout.backend=vllm "rollout.servers=[http://127.0.0.1:$VLLM_PORT]")
 fi

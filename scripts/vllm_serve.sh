@@ -36,6 +36,15 @@ PID_FILE=$STATE/vllm-$PORT.pid
 LOG=$STATE/vllm-$PORT.log
 TULU_JAX=${TULU_JAX:-.venv/bin/tulu-jax}
 
+# healthy URL: whether URL answers 200 (curl, else the project's Python).
+healthy() {
+  if command -v curl >/dev/null; then
+    curl -sf -o /dev/null --max-time 5 "$1"
+  else
+    .venv/bin/python -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=5)' "$1" 2>/dev/null
+  fi
+}
+
 alive() {
   [ -f "$PID_FILE" ] && kill -0 "$(cat "$PID_FILE")" 2>/dev/null
 }
@@ -56,7 +65,8 @@ case $ACTION in
       cmd+=(-- "${EXTRA[@]}")
     fi
     echo "=== $(date -u '+%F %T') $(quote_all "${cmd[@]}")" >>"$LOG"
-    nohup "${cmd[@]}" >>"$LOG" 2>&1 &
+    # </dev/null: over ssh the server must not hold the session's stdin, or ssh would never return.
+    nohup "${cmd[@]}" </dev/null >>"$LOG" 2>&1 &
     echo $! >"$PID_FILE"
     say "started tulu-jax vllm on port $PORT (pid $!, log $LOG)"
     ;;
@@ -65,7 +75,7 @@ case $ACTION in
     [ "$PROBE" != 0.0.0.0 ] || PROBE=127.0.0.1
     deadline=$(($(date +%s) + TIMEOUT))
     while :; do
-      if curl -sf -o /dev/null "http://$PROBE:$PORT/health"; then
+      if healthy "http://$PROBE:$PORT/health"; then
         say "vLLM on port $PORT is ready"
         exit 0
       fi

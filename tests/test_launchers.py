@@ -360,3 +360,39 @@ def test_launch_streams_per_worker_logs_and_fails_when_a_worker_fails(tmp_path, 
         # the others were stopped through one ssh to every worker that kills this run's job
         (stop,) = [c for c in calls if "--worker=all" in c and "ssh" in c]
         assert "/tmp/tulu_jax-t1.pid" in stop and "kill -TERM" in stop
+
+
+FAKE_SSH = """#!/usr/bin/env bash
+# ssh -o BatchMode=yes HOST COMMAND: logs the call; `vllm_serve.sh wait` exits $FAKE_WAIT_RC.
+echo "ssh $*" >> "$FAKE_DIR/gcloud.log"
+case $4 in *"vllm_serve.sh wait"*) exit "${FAKE_WAIT_RC:-0}" ;; esac
+"""
+
+
+@pytest.mark.parametrize("wait_rc", [0, 1])
+def test_launch_with_vllm_hosts_stops_the_servers_it_started(tmp_path, wait_rc):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("gcloud", FAKE_GCLOUD), ("ssh", FAKE_SSH)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    env = _env(
+        PATH=f"{bin_dir}:{os.environ['PATH']}",
+        FAKE_DIR=str(tmp_path),
+        FAKE_FAIL="",
+        FAKE_WAIT_RC=str(wait_rc),
+        TPU_LOG_ROOT=str(tmp_path / "logs"),
+    )
+    args = ["--workers", "2", "--run", "r1", "--vllm-hosts", "h1,me@h2", CFG_RLVR, "model.path=/mnt/p"]
+    r = sh("tpu/launch.sh", *TPU, *args, env=env)
+    calls = (tmp_path / "gcloud.log").read_text().splitlines()
+    starts = [k for k, c in enumerate(calls) if "vllm_serve.sh start" in c]
+    stops = [k for k, c in enumerate(calls) if "vllm_serve.sh stop" in c]
+    trains = [k for k, c in enumerate(calls) if "tulu-jax rlvr --distributed" in c]
+    assert len(starts) == 2 and len(stops) == 2 and max(starts) < min(stops)
+    if wait_rc == 0:
+        assert r.returncode == 0, r.stderr
+        assert len(trains) == 2 and max(starts) < min(trains) and max(trains) < min(stops)
+        assert all("rollout.servers=[http://h1:8000,http://h2:8000]" in calls[k] for k in trains)
+    else:  # h1 never came up: no training, both servers stopped, a failing exit
+        assert r.returncode == 1 and trains == [] and "vLLM on h1 did not come up" in r.stderr

@@ -99,15 +99,14 @@ LOG_DIR=${TPU_LOG_ROOT:-$TPU_ROOT/logs}/$RUN
 DIR=$(quote "$TPU_REMOTE_DIR")
 PID_FILE=/tmp/tulu_jax-$RUN.pid
 PIDS=()
-VLLM_STARTED=0
+STARTED=() # vLLM hosts whose server this launch started (and so stops)
 
 stop_vllm() {
   local h
-  [ "$VLLM_STARTED" = 1 ] || return 0
-  VLLM_STARTED=0
-  for h in "${VLLM_HOST_LIST[@]}"; do
+  for h in ${STARTED[@]+"${STARTED[@]}"}; do
     host_ssh "$h" "cd $DIR && bash scripts/vllm_serve.sh stop --port $VLLM_PORT" || say "could not stop vLLM on $h"
   done
+  STARTED=()
 }
 
 stop_job() {
@@ -134,10 +133,10 @@ host_copy all "$CONFIG" "$TPU_REMOTE_DIR/$REMOTE_CONFIG"
 if [ -n "$VLLM_HOSTS" ]; then
   serve_flags="--port $VLLM_PORT --model $(quote "$VLLM_MODEL")"
   [ ${#VLLM_ARGS[@]} -eq 0 ] || serve_flags="$serve_flags -- $(quote_all "${VLLM_ARGS[@]}")"
-  VLLM_STARTED=1
   for h in "${VLLM_HOST_LIST[@]}"; do
     say "starting vLLM on $h"
     host_ssh "$h" "cd $DIR && bash scripts/vllm_serve.sh start $serve_flags"
+    STARTED+=("$h")
   done
   servers=""
   for h in "${VLLM_HOST_LIST[@]}"; do
