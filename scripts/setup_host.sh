@@ -4,7 +4,7 @@
 # shared bucket. tpu/setup.sh runs it on every TPU worker or vLLM host; scripts/run_gpu.sh --setup on a
 # GPU host. Idempotent: run it again after pulling new code.
 #   bash scripts/setup_host.sh [--jax tpu|cuda12|cuda13|cpu] [--vllm PIP_SPEC] [--bucket BUCKET --mount DIR]
-#                              [--python PYTHON]
+#                              [--python PYTHON] [--dry-run]
 # --jax: the pip extra of jax to add (default tpu: jax[tpu]==<jax version setup.sh installed>, with libtpu);
 #        cpu keeps the CPU build (a vLLM host, whose .venv only launches the server).
 # --vllm: make .venv-vllm with this package (vllm-tpu==0.32.0 on a TPU VM, vllm==0.32.0 on a CUDA host).
@@ -24,6 +24,7 @@ while [ $# -gt 0 ]; do
     --bucket) need_value "$1" $#; BUCKET=${2#gs://}; shift 2 ;;
     --mount) need_value "$1" $#; MOUNT=$2; shift 2 ;;
     --python) need_value "$1" $#; PY=$2; shift 2 ;;
+    --dry-run) DRY_RUN=1; shift ;;
     *) usage_error "unknown flag $1" ;;
   esac
 done
@@ -32,9 +33,11 @@ case $JAX_EXTRA in
   *) usage_error "--jax $JAX_EXTRA: expected tpu, cuda12, cuda13 or cpu" ;;
 esac
 [ -z "$BUCKET" ] || [ -n "$MOUNT" ] || usage_error "--bucket needs --mount DIR"
+APT=(sudo env DEBIAN_FRONTEND=noninteractive apt-get)
 
+# python_ok PYTHON: Python >= 3.11 that can make venvs (Ubuntu ships venv support in a separate package).
 python_ok() {
-  "$1" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null
+  "$1" -c 'import sys, ensurepip, venv; sys.exit(sys.version_info < (3, 11))' 2>/dev/null
 }
 
 if [ -z "$PY" ]; then
@@ -46,42 +49,43 @@ if [ -z "$PY" ]; then
   done
 fi
 if [ -z "$PY" ]; then
-  say "no Python >= 3.11: installing python3.11 with apt"
-  sudo apt-get update -q
-  sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -q python3.11 python3.11-venv
+  say "no Python >= 3.11 with venv: installing python3.11 with apt"
+  run "${APT[@]}" update -q
+  run "${APT[@]}" install -y -q python3.11 python3.11-venv
   PY=python3.11
+elif ! python_ok "$PY"; then
+  usage_error "--python $PY: Python >= 3.11 with the venv module required"
 fi
-python_ok "$PY" || usage_error "--python $PY: Python >= 3.11 required"
 
-PYTHON=$PY TULU_JAX_EXTRAS="" bash scripts/setup.sh
+run env PYTHON="$PY" TULU_JAX_EXTRAS= bash scripts/setup.sh
 if [ "$JAX_EXTRA" != cpu ]; then
-  jax_version=$(.venv/bin/python -c 'import importlib.metadata as m; print(m.version("jax"))')
-  say "installing jax[$JAX_EXTRA]==$jax_version"
-  .venv/bin/python -m pip install -q "jax[$JAX_EXTRA]==$jax_version"
+  # The accelerator build of the very jax version setup.sh resolved, so nothing else moves.
+  jax_version=$(capture JAX_VERSION .venv/bin/python -c 'import importlib.metadata as m; print(m.version("jax"))')
+  run .venv/bin/python -m pip install -q "jax[$JAX_EXTRA]==$jax_version"
 fi
 if [ -n "$VLLM_SPEC" ]; then
-  PYTHON=$PY TULU_JAX_VLLM_SPEC=$VLLM_SPEC bash scripts/setup_vllm.sh
+  run env PYTHON="$PY" TULU_JAX_VLLM_SPEC="$VLLM_SPEC" bash scripts/setup_vllm.sh
 fi
 
 if [ -n "$BUCKET" ]; then
   if ! command -v gcsfuse >/dev/null; then
-    say "installing gcsfuse"
-    repo="gcsfuse-$(lsb_release -c -s)"
-    curl -fsSL https://packages.cloud.google.com/apt/doc/apt-key.gpg | sudo tee /usr/share/keyrings/cloud.google.asc >/dev/null
-    echo "deb [signed-by=/usr/share/keyrings/cloud.google.asc] https://packages.cloud.google.com/apt $repo main" |
-      sudo tee /etc/apt/sources.list.d/gcsfuse.list >/dev/null
-    sudo apt-get update -q
-    sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -q gcsfuse
+    say "installing gcsfuse from Google's apt repository"
+    key=/usr/share/keyrings/cloud.google.asc
+    line="deb [signed-by=$key] https://packages.cloud.google.com/apt gcsfuse-$(lsb_release -c -s 2>/dev/null || echo jammy) main"
+    run sudo curl -fsSL -o "$key" https://packages.cloud.google.com/apt/doc/apt-key.gpg
+    run sudo sh -c "echo '$line' > /etc/apt/sources.list.d/gcsfuse.list"
+    run "${APT[@]}" update -q
+    run "${APT[@]}" install -y -q gcsfuse
   fi
-  if mountpoint -q "$MOUNT"; then
+  if mountpoint -q "$MOUNT" 2>/dev/null; then
     say "$MOUNT is already mounted"
   else
-    sudo mkdir -p "$MOUNT"
-    sudo chown "$(id -u):$(id -g)" "$MOUNT"
+    run sudo mkdir -p "$MOUNT"
+    run sudo chown "$(id -u):$(id -g)" "$MOUNT"
     # --implicit-dirs: folders other hosts made by writing files below them are visible here too.
-    gcsfuse --implicit-dirs "$BUCKET" "$MOUNT"
-    say "mounted gs://$BUCKET at $MOUNT"
+    run gcsfuse --implicit-dirs "$BUCKET" "$MOUNT"
   fi
 fi
+[ "$DRY_RUN" = 0 ] || exit 0
 # Versions only: touching the devices here would hold the TPU (vLLM's) or wait for the pod's other workers.
-.venv/bin/pip list 2>/dev/null | grep -E '^(jax|jaxlib|libtpu|jax-cuda[0-9]+-plugin|tulu_jax) ' >&2 || true
+.venv/bin/python -m pip list 2>/dev/null | grep -E '^(jax|jaxlib|libtpu|jax-cuda[0-9]+-plugin|tulu_jax) ' >&2 || true

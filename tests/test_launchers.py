@@ -103,6 +103,22 @@ def test_setup_git_and_other_hosts():
     assert setup[3] == "me@gpu1" and "scripts/setup_host.sh --jax cpu --vllm vllm==0.32.0" in setup[4]
 
 
+def test_setup_host_installs_the_accelerator_jax_at_the_same_version_and_vllm():
+    cmds = dry(
+        "scripts/setup_host.sh", "--jax", "cuda12", "--vllm", "vllm==0.32.0", "--bucket", "gs://bk", "--mount", "/m"
+    )
+    setup = next(c for c in cmds if c[-1] == "scripts/setup.sh")
+    assert "TULU_JAX_EXTRAS=" in setup  # training hosts need no torch
+    (pin,) = [c for c in cmds if c[:4] == [".venv/bin/python", "-m", "pip", "install"]]
+    probe = next(c for c in cmds if "importlib.metadata" in " ".join(c))
+    assert cmds.index(setup) < cmds.index(probe) < cmds.index(pin)  # the version setup.sh installed, read after it
+    assert pin[-1].startswith("jax[cuda12]==") and len(pin[-1]) > len("jax[cuda12]==")
+    vllm = next(c for c in cmds if c[-1] == "scripts/setup_vllm.sh")
+    assert "TULU_JAX_VLLM_SPEC=vllm==0.32.0" in vllm
+    assert cmds[-1] == ["gcsfuse", "--implicit-dirs", "bk", "/m"]
+    assert not [c for c in dry("scripts/setup_host.sh", "--jax", "cpu") if "pip" in c]
+
+
 def test_launch_one_ssh_per_worker_with_distributed_and_quoted_overrides():
     overrides = ["model.path=/mnt/m", "data.train_files=[/mnt/d/a b.jsonl]", "output_dir=/mnt/s/run's"]
     cmds = dry("tpu/launch.sh", *TPU, "--workers", "4", "--env", "HF_HUB_OFFLINE=1", CFG_SFT, *overrides)
@@ -188,6 +204,8 @@ def test_launch_rlvr_with_vllm_hosts_starts_waits_passes_servers_and_stops():
         ("tpu/create.sh", [*TPU, "--accelerator", "x9-8"], "unknown TPU type"),
         ("tpu/setup.sh", [*TPU, "--nope"], "unknown flag or argument --nope"),
         ("tpu/stop.sh", ["--zone", "z"], "no TPU name"),
+        ("scripts/setup_host.sh", ["--jax", "rocm"], "expected tpu, cuda12"),
+        ("scripts/setup_host.sh", ["--bucket", "b"], "--bucket needs --mount"),
         ("tpu/delete.sh", ["--name", "a"], "no zone"),
         ("scripts/run_gpu.sh", ["--gpus", "0,1", "configs/rlvr/missing.yaml"], "no such file"),
         ("scripts/run_gpu.sh", ["--gpus", "0,1", "--what", CFG_SFT], "unknown flag --what"),
