@@ -49,7 +49,7 @@ capture() {
   local placeholder=$1
   shift
   if [ "$DRY_RUN" = 1 ]; then
-    printf '%s\n' "$(quote_all "$@")" >&3
+    run "$@"
     printf '%s' "$placeholder"
     return 0
   fi
@@ -114,4 +114,20 @@ override_value() {
     esac
   done
   printf '%s' "$value"
+}
+
+# check_vllm_flags FLAG: the checks of FLAG (--vllm-hosts, --vllm-gpu), which makes the run use vLLM servers
+# it starts: RLVR only, no rollout.backend/servers of the user's, a model to serve (VLLM_MODEL, else the
+# model.path override) and a numeric VLLM_PORT. Reads STAGE and OVERRIDES; sets VLLM_MODEL.
+check_vllm_flags() {
+  local key
+  [ "$STAGE" = rlvr ] || usage_error "$1 is for the rlvr stage, not $STAGE"
+  for key in rollout.backend rollout.servers; do
+    [ -z "$(override_value "$key" ${OVERRIDES[@]+"${OVERRIDES[@]}"})" ] || usage_error "$key: set by $1; drop the override"
+  done
+  VLLM_MODEL=${VLLM_MODEL:-$(override_value model.path ${OVERRIDES[@]+"${OVERRIDES[@]}"})}
+  [ -n "$VLLM_MODEL" ] || usage_error "$1: give --vllm-model DIR or a model.path=DIR override"
+  case $VLLM_PORT in
+    '' | *[!0-9]*) usage_error "--vllm-port $VLLM_PORT: expected a number" ;;
+  esac
 }

@@ -11,6 +11,8 @@
 #   --vllm-gpu K         RLVR: run a vLLM server on GPU K (one of --gpus) for the rollouts
 #   --vllm-model DIR     the model it serves (default: the model.path=... override)
 #   --vllm-port P (8000) --vllm-timeout SECONDS (900) --vllm-arg ARG (a vLLM flag; repeatable)
+#   --vllm-max-model-len N  prompt + response tokens a server holds (tulu-jax vllm's default: 2048; the
+#                        Tulu 3 RLVR configs need 4096)
 #   --setup              first set up .venv with jax[cuda12] (scripts/setup_host.sh) and, with --vllm-gpu,
 #                        .venv-vllm with vllm==0.32.0 (TULU_JAX_VLLM_SPEC overrides the package)
 #   --dry-run            print the commands, run nothing
@@ -20,7 +22,7 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd -P)
 # shellcheck source=scripts/lib.sh
 . "$ROOT/scripts/lib.sh"
 
-GPUS=${CUDA_VISIBLE_DEVICES:-} VLLM_GPU="" VLLM_MODEL="" VLLM_PORT=8000 VLLM_TIMEOUT=900 SETUP=0
+GPUS=${CUDA_VISIBLE_DEVICES:-} VLLM_GPU="" VLLM_MODEL="" VLLM_PORT=8000 VLLM_TIMEOUT=900 VLLM_MAX_LEN="" SETUP=0
 VLLM_ARGS=()
 while [ $# -gt 0 ]; do
   case $1 in
@@ -29,6 +31,7 @@ while [ $# -gt 0 ]; do
     --vllm-model) need_value "$1" $#; VLLM_MODEL=$2; shift 2 ;;
     --vllm-port) need_value "$1" $#; VLLM_PORT=$2; shift 2 ;;
     --vllm-timeout) need_value "$1" $#; VLLM_TIMEOUT=$2; shift 2 ;;
+    --vllm-max-model-len) need_value "$1" $#; VLLM_MAX_LEN=$2; shift 2 ;;
     --vllm-arg) need_value "$1" $#; VLLM_ARGS+=("$2"); shift 2 ;;
     --setup) SETUP=1; shift ;;
     --dry-run) DRY_RUN=1; shift ;;
@@ -49,21 +52,13 @@ esac
 
 TRAIN_GPUS=$GPUS
 if [ -n "$VLLM_GPU" ]; then
-  [ "$STAGE" = rlvr ] || usage_error "--vllm-gpu is for the rlvr stage, not $STAGE"
+  check_vllm_flags --vllm-gpu
   case ,$GPUS, in
     *,"$VLLM_GPU",*) ;;
     *) usage_error "--vllm-gpu $VLLM_GPU: not one of the GPUs ($GPUS)" ;;
   esac
   TRAIN_GPUS=$(printf '%s\n' "$GPUS" | tr ',' '\n' | grep -vx "$VLLM_GPU" | paste -sd, - || true)
   [ -n "$TRAIN_GPUS" ] || usage_error "--vllm-gpu $VLLM_GPU leaves no GPU for the trainer"
-  for key in rollout.backend rollout.servers; do
-    [ -z "$(override_value "$key" ${OVERRIDES[@]+"${OVERRIDES[@]}"})" ] || usage_error "$key: set by --vllm-gpu; drop the override"
-  done
-  VLLM_MODEL=${VLLM_MODEL:-$(override_value model.path ${OVERRIDES[@]+"${OVERRIDES[@]}"})}
-  [ -n "$VLLM_MODEL" ] || usage_error "--vllm-gpu: give --vllm-model DIR or a model.path=DIR override"
-  case $VLLM_PORT in
-    '' | *[!0-9]*) usage_error "--vllm-port $VLLM_PORT: expected a number" ;;
-  esac
 fi
 
 if [ "$SETUP" = 1 ]; then
@@ -78,6 +73,7 @@ stop_vllm() {
 }
 if [ -n "$VLLM_GPU" ]; then
   start=(start --port "$VLLM_PORT" --host 127.0.0.1 --model "$VLLM_MODEL")
+  [ -z "$VLLM_MAX_LEN" ] || start+=(--max-model-len "$VLLM_MAX_LEN")
   [ ${#VLLM_ARGS[@]} -eq 0 ] || start+=(-- "${VLLM_ARGS[@]}")
   trap 'exit 130' INT TERM
   run env CUDA_VISIBLE_DEVICES="$VLLM_GPU" "${SERVE[@]}" "${start[@]}"

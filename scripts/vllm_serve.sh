@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs on the host that serves: starts, waits for, and stops one `tulu-jax vllm` server in the background.
 # scripts/run_gpu.sh calls it locally; tpu/launch.sh --vllm-hosts calls it on each vLLM host over ssh.
-#   scripts/vllm_serve.sh start --port P --model DIR [--dtype bfloat16] [-- vLLM flags]
+#   scripts/vllm_serve.sh start --port P --model DIR [--dtype bfloat16] [--max-model-len N] [-- vLLM flags]
 #   scripts/vllm_serve.sh wait  --port P [--timeout SECONDS]   # until http://127.0.0.1:P/health answers
 #   scripts/vllm_serve.sh stop  --port P                       # Ctrl-C to the launcher: it stops vLLM
 # State lives in logs/vllm-P.pid and logs/vllm-P.log under the repository ($VLLM_SERVE_DIR instead of logs/). The server listens on 0.0.0.0
@@ -15,7 +15,7 @@ cd "$(dirname "$0")/.."
 [ $# -ge 1 ] || usage_error "usage: vllm_serve.sh start|wait|stop --port P [...]"
 ACTION=$1
 shift
-PORT="" MODEL="" DTYPE=bfloat16 TIMEOUT=900 HOST=0.0.0.0
+PORT="" MODEL="" DTYPE=bfloat16 TIMEOUT=900 HOST=0.0.0.0 MAX_LEN=""
 EXTRA=()
 while [ $# -gt 0 ]; do
   case $1 in
@@ -24,6 +24,7 @@ while [ $# -gt 0 ]; do
     --dtype) need_value "$1" $#; DTYPE=$2; shift 2 ;;
     --host) need_value "$1" $#; HOST=$2; shift 2 ;;
     --timeout) need_value "$1" $#; TIMEOUT=$2; shift 2 ;;
+    --max-model-len) need_value "$1" $#; MAX_LEN=$2; shift 2 ;;
     --) shift; EXTRA=("$@"); break ;;
     *) usage_error "unknown flag $1" ;;
   esac
@@ -61,6 +62,8 @@ case $ACTION in
     # down itself (a non-interactive shell's background jobs would otherwise ignore it).
     set -m
     cmd=("$TULU_JAX" vllm --model "$MODEL" --host "$HOST" --port "$PORT" --dtype "$DTYPE")
+    # tulu-jax vllm's default is 2048 tokens; Tulu 3's RLVR needs prompt (2048) + response (2048).
+    [ -z "$MAX_LEN" ] || cmd+=(--max-model-len "$MAX_LEN")
     if [ ${#EXTRA[@]} -gt 0 ]; then
       cmd+=(-- "${EXTRA[@]}")
     fi

@@ -163,6 +163,8 @@ def test_launch_rlvr_with_vllm_hosts_starts_waits_passes_servers_and_stops():
         "8100",
         "--vllm-arg",
         "--gpu-memory-utilization=0.85",
+        "--vllm-max-model-len",
+        "4096",
         CFG_RLVR,
         "model.path=/mnt/dpo",
         "value.path=/mnt/rm",
@@ -176,7 +178,10 @@ def test_launch_rlvr_with_vllm_hosts_starts_waits_passes_servers_and_stops():
         start, wait, stop = (index(f"vllm_serve.sh {a} --port 8100", host) for a in ("start", "wait", "stop"))
         train = index("tulu-jax rlvr --distributed", "--worker=0")
         assert start < wait < train < stop
-    assert "--model /mnt/dpo -- --gpu-memory-utilization=0.85" in text[index("vllm_serve.sh start", "gen-1")]
+    assert (
+        "--model /mnt/dpo --max-model-len 4096 -- --gpu-memory-utilization=0.85"
+        in text[index("vllm_serve.sh start", "gen-1")]
+    )
     # a TPU VM host is reached through gcloud (worker 0) and addressed by its internal IP
     assert cmds[index("vllm_serve.sh start", "gen-1")][:6] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "gen-1"]
     assert any(c[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "describe", "gen-1"] for c in cmds)

@@ -18,12 +18,14 @@
 #                        RLVR with rollout.backend=vllm rollout.servers=[http://H:PORT,...], stop them after
 #   --vllm-model DIR     the model they serve (default: the model.path=... override); a path on the hosts
 #   --vllm-port P (8000) --vllm-timeout SECONDS (900) --vllm-arg ARG (a vLLM flag; repeatable)
+#   --vllm-max-model-len N  prompt + response tokens a server holds (tulu-jax vllm's default: 2048; the
+#                        Tulu 3 RLVR configs need 4096)
 # Common: --project PROJECT, --remote-dir DIR (tulu_jax), --dry-run (print the gcloud/ssh commands only).
 set -euo pipefail
 # shellcheck source=tpu/common.sh
 . "$(dirname "$0")/common.sh"
 
-WORKERS="" RUN="" VLLM_HOSTS="" VLLM_MODEL="" VLLM_PORT=8000 VLLM_TIMEOUT=900
+WORKERS="" RUN="" VLLM_HOSTS="" VLLM_MODEL="" VLLM_PORT=8000 VLLM_TIMEOUT=900 VLLM_MAX_LEN=""
 ENV_VARS=() VLLM_ARGS=()
 while [ $# -gt 0 ]; do
   parse_common_flag "$@"
@@ -39,6 +41,7 @@ while [ $# -gt 0 ]; do
     --vllm-model) need_value "$1" $#; VLLM_MODEL=$2; shift 2 ;;
     --vllm-port) need_value "$1" $#; VLLM_PORT=$2; shift 2 ;;
     --vllm-timeout) need_value "$1" $#; VLLM_TIMEOUT=$2; shift 2 ;;
+    --vllm-max-model-len) need_value "$1" $#; VLLM_MAX_LEN=$2; shift 2 ;;
     --vllm-arg) need_value "$1" $#; VLLM_ARGS+=("$2"); shift 2 ;;
     -*) usage_error "unknown flag $1" ;;
     *) break ;;
@@ -62,15 +65,7 @@ for kv in ${ENV_VARS[@]+"${ENV_VARS[@]}"}; do
 done
 
 if [ -n "$VLLM_HOSTS" ]; then
-  [ "$STAGE" = rlvr ] || usage_error "--vllm-hosts is for the rlvr stage, not $STAGE"
-  for key in rollout.backend rollout.servers; do
-    [ -z "$(override_value "$key" ${OVERRIDES[@]+"${OVERRIDES[@]}"})" ] || usage_error "$key: set by --vllm-hosts; drop the override"
-  done
-  VLLM_MODEL=${VLLM_MODEL:-$(override_value model.path ${OVERRIDES[@]+"${OVERRIDES[@]}"})}
-  [ -n "$VLLM_MODEL" ] || usage_error "--vllm-hosts: give --vllm-model DIR or a model.path=DIR override"
-  case $VLLM_PORT in
-    '' | *[!0-9]*) usage_error "--vllm-port $VLLM_PORT: expected a number" ;;
-  esac
+  check_vllm_flags --vllm-hosts
   # shellcheck disable=SC2207  # host names hold no spaces
   VLLM_HOST_LIST=($(split_commas "$VLLM_HOSTS"))
   [ ${#VLLM_HOST_LIST[@]} -gt 0 ] || usage_error "--vllm-hosts: no host given"
@@ -132,6 +127,7 @@ host_copy all "$CONFIG" "$TPU_REMOTE_DIR/$REMOTE_CONFIG"
 
 if [ -n "$VLLM_HOSTS" ]; then
   serve_flags="--port $VLLM_PORT --model $(quote "$VLLM_MODEL")"
+  [ -z "$VLLM_MAX_LEN" ] || serve_flags="$serve_flags --max-model-len $(quote "$VLLM_MAX_LEN")"
   [ ${#VLLM_ARGS[@]} -eq 0 ] || serve_flags="$serve_flags -- $(quote_all "${VLLM_ARGS[@]}")"
   for h in "${VLLM_HOST_LIST[@]}"; do
     say "starting vLLM on $h"
