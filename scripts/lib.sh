@@ -118,7 +118,7 @@ override_value() {
 
 # check_vllm_flags FLAG: the checks of FLAG (--vllm-hosts, --vllm-gpu), which makes the run use vLLM servers
 # it starts: RLVR only, no rollout.backend/servers of the user's, a model to serve (VLLM_MODEL, else the
-# model.path override) and a numeric VLLM_PORT. Reads STAGE and OVERRIDES; sets VLLM_MODEL.
+# model.path override), a numeric VLLM_PORT and VLLM_TIMEOUT. Reads STAGE and OVERRIDES; sets VLLM_MODEL.
 check_vllm_flags() {
   local key
   [ "$STAGE" = rlvr ] || usage_error "$1 is for the rlvr stage, not $STAGE"
@@ -129,5 +129,8 @@ check_vllm_flags() {
   [ -n "$VLLM_MODEL" ] || usage_error "$1: give --vllm-model DIR or a model.path=DIR override"
   case $VLLM_PORT in
     '' | *[!0-9]*) usage_error "--vllm-port $VLLM_PORT: expected a number" ;;
+  esac
+  case ${VLLM_TIMEOUT:-x} in
+    *[!0-9]*) usage_error "--vllm-timeout ${VLLM_TIMEOUT:-}: expected seconds (a number)" ;;
   esac
 }

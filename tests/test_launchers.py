@@ -204,6 +204,11 @@ def test_launch_rlvr_with_vllm_hosts_starts_waits_passes_servers_and_stops():
         ("tpu/launch.sh", [*TPU, "--workers", "2", CFG_SFT, "notakey"], "override notakey is not dotted.key=value"),
         ("tpu/launch.sh", [*TPU, "--workers", "2", "--vllm-hosts", "h", CFG_SFT], "--vllm-hosts is for the rlvr stage"),
         ("tpu/launch.sh", [*TPU, "--workers", "2", "--vllm-hosts", "h", CFG_RLVR], "give --vllm-model DIR"),
+        (
+            "tpu/launch.sh",
+            [*TPU, "--workers", "2", "--vllm-hosts", "h", CFG_RLVR, "model.path=/m", "rollout.servers=[http://x:1]"],
+            "rollout.servers: set by --vllm-hosts",
+        ),
         ("tpu/create.sh", ["--zone", "z"], "no TPU name"),
         ("tpu/create.sh", [*TPU, "--queued", "--preemptible"], "--preemptible does not apply to queued"),
         ("tpu/create.sh", [*TPU, "--accelerator", "x9-8"], "unknown TPU type"),
