@@ -8,6 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+# shellcheck source=/dev/null  # the venv this script made
 . .venv/bin/activate
 export HF_HUB_OFFLINE=1 JAX_PLATFORMS="${JAX_PLATFORMS:-cpu}"
 tulu-jax sft --config configs/sft/tiny.yaml "$@"

@@ -8,6 +8,7 @@ bash scripts/setup.sh
 if [ "${TULU_JAX_SKIP_VLLM:-0}" != 1 ] || [ "${CI:-}" = true ]; then
   bash scripts/setup_vllm.sh
 fi
+# shellcheck source=/dev/null  # the venv this script made
 . .venv/bin/activate
 export HF_HUB_OFFLINE=1 JAX_PLATFORMS=cpu XLA_FLAGS="--xla_force_host_platform_device_count=8"
 python -m pytest -q -p no:cacheprovider --durations=15 tests "$@"
