@@ -64,6 +64,8 @@ case $ACTION in
     cmd=("$TULU_JAX" vllm --model "$MODEL" --host "$HOST" --port "$PORT" --dtype "$DTYPE")
     # tulu-jax vllm's default is 2048 tokens; Tulu 3's RLVR needs prompt (2048) + response (2048).
     [ -z "$MAX_LEN" ] || cmd+=(--max-model-len "$MAX_LEN")
+    # On a GPU host keep vLLM's CUDA graphs (tulu-jax vllm defaults to eager mode, which the CPU build needs).
+    if command -v nvidia-smi >/dev/null; then cmd+=(--cuda-graphs); fi
     if [ ${#EXTRA[@]} -gt 0 ]; then
       cmd+=(-- "${EXTRA[@]}")
     fi

@@ -150,10 +150,12 @@ def start_vllm_server(
     work_dir: str | None = None,
     wait: bool = True,
     timeout: float = 300.0,
+    eager: bool = True,
 ) -> VLLMServer:
     """Launches `python -m vllm.entrypoints.openai.api_server` on `model_dir` (a Hugging Face folder) and, with
     `wait`, blocks until it answers. A tied model is served through an untied view (see weight_sync).
-    `work_dir` (default: a fresh temp dir) holds that view and, unless `log_path` is given, server.log."""
+    `work_dir` (default: a fresh temp dir) holds that view and, unless `log_path` is given, server.log.
+    `eager` passes --enforce-eager (what the CPU build needs; on a GPU, False keeps vLLM's CUDA graphs)."""
     model_dir = os.path.abspath(model_dir)
     work_dir = work_dir or tempfile.mkdtemp(prefix="tulu_jax_vllm_")
     os.makedirs(work_dir, exist_ok=True)
@@ -166,7 +168,7 @@ def start_vllm_server(
     cmd += ["--host", host, "--port", str(port), "--dtype", dtype, "--max-model-len", str(max_model_len)]
     # processed_logprobs: log-probs of the distribution actually sampled (temperature, top-k/p applied),
     # which is what PPO ratios need; the default reports temperature-1 log-probs.
-    cmd += ["--logprobs-mode", "processed_logprobs", "--enforce-eager", *extra_args]
+    cmd += ["--logprobs-mode", "processed_logprobs", *(["--enforce-eager"] if eager else []), *extra_args]
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
     env.update(
         VLLM_SERVER_DEV_MODE="1",  # exposes /collective_rpc, needed to reload weights
@@ -197,6 +199,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--max-model-len", type=int, default=2048)
     p.add_argument("--kv-cache-gib", type=int, default=1, help="CPU KV-cache size (whole GiB)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the server to come up")
+    p.add_argument("--cuda-graphs", action="store_true", help="GPU: keep CUDA graphs (default: --enforce-eager)")
     p.add_argument("extra", nargs=argparse.REMAINDER, help="after --: passed to vLLM unchanged")
     args = p.parse_args(argv)
     from tulu_jax.inputs import InputError, check_model_dir
@@ -212,6 +215,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"--python / set TULU_JAX_VLLM_PYTHON to an interpreter that has vllm)"
         )
     extra = args.extra[1:] if args.extra[:1] == ["--"] else args.extra
+
+    def interrupt(signum, frame):  # SIGTERM/SIGHUP (a launcher's stop, a closed ssh) end it like Ctrl-C
+        raise KeyboardInterrupt
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, interrupt)
     server = start_vllm_server(
         args.model,
         port=args.port,
@@ -222,6 +231,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         kv_cache_gib=args.kv_cache_gib,
         extra_args=extra,
         timeout=args.timeout,
+        eager=not args.cuda_graphs,
     )
     print(f"vLLM ready at {server.url} after {server.ready_s:.1f} s (log: {server.log_path})", flush=True)
     try:
