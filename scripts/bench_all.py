@@ -69,8 +69,9 @@ UNIT_SUFFIXES = (
 
 @dataclasses.dataclass(frozen=True)
 class Bench:
-    """One benchmark: its script and arguments (full and --quick), how to name a row's case, and which
-    fields to report as (field, unit, scale) (None: every numeric field, units from their names)."""
+    """One benchmark: its script and arguments (full and --quick), how to name a row's case, which fields to
+    report as (field, unit, scale) (None: every numeric field, units from their names), and environment
+    defaults for its process."""
 
     name: str
     script: str
@@ -78,6 +79,7 @@ class Bench:
     quick: tuple[str, ...] = ()
     case: tuple[str, ...] = ("case", "row")
     metrics: tuple[tuple[str, str, float], ...] | None = None
+    env: tuple[tuple[str, str], ...] = ()
 
 
 TRAIN_METRICS = (
@@ -112,7 +114,8 @@ BENCHES = (
            "1,8", "--new-tokens", "32", "--rlvr-prompts", "8", "--rlvr-new-tokens", "32"),
           ("row",),
           (("tokens_per_s", "tok/s", 1), ("mfu", "% MFU", 100), ("step_s", "s", 1), ("decode_s", "s", 1),
-           ("seconds", "s", 1))),
+           ("seconds", "s", 1)),
+          env=(("XLA_PYTHON_CLIENT_PREALLOCATE", "false"),)),  # as bench_gpu.sh: its rows build models in turn
     Bench("push", "bench_push.py"),
 )  # fmt: skip
 NAMES = tuple(b.name for b in BENCHES)
@@ -260,7 +263,13 @@ def run_bench(bench: Bench, args, env: dict) -> tuple[dict, list[dict]]:
         tail: deque[str] = deque(maxlen=40)
         start = time.perf_counter()
         proc = subprocess.Popen(
-            cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+            cmd,
+            cwd=REPO,
+            env={**dict(bench.env), **env},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            bufsize=1,
         )
         pump = threading.Thread(target=_echo, args=(proc.stdout, tail), daemon=True)
         pump.start()

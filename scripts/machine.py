@@ -29,12 +29,14 @@ def package_version(name: str) -> str | None:
 
 
 def describe_machine(gpus: list[str] | None = None) -> dict:
-    """{date (UTC, ISO 8601 to the minute), cpu, cores (logical CPUs), gpus (names, when given), python, and
-    the versions of `PACKAGES` installed in this interpreter (None: not installed)}."""
+    """{date (UTC, to the minute), cpu, cores (logical CPUs), load (1-minute load average: other jobs on a
+    shared machine), gpus (names, when given), python, and the versions of `PACKAGES` installed in this
+    interpreter (None: not installed)}."""
     out = {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "cpu": cpu_model(),
         "cores": os.cpu_count(),
+        "load": round(os.getloadavg()[0], 2),
         "gpus": ", ".join(gpus) if gpus else None,
         "python": platform.python_version(),
     }
