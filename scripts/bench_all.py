@@ -229,6 +229,7 @@ def skip_reason(bench: Bench, args) -> str | None:
 
 
 def command(bench: Bench, args, json_path: str) -> list[str]:
+    """The child's command line: this interpreter, the script, its full or --quick arguments, --json."""
     argv = list(bench.quick if args.quick else bench.args)
     if bench.name == "generate" and (
         args.vllm == "on" or (args.vllm == "auto" and not args.quick and vllm_python_exists())
@@ -300,6 +301,7 @@ def run_bench(bench: Bench, args, env: dict) -> tuple[dict, list[dict]]:
 
 
 def format_value(v) -> str:
+    """A table cell: numbers to about 3-4 significant digits (thousands with separators), text as it is."""
     if not _is_number(v):
         return str(v)
     if not math.isfinite(v):
@@ -322,6 +324,7 @@ def format_table(rows: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
+    """Runs the chosen benchmarks in turn, prints the combined table, writes --out; 1 if any failed."""
     args = parse_args(argv)
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])

@@ -61,7 +61,7 @@ RLVR_PHASES = ("generate", "forward", "update", "push", "step")
 RLVR_NOTES = {
     "generate": "stage 1: {tokens:.0f} tokens generated",
     "forward": "policy + reference + value over {tokens:.0f} tokens, advantages",
-    "update": "value + policy updates, {tokens:.0f} tokens ({epochs} epochs x 1 minibatch)",
+    "update": "value + policy updates, {tokens:.0f} tokens ({epochs} epochs x {minibatches} minibatch(es))",
     "push": "new policy -> sampler (bf16 copy)",
     "step": "{prompts} prompts, {new_tokens_per_step:.0f} generated tokens; loss {loss:.4f}",
 }
@@ -208,7 +208,7 @@ def rlvr_rows(cfg, args) -> list[dict]:
         seconds = _median([s[f"{phase}_s"] for s in steps])
         rows.append(dict(row=f"rlvr {phase}", task="rlvr", phase=phase, seconds=seconds, tokens=tokens[phase],
                          tokens_per_s=tokens[phase] / seconds if tokens[phase] else None))  # fmt: skip
-    rows[RLVR_PHASES.index("update")]["epochs"] = bench.cfg.epochs
+    rows[RLVR_PHASES.index("update")].update(epochs=bench.cfg.epochs, minibatches=bench.cfg.minibatches)
     rows[-1].update(prompts=args.rlvr_prompts, new_tokens_per_step=new_tokens, loss=bench.loss())
     return rows
 

@@ -33,7 +33,7 @@ def _table(printed: str) -> list[list[str]]:
     return body
 
 
-def test_quick_verify_run(tmp_path):
+def test_quick_verify_run(bench_all, tmp_path):
     out = tmp_path / "bench.json"
     cmd = [sys.executable, str(REPO / "scripts" / "bench_all.py"), "--quick", "--only", "verify", "--out", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=cli_env(), timeout=300)
@@ -43,7 +43,8 @@ def test_quick_verify_run(tmp_path):
     raw = result["benchmarks"]["verify"]["result"]
     assert result["benchmarks"]["verify"]["rc"] == 0
     workers = raw["workers"]
-    counts = {"gsm8k": 200, "math": 20, "ifeval": 200}  # bench_all's --quick item counts
+    quick = next(b for b in bench_all.BENCHES if b.name == "verify").quick  # bench_all's --quick item counts
+    counts = {v: int(quick[quick.index(f"--{v}") + 1]) for v in ("gsm8k", "math", "ifeval")}
     verifiers = [r["verifier"] for r in raw["rows"]]
     assert set(verifiers) <= set(counts) and {"gsm8k", "math"} <= set(verifiers)
     rows = result["rows"]
