@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One command for the GPU benchmark (scripts/bench_gpu.py): ~5-8 minutes on one H100/H200.
+# One command for the GPU benchmark (scripts/bench_gpu.py): ~6-10 minutes on one H100/H200.
 #   scripts/bench_gpu.sh [bench_gpu.py flags, e.g. --peak-flops 989e12 --json out.json]
 # Wheels the machine lacks go in the git-ignored wheels/ folder beforehand (<= 64 MiB in all), e.g.
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_17_x86_64 \

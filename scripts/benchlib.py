@@ -12,6 +12,8 @@ processes on a shared machine hits all of them alike):
   reference forward.
 * `TorchDPOBench`: the same DPO step in transformers + PyTorch, started from *our* initial weights
   (`hf_state_dict`), so that the two steps' first losses and gradient norms can be compared (`first`).
+* `JaxRLVRBench`: one PPO step of RLVR in its two stages (local-sampler generation, then the forward passes
+  and updates of `tulu_jax.train.rlvr_step`), timed per phase.
 * `jax_matmul` / `torch_matmul`: a square matrix multiply, the machine's practical matmul peak.
 
 Nothing here sets XLA flags: they must be in the environment before `jax` is first imported, which is
@@ -418,3 +420,155 @@ class TorchDPOBench(_TorchStepBench):
         self.last_loss = loss.detach()
         if self.first is None:
             self.first = {"loss": float(self.last_loss), "grad_norm": float(grad_norm)}
+
+
+# ----------------------------------------------------------------------------- a two-stage RLVR step
+
+
+class JaxRLVRBench:
+    """One PPO step of Tülu 3's RLVR (§6; open-instruct `ppo_vllm_thread_ray_gtrl.py`) on a 1-device mesh, in
+    the two stages the trainer (`tulu_jax.train.rlvr.train_step`) runs them, from the trainer's own jitted
+    pieces (`tulu_jax.train.rlvr_step`), without its data pipeline, verifiers or checkpoints:
+
+    1. generate: `LocalSampler.generate_batch` (its compute-dtype copy of the policy, KV-cache decode) on
+       `prompts` random prompts of `prompt_len` tokens, `new_tokens` tokens each at temperature 1, stop
+       tokens off (no id is -1), so every row does the same work on any model;
+    2. train: `episode_arrays` -> forward passes (the policy's log-probs and entropy, the frozen reference's
+       log-probs, the value model's values) -> `ppo_advantages` and the sampler/trainer gap -> `cfg.epochs` x
+       `cfg.minibatches` optimizer steps of the value model then the policy (AdamW on float32 masters) ->
+       the new policy pushed to the sampler (a compute-dtype copy).
+
+    The verifier scores are stand-ins: `verify_reward` or 0 per episode at random (seeded), since the figure
+    is the cost of a step, not what it learns. The value model is the policy's decoder plus a fresh score head
+    (value.init=policy). `__call__` runs one step and returns its phase times in seconds (generate_s,
+    forward_s, update_s, push_s, step_s) and `new_tokens`, the response tokens generated."""
+
+    def __init__(
+        self,
+        cfg: DecoderConfig,
+        *,
+        prompts: int,
+        prompt_len: int,
+        new_tokens: int,
+        dtype: str = "bfloat16",
+        remat: bool = False,
+        attention_block: int = 0,
+        logits_chunk: int = ModelConfig().logits_chunk,
+        ppo=None,
+        accum: int = 1,
+        seed: int = 0,
+    ):
+        import jax
+
+        from tulu_jax.config import OptimConfig, PPOConfig
+        from tulu_jax.models.loading import build_model, init_params
+        from tulu_jax.models.reward import RewardModel, init_reward_params
+        from tulu_jax.sampling.sampler import LocalSampler
+        from tulu_jax.sharding import make_mesh
+        from tulu_jax.train import rlvr_step as rs
+        from tulu_jax.train.episodes import SEQUENCE_KEYS, prompt_width
+        from tulu_jax.train.optimizer import make_optimizer
+        from tulu_jax.train.state import create_state, state_layout
+
+        self.jax, self.cfg, self.seed = jax, ppo or PPOConfig(), seed
+        self.prompts, self.prompt_len, self.new_tokens = prompts, prompt_len, new_tokens
+        self.mesh = mesh = make_mesh(devices=jax.devices()[:1])
+        kw = dict(dtype=dtype, param_dtype="float32", remat=remat, attention_block=attention_block)
+        model, value_model = build_model(cfg, **kw), build_model(cfg, module=RewardModel, **kw)
+        # A tiny learning rate keeps the weights (and hence the work) about the same over the timed steps.
+        tx, schedule = make_optimizer(OptimConfig(lr=1e-7, warmup_ratio=0.0), 1_000_000)
+        _, shardings = state_layout(model, tx, mesh)
+        _, value_shardings = state_layout(value_model, tx, mesh)
+        params = init_params(model, mesh, jax.random.key(seed))
+        value_params = init_reward_params(value_model, mesh, jax.random.key(seed + 1))
+        self.value = create_state(value_params, tx, seed, value_shardings)
+        sampler_model = build_model(cfg, dtype=dtype, attention_block=attention_block)
+        self.sampler = LocalSampler(sampler_model, params, mesh, eos_token_id=-1, pad_token_id=0)
+        self.ref_params = self.sampler.snapshot(params)  # the frozen reference, in the compute dtype as the trainer's
+        self.policy = create_state(params, tx, seed, shardings)
+        self.shapes = rs.Shapes(width=prompt_width(prompt_len), temperature=1.0, logits_chunk=logits_chunk)
+        self.seq_keys = SEQUENCE_KEYS
+        self.policy_keys = ("old_logps", "advantages", "policy_mask", "tis_weights", *SEQUENCE_KEYS)
+        self.value_keys = ("old_values", "returns", "value_mask", *SEQUENCE_KEYS)
+        common = dict(tx=tx, shapes=self.shapes, cfg=self.cfg, accum=accum)
+        self.logps_entropy_fn = rs.jit_forward(
+            rs.response_logps_and_entropy, model, mesh, shardings.params, self.shapes
+        )
+        self.logps_fn = rs.jit_forward(rs.response_logps, model, mesh, shardings.params, self.shapes)
+        self.values_fn = rs.jit_forward(rs.response_values, value_model, mesh, value_shardings.params, self.shapes)
+        self.advantages_fn = jax.jit(lambda *a: rs.ppo_advantages(*a, cfg=self.cfg))
+        self.gap_fn = jax.jit(lambda lp, sp, ent, m: rs.rollout_policy_stats(lp, sp, ent, m, self.cfg.tis_cap))
+        self.policy_step = rs.jit_update(
+            rs.policy_update, mesh, shardings, self.policy_keys, model=model, schedule=schedule, kl_in_loss=False,
+            **common,
+        )  # fmt: skip
+        self.value_step = rs.jit_update(
+            rs.value_update, mesh, value_shardings, self.value_keys, value_model=value_model, **common
+        )
+        rng = np.random.default_rng(seed)
+        self.prompt_ids = rng.integers(3, cfg.vocab_size, (prompts, prompt_len)).tolist()
+        self.scores = (rng.integers(0, 2, prompts) * self.cfg.verify_reward).astype(np.float32)
+        self.steps_done, self.metrics = 0, None
+
+    def _generate(self):
+        from tulu_jax.rollout.types import SamplingParams
+        from tulu_jax.train.episodes import episode_arrays
+
+        sp = SamplingParams(max_tokens=self.new_tokens, temperature=1.0, seed=self.seed + self.steps_done)
+        batch = self.sampler.generate_batch(self.prompt_ids, sp)
+        return episode_arrays(batch, width=self.shapes.width, pad_token_id=0)
+
+    def _forward(self, episodes):
+        """The trainer's forward half: log-probs, values, advantages -> the update's batch (on device)."""
+        from tulu_jax.train.batches import to_device
+
+        seq = to_device(episodes, self.mesh, self.seq_keys)
+        rows = to_device({k: episodes[k] for k in ("lengths", "stopped", "sampler_logps")}, self.mesh,
+                         ("lengths", "stopped", "sampler_logps"))  # fmt: skip
+        scores = to_device({"scores": self.scores}, self.mesh, ("scores",))["scores"]
+        logps, entropy = self.logps_entropy_fn(self.policy.params, seq)
+        ref_logps = self.logps_fn(self.ref_params, seq)
+        values = self.values_fn(self.value.params, seq)
+        arrays, stats = self.advantages_fn(logps, ref_logps, values, scores, rows["lengths"], rows["stopped"])
+        tis_weights, _ = self.gap_fn(logps, rows["sampler_logps"], entropy, arrays["policy_mask"])
+        batch = {**seq, **arrays, "old_logps": logps, "tis_weights": tis_weights}
+        return self.jax.block_until_ready(batch)
+
+    def _update(self, batch):
+        """cfg.epochs passes of cfg.minibatches shuffled minibatches, the value step first (as the trainer)."""
+        from tulu_jax import sharding as shd
+
+        n, jax = self.prompts, self.jax
+        size = n // self.cfg.minibatches
+        row_sharding = shd.batch_sharding(self.mesh)
+        for epoch in range(self.cfg.epochs):
+            perm = np.random.default_rng([self.seed, self.steps_done, epoch]).permutation(n)
+            for lo in range(0, n, size):
+                mb = jax.device_put({k: v[perm[lo : lo + size]] for k, v in batch.items()}, row_sharding)
+                self.value, vm = self.value_step(self.value, {k: mb[k] for k in self.value_keys})
+                self.policy, pm = self.policy_step(self.policy, {k: mb[k] for k in self.policy_keys})
+        self.metrics = jax.device_get({**vm, **pm})
+        jax.block_until_ready(self.policy.params)
+
+    def __call__(self) -> dict[str, float]:
+        times, start = {}, time.perf_counter()
+        episodes = self._generate()
+        times["generate_s"] = time.perf_counter() - start
+        t = time.perf_counter()
+        batch = self._forward(episodes)
+        times["forward_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        self._update(batch)
+        times["update_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        self.steps_done += 1
+        self.sampler.push_weights(self.policy.params, str(self.steps_done))
+        self.jax.block_until_ready(self.sampler.params)
+        times["push_s"] = time.perf_counter() - t
+        times["step_s"] = time.perf_counter() - start
+        times["new_tokens"] = float(episodes["lengths"].sum())
+        return times
+
+    def loss(self) -> float:
+        """The last update's policy loss plus c1 x value loss (the trainer's `loss`)."""
+        return float(self.metrics["loss/policy_avg"] + self.cfg.value_coef * self.metrics["loss/value_avg"])
