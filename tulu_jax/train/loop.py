@@ -20,7 +20,7 @@ import numpy as np
 
 from tulu_jax.configlib import ConfigError
 from tulu_jax.data.chat import TULU_CHAT_TEMPLATE
-from tulu_jax.multihost import process_zero_value
+from tulu_jax.multihost import process_zero_decides, process_zero_value
 from tulu_jax.train.cadence import checkpoint_due, eval_due
 from tulu_jax.train.checkpoint import Checkpointer
 from tulu_jax.train.metrics import MetricsLogger
@@ -159,7 +159,8 @@ def finish_run(cfg, out_dir: str, result: LoopResult, data_stats: dict, *, expor
     `hf.export_hf` or `hf.export_reward_hf`) and writes summary.json. A run that found its work already done
     (restarted after it finished) keeps the summary and export it wrote then."""
     done = os.path.join(out_dir, "summary.json")
-    if result.step == result.start and result.start > 0 and os.path.exists(done):
+    # process 0's view of the file: every process must take the same branch (the export is collective)
+    if result.step == result.start and result.start > 0 and process_zero_decides(os.path.exists(done)):
         log(f"nothing to do: {out_dir} already holds the finished run (step {result.step}); kept its summary.json")
         with open(done) as f:
             return json.load(f)
