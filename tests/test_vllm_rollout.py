@@ -46,7 +46,10 @@ def _scaled(params, seed, scale=0.3):
 def shared_client(vllm_server, vllm_tiny_model, tmp_path_factory):
     _, cfg, _ = vllm_tiny_model
     weights = tmp_path_factory.mktemp("pushes")
-    return VLLMClient([vllm_server.url], eos_token_id=EOS, pad_token_id=0, cfg=cfg, weights_dir=str(weights))
+    # float32 pushes: the float32 server then runs exactly the trainer's weights, as the log-prob checks need.
+    return VLLMClient(
+        [vllm_server.url], eos_token_id=EOS, pad_token_id=0, cfg=cfg, weights_dir=str(weights), weights_dtype="float32"
+    )
 
 
 @pytest.fixture
@@ -196,7 +199,14 @@ def test_push_shows_in_the_next_completion(client, vllm_server, vllm_tiny_model,
         cfg = dataclasses.replace(cfg, tie_embeddings=False)
         head = np.random.default_rng(12).standard_normal((cfg.hidden_size, cfg.vocab_size)).astype(np.float32)
         new = {**new, "lm_head": head * 0.05}
-        pusher = VLLMClient([vllm_server.url], eos_token_id=EOS, pad_token_id=0, cfg=cfg, weights_dir=str(tmp_path))
+        pusher = VLLMClient(
+            [vllm_server.url],
+            eos_token_id=EOS,
+            pad_token_id=0,
+            cfg=cfg,
+            weights_dir=str(tmp_path),
+            weights_dtype="float32",
+        )
     prompts = _prompts(4)
     sp = SamplingParams(max_tokens=M, temperature=0.0)
     before = pusher.generate(prompts, sp)
@@ -246,7 +256,9 @@ def test_broken_push_is_refused_and_old_weights_keep_serving(client, vllm_tiny_m
 def test_a_dead_second_server_is_failed_over(vllm_server, vllm_tiny_model, tmp_path):
     _, cfg, params = vllm_tiny_model
     dead = f"http://127.0.0.1:{free_port()}"
-    live = VLLMClient([vllm_server.url], eos_token_id=EOS, pad_token_id=0, cfg=cfg, weights_dir=str(tmp_path))
+    live = VLLMClient(
+        [vllm_server.url], eos_token_id=EOS, pad_token_id=0, cfg=cfg, weights_dir=str(tmp_path), weights_dtype="float32"
+    )  # float32: the server is left on exactly its startup weights, as later tests expect
     live.push_weights(params, "base")
     prompts, sp = _prompts(6, lens=(3, 4, 5, 6)), SamplingParams(max_tokens=M, temperature=0.0)
     ref = live.generate(prompts, sp)

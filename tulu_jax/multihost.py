@@ -86,3 +86,23 @@ def barrier(name: str) -> None:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(name)
+
+
+def process_zero_text(text: str, max_bytes: int = 4096) -> str:
+    """Process 0's `text` (UTF-8, at most `max_bytes` bytes), on every process (a broadcast when there are
+    several): e.g. a folder name only process 0 chose; the others' `text` is ignored. ValueError (on every
+    process alike, after the broadcast) when process 0's text is longer than `max_bytes`."""
+    if jax.process_count() == 1:
+        return text
+    from jax.experimental import multihost_utils
+
+    raw = text.encode() if jax.process_index() == 0 else b""
+    too_long = len(raw) > max_bytes
+    buf = np.zeros(max_bytes + 2, np.uint8)  # [too long?, text bytes..., 0 end marker]
+    buf[0] = too_long
+    if not too_long:
+        buf[1 : 1 + len(raw)] = np.frombuffer(raw, np.uint8)
+    out = np.asarray(multihost_utils.broadcast_one_to_all(buf)).astype(np.uint8).tobytes()
+    if out[0]:
+        raise ValueError(f"process_zero_text: process 0's text is longer than max_bytes={max_bytes}")
+    return out[1 : out.index(0, 1)].decode()
