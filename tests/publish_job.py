@@ -20,7 +20,7 @@ import numpy as np  # noqa: E402
 
 from tulu_jax.models.config import preset  # noqa: E402
 from tulu_jax.models.loading import build_model, param_layout  # noqa: E402
-from tulu_jax.rollout.vllm_client import VLLMClient  # noqa: E402
+from tulu_jax.rollout.vllm_client import RolloutServerError, VLLMClient  # noqa: E402
 from tulu_jax.rollout.weight_sync import publish_weights  # noqa: E402
 from tulu_jax.sharding import make_mesh  # noqa: E402
 
@@ -53,6 +53,17 @@ def main(out: str) -> None:
         if jax.process_index() == 1:  # off process 0 a load is a no-op: it must not try the dead server
             client.load_folder(os.path.join(out, "publish"), "v2")
             other = client.weight_version
+
+        # A load that fails on process 0 fails the push on every process (none waits forever).
+        def refuse(folder, version, cfg):
+            raise RolloutServerError("refused by the test")
+
+        client._load_all = refuse
+        try:
+            client.push_weights(params, "v3")
+            failed = None
+        except RolloutServerError as e:
+            failed = str(e)
         multihost.barrier("publish_job_done")
         if jax.process_index() == 0:
             shutil.copytree(folder, os.path.join(out, "pushed"))
@@ -60,7 +71,7 @@ def main(out: str) -> None:
         if jax.process_index() == 0 and client.weights_dir is not None:
             shutil.rmtree(client.weights_dir, ignore_errors=True)  # the default folder under /dev/shm
     result = dict(process=jax.process_index(), times=times, loads=loads, folder=folder,
-                  weights_dir=client.weights_dir, other_version=other)  # fmt: skip
+                  weights_dir=client.weights_dir, other_version=other, failed=failed)  # fmt: skip
     print("RESULT " + json.dumps(result), flush=True)
 
 

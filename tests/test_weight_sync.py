@@ -190,3 +190,5 @@ def test_two_processes_publish_the_same_bytes_as_one(tmp_path):
     assert first["weights_dir"] == second["weights_dir"] and first["folder"] == second["folder"]
     assert second["other_version"] == "v2"  # a no-op load off process 0 still records the version
     assert not os.path.exists(first["weights_dir"])
+    assert first["failed"] == "refused by the test"
+    assert second["failed"] == "weight push 'v3' failed on process 0: RolloutServerError: refused by the test"

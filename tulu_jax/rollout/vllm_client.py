@@ -374,17 +374,20 @@ class VLLMClient:
         start = time.perf_counter()
         folder = self.write_push_folder(params, version)
         written = time.perf_counter()
-        error = None
+        failure = None
         try:
             self.load_folder(folder, version)
-        except RolloutServerError as e:
-            error = str(e)
+        except Exception as e:  # shared before raising: the other processes must not wait for it forever
+            failure = e
         end = time.perf_counter()
         times = {"write_s": written - start, "load_s": end - written, "total_s": end - start}
+        error = None if failure is None else f"{type(failure).__name__}: {failure}"[:8000]
         # Process 0's outcome on every process; the others wait here until it has loaded.
         shared = json.loads(multihost.process_zero_text(json.dumps({"times": times, "error": error}), 1 << 16))
+        if failure is not None:
+            raise failure
         if shared["error"] is not None:
-            raise RolloutServerError(shared["error"])
+            raise RolloutServerError(f"weight push {version!r} failed on process 0: {shared['error']}")
         self.last_push = shared["times"]
         return self.last_push
 
