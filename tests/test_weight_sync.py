@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from conftest import REPO
 from multiprocess import run as run_job
 from publish_job import CFG, host_params
 from safetensors import safe_open
@@ -192,3 +193,32 @@ def test_two_processes_publish_the_same_bytes_as_one(tmp_path):
     assert not os.path.exists(first["weights_dir"])
     assert first["failed"] == "refused by the test"
     assert second["failed"] == "weight push 'v3' failed on process 0: RolloutServerError: refused by the test"
+
+
+def test_bench_push_rows(tmp_path, capsys):
+    """scripts/bench_push.py on the tiny preset: one row per dtype and folder, in the {"rows": [...]} shape,
+    whose rates are the median time over the bytes and parameters the row names."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_push", REPO / "scripts" / "bench_push.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "push.json"
+    argv = ["--preset", "tiny", "--dtype", "bfloat16", "float32", "--dir", str(tmp_path), "--reps", "1"]
+    assert bench.main([*argv, "--devices", "2", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["dtype"], r["dir"]) for r in rows] == [("bfloat16", str(tmp_path)), ("float32", str(tmp_path))]
+    tiny = bench.sized_config("tiny", None)
+    for r in rows:
+        assert r["params"] == tiny.num_params and r["write_s"] > 0
+        assert r["gb"] == weight_sync.push_bytes(tiny, r["dtype"]) / 1e9
+        assert r["s_per_gb"] == pytest.approx(r["write_s"] / r["gb"])
+        assert r["s_per_1b_params"] == pytest.approx(r["write_s"] / (r["params"] / 1e9))
+    assert "| write bfloat16 " in capsys.readouterr().out
+    assert os.listdir(tmp_path) == ["push.json"]  # the pushes were cleaned up
+    # --params picks the bench-1b layer count closest to the request.
+    from tulu_jax.models.config import preset
+
+    per_layer = preset("bench-1b", num_layers=2).num_params - preset("bench-1b", num_layers=1).num_params
+    for want in (0.5e9, 1.24e9, 3e9):
+        assert abs(bench.sized_config(None, want).num_params - want) <= per_layer / 2
