@@ -68,11 +68,14 @@ def untied_view(model_dir: str, out_dir: str) -> str:
 def publish_weights(params, cfg: DecoderConfig, folder: str, dtype: str = "bfloat16") -> str:
     """Moves `params` (our layout, the model of `cfg`, any sharding) to where the vLLM servers read them:
     today an untied Hugging Face folder at `folder` in `dtype` (safetensors + config.json) that
-    `reload_weights` takes. The one transport seam of a push: an in-memory or NCCL transfer replaces this
-    function and nothing else. A tied model's `lm_head.weight` is written from the embedding already on the
-    host (no second conversion). Collective: with several processes every one must call it (the gathers
-    span them all); only process 0 writes, and the folder is complete when process 0 returns. Returns
-    `folder`; ConfigError for an unknown `dtype`."""
+    `reload_weights` takes. The one transport seam of a push: an in-memory or NCCL transfer (what the
+    reference, open-instruct's `ppo_vllm_thread_ray_gtrl.py`, does: a broadcast of every parameter to the
+    vLLM engines over a torch process group) replaces this function and nothing else. A tied model's
+    `lm_head.weight` is written from the embedding already on the host (no second conversion).
+
+    Collective: with several processes every one must call it (the gathers span them all); only process 0
+    writes, and the folder is complete when process 0 returns. Returns `folder`; ConfigError for an
+    unknown `dtype`."""
     config = to_hf_config(dataclasses.replace(cfg, tie_embeddings=False), dtype)
     copies = {LM_HEAD: EMBED} if cfg.tie_embeddings else None
     return hf.write_hf_folder(params, hf.param_rules(cfg), cfg, config, folder, dtype=dtype, copies=copies)
