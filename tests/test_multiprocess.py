@@ -15,8 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from multiprocess import REPO, finish, run, start
+from multiprocess import REPO, run, start
 
 pytestmark = pytest.mark.slow
 

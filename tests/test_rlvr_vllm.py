@@ -97,7 +97,14 @@ def rlvr_vllm(vllm_server, vllm_tiny_model, monkeypatch, tmp_path):
         return out, summary, rec
 
     yield run
-    restore = VLLMClient([vllm_server.url], eos_token_id=0, pad_token_id=0, cfg=cfg, weights_dir=str(tmp_path / "base"))
+    restore = VLLMClient(
+        [vllm_server.url],
+        eos_token_id=0,
+        pad_token_id=0,
+        cfg=cfg,
+        weights_dir=str(tmp_path / "base"),
+        weights_dtype="float32",
+    )  # float32: exactly the startup weights again
     restore.push_weights(params, "base")
 
 

@@ -6,11 +6,14 @@ The HTTP failure modes that need a misbehaving server (500s, a hang) use a tiny 
 
 import dataclasses
 import http.server
+import json
+import os
 import threading
 import time
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import pytest
 import torch
@@ -46,7 +49,10 @@ def _scaled(params, seed, scale=0.3):
 def shared_client(vllm_server, vllm_tiny_model, tmp_path_factory):
     _, cfg, _ = vllm_tiny_model
     weights = tmp_path_factory.mktemp("pushes")
-    return VLLMClient([vllm_server.url], eos_token_id=EOS, pad_token_id=0, cfg=cfg, weights_dir=str(weights))
+    # float32 pushes: the float32 server then runs exactly the trainer's weights, as the log-prob checks need.
+    return VLLMClient(
+        [vllm_server.url], eos_token_id=EOS, pad_token_id=0, cfg=cfg, weights_dir=str(weights), weights_dtype="float32"
+    )
 
 
 @pytest.fixture
@@ -196,7 +202,14 @@ def test_push_shows_in_the_next_completion(client, vllm_server, vllm_tiny_model,
         cfg = dataclasses.replace(cfg, tie_embeddings=False)
         head = np.random.default_rng(12).standard_normal((cfg.hidden_size, cfg.vocab_size)).astype(np.float32)
         new = {**new, "lm_head": head * 0.05}
-        pusher = VLLMClient([vllm_server.url], eos_token_id=EOS, pad_token_id=0, cfg=cfg, weights_dir=str(tmp_path))
+        pusher = VLLMClient(
+            [vllm_server.url],
+            eos_token_id=EOS,
+            pad_token_id=0,
+            cfg=cfg,
+            weights_dir=str(tmp_path),
+            weights_dtype="float32",
+        )
     prompts = _prompts(4)
     sp = SamplingParams(max_tokens=M, temperature=0.0)
     before = pusher.generate(prompts, sp)
@@ -210,6 +223,28 @@ def test_push_shows_in_the_next_completion(client, vllm_server, vllm_tiny_model,
     assert all(c.weight_version == f"step-{int(tied)}" for c in after)
     for c in after[:2]:
         np.testing.assert_allclose(c.logps, _scores(cfg, new, c, 1.0), atol=1e-4)
+
+
+def test_bfloat16_push_serves_the_rounded_weights(client, vllm_server, vllm_tiny_model, tmp_path):
+    """The default push (bfloat16) on a float32 server: vLLM then runs the trainer's weights rounded to
+    bfloat16, exactly: greedy output equals transformers on those rounded weights, and the sampled tokens'
+    log-probs equal our float32 forward of them."""
+    _, cfg, params = vllm_tiny_model
+    new = _scaled(params, seed=14)
+    pusher = VLLMClient([vllm_server.url], eos_token_id=EOS, pad_token_id=0, cfg=cfg, weights_dir=str(tmp_path))
+    assert pusher.weights_dtype == "bfloat16"
+    pusher.push_weights(new, "bf16")
+    client.weight_version = None  # the shared client's tag no longer says what the server runs
+    with open(os.path.join(pusher._folder, "config.json")) as f:
+        assert json.load(f)["torch_dtype"] == "bfloat16"
+    rounded = jax.tree.map(lambda x: np.asarray(x).astype(ml_dtypes.bfloat16).astype(np.float32), new)
+    prompts = _prompts(8)
+    after = pusher.generate(prompts, SamplingParams(max_tokens=M, temperature=0.0))
+    ref = hf.export_hf(jax.tree.map(jnp.asarray, rounded), cfg, str(tmp_path / "ref"))
+    assert [list(c.token_ids) for c in after] == _hf_greedy(ref, prompts)
+    assert all(c.weight_version == "bf16" for c in after)
+    for c in after[:2]:
+        np.testing.assert_allclose(c.logps, _scores(cfg, rounded, c, 1.0), atol=1e-4)
 
 
 def test_broken_push_is_refused_and_old_weights_keep_serving(client, vllm_tiny_model, tmp_path, monkeypatch):
@@ -246,7 +281,9 @@ def test_broken_push_is_refused_and_old_weights_keep_serving(client, vllm_tiny_m
 def test_a_dead_second_server_is_failed_over(vllm_server, vllm_tiny_model, tmp_path):
     _, cfg, params = vllm_tiny_model
     dead = f"http://127.0.0.1:{free_port()}"
-    live = VLLMClient([vllm_server.url], eos_token_id=EOS, pad_token_id=0, cfg=cfg, weights_dir=str(tmp_path))
+    live = VLLMClient(
+        [vllm_server.url], eos_token_id=EOS, pad_token_id=0, cfg=cfg, weights_dir=str(tmp_path), weights_dtype="float32"
+    )  # float32: the server is left on exactly its startup weights, as later tests expect
     live.push_weights(params, "base")
     prompts, sp = _prompts(6, lens=(3, 4, 5, 6)), SamplingParams(max_tokens=M, temperature=0.0)
     ref = live.generate(prompts, sp)

@@ -12,16 +12,26 @@ import copy
 import json
 import os
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from safetensors import safe_open
-from safetensors.numpy import save_file
 
 from tulu_jax.configlib import ConfigError
 from tulu_jax.models.config import DecoderConfig, from_hf_config, to_hf_config
+from tulu_jax.models.safetensors_files import (
+    DTYPE_TAGS,
+    INDEX_NAME,
+    SafetensorsWriter,
+    TensorSpec,
+    file_names,
+    split_files,
+)
 
 
 @dataclass(frozen=True)
@@ -46,11 +56,22 @@ def _heads_in(heads_attr):
     return to_ours, to_hf
 
 
-def _rule(hf_name, to_ours=lambda w, c: w, to_hf=lambda w, c: w):
-    return TensorRule(hf_name, to_ours, to_hf)
+def _rule(hf_name, to_ours=None, to_hf=None):
+    return TensorRule(hf_name, to_ours or _same, to_hf or _same)
+
+
+# The conversions are module-level functions, made once: equal rules then compare (and hash) equal across
+# `param_rules` calls, so the export's compiled conversions are reused from one push to the next.
+def _same(w, c):
+    return w
 
 
 _T = (lambda w, c: w.T, lambda w, c: w.T)
+_Q_IN, _KV_IN = _heads_in("num_heads"), _heads_in("num_kv_heads")
+_O_OUT = (
+    lambda w, c: w.T.reshape(c.num_heads, c.head_dim, c.hidden_size),
+    lambda w, c: w.reshape(-1, c.hidden_size).T,
+)
 _HEAD_BIAS = {
     "q": (lambda w, c: w.reshape(c.num_heads, c.head_dim), lambda w, c: w.reshape(-1)),
     "kv": (lambda w, c: w.reshape(c.num_kv_heads, c.head_dim), lambda w, c: w.reshape(-1)),
@@ -63,14 +84,10 @@ def param_rules(cfg: DecoderConfig) -> dict[tuple[str, ...], TensorRule]:
     rules = {
         ("embed",): _rule("model.embed_tokens.weight"),
         ("final_norm", "scale"): _rule("model.norm.weight"),
-        ("layers", "self_attn", "q_kernel"): _rule(layer + "self_attn.q_proj.weight", *_heads_in("num_heads")),
-        ("layers", "self_attn", "k_kernel"): _rule(layer + "self_attn.k_proj.weight", *_heads_in("num_kv_heads")),
-        ("layers", "self_attn", "v_kernel"): _rule(layer + "self_attn.v_proj.weight", *_heads_in("num_kv_heads")),
-        ("layers", "self_attn", "o_kernel"): _rule(
-            layer + "self_attn.o_proj.weight",
-            lambda w, c: w.T.reshape(c.num_heads, c.head_dim, c.hidden_size),
-            lambda w, c: w.reshape(-1, c.hidden_size).T,
-        ),
+        ("layers", "self_attn", "q_kernel"): _rule(layer + "self_attn.q_proj.weight", *_Q_IN),
+        ("layers", "self_attn", "k_kernel"): _rule(layer + "self_attn.k_proj.weight", *_KV_IN),
+        ("layers", "self_attn", "v_kernel"): _rule(layer + "self_attn.v_proj.weight", *_KV_IN),
+        ("layers", "self_attn", "o_kernel"): _rule(layer + "self_attn.o_proj.weight", *_O_OUT),
         ("layers", "mlp", "gate_kernel"): _rule(layer + "mlp.gate_proj.weight", *_T),
         ("layers", "mlp", "up_kernel"): _rule(layer + "mlp.up_proj.weight", *_T),
         ("layers", "mlp", "down_kernel"): _rule(layer + "mlp.down_proj.weight", *_T),
@@ -335,20 +352,12 @@ def load_hf_params(
     return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(abstract_params), leaves)
 
 
-def _to_host(x) -> np.ndarray:
-    if not x.is_fully_addressable:
-        from jax.experimental import multihost_utils
-
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(jax.device_get(x))
-
-
 def export_hf(
     params, cfg: DecoderConfig, out_dir: str, tokenizer=None, dtype: str = "float32", max_shard_bytes: int = 2 << 30
 ) -> str:
     """Writes `params` as a Hugging Face folder (config.json, safetensors shards, tokenizer) that
-    `AutoModelForCausalLM.from_pretrained` and vLLM load. Stacked layers are fetched one layer at a time and
-    each file is written once it reaches `max_shard_bytes`, so the host holds at most one file's worth.
+    `AutoModelForCausalLM.from_pretrained` and vLLM load, through `write_hf_folder` (chunked on-device
+    conversion, files of at most `max_shard_bytes`).
     `dtype` ('float32', 'bfloat16' or 'float16') is the stored tensors' and config.json's torch_dtype. Raises
     ConfigError for another dtype or a bias layout the family's config.json cannot express (`to_hf_config`).
     Returns `out_dir`."""
@@ -384,65 +393,104 @@ def write_hf_folder(
     tokenizer=None,
     dtype: str = "float32",
     max_shard_bytes: int = 2 << 30,
+    *,
+    copies: dict[str, str] | None = None,
+    fetch_bytes: int = 512 << 20,
+    threads: int | None = None,
 ) -> str:
-    """The streaming writer behind the exports: every leaf of `params` goes out under its name in `rules`,
-    with `config` as config.json, as `dtype` ('float32', 'bfloat16', 'float16'; else ConfigError). The folder
-    appears at `out_dir` only once complete (written to `out_dir`.tmp, then renamed); with several processes
-    every one joins the gathers and only process 0 writes. Returns `out_dir`."""
-    dtypes = {"float32": np.float32, "bfloat16": None, "float16": np.float16}
-    if dtype not in dtypes:
-        raise ConfigError(f"export dtype {dtype!r} is not one of {sorted(dtypes)}")
-    np_dtype = dtypes[dtype]
-    if np_dtype is None:
-        import ml_dtypes
+    """The writer behind the exports and the vLLM weight pushes: every leaf of `params` (jax or numpy arrays,
+    any sharding) goes out under its name in `rules`, with `config` as config.json, as `dtype` ('float32',
+    'bfloat16', 'float16'; else ConfigError). `copies` maps extra tensor names to the name whose tensor they
+    repeat (an untied LM head written from the embedding, without a second conversion or transfer).
 
-        np_dtype = ml_dtypes.bfloat16
-    tmp = out_dir.rstrip("/") + ".tmp"
+    Each leaf is converted on its devices in one compiled step (cast to `dtype` first, which halves the
+    bytes for bf16, then the layout transposes of `rules`), in chunks of whole layers of at most
+    `fetch_bytes` converted bytes, gathered to the host once per chunk, and written straight into
+    pre-laid-out safetensors files (`safetensors_files`) by `threads` writer threads (default: up to 4) while
+    the next chunk converts; files hold at most `max_shard_bytes` each. The host holds at most
+    `threads` + 2 chunks. The folder appears at `out_dir` only once complete (written to `out_dir`.tmp, then
+    renamed). With several processes every one must call this (the gathers are collectives) and only
+    process 0 writes. ValueError when `params` and `rules` disagree. Returns `out_dir`."""
+    if dtype not in DTYPE_TAGS:
+        raise ConfigError(f"export dtype {dtype!r} is not one of {sorted(DTYPE_TAGS)}")
+    copies = dict(copies or {})
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    chunks, specs = [], []  # chunks: (leaf, rule, first layer or None, layer count or None, names)
+    for path, leaf in flat:
+        key = tuple(p.key for p in path)
+        if key not in rules:
+            raise ValueError(f"parameter {'/'.join(map(str, key))} has no Hugging Face name in the rules table")
+        rule, leaf = rules[key], leaf if isinstance(leaf, jax.Array) else jnp.asarray(leaf)
+        stacked = _stacked(rule)
+        if stacked and leaf.shape[0] != cfg.num_layers:
+            raise ValueError(f"parameter {'/'.join(key)} has {leaf.shape[0]} layers, the config {cfg.num_layers}")
+        one = jax.ShapeDtypeStruct(leaf.shape[1:] if stacked else leaf.shape, leaf.dtype)
+        shape = tuple(jax.eval_shape(lambda w, rule=rule: rule.to_hf(w, cfg), one).shape)
+        names = [rule.hf_name.format(i=i) for i in range(cfg.num_layers)] if stacked else [rule.hf_name]
+        for name in names:
+            specs.append(TensorSpec(name, shape, dtype))
+            specs += [TensorSpec(extra, shape, dtype) for extra, source in copies.items() if source == name]
+        if stacked:
+            per_layer = specs[-1].nbytes
+            fits = [d for d in range(1, cfg.num_layers + 1) if cfg.num_layers % d == 0 and d * per_layer <= fetch_bytes]
+            k = max(fits, default=1)  # equal chunks: one compilation per leaf
+            chunks += [(leaf, rule, i, k, names[i : i + k]) for i in range(0, cfg.num_layers, k)]
+        else:
+            chunks.append((leaf, rule, None, None, names))
+    unknown = sorted(set(copies.values()) - {s.name for s in specs})
+    if unknown:
+        raise ValueError(f"copies name source tensors that are not written: {unknown}")
+
     write = jax.process_index() == 0  # every process joins the gathers; only the first writes
+    threads = threads or min(4, os.cpu_count() or 1)
+    tmp = out_dir.rstrip("/") + ".tmp"
+    files = split_files(specs, max_shard_bytes)
+    layout = list(zip(file_names(len(files)), files))
+    writer = pool = None
     if write:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
-    written: list[tuple[str, list[str]]] = []  # (file, tensor names), each file written as soon as it fills
-    pending: dict[str, np.ndarray] = {}
-    pending_bytes = total = 0
+        writer = SafetensorsWriter(tmp, layout, {"format": "pt"})
+        pool = ThreadPoolExecutor(threads)
+    extra_of = {source: [e for e, s in copies.items() if s == source] for source in copies.values()}
 
-    def flush():
-        nonlocal pending, pending_bytes
-        if pending:
-            fname = f"part-{len(written):05d}.safetensors"
-            save_file(pending, os.path.join(tmp, fname), metadata={"format": "pt"})
-            written.append((fname, list(pending)))
-        pending, pending_bytes = {}, 0
+    def store(host, names, stacked):
+        for i, name in enumerate(names):
+            tensor = host[i] if stacked else host
+            for target in (name, *extra_of.get(name, ())):
+                writer.write(target, tensor)
 
-    def add(name, w):
-        nonlocal pending_bytes, total
-        if not write:
-            return
-        w = np.ascontiguousarray(w.astype(np_dtype))
-        if pending and pending_bytes + w.nbytes > max_shard_bytes:
-            flush()
-        pending[name] = w
-        pending_bytes += w.nbytes
-        total += w.nbytes
+    def dispatch(chunk):
+        leaf, rule, start, k, _ = chunk
+        return _converter(rule, cfg, dtype, k, _replicated_on(leaf))(leaf, 0 if start is None else start)
 
-    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-        rule = rules[tuple(p.key for p in path)]
-        if _stacked(rule):
-            for i in range(cfg.num_layers):
-                add(rule.hf_name.format(i=i), rule.to_hf(_to_host(leaf[i]), cfg))
-        else:
-            add(rule.hf_name, rule.to_hf(_to_host(leaf), cfg))
-    flush()
+    try:
+        pending, queued = dispatch(chunks[0]) if chunks else None, []
+        for n, chunk in enumerate(chunks):
+            converted = pending
+            if n + 1 < len(chunks):
+                pending = dispatch(chunks[n + 1])  # converts on the devices while this chunk is written
+            if not write:
+                converted.block_until_ready()  # this process's part of the gather is done
+                continue
+            host = np.asarray(converted if converted.is_fully_addressable else converted.addressable_data(0))
+            while len(queued) > threads:  # bounds the host memory held by chunks waiting to be written
+                queued.pop(0).result()
+            queued.append(pool.submit(store, host, chunk[4], chunk[2] is not None))
+        for future in queued:
+            future.result()
+    finally:
+        if write:
+            pool.shutdown(wait=True)
+            writer.close()
     if not write:
         return out_dir
-    weight_map = {}
-    for n, (part, names) in enumerate(written):
-        fname = "model.safetensors" if len(written) == 1 else f"model-{n + 1:05d}-of-{len(written):05d}.safetensors"
-        os.replace(os.path.join(tmp, part), os.path.join(tmp, fname))
-        weight_map.update({k: fname for k in names})
-    if len(written) > 1:
-        with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
-            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=1)
+    if writer.missing():  # a bug here, not bad input: refuse to publish a folder with holes
+        raise RuntimeError(f"{tmp}: tensors never written: {writer.missing()[:5]}")
+    if len(files) > 1:
+        total = sum(s.nbytes for s in specs)
+        with open(os.path.join(tmp, INDEX_NAME), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": writer.weight_map}, f, indent=1)
     with open(os.path.join(tmp, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
     if tokenizer is not None:
@@ -450,3 +498,37 @@ def write_hf_folder(
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)
     return out_dir
+
+
+_CONVERTERS: dict = {}  # compiled conversions, reused by every later export of the same model
+
+
+def _converter(rule: TensorRule, cfg: DecoderConfig, dtype: str, layers: int | None, gather):
+    """jit(leaf, start) -> `rule.to_hf` of the leaf (or of its layers [start, start + layers) when `layers` is
+    set: [layers, *hf_shape]) cast to `dtype`; with `gather` (a replicated sharding) the result is copied to
+    every device, so each process holds all of it."""
+    key = (rule, repr(cfg), dtype, layers, gather)
+    if key not in _CONVERTERS:
+        target = jnp.dtype(dtype)
+
+        def convert(x, start):
+            if layers is None:
+                return rule.to_hf(x.astype(target), cfg)
+            chunk = jax.lax.dynamic_slice_in_dim(x, start, layers, axis=0).astype(target)
+            return jax.vmap(lambda w: rule.to_hf(w, cfg))(chunk)
+
+        if len(_CONVERTERS) > 512:  # many different models in one process (tests): start over
+            _CONVERTERS.clear()
+        _CONVERTERS[key] = jax.jit(convert, out_shardings=gather)
+    return _CONVERTERS[key]
+
+
+def _replicated_on(x: jax.Array):
+    """None when this process holds all of `x`; else a sharding that copies `x` to every one of its devices
+    (the gather that lets process 0 read it)."""
+    if x.is_fully_addressable:
+        return None
+    mesh = getattr(x.sharding, "mesh", None)
+    if not isinstance(mesh, Mesh):
+        mesh = Mesh(np.array(sorted(x.sharding.device_set, key=lambda d: d.id)), ("devices",))
+    return NamedSharding(mesh, PartitionSpec())

@@ -10,8 +10,10 @@ Scoring: the same endpoint with the completion appended to the prompt and `promp
 vLLM return the log-prob of every prompt token under the served weights. vLLM computes those from the raw
 logits (no temperature: sampling processors skip prompt tokens), so only temperature 1 is available.
 
-Weights: `push_weights` writes the policy as Hugging Face safetensors into a fresh folder under `weights_dir`
-(which every server must be able to read: a shared filesystem when they run elsewhere) and, per server,
+Weights: `push_weights` = `write_push_folder` (collective over the trainer's processes: the policy goes out
+through `weight_sync.publish_weights`, today as Hugging Face safetensors in `weights_dtype`, bfloat16 by
+default, into a fresh folder under `weights_dir`, which every server must be able to read: /dev/shm by
+default, a shared filesystem when servers run elsewhere) + `load_folder` (process 0 only), which per server
 pauses it (in-flight requests finish, the prefix cache is dropped), reloads from the folder, sets and checks
 the version tag, then resumes. A reload that fails can leave vLLM's model half-loaded while /health still
 says 200, so a failed server is reloaded from the last good folder while still paused, and is never resumed
@@ -28,7 +30,6 @@ import os
 import random
 import re
 import shutil
-import tempfile
 import threading
 import time
 import urllib.error
@@ -37,8 +38,10 @@ from collections.abc import Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from typing import Any
 
+import jax
 import numpy as np
 
+from tulu_jax import multihost
 from tulu_jax.models import hf
 from tulu_jax.models.config import DecoderConfig
 from tulu_jax.rollout.types import (
@@ -48,7 +51,13 @@ from tulu_jax.rollout.types import (
     batch_completions,
     check_score_inputs,
 )
-from tulu_jax.rollout.weight_sync import check_folder, expected_tensors, write_weights
+from tulu_jax.rollout.weight_sync import (
+    check_folder,
+    expected_tensors,
+    publish_weights,
+    push_bytes,
+    scratch_weights_dir,
+)
 
 
 class RolloutServerError(RuntimeError):
@@ -122,7 +131,10 @@ def _http(url: str, body: Any = None, *, method: str | None = None, timeout: flo
 class VLLMClient:
     """Implements `RolloutBackend` against vLLM servers started with `--logprobs-mode processed_logprobs`
     (`tulu_jax.rollout.server` does). `cfg` (our model config) is needed to push weights; `push_weights`
-    raises ValueError without it.
+    raises ValueError without it. Pushes go out in `weights_dtype` ('bfloat16', the serving dtype on
+    accelerators and half the bytes of float32; 'float32' when a float32 server must run exactly the
+    trainer's weights; 'float16') into folders under `weights_dir` (default: `weight_sync.scratch_weights_dir`,
+    /dev/shm when it has room), of which the newest `keep_folders` are kept.
 
     Times are seconds: `timeout_s` per HTTP request, `retry_deadline_s` how long a failing request keeps
     being retried after its first failure (back-off from `backoff_s`, doubling, capped at `max_backoff_s`),
@@ -136,7 +148,7 @@ class VLLMClient:
         pad_token_id: int,
         cfg: DecoderConfig | None = None,
         weights_dir: str | None = None,
-        weights_dtype: str = "float32",
+        weights_dtype: str = "bfloat16",
         timeout_s: float = 600.0,
         retry_deadline_s: float = 300.0,
         backoff_s: float = 0.5,
@@ -156,6 +168,7 @@ class VLLMClient:
         self._gate = _Gate()
         self._folder: str | None = None  # the folder of `weight_version`, what a restarted server reloads
         self._folders: list[str] = []  # folders we wrote, oldest first (pruned to keep_folders)
+        self._folders_lock = threading.Lock()  # written by write_push_folder, pruned by load_folder's thread
         self._pushes = 0
         self.weight_version: str | None = None
         self.last_push: dict[str, float] = {}
@@ -349,35 +362,77 @@ class VLLMClient:
     # ------------------------------------------------------------------ weights
 
     def push_weights(self, params, version: str | None = None) -> dict[str, float]:
-        """Writes `params` (our layout, the model of `self.cfg`) to a fresh folder in `weights_dtype` and
-        loads it on every server, tagged `version` (default "push-<count>"). Waits for running `generate`
-        calls; returns (and keeps in `last_push`) seconds per phase: write_s, load_s, total_s. Raises
-        ValueError without `cfg`, RolloutServerError when a server refuses the folder (see `_load`)."""
+        """`write_push_folder` then `load_folder`: writes `params` (our layout, the model of `self.cfg`) in
+        `weights_dtype` and loads them on every server, tagged `version` (default "push-<count>"). Waits for
+        running `generate` calls before touching a server; returns (and keeps in `last_push`) seconds per
+        phase: write_s, load_s, total_s.
+
+        Multi-process: every process calls it; only process 0 talks to the servers, and every process
+        returns once the new version is loaded, with process 0's timings (a server error is raised on every
+        process). Raises ValueError without `cfg`, RolloutServerError when a server refuses the folder."""
+        version = str(version) if version is not None else f"push-{self._pushes + 1}"
+        start = time.perf_counter()
+        folder = self.write_push_folder(params, version)
+        written = time.perf_counter()
+        failure = None
+        try:
+            self.load_folder(folder, version)
+        except Exception as e:  # shared before raising: the other processes must not wait for it forever
+            failure = e
+        end = time.perf_counter()
+        times = {"write_s": written - start, "load_s": end - written, "total_s": end - start}
+        error = None if failure is None else f"{type(failure).__name__}: {failure}"[:8000]
+        # Process 0's outcome on every process; the others wait here until it has loaded.
+        shared = multihost.broadcast_object({"times": times, "error": error})
+        if failure is not None:
+            raise failure
+        if shared["error"] is not None:
+            raise RolloutServerError(f"weight push {version!r} failed on process 0: {shared['error']}")
+        self.last_push = shared["times"]
+        return self.last_push
+
+    def write_push_folder(self, params, version: str | None = None) -> str:
+        """Publishes `params` (our layout, the model of `self.cfg`) as a fresh folder under `weights_dir`
+        in `weights_dtype` (`weight_sync.publish_weights`) -> its absolute path; `version` (default
+        "push-<count>") only names the folder. Running `generate` calls go on meanwhile: nothing is loaded
+        yet (`load_folder` does that).
+
+        Collective: with several processes every one must call it, in the same order; only process 0
+        writes, and every process returns once the folder is complete. The first call picks `weights_dir`
+        when none was given (`scratch_weights_dir`: /dev/shm when it has room for `keep_folders` + 1
+        pushes). Raises ValueError without `cfg`."""
         cfg = self.cfg
         if cfg is None:
             raise ValueError("push_weights needs the model config: construct VLLMClient(..., cfg=DecoderConfig)")
         self._pushes += 1
         version = str(version) if version is not None else f"push-{self._pushes}"
         if self.weights_dir is None:
-            self.weights_dir = tempfile.mkdtemp(prefix="tulu_jax_weights_")
+            room = (self.keep_folders + 1) * push_bytes(cfg, self.weights_dtype)
+            chosen = scratch_weights_dir(room) if jax.process_index() == 0 else ""
+            self.weights_dir = multihost.broadcast_object(chosen)
         name = re.sub(r"[^A-Za-z0-9_.-]", "_", version)
         folder = os.path.abspath(os.path.join(self.weights_dir, f"{self._pushes:05d}-{name}"))
-        start = time.perf_counter()
-        with self._gate.writing():
-            write_weights(params, cfg, folder, dtype=self.weights_dtype)
+        publish_weights(params, cfg, folder, dtype=self.weights_dtype)
+        multihost.barrier(f"tulu_jax_push_{self._pushes}")
+        with self._folders_lock:
             self._folders.append(folder)
-            written = time.perf_counter()
-            self._load_all(folder, version, cfg)
-        end = time.perf_counter()
-        self.last_push = {"write_s": written - start, "load_s": end - written, "total_s": end - start}
-        return self.last_push
+        return folder
 
     def load_folder(self, folder: str, version: str) -> None:
-        """Loads an already written Hugging Face folder on every server (what `push_weights` does after
-        writing). The folder is checked against the model config (the client's `cfg`, else the folder's
-        config.json) before any server is touched; RolloutServerError if it does not match."""
+        """Loads an already written Hugging Face folder on every server, tagged `version`, waiting for
+        running `generate` calls first. The folder is checked against the model config (the client's `cfg`,
+        else the folder's config.json) before any server is touched; RolloutServerError if it does not
+        match or a server refuses it (see `_load`).
+
+        Only process 0 talks to the servers: on the others this returns at once (recording `version` as
+        the current one), so it may run in any thread there. Safe to call from another thread than
+        `write_push_folder`'s."""
+        folder, version = os.path.abspath(folder), str(version)
+        if jax.process_index() != 0:
+            self._folder, self.weight_version = folder, version
+            return
         with self._gate.writing():
-            self._load_all(os.path.abspath(folder), str(version), self.cfg)
+            self._load_all(folder, version, self.cfg)
 
     def _load_all(self, folder: str, version: str, cfg: DecoderConfig | None) -> None:
         cfg = cfg or self.cfg
@@ -472,8 +527,12 @@ class VLLMClient:
             server.stale = False
 
     def _prune(self) -> None:
-        """Deletes our old folders, keeping the newest `keep_folders` and always the current one."""
-        keep = set(self._folders[-self.keep_folders :]) | {self._folder}
-        for folder in [f for f in self._folders if f not in keep]:
-            shutil.rmtree(folder, ignore_errors=True)
-            self._folders.remove(folder)
+        """Deletes our folders older than the current one, keeping the newest `keep_folders` - 1 of those
+        (and every folder written after it, which may still be waiting for its `load_folder`)."""
+        with self._folders_lock:
+            if self._folder not in self._folders:
+                return
+            older = self._folders[: self._folders.index(self._folder)]
+            for folder in older[: max(0, len(older) - (self.keep_folders - 1))]:
+                shutil.rmtree(folder, ignore_errors=True)
+                self._folders.remove(folder)

@@ -7,6 +7,9 @@ out of the old head. We sidestep it by always serving an *untied* model: a tied 
 through a view with an explicit `lm_head.weight` (a copy of the embedding) and `tie_word_embeddings: false`,
 and every push writes `lm_head.weight` explicitly. The model computes the same function; vLLM just stores
 the head twice.
+
+`publish_weights` is the only code that moves a push's weights to the servers; `check_folder` and
+`expected_tensors` let the client refuse a bad folder before any server sees it.
 """
 
 from __future__ import annotations
@@ -15,13 +18,14 @@ import dataclasses
 import json
 import os
 import shutil
+import tempfile
 
 import jax
 import numpy as np
 from safetensors.numpy import save_file
 
 from tulu_jax.models import hf
-from tulu_jax.models.config import DecoderConfig
+from tulu_jax.models.config import DecoderConfig, to_hf_config
 
 EMBED, LM_HEAD = "model.embed_tokens.weight", "lm_head.weight"
 _INDEX = "model.safetensors.index.json"
@@ -61,18 +65,44 @@ def untied_view(model_dir: str, out_dir: str) -> str:
     return out_dir
 
 
-def untie_params(params, cfg: DecoderConfig):
-    """(params, cfg) of the same model with an explicit LM head: ours is [D, V], the embedding [V, D]."""
-    if not cfg.tie_embeddings:
-        return params, cfg
-    return {**params, "lm_head": jax.numpy.asarray(params["embed"]).T}, dataclasses.replace(cfg, tie_embeddings=False)
+def publish_weights(params, cfg: DecoderConfig, folder: str, dtype: str = "bfloat16") -> str:
+    """Moves `params` (our layout, the model of `cfg`, any sharding) to where the vLLM servers read them:
+    today an untied Hugging Face folder at `folder` in `dtype` (safetensors + config.json) that
+    `reload_weights` takes. The one transport seam of a push: an in-memory or NCCL transfer (what the
+    reference, open-instruct's `ppo_vllm_thread_ray_gtrl.py`, does: a broadcast of every parameter to the
+    vLLM engines over a torch process group) replaces this function and nothing else. A tied model's
+    `lm_head.weight` is written from the embedding already on the host (no second conversion).
+
+    Collective: with several processes every one must call it (the gathers span them all); only process 0
+    writes, and the folder is complete when process 0 returns. Returns `folder`; ConfigError for an
+    unknown `dtype`."""
+    config = to_hf_config(dataclasses.replace(cfg, tie_embeddings=False), dtype)
+    copies = {LM_HEAD: EMBED} if cfg.tie_embeddings else None
+    return hf.write_hf_folder(params, hf.param_rules(cfg), cfg, config, folder, dtype=dtype, copies=copies)
 
 
-def write_weights(params, cfg: DecoderConfig, out_dir: str, dtype: str = "float32") -> str:
-    """`params` (our layout) as an untied Hugging Face folder at `out_dir`, ready for `reload_weights`."""
-    params, cfg = untie_params(params, cfg)
-    params = jax.tree.map(lambda x: x if isinstance(x, jax.Array) else jax.numpy.asarray(x), params)  # host leaves too
-    return hf.export_hf(params, cfg, out_dir, dtype=dtype)
+SHM = "/dev/shm"
+
+
+def scratch_weights_dir(needed_bytes: int, shm: str = SHM) -> str:
+    """A fresh folder for pushed weights: under `shm` (RAM-backed on Linux: a push is a memory copy, and a
+    server on this host reads it back at memory speed) when it exists and has `needed_bytes` free, else
+    under the system temp dir (`tempfile.gettempdir()`). Servers on other hosts cannot read either: give
+    them a shared folder instead."""
+    if os.path.isdir(shm):
+        try:
+            if shutil.disk_usage(shm).free >= needed_bytes:
+                return tempfile.mkdtemp(prefix="tulu_jax_weights_", dir=shm)
+        except OSError:  # not writable here (a container's read-only mount): the temp dir below
+            pass
+    return tempfile.mkdtemp(prefix="tulu_jax_weights_")
+
+
+def push_bytes(cfg: DecoderConfig, dtype: str) -> int:
+    """Bytes of tensor data one push of `cfg` writes in `dtype` (the untied model: what `publish_weights`
+    stores)."""
+    itemsize = 4 if dtype == "float32" else 2
+    return itemsize * sum(int(np.prod(shape, dtype=np.int64)) for shape in expected_tensors(cfg).values())
 
 
 def expected_tensors(cfg: DecoderConfig) -> dict[str, tuple[int, ...]]:
