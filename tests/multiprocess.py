@@ -69,6 +69,13 @@ def finish(procs: list[subprocess.Popen], timeout: float = 900) -> list[tuple[in
     return results
 
 
+def ok(results: list[tuple[int, str]]) -> str:
+    """Process 0's output, after checking that every process exited 0 (else the failing one's output tail)."""
+    for i, (code, out) in enumerate(results):
+        assert code == 0, f"process {i} exited {code}:\n{out[-4000:]}"
+    return results[0][1]
+
+
 def run(args: list[str], processes: int = 2, devices: int = 4, timeout: float = 900) -> list[tuple[int, str]]:
     """`start` then `finish`: every process's (exit code, output)."""
     return finish(start(args, processes, devices), timeout)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from multiprocess import REPO, run, start
+from multiprocess import REPO, ok, run, start
 
 pytestmark = pytest.mark.slow
 
@@ -37,13 +37,6 @@ RTOL = 1e-5
 
 def cli(stage: str, out: Path, *args: str) -> list[str]:
     return ["-m", "tulu_jax.cli", stage, f"output_dir={out}", *args]
-
-
-def ok(results) -> str:
-    """Process 0's output, after checking that every process exited 0."""
-    for i, (code, out) in enumerate(results):
-        assert code == 0, f"process {i} exited {code}:\n{out[-4000:]}"
-    return results[0][1]
 
 
 def metrics(out: Path) -> dict[int, dict]:
@@ -208,7 +201,9 @@ def test_two_process_preference_steps_equal_one_process(tiny_sft_export, small_p
 
 def test_two_process_rlvr_equals_one_process(tiny_sft_export, tmp_path):
     """PPO with the local sampler: both processes sample together (one SPMD program), process 0 scores and
-    shares the rollouts; the value model starts from the policy (no reward model needed here)."""
+    shares the rollouts; the value model starts from the policy (no reward model needed here). One update a
+    step, so step 1's losses are computed before any update and must match; step 2 samples with the updated
+    weights, which AdamW's normalised first step may round differently, so it is only checked to run."""
     args = [
         "--config",
         str(REPO / "configs/rlvr/tiny.yaml"),
@@ -219,6 +214,8 @@ def test_two_process_rlvr_equals_one_process(tiny_sft_export, tmp_path):
         "train.batch_size=8",
         "train.eval_every=-1",
         "rollout.max_tokens=8",
+        "ppo.epochs=1",
+        "ppo.minibatches=1",
         "checkpoint.every_steps=0",
         *MESH,
     ]
@@ -226,7 +223,10 @@ def test_two_process_rlvr_equals_one_process(tiny_sft_export, tmp_path):
     ok(run(cli("rlvr", two, *args)))
     ok(run(cli("rlvr", one, *args), processes=1, devices=8))
     a, b = metrics(two), metrics(one)
-    for step in (1, 2):
-        assert a[step]["objective/scores"] == b[step]["objective/scores"]  # the same samples, scored the same
-    keys = ("loss/policy_avg", "loss/value_avg", "objective/kl", "policy/entropy_avg")
-    assert_same_metrics(two, one, keys, steps=[1, 2], rtol=1e-4)
+    assert sorted(a) == sorted(b) == [1, 2]
+    for key in ("objective/scores", "val/sequence_lengths", "val/stop_token_rate"):
+        assert a[1][key] == b[1][key], key  # the same samples, scored the same
+    keys = ("loss/policy_avg", "loss/value_avg", "objective/rlhf_reward", "policy/entropy_avg", "rollout/logp_gap_mean")
+    # At ratio 1 the policy loss is minus the mean of whitened advantages: zero up to float32 rounding (~1e-7),
+    # so it gets an absolute bound on the advantages' unit scale.
+    assert_same_metrics(two, one, keys, steps=[1], atol=1e-5)

@@ -147,3 +147,22 @@ def test_async_run_samples_at_most_one_version_behind(rlvr_vllm, vllm_server):
     assert all(rows[t]["rollout/staleness_max"] <= 1 for t in rows)
     assert _served_version(vllm_server.url) == str(STEPS)
     assert summary["final_step"] == STEPS
+
+
+def test_two_process_run_pushes_once_per_step_from_process_zero(rlvr_vllm, vllm_server, vllm_tiny_model, tmp_path):
+    """Two processes x 4 devices train together against one server, one step off-policy: process 0 alone
+    samples, loads each push (written from both processes' shards) and shares the rollouts; the server sees
+    one reload per version, and ends on the last step's weights."""
+    from multiprocess import ok, run
+
+    out = tmp_path / "two"
+    log_before = Path(vllm_server.log_path).read_text().count("POST /collective_rpc")
+    args = ["-m", "tulu_jax.cli", "rlvr", "--config", str(REPO / "configs/rlvr/tiny.yaml")]
+    args += _overrides(vllm_tiny_model[0], vllm_server.url, out, 1)
+    ok(run(args))
+    rows = _rows(out)
+    _assert_finite(rows)
+    assert [rows[t]["rollout/staleness_max"] for t in sorted(rows)] == [0.0] + [1.0] * (STEPS - 1)
+    assert _served_version(vllm_server.url) == str(STEPS)
+    reloads = Path(vllm_server.log_path).read_text().count("POST /collective_rpc") - log_before
+    assert reloads == STEPS + 1  # versions 0..STEPS, each loaded once (not once per process)

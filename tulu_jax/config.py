@@ -489,6 +489,17 @@ class RolloutConfig:
     max_batch: int = field(
         default=0, metadata={"help": "local backend: most rows per sampler call (0: the whole rollout batch)"}
     )
+    push_dtype: str = field(
+        default="bfloat16",
+        metadata={"help": "vllm: dtype of weight pushes, the servers' --dtype (float32: the trainer's exact weights)"},
+    )
+    weights_dir: str = field(
+        default="",
+        metadata={
+            "help": "vllm: folder pushes are written to, read by every server at the same path; empty: /dev/shm (or "
+            "the temp dir) when every server is on this host, else OUTPUT_DIR/pushed_weights (a shared filesystem)"
+        },
+    )
 
     def __post_init__(self):
         object.__setattr__(self, "servers", tuple(str(s) for s in self.servers))
@@ -497,6 +508,8 @@ class RolloutConfig:
         if self.backend == "local" and self.servers:
             raise ValueError("servers are only used by backend vllm (set rollout.backend=vllm)")
         _at_least(self, max_tokens=1, n=1, push_every=1, async_steps=0, max_batch=0)
+        if self.push_dtype not in ("bfloat16", "float16", "float32"):
+            raise ValueError(f"push_dtype must be bfloat16, float16 or float32, got {self.push_dtype!r}")
         if not self.temperature > 0:
             raise ValueError(f"temperature must be > 0 for training rollouts, got {self.temperature}")
         # The trainer's log-probs (old, reference, KL) are over the full vocabulary; samples from a truncated

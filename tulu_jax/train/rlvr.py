@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+import urllib.parse
 
 import jax
 import numpy as np
@@ -59,6 +60,7 @@ from tulu_jax.train.state import create_state, state_layout
 
 POLICY_KEYS = ("old_logps", "advantages", "policy_mask", "tis_weights", *SEQUENCE_KEYS)
 VALUE_KEYS = ("old_values", "returns", "value_mask", *SEQUENCE_KEYS)
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")  # servers that can read this host's /dev/shm
 
 
 def check_rlvr_inputs(cfg: RLVRConfig) -> None:
@@ -248,12 +250,17 @@ class RLVRRun:
             ), None
         from tulu_jax.rollout.vllm_client import VLLMClient
 
+        urls = [u.rstrip("/") for u in cfg.rollout.servers]
+        weights_dir = cfg.rollout.weights_dir or None  # None: the client's scratch folder (/dev/shm) ...
+        if weights_dir is None and not all(urllib.parse.urlsplit(u).hostname in LOCAL_HOSTS for u in urls):
+            weights_dir = os.path.join(self.out_dir, "pushed_weights")  # ... unless a server runs elsewhere
         client = VLLMClient(
-            [u.rstrip("/") for u in cfg.rollout.servers],
+            urls,
             eos_token_id=self.eos,
             pad_token_id=self.pad,
             cfg=self.run.dcfg,
-            weights_dir=os.path.join(self.out_dir, "pushed_weights"),
+            weights_dir=weights_dir,
+            weights_dtype=cfg.rollout.push_dtype,
         )
         return client, device_copy
 

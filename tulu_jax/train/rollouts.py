@@ -125,15 +125,27 @@ class RolloutSource:
     def publish(self, params, version: int) -> None:
         """Makes batches requested from now on use `params`, tagged `version` (the learner's step count).
         Snapshots now; the push itself runs in order with the generations."""
-        snap = self._snapshot(params)
-
-        def push():
-            start = time.perf_counter()
-            if self.owns_snapshots:  # the local sampler: the snapshot is already its own copy
-                self.backend.push_weights(snap, str(version), copy=False)
-            else:
-                self.backend.push_weights(snap, str(version))
+        start = time.perf_counter()
+        if self._shared and not self.owns_snapshots:
+            # vLLM from several processes: writing the folder gathers every process's shards (a collective, so
+            # here in the learner's thread on every process); process 0 alone then has the servers load it.
+            folder = self.backend.write_push_folder(params, str(version))
             self._push_s += time.perf_counter() - start
+
+            def push():
+                begin = time.perf_counter()
+                self.backend.load_folder(folder, str(version))
+                self._push_s += time.perf_counter() - begin
+        else:
+            snap = self._snapshot(params)
+
+            def push():
+                begin = time.perf_counter()
+                if self.owns_snapshots:  # the local sampler: the snapshot is already its own copy
+                    self.backend.push_weights(snap, str(version), copy=False)
+                else:
+                    self.backend.push_weights(snap, str(version))
+                self._push_s += time.perf_counter() - begin
 
         if self._worker is None:
             push()
