@@ -130,3 +130,29 @@ def test_output_a_folder_refuses_is_named_before_any_work(tmp_path):
     fine.write_text("kept\n")
     check_writable_output(str(fine), "--out")
     assert fine.read_text() == "kept\n"  # an existing output (resume) is untouched
+
+
+JOB_ENV_CASES = {
+    # name: (extra environment, extra flags, what the one line says)
+    "count_not_an_int": ({"JAX_NUM_PROCESSES": "abc", "JAX_COORDINATOR_ADDRESS": "127.0.0.1:1"}, [],
+                         "JAX_NUM_PROCESSES='abc': expected an integer"),
+    "id_out_of_range": ({"JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "5", "JAX_COORDINATOR_ADDRESS": "127.0.0.1:1"},
+                        [], "JAX_PROCESS_ID=5 with JAX_NUM_PROCESSES=2: need 0 <= id < count"),
+    "no_coordinator": ({"JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "0"}, [],
+                       "JAX_NUM_PROCESSES is set but JAX_COORDINATOR_ADDRESS"),
+    "distributed_without_a_cluster": ({}, ["--distributed"], "--distributed: JAX found no multi-process job here"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(JOB_ENV_CASES))
+def test_bad_multi_process_job_is_one_line_exit_2(tmp_path, case):
+    env_extra, flags, what = JOB_ENV_CASES[case]
+    env = {k: v for k, v in cli_env().items() if not k.startswith(("JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "JAX_COORD"))}
+    proc = subprocess.run(
+        [sys.executable, "-m", "tulu_jax.cli", "sft", *flags, "--config", str(REPO / "configs/sft/tiny.yaml"),
+         f"output_dir={tmp_path / 'out'}"],
+        env={**env, **env_extra}, cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith("tulu-jax: error: ") and what in proc.stderr, proc.stderr
+    assert not (tmp_path / "out").exists()  # refused before any work

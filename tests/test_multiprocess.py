@@ -138,8 +138,8 @@ def test_two_process_sft_killed_with_sigkill_resumes_bit_identically(sft_two, tm
 @pytest.mark.parametrize("devices,mesh", [(8, MESH), (1, ["mesh.data=1", "mesh.fsdp=1", "mesh.tensor=1"])])
 def test_checkpoints_of_two_processes_restore_on_one_process(sft_two, tmp_path, devices, mesh):
     """Checkpoints written collectively by 2 processes x 4 devices restore on 1 process with 8 devices or with
-    1 (resharded on restore): the last one exports exactly the two-process run's model, and from step 2 the
-    run goes on with the two-process run's losses."""
+    1 (resharded on restore): the last one exports exactly the two-process run's model, and (8 devices) from
+    step 2 the run goes on with the two-process run's losses."""
     want, _ = sft_two
     final = tmp_path / "final"
     shutil.copytree(want, final)
@@ -151,6 +151,8 @@ def test_checkpoints_of_two_processes_restore_on_one_process(sft_two, tmp_path, 
     assert sorted(a) == sorted(b)
     for name in b:
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    if devices == 1:
+        return  # continuing on one device is the same program as on eight, less the sharding: one run is enough
 
     mid = tmp_path / "mid"
     shutil.copytree(want, mid)

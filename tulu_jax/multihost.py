@@ -61,8 +61,15 @@ def initialize(auto_detect: bool = False, timeout_s: int = 300) -> bool:
         jax.distributed.initialize(**(job or {}), initialization_timeout=timeout_s)
     except (RuntimeError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        where = f"coordinator {job['coordinator_address']}" if job else "auto-detected job (--distributed)"
-        raise DistributedSetupError(f"cannot join the multi-process job ({where}): {first}") from None
+        if job is None:
+            raise DistributedSetupError(
+                f"--distributed: JAX found no multi-process job here ({first}); it detects TPU pod slices, SLURM "
+                f"and Open MPI, elsewhere set {ENV_COORDINATOR}, {ENV_PROCESSES} and {ENV_PROCESS_ID}"
+            ) from None
+        raise DistributedSetupError(
+            f"cannot join the multi-process job at {ENV_COORDINATOR}={job['coordinator_address']} as process "
+            f"{job['process_id']} of {job['num_processes']}: {first}"
+        ) from None
     return True
 
 
