@@ -11,7 +11,9 @@ first push compiles the conversions). Write+reload rows (--server URL of a runni
 one on --model, default SmolLM2-135M from `tulu-jax get-smollm2`): the server's own model, loaded from its
 folder, pushed by `VLLMClient.push_weights`: write, vLLM's pause/reload/resume, and the reload's share.
 
-Prints a Markdown table; --json PATH writes {"setup": {...}, "rows": [{...}, ...]}.
+Prints a Markdown table; --json PATH writes {"setup": {...}, "rows": [{...}, ...]}. Run as every process of a
+multi-process job (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID set) the write rows time the
+collective push: every process joins the gathers, process 0 writes and reports.
 """
 
 from __future__ import annotations
@@ -24,6 +26,11 @@ import statistics
 import sys
 import tempfile
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+
+from tulu_jax import multihost  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -89,17 +96,23 @@ def write_rows(cfg, dtypes, dirs, devices, reps) -> list[dict]:
     for dtype in dtypes:
         nbytes = push_bytes(cfg, dtype)
         for d in dirs:
-            work = tempfile.mkdtemp(prefix="bench_push_", dir=d)
+            # Several processes (a job named by the environment): process 0 picks the folder and writes it.
+            lead = jax.process_index() == 0
+            work = multihost.broadcast_object(tempfile.mkdtemp(prefix="bench_push_", dir=d) if lead else None)
             try:
                 runs = []
                 for rep in range(reps + 1):
                     t = time.perf_counter()
                     publish_weights(params, cfg, os.path.join(work, f"push-{rep}"), dtype)
+                    multihost.barrier(f"bench_push_{dtype}_{rep}")  # done when process 0 has written it
                     runs.append({"write_s": time.perf_counter() - t})
-                    shutil.rmtree(os.path.join(work, f"push-{rep}"))
+                    if lead:
+                        shutil.rmtree(os.path.join(work, f"push-{rep}"))
             finally:
-                shutil.rmtree(work, ignore_errors=True)
+                if lead:
+                    shutil.rmtree(work, ignore_errors=True)
             base = dict(row=f"write {dtype} {d}", task="push_write", dtype=dtype, dir=d, devices=len(devs))
+            base["processes"] = jax.process_count()
             rows.append(_median_row(base, runs[1:], n, nbytes))
             print(f"# {rows[-1]['row']}: {rows[-1]['write_s']:.2f} s (first {runs[0]['write_s']:.2f} s)", flush=True)
     return rows
@@ -170,6 +183,7 @@ def format_table(rows: list[dict]) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    multihost.initialize()  # a multi-process job when JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/JAX_PROCESS_ID say so
     import jax
 
     dirs = args.dir or [d for d in ("/dev/shm", tempfile.gettempdir()) if os.path.isdir(d)]
@@ -179,6 +193,8 @@ def main(argv=None) -> int:
         rows += write_rows(cfg, args.dtype, dirs, args.devices, args.reps)
     if args.server or args.vllm:
         rows += reload_rows(args.server, args.model, args.dtype, dirs, args.reps)
+    if jax.process_index() != 0:
+        return 0  # process 0 reports
     dev = jax.devices()[0]
     print(f"\n# bench_push: jax {jax.__version__}, {jax.device_count()} x {dev.platform} {dev.device_kind}, "
           f"{os.cpu_count()} CPUs")  # fmt: skip
