@@ -83,7 +83,9 @@ if [ -n "$BUCKET" ]; then
     run sudo mkdir -p "$MOUNT"
     run sudo chown "$(id -u):$(id -g)" "$MOUNT"
     # --implicit-dirs: folders other hosts made by writing files below them are visible here too.
-    run gcsfuse --implicit-dirs "$BUCKET" "$MOUNT"
+    # Exports and weight pushes appear by renaming a finished folder; gcsfuse refuses directory renames on
+    # flat buckets unless allowed (hierarchical-namespace buckets rename natively).
+    run gcsfuse --implicit-dirs --rename-dir-limit=200000 "$BUCKET" "$MOUNT"
   fi
 fi
 [ "$DRY_RUN" = 0 ] || exit 0

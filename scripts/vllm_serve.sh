@@ -111,7 +111,7 @@ case $ACTION in
     done
     if kill -0 "$pid" 2>/dev/null; then
       say "server pid $pid still running after 60 s: SIGKILL"
-      kill -KILL "$pid" 2>/dev/null || true
+      kill -KILL -- -"$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null || true # its group (set -m): vLLM too
     fi
     rm -f "$PID_FILE"
     say "stopped the vLLM server on port $PORT"

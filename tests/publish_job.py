@@ -64,6 +64,31 @@ def main(out: str) -> None:
             failed = None
         except RolloutServerError as e:
             failed = str(e)
+        # A folder process 0 cannot write (its parent is a file) fails the publish on every process, after
+        # every process has joined all the gathers (none is left waiting in one).
+        blocker = os.path.join(out, "blocker")
+        if jax.process_index() == 0:
+            open(blocker, "w").close()
+        multihost.barrier("publish_job_blocker")
+        try:
+            publish_weights(params, CFG, os.path.join(blocker, "publish"), "bfloat16")
+            write_failed = None
+        except (OSError, RuntimeError) as e:
+            write_failed = f"{type(e).__name__}: {e}"
+
+        # Work process 0 leads that fails there raises on every process; payloads of any size come through.
+        def lead_fails():
+            if jax.process_index() == 0:
+                raise KeyError("only on process 0")
+            return "fine here"
+
+        try:
+            multihost.process_zero_result(lead_fails)
+            lead_failed = None
+        except Exception as e:  # noqa: BLE001 - the test checks which type each process raised
+            lead_failed = f"{type(e).__name__}: {e}"
+        sizes = [0, 5000, 70000]
+        echoed = [len(multihost.broadcast_object("x" * n if jax.process_index() == 0 else None)) for n in sizes]
         multihost.barrier("publish_job_done")
         if jax.process_index() == 0:
             shutil.copytree(folder, os.path.join(out, "pushed"))
@@ -71,7 +96,8 @@ def main(out: str) -> None:
         if jax.process_index() == 0 and client.weights_dir is not None:
             shutil.rmtree(client.weights_dir, ignore_errors=True)  # the default folder under /dev/shm
     result = dict(process=jax.process_index(), times=times, loads=loads, folder=folder,
-                  weights_dir=client.weights_dir, other_version=other, failed=failed)  # fmt: skip
+                  weights_dir=client.weights_dir, other_version=other, failed=failed, write_failed=write_failed,
+                  lead_failed=lead_failed, echoed=echoed)  # fmt: skip
     print("RESULT " + json.dumps(result), flush=True)
 
 

@@ -115,7 +115,7 @@ def test_setup_host_installs_the_accelerator_jax_at_the_same_version_and_vllm():
     assert pin[-1].startswith("jax[cuda12]==") and len(pin[-1]) > len("jax[cuda12]==")
     vllm = next(c for c in cmds if c[-1] == "scripts/setup_vllm.sh")
     assert "TULU_JAX_VLLM_SPEC=vllm==0.32.0" in vllm
-    assert cmds[-1] == ["gcsfuse", "--implicit-dirs", "bk", "/m"]
+    assert cmds[-1] == ["gcsfuse", "--implicit-dirs", "--rename-dir-limit=200000", "bk", "/m"]
     assert not [c for c in dry("scripts/setup_host.sh", "--jax", "cpu") if "pip" in c]
 
 

@@ -214,7 +214,8 @@ def test_two_process_rlvr_equals_one_process(tiny_sft_export, tmp_path):
         "value.path=null",
         "train.max_steps=2",
         "train.batch_size=8",
-        "train.eval_every=-1",
+        "train.eval_every=2",  # greedy eval at steps 0 and 2: generated where sampling runs, scored on process 0
+        "data.eval_limit=8",
         "rollout.max_tokens=8",
         "ppo.epochs=1",
         "ppo.minibatches=1",
@@ -225,7 +226,8 @@ def test_two_process_rlvr_equals_one_process(tiny_sft_export, tmp_path):
     ok(run(cli("rlvr", two, *args)))
     ok(run(cli("rlvr", one, *args), processes=1, devices=8))
     a, b = metrics(two), metrics(one)
-    assert sorted(a) == sorted(b) == [1, 2]
+    assert sorted(a) == sorted(b) == [0, 1, 2]
+    assert a[0]["eval/verifiable_correct_rate"] == b[0]["eval/verifiable_correct_rate"]
     for key in ("objective/scores", "val/sequence_lengths", "val/stop_token_rate"):
         assert a[1][key] == b[1][key], key  # the same samples, scored the same
     keys = ("loss/policy_avg", "loss/value_avg", "objective/rlhf_reward", "policy/entropy_avg", "rollout/logp_gap_mean")

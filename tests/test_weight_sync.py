@@ -193,6 +193,13 @@ def test_two_processes_publish_the_same_bytes_as_one(tmp_path):
     assert not os.path.exists(first["weights_dir"])
     assert first["failed"] == "refused by the test"
     assert second["failed"] == "weight push 'v3' failed on process 0: RolloutServerError: refused by the test"
+    # Process 0's failures reach every process (each raised, none hung), and any payload size broadcasts.
+    assert first["write_failed"].startswith(("FileExistsError", "NotADirectoryError")), first["write_failed"]
+    assert second["write_failed"].startswith("RuntimeError: process 0 could not write"), second["write_failed"]
+    assert first["write_failed"].split(":")[0] in second["write_failed"]
+    assert first["lead_failed"] == "KeyError: 'only on process 0'"
+    assert second["lead_failed"] == "ProcessZeroError: process 0 failed: KeyError: 'only on process 0'"
+    assert first["echoed"] == second["echoed"] == [0, 5000, 70000]
 
 
 def test_bench_push_rows(tmp_path, capsys):

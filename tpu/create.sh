@@ -41,8 +41,9 @@ if [ "$TPU_QUEUED" = 1 ]; then
   if [ "$WAIT" = 1 ]; then
     where_flags
     while :; do
+      # A transient gcloud failure is one more wait, not the end of the script (set -e).
       state=$(capture ACTIVE gcloud compute tpus queued-resources describe "$TPU_NAME" "${WHERE[@]}" \
-        "--format=value(state.state)")
+        "--format=value(state.state)") || state=UNKNOWN
       case $state in
         ACTIVE) say "queued resource $TPU_NAME is ACTIVE"; break ;;
         FAILED | SUSPENDED) say "queued resource $TPU_NAME is $state"; exit 1 ;;

@@ -25,6 +25,7 @@ set -euo pipefail
 # shellcheck source=tpu/common.sh
 . "$(dirname "$0")/common.sh"
 
+ARGV=("$0" "$@") # the command as typed, for the log headers
 WORKERS="" RUN="" VLLM_HOSTS="" VLLM_MODEL="" VLLM_PORT=8000 VLLM_TIMEOUT=900 VLLM_MAX_LEN=""
 ENV_VARS=() VLLM_ARGS=()
 while [ $# -gt 0 ]; do
@@ -164,7 +165,7 @@ for i in $(seq 0 $((WORKERS - 1))); do
     continue
   fi
   log=$LOG_DIR/worker-$i.log
-  echo "=== $(date -u '+%F %T') UTC: $(quote_all "$0" "$@")" >>"$log"
+  echo "=== $(date -u '+%F %T') UTC: $(quote_all "${ARGV[@]}")" >>"$log"
   (worker_ssh "$i" "$REMOTE_CMD" 2>&1 | tee -a "$log" | prefix "[w$i] ") &
   PIDS+=($!)
 done

@@ -1,6 +1,6 @@
 """Multi-process (multi-host) runs: joining the job, and decisions every process must take the same way.
 
-Joining: `initialize(flag)` calls `jax.distributed.initialize` when the environment names a job
+Joining: `initialize(auto_detect)` calls `jax.distributed.initialize` when the environment names a job
 (`JAX_COORDINATOR_ADDRESS`, `JAX_NUM_PROCESSES`, `JAX_PROCESS_ID`: what `tpu/launch.sh`, SLURM scripts or a
 test harness set) or when `--distributed` asks JAX to find the job itself (TPU pods, SLURM, Open MPI). After
 that the run is multi-controller SPMD: every process runs the same program on the global device mesh.
@@ -50,13 +50,11 @@ def job_from_env(env=None) -> dict | None:
 def initialize(auto_detect: bool = False, timeout_s: int = 300) -> bool:
     """Joins the multi-process job if there is one -> whether it did. The environment's job (see
     `job_from_env`) wins; else with `auto_detect` JAX finds the job itself (TPU pod metadata, SLURM, Open
-    MPI). On CPU devices cross-process collectives go through gloo. DistributedSetupError (one line) when
-    the job cannot be joined within `timeout_s` seconds or cannot be detected."""
+    MPI). On CPU devices cross-process collectives go through gloo (JAX's default). DistributedSetupError
+    (one line) when the job cannot be joined within `timeout_s` seconds or cannot be detected."""
     job = job_from_env()
     if job is None and not auto_detect:
         return False
-    if (os.environ.get("JAX_PLATFORMS") or "").strip() == "cpu":
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
     try:
         jax.distributed.initialize(**(job or {}), initialization_timeout=timeout_s)
     except (RuntimeError, ValueError) as e:
@@ -118,9 +116,37 @@ def broadcast_object(obj):
 
     from jax.experimental import multihost_utils
 
-    data = np.frombuffer(pickle.dumps(obj), np.uint8) if jax.process_index() == 0 else np.zeros(0, np.uint8)
-    size = process_zero_value(data.size)
-    if jax.process_index() != 0:
-        data = np.zeros(size, np.uint8)
-    data = np.asarray(multihost_utils.broadcast_one_to_all(data))
-    return pickle.loads(data.tobytes())  # noqa: S301 - bytes from process 0 of this same job
+    data = pickle.dumps(obj) if jax.process_index() == 0 else b""
+    size = process_zero_value(len(data))
+    # Padded to a power of two (>= 4 KiB): the broadcast compiles once per shape, not once per payload.
+    buf = np.zeros(max(4096, 1 << (size - 1).bit_length()), np.uint8)
+    buf[: len(data)] = np.frombuffer(data, np.uint8)
+    buf = np.asarray(multihost_utils.broadcast_one_to_all(buf))
+    return pickle.loads(buf[:size].tobytes())  # noqa: S301 - bytes from process 0 of this same job
+
+
+class ProcessZeroError(RuntimeError):
+    """Raised on the other processes when work that process 0 led failed there (its message included)."""
+
+
+def process_zero_result(fn):
+    """Runs `fn()` on every process and returns process 0's result everywhere (a collective). `fn` does
+    this process's share: on process 0 the work whose result counts (e.g. talking to vLLM), elsewhere
+    perhaps nothing, or the same SPMD program. If it raises on process 0, the exception is re-raised there
+    and a ProcessZeroError with its message on the others, so no process waits for process 0 forever; if it
+    raises only elsewhere, that process raises its own exception after the broadcast."""
+    if jax.process_count() == 1:
+        return fn()
+    value, failure = None, None
+    try:
+        value = fn()
+    except Exception as e:  # noqa: BLE001 - shared first, re-raised below
+        failure = e
+    lead = jax.process_index() == 0
+    outcome = ("ok", value) if failure is None else ("error", f"{type(failure).__name__}: {failure}")
+    shared = broadcast_object(outcome if lead else None)
+    if failure is not None:
+        raise failure
+    if shared[0] == "error":
+        raise ProcessZeroError(f"process 0 failed: {shared[1]}")
+    return shared[1]

@@ -446,13 +446,19 @@ def write_hf_folder(
     tmp = out_dir.rstrip("/") + ".tmp"
     files = split_files(specs, max_shard_bytes)
     layout = list(zip(file_names(len(files)), files))
+    extra_of = {source: [e for e, s in copies.items() if s == source] for source in copies.values()}
+    # A host-side failure on process 0 (disk full, permissions) must not stop it joining the remaining
+    # gathers, or the other processes would wait in them forever: it is kept, and raised everywhere at the end.
+    failure: BaseException | None = None
     writer = pool = None
     if write:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-        writer = SafetensorsWriter(tmp, layout, {"format": "pt"})
-        pool = ThreadPoolExecutor(threads)
-    extra_of = {source: [e for e, s in copies.items() if s == source] for source in copies.values()}
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+            writer = SafetensorsWriter(tmp, layout, {"format": "pt"})
+            pool = ThreadPoolExecutor(threads)
+        except OSError as e:
+            failure = e
 
     def store(host, names, stacked):
         for i, name in enumerate(names):
@@ -470,21 +476,31 @@ def write_hf_folder(
             converted = pending
             if n + 1 < len(chunks):
                 pending = dispatch(chunks[n + 1])  # converts on the devices while this chunk is written
-            if not write:
+            if not write or failure is not None:
                 converted.block_until_ready()  # this process's part of the gather is done
                 continue
             host = np.asarray(converted if converted.is_fully_addressable else converted.addressable_data(0))
             while len(queued) > threads:  # bounds the host memory held by chunks waiting to be written
-                queued.pop(0).result()
+                failure = failure or queued.pop(0).exception()
             queued.append(pool.submit(store, host, chunk[4], chunk[2] is not None))
         for future in queued:
-            future.result()
+            failure = failure or future.exception()
     finally:
-        if write:
+        if pool is not None:
             pool.shutdown(wait=True)
+        if writer is not None:
             writer.close()
-    if not write:
-        return out_dir
+    if write and failure is None:
+        try:
+            _finish_folder(writer, tmp, out_dir, files, specs, config, tokenizer)
+        except (OSError, RuntimeError) as e:
+            failure = e
+    _raise_everywhere(failure, out_dir)
+    return out_dir
+
+
+def _finish_folder(writer, tmp: str, out_dir: str, files, specs, config: dict, tokenizer) -> None:
+    """Index, config and tokenizer into `tmp`, then `tmp` renamed to `out_dir` (process 0)."""
     if writer.missing():  # a bug here, not bad input: refuse to publish a folder with holes
         raise RuntimeError(f"{tmp}: tensors never written: {writer.missing()[:5]}")
     if len(files) > 1:
@@ -497,7 +513,18 @@ def write_hf_folder(
         tokenizer.save_pretrained(tmp)
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)
-    return out_dir
+
+
+def _raise_everywhere(failure: BaseException | None, out_dir: str) -> None:
+    """Process 0's write outcome on every process (a collective with several): its error re-raised there,
+    a RuntimeError naming it on the others; returns when the folder is complete."""
+    from tulu_jax.multihost import broadcast_object
+
+    shared = broadcast_object(None if failure is None else f"{type(failure).__name__}: {failure}")
+    if failure is not None:
+        raise failure
+    if shared is not None:
+        raise RuntimeError(f"process 0 could not write {out_dir}: {shared}")
 
 
 _CONVERTERS: dict = {}  # compiled conversions, reused by every later export of the same model

@@ -168,6 +168,7 @@ class VLLMClient:
         self._gate = _Gate()
         self._folder: str | None = None  # the folder of `weight_version`, what a restarted server reloads
         self._folders: list[str] = []  # folders we wrote, oldest first (pruned to keep_folders)
+        self._owns_dir = False  # whether weights_dir is a scratch folder this client made
         self._folders_lock = threading.Lock()  # written by write_push_folder, pruned by load_folder's thread
         self._pushes = 0
         self.weight_version: str | None = None
@@ -407,9 +408,10 @@ class VLLMClient:
         self._pushes += 1
         version = str(version) if version is not None else f"push-{self._pushes}"
         if self.weights_dir is None:
-            room = (self.keep_folders + 1) * push_bytes(cfg, self.weights_dtype)
+            room = (self.keep_folders + 1) * push_bytes(cfg, self.weights_dtype)  # kept + the one being written
             chosen = scratch_weights_dir(room) if jax.process_index() == 0 else ""
             self.weights_dir = multihost.broadcast_object(chosen)
+            self._owns_dir = True  # ours to delete on close
         name = re.sub(r"[^A-Za-z0-9_.-]", "_", version)
         folder = os.path.abspath(os.path.join(self.weights_dir, f"{self._pushes:05d}-{name}"))
         publish_weights(params, cfg, folder, dtype=self.weights_dtype)
@@ -417,6 +419,19 @@ class VLLMClient:
         with self._folders_lock:
             self._folders.append(folder)
         return folder
+
+    def close(self) -> None:
+        """Deletes the folders this client's pushes wrote (and its scratch `weights_dir`, e.g. under /dev/shm,
+        which is RAM), from process 0. The servers keep serving what they loaded; later pushes write anew."""
+        if jax.process_index() != 0:
+            return
+        with self._folders_lock:
+            for folder in self._folders:
+                shutil.rmtree(folder, ignore_errors=True)
+            self._folders.clear()
+        if self._owns_dir and self.weights_dir is not None:
+            shutil.rmtree(self.weights_dir, ignore_errors=True)
+            self.weights_dir, self._owns_dir = None, False
 
     def load_folder(self, folder: str, version: str) -> None:
         """Loads an already written Hugging Face folder on every server, tagged `version`, waiting for

@@ -39,6 +39,13 @@ def to_device(host_batch: dict[str, np.ndarray], mesh: Mesh, keys: Iterable[str]
     return {k: jax.make_array_from_process_local_data(sharding, host_batch[k]) for k in keys}
 
 
+def whole_to_device(batch: dict[str, np.ndarray], mesh: Mesh, keys: Iterable[str]) -> dict[str, jax.Array]:
+    """The WHOLE global batch of `keys`, the same on every process (e.g. RL episodes process 0 shared) ->
+    global arrays split over data+fsdp; each process places only the rows of its own devices."""
+    sharding = shd.batch_sharding(mesh)
+    return {k: jax.make_array_from_process_local_data(sharding, batch[k], global_shape=batch[k].shape) for k in keys}
+
+
 def real_tokens(batch: dict[str, np.ndarray]) -> dict[str, float]:
     """Host-side figures of one batch: `tokens` (non-padding tokens; the reporter turns it into tokens/s)."""
     return {"tokens": float(np.sum(batch["segment_ids"] > 0))}

@@ -20,7 +20,7 @@ import numpy as np
 
 from tulu_jax.configlib import ConfigError
 from tulu_jax.data.chat import TULU_CHAT_TEMPLATE
-from tulu_jax.multihost import process_zero_decides, process_zero_value
+from tulu_jax.multihost import broadcast_object, process_zero_decides, process_zero_value
 from tulu_jax.train.cadence import checkpoint_due, eval_due
 from tulu_jax.train.checkpoint import Checkpointer
 from tulu_jax.train.metrics import MetricsLogger
@@ -162,8 +162,10 @@ def finish_run(cfg, out_dir: str, result: LoopResult, data_stats: dict, *, expor
     # process 0's view of the file: every process must take the same branch (the export is collective)
     if result.step == result.start and result.start > 0 and process_zero_decides(os.path.exists(done)):
         log(f"nothing to do: {out_dir} already holds the finished run (step {result.step}); kept its summary.json")
+        if jax.process_index() != 0:
+            return broadcast_object(None)  # process 0's copy: this host's view of the file may lag
         with open(done) as f:
-            return json.load(f)
+            return broadcast_object(json.load(f))
     summary = {
         "final_step": result.step,
         "final_loss": result.last_metrics.get("loss"),

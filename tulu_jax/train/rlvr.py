@@ -31,6 +31,7 @@ from tulu_jax.data.tokenizer import pad_token_id
 from tulu_jax.models import hf
 from tulu_jax.models.loading import build_model
 from tulu_jax.models.reward import RewardModel, init_reward_params, load_reward_params
+from tulu_jax.multihost import process_zero_result
 from tulu_jax.rewards.scorer import Scorer, VerifyItem
 from tulu_jax.rl.advantages import constant_groups
 from tulu_jax.rl.rewards import apply_non_stop_penalty
@@ -69,6 +70,11 @@ def check_rlvr_inputs(cfg: RLVRConfig) -> None:
     backend vllm needs servers that answer. ConfigError / InputError naming the key."""
     from tulu_jax.inputs import check_model_dir, check_servers
 
+    if jax.process_count() > 1 and cfg.rollout.backend == "local" and cfg.rollout.async_steps > 0:
+        raise ConfigError(
+            f"rollout.async_steps: {cfg.rollout.async_steps} needs rollout.backend=vllm in a multi-process job (the "
+            "local sampler is one program over every process's devices and cannot run beside the learner); set 0"
+        )
     if cfg.algo == "ppo" and cfg.value.init == "reward_model":
         if cfg.value.path is None:
             raise ConfigError(
@@ -315,14 +321,16 @@ class Evaluator:
         rl = self.rl
         sp = SamplingParams(max_tokens=rl.cfg.rollout.max_tokens, temperature=0.0)
         ids = [p.token_ids for p in self.prompts]
+        completions = source.run_in_backend(lambda: source.backend.generate(ids, sp))
 
-        def generate_and_score() -> list[bool]:
-            completions = source.backend.generate(ids, sp)
+        def score() -> list[bool] | None:  # on process 0, which scores for every process
+            if jax.process_index() != 0:
+                return None
             texts = [rl.tokenizer.decode(list(c.token_ids), skip_special_tokens=True) for c in completions]
             verdicts = source.score([VerifyItem(p.dataset, t, p.ground_truth) for p, t in zip(self.prompts, texts)])
             return [v.score > 0 for v in verdicts]
 
-        correct = np.array(source.run_in_backend(generate_and_score))  # process 0's verdicts on every process
+        correct = np.array(process_zero_result(score))
         datasets = np.array([p.dataset for p in self.prompts])
         out = {"eval/verifiable_correct_rate": float(correct.mean())}
         for name in sorted(set(datasets)):
@@ -344,7 +352,7 @@ def run_rlvr(cfg: RLVRConfig) -> dict:
     if local:  # the sampler made its own copy of these weights: tag it instead of pushing them again
         snapshot, backend.weight_version = backend.snapshot, str(start)
     sampling = SamplingParams(max_tokens=cfg.rollout.max_tokens, temperature=cfg.rollout.temperature, n=cfg.rollout.n)
-    scorer = Scorer()
+    scorer = Scorer() if jax.process_index() == 0 else None  # process 0 scores for every process
     source = RolloutSource(
         backend=backend,
         pipeline=rl.pipeline,
@@ -404,7 +412,10 @@ def run_rlvr(cfg: RLVRConfig) -> dict:
         ckpt.wait()
     finally:
         source.close()
-        scorer.close()
+        if hasattr(backend, "close"):  # vLLM: the pushed folders (RAM, under /dev/shm) go
+            backend.close()
+        if scorer is not None:
+            scorer.close()
         reporter.close()
         ckpt.close()
     result = LoopResult(state=states["policy"], step=step, last_metrics=dict(reporter.last), start=start)
@@ -480,8 +491,11 @@ def train_step(
     episodes, scores, host, last = gather_rollouts(rl, source, rollout, learner_version=step - 1)
     host["time/wait_rollout_s"] = waited
     t0 = time.perf_counter()
-    seq = batches.to_device(episodes, mesh, SEQUENCE_KEYS)
-    rows = lambda x: batches.to_device({"x": x}, mesh, ("x",))["x"]  # noqa: E731
+    # Every process holds all the episodes (process 0 shared them): place each process's rows only.
+    seq = batches.whole_to_device(episodes, mesh, SEQUENCE_KEYS)
+    rows = lambda x: batches.whole_to_device({"x": x}, mesh, ("x",))["x"]  # noqa: E731
+    if seq["input_ids"].shape[0] != len(scores):
+        raise AssertionError(f"placed {seq['input_ids'].shape[0]} rows for {len(scores)} episodes")
     policy, value = states["policy"], states.get("value")
     logps, entropy = rl.logps_entropy_fn(policy.params, seq)
     ref_logps = rl.logps_fn(ref_params, seq)

@@ -33,7 +33,7 @@ import jax
 import numpy as np
 
 from tulu_jax.data.prompts import Prompt, PromptPipeline
-from tulu_jax.multihost import broadcast_object
+from tulu_jax.multihost import process_zero_result
 from tulu_jax.rewards.scorer import Scorer, VerifyItem
 from tulu_jax.rewards.verdict import Verdict
 from tulu_jax.rollout.types import RolloutBatch, SamplingParams
@@ -66,7 +66,8 @@ class Rollout:
 class RolloutSource:
     """Draws prompt batches from `data_iter` (a `PromptPipeline` iterator, already rewound on resume), samples
     `sampling.n` responses per prompt with `backend`, and scores them with `scorer` (verify_reward per
-    verified response). `snapshot(params)` makes the copy a push hands to the backend. Close it when done.
+    verified response; None on the processes other than 0, which never score). `snapshot(params)` makes the
+    copy a push hands to the backend. Close it when done.
 
     Guarantees (local sampler or vLLM): with `async_steps` k and `rollout.push_every` 1, every batch was sampled
     from weights at most k versions older than the learner's; with push_every p > 1, at most k + p - 1."""
@@ -78,7 +79,7 @@ class RolloutSource:
         pipeline: PromptPipeline,
         data_iter,
         tokenizer,
-        scorer: Scorer,
+        scorer: Scorer | None,
         sampling: SamplingParams,
         seed: int,
         async_steps: int,
@@ -148,7 +149,7 @@ class RolloutSource:
                 self._push_s += time.perf_counter() - begin
 
         if self._worker is None:
-            push()
+            process_zero_result(push)  # a failed load on process 0 stops every process, not just that one
         else:
             self._pushes.append(self._worker.submit(push))
 
@@ -195,7 +196,8 @@ class RolloutSource:
     def get(self) -> tuple[Rollout | None, float]:
         """(the next batch's Rollout, seconds the learner waited for it); (None, 0) when the prompts are used up.
         Keeps `async_steps` later batches in flight."""
-        self._check_pushes()
+        if not self._shared:
+            self._check_pushes()
         while len(self._pending) <= self.async_steps:
             future = self._request()
             if future is None:
@@ -204,20 +206,29 @@ class RolloutSource:
         if not self._pending:
             return None, 0.0
         start = time.perf_counter()
-        rollout = self._share(self._pending.popleft().result())
-        return rollout, time.perf_counter() - start
-
-    def _share(self, rollout: Rollout | None) -> Rollout | None:
-        """Process 0's rollout, with its verdicts, on every process (itself with one process)."""
+        future = self._pending.popleft()
         if not self._shared:
-            return rollout
-        payload = None
-        if self._leader and rollout is not None:
-            payload = (dataclasses.replace(rollout, verdicts=None), rollout.verdicts.result())
-        shared, verdicts = broadcast_object(payload)
+            return future.result(), time.perf_counter() - start
+
+        def finish():
+            self._check_pushes()  # process 0's background loads: their failure stops every process
+            return self._settled(future.result())
+
+        return self._share(process_zero_result(finish)), time.perf_counter() - start
+
+    def _settled(self, rollout: Rollout | None):
+        """Process 0: (the rollout without its Future, its verdicts), once scored; elsewhere None."""
+        if not self._leader or rollout is None:
+            return None
+        return dataclasses.replace(rollout, verdicts=None), rollout.verdicts.result()
+
+    @staticmethod
+    def _share(settled) -> Rollout:
+        """A Rollout again from what `_settled` made on process 0 (now on every process)."""
+        rollout, verdicts = settled
         done: Future = Future()
         done.set_result(verdicts)
-        return dataclasses.replace(shared, verdicts=done)
+        return dataclasses.replace(rollout, verdicts=done)
 
     def _check_pushes(self) -> None:
         """Re-raises a failed background push here, in the learner's thread."""
@@ -233,7 +244,9 @@ class RolloutSource:
             drawn = self._draw()
         except StopIteration:
             return None
-        return self._share(self._run(lambda: self._generate(*drawn)))
+        if not self._shared:
+            return self._run(lambda: self._generate(*drawn))
+        return self._share(process_zero_result(lambda: self._settled(self._run(lambda: self._generate(*drawn)))))
 
     def run_in_backend(self, fn: Callable[[], Any]) -> Any:
         """`fn()` in order with the queued pushes and generations (e.g. a greedy evaluation). In a
@@ -241,7 +254,7 @@ class RolloutSource:
         is returned on every process."""
         if not self._shared:
             return self._run(fn)
-        return broadcast_object(self._run(fn) if self._samples else None)
+        return process_zero_result(lambda: self._run(fn) if self._samples else None)
 
     def score(self, items: list[VerifyItem]) -> list[Verdict]:
         """Verdicts for `items` from the same verifier pool (waits for any scoring in flight)."""
