@@ -140,6 +140,14 @@ JOB_ENV_CASES = {
                         [], "JAX_PROCESS_ID=5 with JAX_NUM_PROCESSES=2: need 0 <= id < count"),
     "no_coordinator": ({"JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "0"}, [],
                        "JAX_NUM_PROCESSES is set but JAX_COORDINATOR_ADDRESS"),
+    "bad_coordinator": ({"JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "0", "JAX_COORDINATOR_ADDRESS": "nonsense"}, [],
+                        "JAX_COORDINATOR_ADDRESS='nonsense': expected host:port"),
+    "port_out_of_range": ({"JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "0",
+                           "JAX_COORDINATOR_ADDRESS": "127.0.0.1:99999"}, [], "port 1-65535"),
+    "no_count": ({"JAX_PROCESS_ID": "0", "JAX_COORDINATOR_ADDRESS": "127.0.0.1:1234"}, [],
+                 "set but JAX_NUM_PROCESSES is not"),
+    "no_id": ({"JAX_NUM_PROCESSES": "2", "JAX_COORDINATOR_ADDRESS": "127.0.0.1:1234"}, [],
+              "JAX_PROCESS_ID is not set"),
     "distributed_without_a_cluster": ({}, ["--distributed"], "--distributed: JAX found no multi-process job here"),
 }  # fmt: skip
 

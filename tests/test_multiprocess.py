@@ -234,3 +234,24 @@ def test_two_process_rlvr_equals_one_process(tiny_sft_export, tmp_path):
     # At ratio 1 the policy loss is minus the mean of whitened advantages: zero up to float32 rounding (~1e-7),
     # so it gets an absolute bound on the advantages' unit scale.
     assert_same_metrics(two, one, keys, steps=[1], atol=1e-5)
+
+
+def test_sigterm_stops_every_process_of_a_job(tmp_path):
+    """A launcher's stop (or a preemption notice) is SIGTERM to every worker: each process ends within
+    seconds, like Ctrl-C, instead of letting JAX's own handler note it and train on."""
+    out = tmp_path / "run"
+    procs = start(cli("sft", out, *SFT_ARGS, "train.max_steps=40", "train.eval_every=-1", *MESH), logs=tmp_path)
+    deadline = time.time() + 600
+    while time.time() < deadline and all(p.poll() is None for p in procs):
+        if (out / "metrics.jsonl").exists() and len((out / "metrics.jsonl").read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.05)
+    assert all(p.poll() is None for p in procs), (tmp_path / "process-0.log").read_text()[-3000:]
+    stopped = time.time()
+    for p in procs:
+        p.send_signal(signal.SIGTERM)
+    codes = [p.wait(timeout=120) for p in procs]
+    assert codes == [130, 130], codes
+    assert time.time() - stopped < 60
+    assert "tulu-jax: interrupted" in (tmp_path / "process-1.log").read_text()
+    assert len(metrics(out)) < 40

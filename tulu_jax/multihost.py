@@ -13,6 +13,7 @@ run different collectives the job hangs. Such decisions are taken once, on proce
 from __future__ import annotations
 
 import os
+import signal
 
 import jax
 import numpy as np
@@ -25,17 +26,30 @@ class DistributedSetupError(ValueError):
     not join it: reported by the CLI as one line naming the variable."""
 
 
-def job_from_env(env=None) -> dict | None:
+def job_from_env(env=None, auto_detect: bool = False) -> dict | None:
     """The job the environment names -> {coordinator_address, num_processes, process_id}, or None when
-    JAX_NUM_PROCESSES is unset. DistributedSetupError for a partial or malformed description."""
+    JAX_NUM_PROCESSES is unset (with `auto_detect`, JAX may then find the rest itself). DistributedSetupError
+    for a partial or malformed description, naming the variable."""
     env = os.environ if env is None else env
     if not env.get(ENV_PROCESSES):
+        partial = [v for v in (ENV_COORDINATOR, ENV_PROCESS_ID) if env.get(v)]
+        if partial and not auto_detect:
+            raise DistributedSetupError(
+                f"{' and '.join(partial)} set but {ENV_PROCESSES} is not: set all three to join a multi-process job "
+                f"(or none to run alone)"
+            )
         return None
-    out = {"coordinator_address": env.get(ENV_COORDINATOR, "")}
-    if not out["coordinator_address"]:
+    address = env.get(ENV_COORDINATOR, "")
+    if not address:
         raise DistributedSetupError(f"{ENV_PROCESSES} is set but {ENV_COORDINATOR} (host:port of process 0) is not")
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise DistributedSetupError(f"{ENV_COORDINATOR}={address!r}: expected host:port of process 0 (port 1-65535)")
+    out = {"coordinator_address": address}
     for key, var in (("num_processes", ENV_PROCESSES), ("process_id", ENV_PROCESS_ID)):
         raw = env.get(var, "")
+        if not raw:
+            raise DistributedSetupError(f"{var} is not set: every process of the job needs it")
         try:
             out[key] = int(raw)
         except ValueError:
@@ -51,13 +65,18 @@ def initialize(auto_detect: bool = False, timeout_s: int = 300) -> bool:
     """Joins the multi-process job if there is one -> whether it did. The environment's job (see
     `job_from_env`) wins; else with `auto_detect` JAX finds the job itself (TPU pod metadata, SLURM, Open
     MPI). On CPU devices cross-process collectives go through gloo (JAX's default). DistributedSetupError
-    (one line) when the job cannot be joined within `timeout_s` seconds or cannot be detected."""
-    job = job_from_env()
+    (one line) when the job is described badly or cannot be detected; JAX itself ends the process when the
+    others do not join within `timeout_s` seconds. Once joined, SIGTERM (a launcher's stop, a preemption
+    notice) interrupts the run like Ctrl-C: the last checkpoint stays, and the same command resumes."""
+    job = job_from_env(auto_detect=auto_detect)
     if job is None and not auto_detect:
         return False
+    where = f"at {job['coordinator_address']} as process {job['process_id']}" if job else "(detected by JAX)"
+    total = f"a {job['num_processes']}-process job" if job else "a multi-process job"
+    print(f"[tulu_jax] joining {total} {where}; waiting up to {timeout_s} s for every process", flush=True)
     try:
         jax.distributed.initialize(**(job or {}), initialization_timeout=timeout_s)
-    except (RuntimeError, ValueError) as e:
+    except (RuntimeError, ValueError, IndexError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if job is None:
             raise DistributedSetupError(
@@ -68,6 +87,16 @@ def initialize(auto_detect: bool = False, timeout_s: int = 300) -> bool:
             f"cannot join the multi-process job at {ENV_COORDINATOR}={job['coordinator_address']} as process "
             f"{job['process_id']} of {job['num_processes']}: {first}"
         ) from None
+    print(
+        f"[tulu_jax] joined: process {jax.process_index()} of {jax.process_count()}, "
+        f"{jax.local_device_count()} of {jax.device_count()} devices here",
+        flush=True,
+    )
+
+    def interrupt(signum, frame):  # JAX's own SIGTERM handler would only note it and train on
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
     return True
 
 
