@@ -127,7 +127,12 @@ def parse_args(argv=None):
     ap.add_argument("--only", default="", help=f"comma-separated subset of {','.join(NAMES)}")
     ap.add_argument("--skip", default="", help="comma-separated benchmarks to leave out")
     ap.add_argument("--out", metavar="JSON", default=None, help="also write the machine, raw results and rows here")
-    ap.add_argument("--vllm", choices=("auto", "on", "off"), default="auto", help="bench_generate --vllm (see above)")
+    ap.add_argument(
+        "--vllm",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="run bench_generate --vllm (a real vLLM server): auto = when .venv-vllm exists, not with --quick",
+    )
     ap.add_argument("--timeout-s", type=float, default=3 * 3600, help="per benchmark (default 3 hours)")
     args = ap.parse_args(argv)
     for flag in ("only", "skip"):

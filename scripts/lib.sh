@@ -56,9 +56,13 @@ capture() {
   "$@"
 }
 
-# need_value FLAG NEXT_ARG_COUNT: a flag that takes a value must have one.
+# need_value FLAG NEXT_ARG_COUNT [VALUE]: a flag that takes a value must have one (and, when VALUE is given, not
+# another flag in its place: `--name --dry-run` must not name the TPU "--dry-run").
 need_value() {
   [ "$2" -ge 2 ] || usage_error "$1 needs a value"
+  case ${3:-} in
+    --*) usage_error "$1 needs a value (got the flag $3)" ;;
+  esac
 }
 
 # check_overrides ARG...: every trainer override is dotted.key=value.
@@ -93,10 +97,19 @@ parse_stage_config() {
   [ $# -ge 1 ] || usage_error "missing the config (usage: [STAGE] CONFIG [key=value ...])"
   CONFIG=$1
   shift
-  [ -f "$CONFIG" ] || usage_error "config $CONFIG: no such file"
+  if [ ! -f "$CONFIG" ]; then
+    case $CONFIG in
+      */* | *.yaml | *.yml) usage_error "config $CONFIG: no such file" ;;
+      *) usage_error "unknown stage $CONFIG (sft, dpo, rm or rlvr), or a config path that does not exist" ;;
+    esac
+  fi
+  local dir_stage
+  dir_stage=$(stage_of "$CONFIG")
   if [ -z "$STAGE" ]; then
-    STAGE=$(stage_of "$CONFIG")
+    STAGE=$dir_stage
     [ -n "$STAGE" ] || usage_error "config $CONFIG: not under configs/{sft,dpo,rm,rlvr}/; give the stage first"
+  elif [ -n "$dir_stage" ] && [ "$dir_stage" != "$STAGE" ]; then
+    usage_error "config $CONFIG is a $dir_stage config, not $STAGE"
   fi
   OVERRIDES=("$@")
   if [ ${#OVERRIDES[@]} -gt 0 ]; then

@@ -26,12 +26,12 @@ GPUS=${CUDA_VISIBLE_DEVICES:-} VLLM_GPU="" VLLM_MODEL="" VLLM_PORT=8000 VLLM_TIM
 VLLM_ARGS=()
 while [ $# -gt 0 ]; do
   case $1 in
-    --gpus) need_value "$1" $#; GPUS=$2; shift 2 ;;
-    --vllm-gpu) need_value "$1" $#; VLLM_GPU=$2; shift 2 ;;
-    --vllm-model) need_value "$1" $#; VLLM_MODEL=$2; shift 2 ;;
-    --vllm-port) need_value "$1" $#; VLLM_PORT=$2; shift 2 ;;
-    --vllm-timeout) need_value "$1" $#; VLLM_TIMEOUT=$2; shift 2 ;;
-    --vllm-max-model-len) need_value "$1" $#; VLLM_MAX_LEN=$2; shift 2 ;;
+    --gpus) need_value "$1" $# "${2:-}"; GPUS=$2; shift 2 ;;
+    --vllm-gpu) need_value "$1" $# "${2:-}"; VLLM_GPU=$2; shift 2 ;;
+    --vllm-model) need_value "$1" $# "${2:-}"; VLLM_MODEL=$2; shift 2 ;;
+    --vllm-port) need_value "$1" $# "${2:-}"; VLLM_PORT=$2; shift 2 ;;
+    --vllm-timeout) need_value "$1" $# "${2:-}"; VLLM_TIMEOUT=$2; shift 2 ;;
+    --vllm-max-model-len) need_value "$1" $# "${2:-}"; VLLM_MAX_LEN=$2; shift 2 ;;
     --vllm-arg) need_value "$1" $#; VLLM_ARGS+=("$2"); shift 2 ;;
     --setup) SETUP=1; shift ;;
     --dry-run) DRY_RUN=1; shift ;;
@@ -59,6 +59,11 @@ if [ -n "$VLLM_GPU" ]; then
   esac
   TRAIN_GPUS=$(printf '%s\n' "$GPUS" | tr ',' '\n' | grep -vx "$VLLM_GPU" | paste -sd, - || true)
   [ -n "$TRAIN_GPUS" ] || usage_error "--vllm-gpu $VLLM_GPU leaves no GPU for the trainer"
+fi
+n_train=$(printf '%s\n' "$TRAIN_GPUS" | tr ',' '\n' | grep -c .)
+if [ $((n_train & (n_train - 1))) -ne 0 ]; then # model widths split over a mesh axis evenly only by powers of 2
+  say "warning: the trainer gets $n_train GPUs ($TRAIN_GPUS); a mesh axis of $n_train rarely divides a model's" \
+    "widths: pick 2, 4 or 8 with --gpus, or set mesh.data/mesh.fsdp so that fsdp is a power of two"
 fi
 
 if [ "$SETUP" = 1 ]; then

@@ -19,11 +19,11 @@ cd "$(dirname "$0")/.."
 JAX_EXTRA=tpu VLLM_SPEC="" BUCKET="" MOUNT="" PY=""
 while [ $# -gt 0 ]; do
   case $1 in
-    --jax) need_value "$1" $#; JAX_EXTRA=$2; shift 2 ;;
-    --vllm) need_value "$1" $#; VLLM_SPEC=$2; shift 2 ;;
-    --bucket) need_value "$1" $#; BUCKET=${2#gs://}; shift 2 ;;
-    --mount) need_value "$1" $#; MOUNT=$2; shift 2 ;;
-    --python) need_value "$1" $#; PY=$2; shift 2 ;;
+    --jax) need_value "$1" $# "${2:-}"; JAX_EXTRA=$2; shift 2 ;;
+    --vllm) need_value "$1" $# "${2:-}"; VLLM_SPEC=$2; shift 2 ;;
+    --bucket) need_value "$1" $# "${2:-}"; BUCKET=${2#gs://}; shift 2 ;;
+    --mount) need_value "$1" $# "${2:-}"; MOUNT=$2; shift 2 ;;
+    --python) need_value "$1" $# "${2:-}"; PY=$2; shift 2 ;;
     --dry-run) DRY_RUN=1; shift ;;
     *) usage_error "unknown flag $1" ;;
   esac

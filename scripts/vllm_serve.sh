@@ -19,12 +19,12 @@ PORT="" MODEL="" DTYPE=bfloat16 TIMEOUT=900 HOST=0.0.0.0 MAX_LEN=""
 EXTRA=()
 while [ $# -gt 0 ]; do
   case $1 in
-    --port) need_value "$1" $#; PORT=$2; shift 2 ;;
-    --model) need_value "$1" $#; MODEL=$2; shift 2 ;;
-    --dtype) need_value "$1" $#; DTYPE=$2; shift 2 ;;
-    --host) need_value "$1" $#; HOST=$2; shift 2 ;;
-    --timeout) need_value "$1" $#; TIMEOUT=$2; shift 2 ;;
-    --max-model-len) need_value "$1" $#; MAX_LEN=$2; shift 2 ;;
+    --port) need_value "$1" $# "${2:-}"; PORT=$2; shift 2 ;;
+    --model) need_value "$1" $# "${2:-}"; MODEL=$2; shift 2 ;;
+    --dtype) need_value "$1" $# "${2:-}"; DTYPE=$2; shift 2 ;;
+    --host) need_value "$1" $# "${2:-}"; HOST=$2; shift 2 ;;
+    --timeout) need_value "$1" $# "${2:-}"; TIMEOUT=$2; shift 2 ;;
+    --max-model-len) need_value "$1" $# "${2:-}"; MAX_LEN=$2; shift 2 ;;
     --) shift; EXTRA=("$@"); break ;;
     *) usage_error "unknown flag $1" ;;
   esac

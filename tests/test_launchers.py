@@ -135,18 +135,18 @@ def test_launch_one_ssh_per_worker_with_distributed_and_quoted_overrides():
 
 
 def test_launch_stage_first_for_a_config_outside_configs(tmp_path):
-    cfg = tmp_path / "mine.yaml"
+    cfg = tmp_path / "my cfg.yaml"  # a space: the run name and the remote copy get a '-'
     cfg.write_text("output_dir: /mnt/s/x\n")
     cmds = dry("tpu/launch.sh", *TPU, "--workers", "1", "dpo", str(cfg), "train.max_steps=5")
     scp = [c for c in cmds if "scp" in c][0]
-    assert scp[5:7] == [str(cfg), "pod-a:tulu_jax/configs/launched-mine.yaml"]
+    assert scp[5:7] == [str(cfg), "pod-a:tulu_jax/configs/launched-dpo-my-cfg.yaml"]
     words = remote_words(cmds[-1])
     i = words.index(".venv/bin/tulu-jax")
     assert words[i + 1 : i + 6] == [
         "dpo",
         "--distributed",
         "--config",
-        "configs/launched-mine.yaml",
+        "configs/launched-dpo-my-cfg.yaml",
         "train.max_steps=5",
     ]
 
@@ -209,6 +209,11 @@ def test_launch_rlvr_with_vllm_hosts_starts_waits_passes_servers_and_stops():
             [*TPU, "--workers", "2", "--vllm-hosts", "h", CFG_RLVR, "model.path=/m", "rollout.servers=[http://x:1]"],
             "rollout.servers: set by --vllm-hosts",
         ),
+        ("tpu/launch.sh", [*TPU, "--workers", "2", "foo", CFG_SFT], "unknown stage foo (sft, dpo, rm or rlvr)"),
+        ("tpu/launch.sh", [*TPU, "--workers", "2", "sft", CFG_RLVR], f"config {CFG_RLVR} is a rlvr config, not sft"),
+        ("tpu/create.sh", ["--zone", "z", "--name", "--queued"], "--name needs a value (got the flag --queued)"),
+        ("tpu/delete.sh", ["--zone", "z", "--project", "--yes"], "--project needs a value (got the flag --yes)"),
+        ("scripts/run_gpu.sh", ["--gpus", "0", "--vllm-model", "--setup", CFG_SFT], "--vllm-model needs a value"),
         ("tpu/create.sh", ["--zone", "z"], "no TPU name"),
         ("tpu/create.sh", [*TPU, "--queued", "--preemptible"], "--preemptible does not apply to queued"),
         ("tpu/create.sh", [*TPU, "--accelerator", "x9-8"], "unknown TPU type"),

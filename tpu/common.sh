@@ -43,7 +43,7 @@ parse_common_flag() {
   esac
   case $flag in
     --name | --zone | --project | --accelerator | --runtime | --remote-dir)
-      [ "$n" = 1 ] || need_value "$flag" $#
+      [ "$n" = 1 ] || need_value "$flag" $# "$value"
       [ -n "$value" ] || usage_error "$flag needs a value"
       case $flag in
         --name) TPU_NAME=$value ;;

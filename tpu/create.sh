@@ -45,7 +45,7 @@ if [ "$TPU_QUEUED" = 1 ]; then
       state=$(capture ACTIVE gcloud compute tpus queued-resources describe "$TPU_NAME" "${WHERE[@]}" \
         "--format=value(state.state)") || state=UNKNOWN
       case $state in
-        ACTIVE) say "queued resource $TPU_NAME is ACTIVE"; break ;;
+        ACTIVE) [ "$DRY_RUN" = 1 ] || say "queued resource $TPU_NAME is ACTIVE"; break ;;
         FAILED | SUSPENDED) say "queued resource $TPU_NAME is $state"; exit 1 ;;
         *) say "queued resource $TPU_NAME: ${state:-unknown}; checking again in 60 s"; sleep 60 ;;
       esac

@@ -35,14 +35,14 @@ while [ $# -gt 0 ]; do
     continue
   fi
   case $1 in
-    --workers) need_value "$1" $#; WORKERS=$2; shift 2 ;;
-    --run) need_value "$1" $#; RUN=$2; shift 2 ;;
-    --env) need_value "$1" $#; ENV_VARS+=("$2"); shift 2 ;;
-    --vllm-hosts) need_value "$1" $#; VLLM_HOSTS=$2; shift 2 ;;
-    --vllm-model) need_value "$1" $#; VLLM_MODEL=$2; shift 2 ;;
-    --vllm-port) need_value "$1" $#; VLLM_PORT=$2; shift 2 ;;
-    --vllm-timeout) need_value "$1" $#; VLLM_TIMEOUT=$2; shift 2 ;;
-    --vllm-max-model-len) need_value "$1" $#; VLLM_MAX_LEN=$2; shift 2 ;;
+    --workers) need_value "$1" $# "${2:-}"; WORKERS=$2; shift 2 ;;
+    --run) need_value "$1" $# "${2:-}"; RUN=$2; shift 2 ;;
+    --env) need_value "$1" $# "${2:-}"; ENV_VARS+=("$2"); shift 2 ;;
+    --vllm-hosts) need_value "$1" $# "${2:-}"; VLLM_HOSTS=$2; shift 2 ;;
+    --vllm-model) need_value "$1" $# "${2:-}"; VLLM_MODEL=$2; shift 2 ;;
+    --vllm-port) need_value "$1" $# "${2:-}"; VLLM_PORT=$2; shift 2 ;;
+    --vllm-timeout) need_value "$1" $# "${2:-}"; VLLM_TIMEOUT=$2; shift 2 ;;
+    --vllm-max-model-len) need_value "$1" $# "${2:-}"; VLLM_MAX_LEN=$2; shift 2 ;;
     --vllm-arg) need_value "$1" $#; VLLM_ARGS+=("$2"); shift 2 ;;
     -*) usage_error "unknown flag $1" ;;
     *) break ;;
@@ -54,7 +54,9 @@ case $WORKERS in
   '') [ "$DRY_RUN" = 0 ] || usage_error "--dry-run needs --workers N (the count is otherwise asked from gcloud)" ;;
   *[!0-9]* | 0) usage_error "--workers $WORKERS: expected a positive number" ;;
 esac
-RUN=${RUN:-$STAGE-$(basename "${CONFIG%.*}")}
+if [ -z "$RUN" ]; then # STAGE-CONFIGNAME, any other character of the file name made a '-'
+  RUN=$STAGE-$(basename "${CONFIG%.*}" | tr -c 'A-Za-z0-9_.\n-' '-')
+fi
 case $RUN in
   *[!A-Za-z0-9_.-]*) usage_error "--run $RUN: use letters, digits, '.', '_' and '-' only" ;;
 esac
@@ -84,7 +86,7 @@ fi
 cfg_abs=$(cd "$(dirname "$CONFIG")" && pwd -P)/$(basename "$CONFIG")
 case $cfg_abs in
   "$TPU_ROOT"/*) REMOTE_CONFIG=${cfg_abs#"$TPU_ROOT"/} ;;
-  *) REMOTE_CONFIG=configs/launched-$(basename "$CONFIG") ;;
+  *) REMOTE_CONFIG=configs/launched-$RUN.yaml ;; # one file per run name (safe characters only)
 esac
 case $(override_value output_dir ${OVERRIDES[@]+"${OVERRIDES[@]}"}) in
   /*) ;;

@@ -25,11 +25,11 @@ while [ $# -gt 0 ]; do
     continue
   fi
   case $1 in
-    --git) need_value "$1" $#; GIT_URL=$2; shift 2 ;;
-    --ref) need_value "$1" $#; GIT_REF=$2; shift 2 ;;
-    --hosts) need_value "$1" $#; HOSTS=$2; shift 2 ;;
-    --jax) need_value "$1" $#; JAX_EXTRA=$2; shift 2 ;;
-    --vllm | --bucket | --mount | --python) need_value "$1" $#; WORKER_ARGS+=("$1" "$2"); shift 2 ;;
+    --git) need_value "$1" $# "${2:-}"; GIT_URL=$2; shift 2 ;;
+    --ref) need_value "$1" $# "${2:-}"; GIT_REF=$2; shift 2 ;;
+    --hosts) need_value "$1" $# "${2:-}"; HOSTS=$2; shift 2 ;;
+    --jax) need_value "$1" $# "${2:-}"; JAX_EXTRA=$2; shift 2 ;;
+    --vllm | --bucket | --mount | --python) need_value "$1" $# "${2:-}"; WORKER_ARGS+=("$1" "$2"); shift 2 ;;
     *) usage_error "unknown flag or argument $1" ;;
   esac
 done
