@@ -1,4 +1,4 @@
-"""One process of the weight-publish job that tests/test_weight_sync.py starts through tests/multiprocess.py
+"""One process of the weight-publish job that tests/test_weight_sync.py starts through tests/multihost_job.py
 (or alone, with 8 devices): a tiny tied model with fixed random weights, sharded on a 2x2x2 mesh of the
 job's 8 devices, published to OUT/publish in bfloat16, then pushed once through a `VLLMClient` whose server
 calls are recorded instead of sent. Prints one line `RESULT {json}` with what this process saw.

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from multiprocess import REPO, ok, run, start
+from multihost_job import REPO, ok, run, start
 
 pytestmark = pytest.mark.slow
 

@@ -153,7 +153,7 @@ def test_two_process_run_pushes_once_per_step_from_process_zero(rlvr_vllm, vllm_
     """Two processes x 4 devices train together against one server, one step off-policy: process 0 alone
     samples, loads each push (written from both processes' shards) and shares the rollouts; the server sees
     one reload per version, and ends on the last step's weights."""
-    from multiprocess import ok, run
+    from multihost_job import ok, run
 
     out = tmp_path / "two"
     log_before = Path(vllm_server.log_path).read_text().count("POST /collective_rpc")

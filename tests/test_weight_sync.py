@@ -15,7 +15,7 @@ import pytest
 import torch
 import transformers
 from conftest import REPO
-from multiprocess import run as run_job
+from multihost_job import run as run_job
 from publish_job import CFG, host_params
 from safetensors import safe_open
 
