@@ -116,7 +116,9 @@ def _global_inputs(arg, shardings):
 
 def jit_on_mesh(fn, mesh: Mesh, *, in_shardings, out_shardings, donate_argnums=()):
     """`jax.jit` whose calls (and `.lower`) run under `mesh` and the logical rules table, so the
-    model's logical constraints resolve to this mesh."""
+    model's logical constraints resolve to this mesh. In a multi-process job a host (numpy) argument must
+    hold the SAME values on every process: it becomes a global array of its sharding. Rows that differ per
+    process (a data slice) must arrive as global arrays already (`train.batches.to_device`)."""
     jitted = jax.jit(fn, in_shardings=in_shardings, out_shardings=out_shardings, donate_argnums=donate_argnums)
 
     def run(*args):
