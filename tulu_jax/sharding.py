@@ -60,6 +60,10 @@ def resolve_mesh_shape(data: int, fsdp: int, tensor: int, num_devices: int) -> t
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> Mesh:
+    """A (data, fsdp, tensor) Mesh over `devices` (default: every device of the job, all processes'; their
+    order is process-major, so each process holds a contiguous block of the data axis). At most one size
+    may be -1 (the remaining devices); ValueError from `resolve_mesh_shape` when the sizes do not multiply
+    to the device count."""
     devices = jax.devices() if devices is None else devices
     shape = resolve_mesh_shape(data, fsdp, tensor, len(devices))
     # Tensor-parallel neighbours should share the fastest links: keep it the innermost axis.
@@ -72,10 +76,12 @@ def logical_sharding(logical_specs, mesh: Mesh):
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Rows (the leading axis) split over the data and fsdp axes; the other axes whole on each device."""
     return NamedSharding(mesh, P(("data", "fsdp")))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
+    """A whole copy on every device of `mesh` (scalars, RNG keys, small per-step values)."""
     return NamedSharding(mesh, P())
 
 

@@ -32,6 +32,7 @@ class TensorSpec:
 
     @property
     def nbytes(self) -> int:
+        """Bytes of the tensor's data in the file (elements x itemsize of `dtype`; bfloat16 is 2)."""
         return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(_np_dtype(self.dtype)).itemsize
 
 
