@@ -229,6 +229,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_verify_arguments(ver)
     ver.set_defaults(fn=_verify)
 
+    from tulu_jax.curation import cli as data_cli
+
+    data_cli.add_parser(sub)
+
     # `vllm` parses its own arguments (see main); listed here for --help.
     sub.add_parser("vllm", help="serve a model with vLLM for the rollout client (tulu-jax vllm --help)", add_help=False)
 
