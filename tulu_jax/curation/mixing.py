@@ -13,9 +13,9 @@ A mix is read in two passes, so its rows never have to fit in memory:
    order, rows in file order (an upsampled row's copies next to each other). The trainers shuffle, so the
    mix is not shuffled here, which keeps it a streaming write and easy to diff.
 
-Rows pass through unchanged except for a `source` field (the source's name) added when a row has none:
-an existing `source` (e.g. the original dataset of a Tülu 3 mixture row) is kept. Same config and inputs
--> byte-identical output.
+Rows pass through unchanged except for a `source` field (the source's name) added when a row has none
+(or a null one): an existing `source` (e.g. the original dataset of a Tülu 3 mixture row) is kept.
+Same config and inputs -> byte-identical output.
 """
 
 from __future__ import annotations
@@ -375,7 +375,8 @@ def iter_mix(plans: list[SourcePlan]) -> Iterator[dict]:
                     continue
                 if not isinstance(row, dict):
                     raise DataError(f"{where}: changed while mixing (no longer a valid row)", "changed")
-                out = row if "source" in row else {**row, "source": plan.name}
+                # keep an existing tag; a null one (a Parquet column other rows fill) counts as absent
+                out = row if row.get("source") is not None else {**row, "source": plan.name}
                 for _ in range(picks[j][1]):
                     yield out
                 bar.update(picks[j][1])
