@@ -433,3 +433,12 @@ def test_bundled_tiny_mix_runs_offline_in_a_subprocess(tmp_path):
         proc.stderr.strip() == f"tulu-jax: error: {bad}: sources[1].count: give exactly one of count (rows) or ratio "
         "(fraction of the rows after dedup)"
     )
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs/data").glob("*mix*.yaml")), ids=lambda p: p.name)
+def test_shipped_mix_configs_load(path):
+    cfg = mixing.load_mix_config(str(path))
+    assert cfg.kind in mixing.KINDS and cfg.sources
+    for s in cfg.sources:  # bundled and local sources exist (hub sources are checked when run)
+        if not s.path.startswith(mixing.HUB_PREFIX):
+            assert os.path.exists(mixing.resolve_path(s.path)), s.path

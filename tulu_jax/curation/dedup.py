@@ -14,6 +14,7 @@ Memory: ~16 bytes per exact key and `num_perm` x 4 bytes per kept row for the ne
 
 from __future__ import annotations
 
+import itertools
 import zlib
 from collections.abc import Sequence
 
@@ -38,6 +39,22 @@ def _fmix32(h: np.ndarray) -> np.ndarray:
 _POLY = np.uint64(0x9E3779B97F4A7C15)
 
 
+class _WordHashCache(dict):
+    """word -> CRC-32 of its UTF-8 + 1 (never 0), remembered: looking a word up through `map` stays in C,
+    ~4x faster than hashing every occurrence. Cleared when it grows past `limit` words (~150 MB)."""
+
+    limit = 1_000_000
+
+    def __missing__(self, word: str) -> int:
+        if len(self) >= self.limit:
+            self.clear()
+        h = self[word] = zlib.crc32(word.encode("utf-8")) + 1
+        return h
+
+
+_WORD_HASHES = _WordHashCache()
+
+
 def shingle_hashes(word_lists: Sequence[Sequence[str]], size: int) -> tuple[np.ndarray, np.ndarray]:
     """32-bit hashes of the `size`-word shingles of each text -> (hashes uint32 (total,), counts int64
     (len(word_lists),)), the shingles of text i being hashes[sum(counts[:i]) : sum(counts[:i+1])].
@@ -55,8 +72,9 @@ def shingle_hashes(word_lists: Sequence[Sequence[str]], size: int) -> tuple[np.n
     flat = np.zeros(int(padded.sum()), dtype=np.uint64)
     row_start = np.concatenate([[0], np.cumsum(padded)[:-1]])
     word_pos = np.concatenate([np.arange(s, s + n) for s, n in zip(row_start, n_words)]) if len(flat) else flat
+    all_words = itertools.chain.from_iterable(word_lists)
     flat[word_pos.astype(np.int64)] = np.fromiter(
-        (zlib.crc32(w.encode("utf-8")) + 1 for ws in word_lists for w in ws), dtype=np.uint64, count=int(n_words.sum())
+        map(_WORD_HASHES.__getitem__, all_words), dtype=np.uint64, count=int(n_words.sum())
     )
     n_starts = max(len(flat) - size + 1, 0)
     h = np.zeros(n_starts, dtype=np.uint64)
