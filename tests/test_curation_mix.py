@@ -393,6 +393,14 @@ def test_cli_output_flag_errors(tmp_path, two_sources, capsys):
     assert "is sources[0].path" in capsys.readouterr().err
 
 
+def test_help_config_and_required_flags(capsys):
+    assert main(["data", "mix", "--help-config"]) == 0
+    keys = [line.split(" ")[0] for line in capsys.readouterr().out.splitlines()]
+    assert {"kind", "seed", "dedup.threshold", "sources[i].count", "sources[i].ratio"} <= set(keys)
+    assert main(["data", "mix", "--out", "x.jsonl"]) == 2
+    assert capsys.readouterr().err.strip() == "tulu-jax: error: --config: required"
+
+
 def test_bundled_tiny_mix_runs_offline_in_a_subprocess(tmp_path):
     out = tmp_path / "mix.jsonl"
     cmd = [

@@ -21,8 +21,8 @@ _NOT_OUTPUT = (".json", ".csv", ".tsv", ".txt", ".gz", ".arrow", ".yaml", ".yml"
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Flags of `tulu-jax data mix`."""
-    p.add_argument("--config", required=True, help="mix config YAML, e.g. configs/data/tiny_mix.yaml")
-    p.add_argument("--out", required=True, help="output: *.jsonl, *.parquet, or a datasets.save_to_disk folder")
+    p.add_argument("--config", help="mix config YAML, e.g. configs/data/tiny_mix.yaml (required)")
+    p.add_argument("--out", help="output: *.jsonl, *.parquet, or a datasets.save_to_disk folder (required)")
     p.add_argument(
         "--on-bad-row",
         choices=("error", "skip"),
@@ -30,6 +30,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="error: stop at the first invalid row, naming file, line and field; skip: count it and go on",
     )
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--help-config", action="store_true", help="list every config key with its type and default")
+
+
+def config_help() -> str:
+    """Every key of a mix config, one line each (`sources[i].KEY` for the keys of each source)."""
+    from tulu_jax.configlib import config_help as keys_help
+    from tulu_jax.curation.mixing import MixConfig, SourceConfig
+
+    return keys_help(MixConfig) + "\n" + keys_help(SourceConfig, "sources[i]")
 
 
 def _check_out(args, cfg) -> None:
@@ -62,8 +71,14 @@ def run(args: argparse.Namespace) -> int:
     from tulu_jax.curation.mixing import iter_mix, load_mix_config, mix_summary, plan_mix, summary_path
     from tulu_jax.curation.rows import format_table, write_rows
     from tulu_jax.data.chat import DataError
-    from tulu_jax.inputs import check_readable_file
+    from tulu_jax.inputs import InputError, check_readable_file
 
+    if args.help_config:
+        print(config_help())
+        return 0
+    for flag, value in (("--config", args.config), ("--out", args.out)):
+        if not value:
+            raise InputError(f"{flag}: required")
     check_readable_file(args.config, "--config")
     cfg = load_mix_config(args.config)
     _check_out(args, cfg)

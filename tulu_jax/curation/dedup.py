@@ -8,8 +8,9 @@
   of rows at once with NumPy (`shingle_hashes`, `signatures`), several times faster than one `MinHash` per
   row, with the very hash values `datasketch.MinHash(scheme="affine32")` gives for the same shingle hashes.
 
-Memory: ~16 bytes per exact key and `num_perm` x 4 bytes per kept row for the near index (128 permutations:
-512 MB for a million kept rows) plus datasketch's band tables.
+Memory: ~100 bytes per distinct prompt for the exact set; the near index holds `num_perm` x 4 bytes of
+signature per kept row plus datasketch's band tables, ~6 KB per kept row in all at 128 permutations
+(measured: +530 MB for 91k kept rows), so a million-row near dedup needs ~6 GB.
 """
 
 from __future__ import annotations

@@ -50,7 +50,12 @@ class DedupConfig:
         default=0.8,
         metadata={"help": "estimated Jaccard of word shingles at which a row is a near duplicate"},
     )
-    num_perm: int = field(default=128, metadata={"help": "MinHash permutations (4 bytes per kept row each)"})
+    num_perm: int = field(
+        default=128,
+        metadata={
+            "help": "MinHash permutations: the Jaccard estimate's std is sqrt(J(1-J)/num_perm); cost grows with it"
+        },
+    )
     shingle_size: int = field(default=3, metadata={"help": "words per shingle"})
 
     def __post_init__(self):
