@@ -450,3 +450,21 @@ def test_shipped_mix_configs_load(path):
     for s in cfg.sources:  # bundled and local sources exist (hub sources are checked when run)
         if not s.path.startswith(mixing.HUB_PREFIX):
             assert os.path.exists(mixing.resolve_path(s.path)), s.path
+
+
+def test_hub_source_reads_through_load_dataset(tmp_path, monkeypatch):
+    """hf:NAME goes through datasets.load_dataset(NAME, split=...); a local data folder stands in for the hub
+    (offline), so the hub path's reading, naming and second pass are exercised."""
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")  # keep the user's cache clean
+    hub = tmp_path / "org" / "tiny-set"
+    os.makedirs(hub)
+    jsonl(hub / "train.jsonl", [sft(f"hub question {i}", id=i) for i in range(6)] + [sft("hub question 0")])
+    jsonl(hub / "test.jsonl", [sft("held out")])
+    cfg = yaml_config(tmp_path / "m.yaml", "sft", [{"path": f"hf:{hub}", "split": "train", "count": 4}])
+    assert run_mix(cfg, tmp_path / "o.jsonl") == 0
+    rows = read(tmp_path / "o.jsonl")
+    assert len(rows) == 4 and {r["source"] for r in rows} == {"tiny-set"}
+    summary = json.loads((tmp_path / "o.jsonl.summary.json").read_text())["sources"][0]
+    assert (summary["rows_in"], summary["exact_duplicates"], summary["rows_after_dedup"]) == (7, 1, 6)
