@@ -8,7 +8,7 @@ import argparse
 import importlib
 
 # subcommand -> module
-SUBCOMMANDS: dict[str, str] = {}
+SUBCOMMANDS: dict[str, str] = {"mix": "tulu_jax.curation.cmd_mix"}
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
