@@ -8,7 +8,9 @@ import argparse
 import importlib
 
 # subcommand -> module
-SUBCOMMANDS: dict[str, str] = {}
+SUBCOMMANDS: dict[str, str] = {
+    "rlvr-if": "tulu_jax.curation.cmd_rlvr_if",
+}
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
