@@ -9,6 +9,7 @@ import importlib
 
 # subcommand -> module
 SUBCOMMANDS: dict[str, str] = {
+    "personas": "tulu_jax.curation.cmd_personas",
     "rlvr-if": "tulu_jax.curation.cmd_rlvr_if",
 }
 
