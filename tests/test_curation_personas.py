@@ -281,6 +281,7 @@ def test_respond_appends_the_answer(scripted, tmp_path, capsys):
         assert user == prompts[key]["messages"][0] and assistant["role"] == "assistant"
         assert assistant["content"] == f"An answer to: {user['content'][:40]}"
         assert r["response_model"] == "fake" and r["response_attempts"] == 1
+        assert r["response_seed"] == request_seed(0, f"response:{key}", 0) != r["seed"]
     hits = _Scripted.hits
     assert main(_args(personas, "code", scripted, out, "--respond", n=3)) == 0
     assert _Scripted.hits == hits

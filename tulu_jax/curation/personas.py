@@ -157,6 +157,48 @@ def _new_counts(counts: dict[str, Any]) -> dict[str, Any]:
     return counts
 
 
+@dataclasses.dataclass(frozen=True)
+class _Pass:
+    """How one pass turns an item into chat messages and checks the reply: `key(item)` (its output key),
+    `messages(item)`, `check(reply) -> (value, reason)`, `accept(item, value, reply, attempts, seed)`
+    (writes the row or records it as a duplicate); request seeds hash `seed_prefix + key`."""
+
+    key: Any
+    messages: Any
+    check: Any
+    accept: Any
+    desc: str
+    seed_prefix: str = ""
+
+
+def _run_pass(client, todo: list, spec: _Pass, out: ResumableJsonl, settings: Settings, counts: dict) -> None:
+    """Runs one pass's requests concurrently: failures counted (not recorded), malformed replies recorded
+    as skipped, good ones handed to `spec.accept`; adds `requests` and `seconds` to `counts`."""
+    calls, stats = _Calls(), {}
+
+    def call(item):
+        index, entry = item
+        return _ask(
+            client, spec.messages(entry), spec.seed_prefix + spec.key(entry), index, settings, calls, spec.check
+        )
+
+    results = run_requests(todo, call, max_in_flight=settings.concurrency, desc=spec.desc, total=len(todo), stats=stats)
+    for (_, entry), result, error in results:
+        key = spec.key(entry)
+        if error is not None:
+            counts["failed"] += 1
+            counts["failures"].append(f"{key}: {_one_line(error)}")
+            continue
+        value, reply, attempts, seed, reasons = result
+        if value is None:
+            counts["malformed"][reasons[-1]] += 1
+            out.skip(key, "malformed", reasons=reasons, last_reply=reply.text[:500])
+            continue
+        spec.accept(entry, value, reply, attempts, seed)
+    counts["requests"] = counts.get("requests", 0) + calls.n
+    counts["seconds"] = counts.get("seconds", 0.0) + stats.get("seconds", 0.0)
+
+
 def synthesize_prompts(
     client: ChatClient, jobs: Iterable[Job], out: ResumableJsonl, *, skill: str, settings: Settings, counts: dict
 ) -> None:
@@ -168,48 +210,27 @@ def synthesize_prompts(
     Counter of final reasons), `failures` (error lines), `requests` (chat calls) and `seconds`."""
     _new_counts(counts)
     jobs = list(jobs)
-    todo = [j for j in jobs if j.key not in out.done]
+    todo = [(j.index, j) for j in jobs if j.key not in out.done]
     counts["resumed"] += len(jobs) - len(todo)
     seen = {_row_dedup_key(r): r["id"] for r in out.rows}
-    calls, stats = _Calls(), {}
 
-    def call(job: Job):
+    def messages(job: Job) -> list[dict]:
         rules = [c.instruction() for c in job.constraints]
-        messages = [{"role": "user", "content": render_template(skill, job.persona, rules)}]
-        return _ask(
-            client,
-            messages,
-            job.key,
-            job.index,
-            settings,
-            calls,
-            lambda r: extract_prompt(skill, r.text, r.finish_reason),
-        )
+        return [{"role": "user", "content": render_template(skill, job.persona, rules)}]
 
-    results = run_requests(
-        todo, call, max_in_flight=settings.concurrency, desc=f"personas {skill}", total=len(todo), stats=stats
-    )
-    for job, result, error in results:
-        if error is not None:
-            counts["failed"] += 1
-            counts["failures"].append(f"{job.key}: {_one_line(error)}")
-            continue
-        prompt, reply, attempts, seed, reasons = result
-        if prompt is None:
-            counts["malformed"][reasons[-1]] += 1
-            out.skip(job.key, "malformed", reasons=reasons, last_reply=reply.text[:500])
-            continue
+    def accept(job: Job, prompt: str, reply, attempts: int, seed: int) -> None:
         row = _prompt_row(job, skill, prompt, reply, attempts, seed)
         key = _row_dedup_key(row)
-        if key in seen:
+        if key in seen:  # results arrive on this one thread: no lock needed
             counts["duplicates"] += 1
             out.skip(job.key, "duplicate", of=seen[key], prompt=row["messages"][0]["content"][:500])
-            continue
+            return
         seen[key] = job.key
         out.append(row)
         counts["written"] += 1
-    counts["requests"] = counts.get("requests", 0) + calls.n
-    counts["seconds"] = counts.get("seconds", 0.0) + stats.get("seconds", 0.0)
+
+    check = lambda r: extract_prompt(skill, r.text, r.finish_reason)  # noqa: E731
+    _run_pass(client, todo, _Pass(lambda j: j.key, messages, check, accept, f"personas {skill}"), out, settings, counts)
 
 
 def synthesize_responses(
@@ -223,37 +244,13 @@ def synthesize_responses(
     _new_counts(counts)
     todo = [(i, r) for i, r in enumerate(rows) if str(r["id"]) not in out.done]
     counts["resumed"] += len(rows) - len(todo)
-    calls, stats = _Calls(), {}
 
-    def call(item):
-        index, row = item
-        return _ask(
-            client,
-            row["messages"],
-            f"response:{row['id']}",
-            index,
-            settings,
-            calls,
-            lambda r: (r.text.strip(), check_response(r.text, r.finish_reason)),
-        )
-
-    results = run_requests(
-        todo, call, max_in_flight=settings.concurrency, desc="responses", total=len(todo), stats=stats
-    )
-    for (_, row), result, error in results:
-        if error is not None:
-            counts["failed"] += 1
-            counts["failures"].append(f"{row['id']}: {_one_line(error)}")
-            continue
-        text, reply, attempts, seed, reasons = result
-        if text is None:
-            counts["malformed"][reasons[-1]] += 1
-            out.skip(row["id"], "malformed", reasons=reasons, last_reply=reply.text[:500])
-            continue
+    def accept(row: dict, text: str, reply, attempts: int, seed: int) -> None:
+        answer = {"role": "assistant", "content": text}
         out.append(
             {
                 **row,
-                "messages": [*row["messages"], {"role": "assistant", "content": text}],
+                "messages": [*row["messages"], answer],
                 "response_model": reply.model,
                 "response_endpoint": reply.server,
                 "response_seed": seed,
@@ -261,5 +258,13 @@ def synthesize_responses(
             }
         )
         counts["written"] += 1
-    counts["requests"] = counts.get("requests", 0) + calls.n
-    counts["seconds"] = counts.get("seconds", 0.0) + stats.get("seconds", 0.0)
+
+    spec = _Pass(
+        key=lambda r: str(r["id"]),
+        messages=lambda r: r["messages"],
+        check=lambda r: (r.text.strip(), check_response(r.text, r.finish_reason)),
+        accept=accept,
+        desc="responses",
+        seed_prefix="response:",  # not the seed its prompt was written with
+    )
+    _run_pass(client, todo, spec, out, settings, counts)
