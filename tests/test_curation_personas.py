@@ -255,15 +255,16 @@ def test_malformed_duplicates_retries_and_resume(scripted, tmp_path, capsys):
     table = capsys.readouterr().out
     assert re.search(r"duplicates \(skipped\)\s+1\b", table) and re.search(r"malformed: refusal\s+1\b", table)
     assert re.search(r"chat requests\s+8\b", table)  # twins 1 + 1, refusal 3, flaky 2, plain 1
-    # A rerun has nothing left to do; --n 7 cycles to personas 0 and 1 again (new seeds: new prompts, except
-    # the twins' one fixed prompt, a duplicate again).
+    # A rerun has nothing left to do; --n 7 cycles to personas 0 and 1 again, two twins whose one fixed
+    # prompt math-0 already has.
     hits = _Scripted.hits
     assert main(_args(personas, "math", scripted, out, n=5)) == 0
     assert _Scripted.hits == hits and re.search(r"already done \(resumed\)\s+5\b", capsys.readouterr().out)
     assert main(_args(personas, "math", scripted, out, n=7)) == 0
     assert _recorded(out) == Counter({f"math-{i}": 1 for i in range(7)})
-    assert _jsonl(f"{out}.skipped.jsonl")[-1] == {"key": "math-6", "reason": "duplicate", "of": "math-0",
-                                                  "prompt": "Add up the first ten odd numbers, twin."}  # fmt: skip
+    twin = {"reason": "duplicate", "of": "math-0", "prompt": "Add up the first ten odd numbers, twin."}
+    new_skips = sorted(_jsonl(f"{out}.skipped.jsonl")[2:], key=lambda r: r["key"])
+    assert new_skips == [{"key": "math-5", **twin}, {"key": "math-6", **twin}]
 
 
 def test_respond_appends_the_answer(scripted, tmp_path, capsys):
@@ -328,15 +329,19 @@ def _params():
         ({"--endpoint": "DEAD"}, r"--endpoint http://127.0.0.1:\d+: .*retry deadline"),
         ({"--n": "0"}, r"--n 0: must be >= 1"),
         ({"--out": "o.parquet"}, r"--out o.parquet: must be a .jsonl"),
+        ({"--retries": "-1"}, r"--retries -1: must be >= 0"),
+        ({"--api-key-env": "TULU_JAX_TEST_UNSET_KEY"}, r"--api-key-env TULU_JAX_TEST_UNSET_KEY: .*not set"),
     ],
 )
 def test_cli_errors_are_one_line(scripted, tmp_path, capsys, monkeypatch, change, expected):
     from tulu_jax.rollout.server import free_port
 
     monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("TULU_JAX_TEST_UNSET_KEY", raising=False)
     args = _args(
         _personas(tmp_path / "p.jsonl", ["A beekeeper."]), "math", scripted, "o.jsonl", "--retry-deadline", "0.3"
     )
+    args += ["--retries", "2", "--api-key-env", ""]
     for flag, value in change.items():
         args[args.index(flag) + 1] = value.replace("DEAD", f"http://127.0.0.1:{free_port()}")
     assert main(args) == 2

@@ -4,6 +4,7 @@ open-instruct `scripts/persona_driven_data_gen/`)."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 HELP = "synthesise skill prompts (math, grade_math, code, if) from personas with a served model"
@@ -67,6 +68,8 @@ def _check_flags(args) -> None:
     for flag, value, ok, need in checks:
         if not ok:
             raise InputError(f"{flag} {value}: must be {need}")
+    if args.api_key_env and not os.environ.get(args.api_key_env):
+        raise InputError(f"--api-key-env {args.api_key_env}: the environment variable is not set")
     if not args.out.endswith(".jsonl"):
         raise InputError(f"--out {args.out}: must be a .jsonl file (written row by row)")
 

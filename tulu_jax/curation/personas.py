@@ -20,7 +20,7 @@ import random
 import threading
 import unicodedata
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from tulu_jax.curation.if_constraints import Constraint, make_if_prompt, sample_constraints
@@ -163,10 +163,10 @@ class _Pass:
     `messages(item)`, `check(reply) -> (value, reason)`, `accept(item, value, reply, attempts, seed)`
     (writes the row or records it as a duplicate); request seeds hash `seed_prefix + key`."""
 
-    key: Any
-    messages: Any
-    check: Any
-    accept: Any
+    key: Callable[[Any], str]
+    messages: Callable[[Any], list[dict]]
+    check: Callable[[Any], tuple[Any, str | None]]
+    accept: Callable[..., None]
     desc: str
     seed_prefix: str = ""
 
