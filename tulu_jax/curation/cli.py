@@ -8,7 +8,11 @@ import argparse
 import importlib
 
 # subcommand -> module
-SUBCOMMANDS: dict[str, str] = {"mix": "tulu_jax.curation.cmd_mix"}
+SUBCOMMANDS: dict[str, str] = {
+    "mix": "tulu_jax.curation.cmd_mix",
+    "personas": "tulu_jax.curation.cmd_personas",
+    "rlvr-if": "tulu_jax.curation.cmd_rlvr_if",
+}
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
