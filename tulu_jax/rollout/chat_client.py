@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from tulu_jax.rollout.http import Retryable, RolloutServerError, call_with_retries, request_json
 
@@ -109,9 +110,18 @@ class ChatClient:
             if self.model not in ids:
                 raise RolloutServerError(f"{url} does not serve model {self.model!r}; it serves {ids}")
 
-    def chat(self, messages: Sequence[dict], params: ChatParams, *, index: int = 0) -> ChatReply:
+    def chat(
+        self,
+        messages: Sequence[dict],
+        params: ChatParams,
+        *,
+        index: int = 0,
+        extra_body: Mapping[str, Any] | None = None,
+    ) -> ChatReply:
         """One chat completion of `messages` ([{"role", "content"}, ...]). `index` picks the first server
-        (index mod the number of servers), so consecutive requests spread over the servers. Raises
+        (index mod the number of servers), so consecutive requests spread over the servers. `extra_body`
+        adds server-specific fields to the request, e.g. vLLM's `{"structured_outputs": {"choice": [...]}}`
+        (it may not override the fields set here: ValueError). Raises
         RolloutServerError on a 4xx (a bad request: the prompt is too long, the model unknown) or when no
         server answers before the retry deadline; an answer without a message is retried like a 5xx."""
         body = {
@@ -123,6 +133,10 @@ class ChatClient:
         }
         if params.seed is not None:
             body["seed"] = params.seed
+        clash = sorted(set(extra_body or {}) & set(body))
+        if clash:
+            raise ValueError(f"extra_body may not set {clash}: use messages/ChatParams")
+        body.update(extra_body or {})
 
         def attempt(k: int) -> ChatReply:
             url = self.urls[k]
