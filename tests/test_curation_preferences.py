@@ -561,7 +561,7 @@ def test_killed_run_resumes_each_prompt_once(served, tmp_path):
     fresh = tmp_path / "fresh.jsonl"
     fresh_args = [fresh if a == str(out) else a for a in args]
     assert subprocess.run([*cmd[:5], *map(str, fresh_args)], env=env, capture_output=True).returncode == 0
-    mix = lambda rows: {r["id"]: (r["policy"], [e["model"] for e in r["ratings"]]) for r in rows}  # noqa: E731
+    mix = lambda rows: {r.get("id", r.get("key")): (r["policy"], [e["model"] for e in r["ratings"]]) for r in rows}  # noqa: E731
     both = _jsonl(fresh) + _jsonl(f"{fresh}.skipped.jsonl")
     assert mix(rows + skipped) == mix(both)
 
@@ -571,6 +571,15 @@ def _jsonl_lines(path):
         return []
     with open(path, "rb") as f:
         return f.read().split(b"\n")[:-1]
+
+
+@pytest.fixture
+def failing(served):
+    """A server that lists the tiny server's model and answers every chat request with a 500."""
+    server, url = _start_failing([served[1]])
+    yield url
+    server.shutdown()
+    server.server_close()
 
 
 @pytest.mark.vllm
