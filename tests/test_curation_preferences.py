@@ -311,9 +311,11 @@ def _dead_url():
 
 
 class _Failing(http.server.BaseHTTPRequestHandler):
-    """Lists `models` at /v1/models (the up-front check passes), answers every chat request with a 500."""
+    """Lists `models` at /v1/models (the up-front check passes), answers every chat request with `status`
+    (500), keeping the last request body in `bodies`."""
 
     models: list[str] = []
+    status, bodies = 500, []
 
     def do_GET(self):
         body = json.dumps({"object": "list", "data": [{"id": m, "object": "model"} for m in self.models]})
@@ -323,7 +325,8 @@ class _Failing(http.server.BaseHTTPRequestHandler):
         self.wfile.write(body.encode())
 
     def do_POST(self):
-        self.send_response(500)
+        self.bodies.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+        self.send_response(self.status)
         self.end_headers()
         self.wfile.write(b'{"error": "boom"}')
 
@@ -331,8 +334,8 @@ class _Failing(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def _start_failing(models):
-    _Failing.models = list(models)
+def _start_failing(models, status=500):
+    _Failing.models, _Failing.status, _Failing.bodies = list(models), status, []
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Failing)
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -345,6 +348,56 @@ def failing_pool_server():
     yield url
     server.shutdown()
     server.server_close()
+
+
+def test_chat_client_extra_body_and_refusals():
+    from tulu_jax.rollout.chat_client import ChatClient, ChatParams, ChatRefused
+    from tulu_jax.rollout.http import RolloutServerError
+
+    server, url = _start_failing(["m"], status=400)
+    try:
+        client = ChatClient([url], model="m", retry_deadline_s=0)
+        guided = {"structured_outputs": {"choice": ["1", "2"]}}
+        with pytest.raises(ChatRefused, match="HTTP 400") as e:
+            client.chat([{"role": "user", "content": "hi"}], ChatParams(seed=3), extra_body=guided)
+        assert e.value.status == 400 and isinstance(e.value, RolloutServerError)
+        body = _Failing.bodies[-1]
+        assert body["structured_outputs"] == guided["structured_outputs"] and body["seed"] == 3
+        with pytest.raises(ValueError, match=r"extra_body may not set \['messages'\]"):
+            client.chat([{"role": "user", "content": "hi"}], ChatParams(), extra_body={"messages": []})
+        _Failing.status = 401
+        with pytest.raises(ChatRefused) as e:
+            client.chat([{"role": "user", "content": "hi"}], ChatParams())
+        assert e.value.status == 401
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize("status", [400, 401, 503])
+def test_refusals_and_failures(tmp_path, capsys, status):
+    """A 400 (this request too long) leaves the completion out: the prompt is recorded as too_few_rated and
+    the run succeeds. A 401 (every request) or a 5xx past the deadline fails the prompt: not recorded, exit 1."""
+    server, url = _start_failing(["org/m0", "org/m1"], status=status)
+    try:
+        data = _pool_dict(n_off=2, on=False)
+        for m in data["models"]:
+            m["urls"] = [url]
+        out = tmp_path / "out.jsonl"
+        args = ["--prompts", _prompts(tmp_path, n=3), "--pool", _write_yaml(tmp_path, data), "--judge", url]
+        args += ["--judge-model", "org/m0", "--out", str(out), "--on-policy-share", "0", "--retry-deadline", "0"]
+        rc, stdout, err = _cli(args, capsys)
+    finally:
+        server.shutdown()
+        server.server_close()
+    s = _summary(stdout)
+    if status == 400:
+        assert rc == 0, err
+        assert [x["reason"] for x in _jsonl(f"{out}.skipped.jsonl")] == ["too_few_rated"] * 3
+        assert s["requests refused (too long)"] == 6 and s["completions"] == 0
+    else:
+        assert rc == 1 and "rerun the same command" in err and f"HTTP {status}" in err
+        assert s["failed (server error)"] == 3 and _jsonl(out) == _jsonl(f"{out}.skipped.jsonl") == []
 
 
 CLI_ERRORS = [
@@ -593,7 +646,7 @@ def test_server_down_fails_prompts_then_rerun_completes(served, failing, tmp_pat
     rc, stdout, err = _cli(args, capsys)
     assert rc == 1
     assert "rerun the same command" in err and "HTTP 500" in err
-    failed = _summary(stdout)["failed (server down)"]
+    failed = _summary(stdout)["failed (server error)"]
     written = _jsonl(out) + _jsonl(f"{out}.skipped.jsonl")
     assert failed >= 1 and failed + len(written) == 4  # failed prompts are not recorded
     if down == "judge":
@@ -612,3 +665,26 @@ def test_server_down_fails_prompts_then_rerun_completes(served, failing, tmp_pat
     keys = [r["id"] for r in _jsonl(out)] + [s["key"] for s in _jsonl(f"{out}.skipped.jsonl")]
     assert sorted(keys) == [f"prompts-{i}" for i in range(4)]
     assert _summary(stdout)["done before (resumed)"] == 4 - failed
+
+
+@pytest.mark.vllm
+def test_requests_too_long_for_the_context_are_left_out(served, tmp_path, capsys):
+    """The tiny server's context is 512 tokens ("apple " is 2 tokens of the tiny tokenizer): a 480-token prompt
+    gets completions but its judge requests are refused (HTTP 400); a 600-token one gets no completion. Both
+    are recorded as too_few_rated, nothing is retried forever, the run succeeds."""
+    url, _ = served
+    rows = [{"prompt": "Name a color."}, {"prompt": "apple " * 240}, {"prompt": "apple " * 300}]
+    prompts, out = _prompts(tmp_path, rows=rows), tmp_path / "prefs.jsonl"
+    pool_path = _e2e_pool(tmp_path, {"*": url})
+    rc, stdout, err = _cli(_args(tmp_path, pool_path, url, out, prompts, "--judge-guided"), capsys)
+    assert rc == 0, err
+    skipped = {s["key"]: s for s in _jsonl(f"{out}.skipped.jsonl")}
+    assert skipped["prompts-1"]["reason"] == skipped["prompts-2"]["reason"] == "too_few_rated"
+    assert skipped["prompts-2"]["ratings"] == []  # every completion request refused
+    assert all(v is None for e in skipped["prompts-1"]["ratings"] for v in e["ratings"].values())
+    assert "prompts-1" not in {r["id"] for r in _jsonl(out)}
+    s = _summary(stdout)
+    _, names2 = annotation_mix(load_pool(pool_path), "prompts-2", on_policy_share=0.5, seed=0)
+    unrated = s["aspects left unrated"]
+    assert unrated > 0 and unrated % 4 == 0 and s["unparseable ratings"] == 0  # guided: refusals only
+    assert s["requests refused (too long)"] == len(names2) + unrated

@@ -18,7 +18,8 @@ DESCRIPTION = (
     "each rated 1-5 by the judge on helpfulness, instruction following, honesty and truthfulness in four "
     "requests; chosen = the best mean rating, rejected = a completion with a strictly lower mean. Unparseable "
     "ratings are retried (--retries), then the completion is left out; prompts without a pair are recorded in "
-    "OUT.skipped.jsonl. Resumable: rerun the same command after a kill or a failure. Example: "
+    "OUT.skipped.jsonl. A request a server refuses as too long (HTTP 400) leaves that completion or rating out. "
+    "Resumable: rerun the same command after a kill or a failure. Example: "
     "tulu-jax data preferences --prompts prompts.jsonl --pool configs/data/pool.yaml "
     "--judge http://localhost:8001 --out prefs.jsonl"
 )
@@ -77,6 +78,7 @@ class _Outcome:
     judge_requests: int = 0
     unparseable: int = 0
     unrated_aspects: int = 0
+    refused: int = 0
 
 
 def _check_args(args) -> None:
@@ -152,6 +154,17 @@ def _clients(args, pool, pool_path: str):
     return clients, judge
 
 
+# 4xx codes about one request (its prompt does not fit the model's context): that completion or rating is
+# left out. Any other refusal (401 bad key, 404, 429) is about every request: the prompt fails, to be rerun.
+_REQUEST_REFUSALS = (400, 413, 422)
+
+
+def _refused(error: Exception) -> bool:
+    from tulu_jax.rollout.chat_client import ChatRefused
+
+    return isinstance(error, ChatRefused) and error.status in _REQUEST_REFUSALS
+
+
 class _Annotator:
     """The requests of one prompt: completions from its models, four judge ratings per completion, the pair.
     HTTP calls go to a shared pool of `concurrency` threads, so requests of many prompts overlap."""
@@ -168,17 +181,23 @@ class _Annotator:
         with self._lock:
             return next(self._index)
 
-    def _complete(self, key: str, name: str, prompt: str) -> str:
+    def _complete(self, key: str, name: str, prompt: str) -> str | None:
+        """The completion's text; None when the server refused the request (400: too long for it)."""
         from tulu_jax.curation.preferences import request_seed
         from tulu_jax.rollout.chat_client import ChatParams
 
         s = self.pool.by_name(name).sampling
         params = ChatParams(s.temperature, s.top_p, s.max_tokens, request_seed(self.args.seed, key, name, "complete"))
-        reply = self.clients[name].chat([{"role": "user", "content": prompt}], params, index=self._next_index())
+        try:
+            reply = self.clients[name].chat([{"role": "user", "content": prompt}], params, index=self._next_index())
+        except Exception as e:
+            if _refused(e):
+                return None
+            raise
         return reply.text
 
-    def _rate(self, key: str, k: int, aspect: str, prompt: str, text: str) -> tuple[int | None, int]:
-        """(rating or None after every retry, requests made)."""
+    def _rate(self, key: str, k: int, aspect: str, prompt: str, text: str) -> tuple[int | None, int, bool]:
+        """(rating or None after every retry, requests made, whether the judge refused the request)."""
         from tulu_jax.curation.judge import judge_messages, parse_rating
         from tulu_jax.curation.preferences import request_seed
         from tulu_jax.rollout.chat_client import ChatParams
@@ -190,11 +209,16 @@ class _Annotator:
             temperature = a.judge_temperature if attempt == 0 else max(a.judge_temperature, 1.0)
             seed = request_seed(a.seed, key, k, aspect, "judge", attempt)
             params = ChatParams(temperature, 1.0, a.judge_max_tokens, seed)
-            reply = self.judge.chat(messages, params, index=self._next_index(), extra_body=self.guided)
+            try:
+                reply = self.judge.chat(messages, params, index=self._next_index(), extra_body=self.guided)
+            except Exception as e:
+                if _refused(e):  # the same request would be refused again
+                    return None, attempt + 1, True
+                raise
             rating = parse_rating(reply.text)
             if rating is not None:
-                return rating, attempt + 1
-        return None, a.retries + 1
+                return rating, attempt + 1, False
+        return None, a.retries + 1, False
 
     def _gather(self, futures):
         try:
@@ -210,17 +234,21 @@ class _Annotator:
         key, row, prompt = item
         a, out = self.args, _Outcome(key)
         policy, names = annotation_mix(self.pool, key, on_policy_share=a.on_policy_share, seed=a.seed)
-        texts = self._gather([self.http.submit(self._complete, key, n, prompt) for n in names])
+        answers = self._gather([self.http.submit(self._complete, key, n, prompt) for n in names])
+        out.refused = sum(t is None for t in answers)
+        names = [n for n, t in zip(names, answers, strict=True) if t is not None]
+        texts = [t for t in answers if t is not None]
         out.completions = len(texts)
         jobs = [(k, aspect) for k, t in enumerate(texts) if t.strip() for aspect in ASPECTS]
         out.empty = sum(not t.strip() for t in texts)  # an empty reply is no answer to compare (DPO refuses it)
         rated = self._gather([self.http.submit(self._rate, key, k, asp, prompt, texts[k]) for k, asp in jobs])
         ratings = [dict.fromkeys(ASPECTS) for _ in texts]
-        for (k, aspect), (rating, requests) in zip(jobs, rated, strict=True):
+        for (k, aspect), (rating, requests, refused) in zip(jobs, rated, strict=True):
             ratings[k][aspect] = rating
             out.judge_requests += requests
-            out.unparseable += requests - (rating is not None)
+            out.unparseable += requests - (rating is not None) - refused
             out.unrated_aspects += rating is None
+            out.refused += refused
         judged = [Judged(n, t, r) for n, t, r in zip(names, texts, ratings, strict=True)]
         result = binarize(judged, prompt_rng(a.seed, key, "binarize"))
         if result.reason is not None:
@@ -255,7 +283,7 @@ def run(args: argparse.Namespace) -> int:
     total = sum(1 for _ in _read_prompts(args.prompts))  # every row checked before any request
     clients, judge = _clients(args, pool, args.pool)
 
-    counts = dict.fromkeys(("completions", "empty", "judge_requests", "unparseable", "unrated_aspects"), 0)
+    counts = dict.fromkeys(("completions", "empty", "judge_requests", "unparseable", "unrated_aspects", "refused"), 0)
     reasons: dict[str, int] = {}
     policies = {"on": 0, "off": 0}
     failed, first_error, stats = 0, None, {}
@@ -296,12 +324,13 @@ def run(args: argparse.Namespace) -> int:
         ("  off-policy", policies["off"]),
         ("skipped: too few rated", reasons.get("too_few_rated", 0)),
         ("skipped: no strictly lower", reasons.get("no_strictly_lower", 0)),
-        ("failed (server down)", failed),
+        ("failed (server error)", failed),
         ("completions", counts["completions"]),
         ("  empty (not judged)", counts["empty"]),
         ("judge requests", counts["judge_requests"]),
         ("unparseable ratings", counts["unparseable"]),
         ("aspects left unrated", counts["unrated_aspects"]),
+        ("requests refused (too long)", counts["refused"]),
         ("requests/s", requests / seconds if seconds > 0 else 0.0),
     ]
     print(format_table(["", "count"], rows, title=f"data preferences -> {args.out}"))

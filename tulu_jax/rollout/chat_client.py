@@ -7,10 +7,23 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from tulu_jax.rollout.http import Retryable, RolloutServerError, call_with_retries, request_json
+
+
+class ChatRefused(RolloutServerError):
+    """A server refused one chat request with a 4xx: `status` is the HTTP code. 400 (and 413, 422) is about
+    this request (a prompt longer than the model's context); 401/403/404 about every request."""
+
+    def __init__(self, message: str, status: int):
+        super().__init__(message)
+        self.status = status
+
+
+_HTTP_STATUS = re.compile(r": HTTP (\d{3}): ")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,7 +136,8 @@ class ChatClient:
         adds server-specific fields to the request, e.g. vLLM's `{"structured_outputs": {"choice": [...]}}`
         (it may not override the fields set here: ValueError). Raises
         RolloutServerError on a 4xx (a bad request: the prompt is too long, the model unknown) or when no
-        server answers before the retry deadline; an answer without a message is retried like a 5xx."""
+        server answers before the retry deadline; an answer without a message is retried like a 5xx. A 4xx
+        raises ChatRefused (a RolloutServerError) carrying the status code."""
         body = {
             "model": self.model,
             "messages": [{"role": m["role"], "content": m["content"]} for m in messages],
@@ -140,7 +154,11 @@ class ChatClient:
 
         def attempt(k: int) -> ChatReply:
             url = self.urls[k]
-            answer = request_json(url + "/v1/chat/completions", body, timeout=self.timeout_s, headers=self._headers)
+            try:
+                answer = request_json(url + "/v1/chat/completions", body, timeout=self.timeout_s, headers=self._headers)
+            except RolloutServerError as e:  # request_json raises these for a 4xx only
+                status = _HTTP_STATUS.search(str(e))
+                raise ChatRefused(str(e), int(status.group(1)) if status else 400) from None
             try:
                 choice = answer["choices"][0]
                 text, finish = choice["message"]["content"], choice.get("finish_reason") or "stop"
