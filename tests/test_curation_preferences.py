@@ -559,7 +559,6 @@ def test_guided_judge_writes_dpo_pairs(served, tmp_path, capsys):
     assert s["pairs written"] == len(rows) and s["completions"] == completions
     assert s["judge requests"] == 4 * (completions - s["empty (not judged)"]) and s["unparseable ratings"] == 0
     assert s["requests/s"] > 0
-    print(f"\n[prefs] guided: {s['requests/s']:.1f} requests/s")
     # what `tulu-jax dpo` reads
     counts = {"rows_read": 0, "rows_skipped": {}}
     assert len(list(iter_preference_pairs([str(out)], "error", counts))) == len(rows)
