@@ -412,6 +412,7 @@ CLI_ERRORS = [
     "repeated-id",
     "model-server-down",
     "judge-down",
+    "judge-not-a-url",
     "model-not-served",
 ]
 
@@ -454,6 +455,7 @@ def test_cli_input_errors_exit_2(tmp_path, capsys, failing_pool_server, case):
         ),
         "model-server-down": ({}, f"{flags['--pool']}: models[0] (m0): "),  # checked before any prompt
         "judge-down": ({"--on-policy-share": "0", "--pool": listed}, f"--judge {dead}: "),
+        "judge-not-a-url": ({"--judge": "localhost:8000"}, "--judge localhost:8000: expected http(s):// URL(s)"),
         "model-not-served": (
             {"--pool": not_listed, "--on-policy-share": "0"},
             f"models[2] (m2): {failing_pool_server} does not serve model 'org/m2'",

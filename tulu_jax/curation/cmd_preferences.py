@@ -99,6 +99,9 @@ def _check_args(args) -> None:
         ("--request-timeout", args.request_timeout, args.request_timeout > 0, "must be > 0"),
         ("--retry-deadline", args.retry_deadline, args.retry_deadline >= 0, "must be >= 0"),
     ]
+    urls = [u.strip() for u in args.judge.split(",") if u.strip()]
+    if not urls or any(not u.startswith(("http://", "https://")) for u in urls):
+        raise InputError(f"--judge {args.judge}: expected http(s):// URL(s), comma-separated")
     for flag, value, ok, what in checks:
         if not ok:
             raise InputError(f"{flag} {value}: {what}")
@@ -145,7 +148,7 @@ def _clients(args, pool, pool_path: str):
         except RolloutServerError as e:
             raise InputError(f"{pool_path}: models[{i}] ({m.name}): {e}") from None
         clients[m.name] = client
-    urls = [u for u in args.judge.split(",") if u.strip()]
+    urls = [u.strip() for u in args.judge.split(",") if u.strip()]
     try:
         judge = ChatClient(urls, model=args.judge_model, api_key_env=args.judge_api_key_env, **timing)
         judge.check_model()
@@ -280,7 +283,7 @@ def run(args: argparse.Namespace) -> int:
             f"--on-policy-share {args.on_policy_share}: {args.pool} has no model with on_policy: true; "
             "add one or pass --on-policy-share 0"
         )
-    total = sum(1 for _ in _read_prompts(args.prompts))  # every row checked before any request
+    keys = [key for key, _, _ in _read_prompts(args.prompts)]  # every row checked before any request
     clients, judge = _clients(args, pool, args.pool)
 
     counts = dict.fromkeys(("completions", "empty", "judge_requests", "unparseable", "unrated_aspects", "refused"), 0)
@@ -290,11 +293,11 @@ def run(args: argparse.Namespace) -> int:
     http = ThreadPoolExecutor(args.concurrency, thread_name_prefix="prefs-http")
     try:
         with ResumableJsonl(args.out, key=lambda r: str(r["id"]), overwrite=args.overwrite) as sink:
-            resumed = len(sink.done)
+            resumed = sum(key in sink.done for key in keys)
             todo = (item for item in _read_prompts(args.prompts) if item[0] not in sink.done)
             annotate = _Annotator(args, pool, clients, judge, http)
             results = run_requests(
-                todo, annotate, max_in_flight=args.concurrency, desc="prompts", total=total - resumed, stats=stats
+                todo, annotate, max_in_flight=args.concurrency, desc="prompts", total=len(keys) - resumed, stats=stats
             )
             for (key, _, _), outcome, error in results:
                 if error is not None:
@@ -317,7 +320,7 @@ def run(args: argparse.Namespace) -> int:
     seconds = stats.get("seconds", 0.0)
     requests = counts["completions"] + counts["judge_requests"]
     rows = [
-        ("prompts", total),
+        ("prompts", len(keys)),
         ("done before (resumed)", resumed),
         ("pairs written", sum(policies.values())),
         ("  on-policy", policies["on"]),
