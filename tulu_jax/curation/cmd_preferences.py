@@ -199,7 +199,7 @@ class _Annotator:
             raise
         return reply.text
 
-    def _rate(self, key: str, k: int, aspect: str, prompt: str, text: str) -> tuple[int | None, int, bool]:
+    def _rate(self, key: str, model: str, aspect: str, prompt: str, text: str) -> tuple[int | None, int, bool]:
         """(rating or None after every retry, requests made, whether the judge refused the request)."""
         from tulu_jax.curation.judge import judge_messages, parse_rating
         from tulu_jax.curation.preferences import request_seed
@@ -210,7 +210,7 @@ class _Annotator:
         for attempt in range(a.retries + 1):
             # A greedy retry would repeat the unparseable answer: retries sample.
             temperature = a.judge_temperature if attempt == 0 else max(a.judge_temperature, 1.0)
-            seed = request_seed(a.seed, key, k, aspect, "judge", attempt)
+            seed = request_seed(a.seed, key, model, aspect, "judge", attempt)
             params = ChatParams(temperature, 1.0, a.judge_max_tokens, seed)
             try:
                 reply = self.judge.chat(messages, params, index=self._next_index(), extra_body=self.guided)
@@ -244,7 +244,7 @@ class _Annotator:
         out.completions = len(texts)
         jobs = [(k, aspect) for k, t in enumerate(texts) if t.strip() for aspect in ASPECTS]
         out.empty = sum(not t.strip() for t in texts)  # an empty reply is no answer to compare (DPO refuses it)
-        rated = self._gather([self.http.submit(self._rate, key, k, asp, prompt, texts[k]) for k, asp in jobs])
+        rated = self._gather([self.http.submit(self._rate, key, names[k], asp, prompt, texts[k]) for k, asp in jobs])
         ratings = [dict.fromkeys(ASPECTS) for _ in texts]
         for (k, aspect), (rating, requests, refused) in zip(jobs, rated, strict=True):
             ratings[k][aspect] = rating
