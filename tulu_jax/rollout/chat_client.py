@@ -7,9 +7,23 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Sequence
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from tulu_jax.rollout.http import Retryable, RolloutServerError, call_with_retries, request_json
+
+
+class ChatRefused(RolloutServerError):
+    """A server refused one chat request with a 4xx: `status` is the HTTP code. 400 (and 413, 422) is about
+    this request (a prompt longer than the model's context); 401/403/404 about every request."""
+
+    def __init__(self, message: str, status: int):
+        super().__init__(message)
+        self.status = status
+
+
+_HTTP_STATUS = re.compile(r": HTTP (\d{3}): ")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,11 +123,21 @@ class ChatClient:
             if self.model not in ids:
                 raise RolloutServerError(f"{url} does not serve model {self.model!r}; it serves {ids}")
 
-    def chat(self, messages: Sequence[dict], params: ChatParams, *, index: int = 0) -> ChatReply:
+    def chat(
+        self,
+        messages: Sequence[dict],
+        params: ChatParams,
+        *,
+        index: int = 0,
+        extra_body: Mapping[str, Any] | None = None,
+    ) -> ChatReply:
         """One chat completion of `messages` ([{"role", "content"}, ...]). `index` picks the first server
-        (index mod the number of servers), so consecutive requests spread over the servers. Raises
+        (index mod the number of servers), so consecutive requests spread over the servers. `extra_body`
+        adds server-specific fields to the request, e.g. vLLM's `{"structured_outputs": {"choice": [...]}}`
+        (it may not override the fields set here: ValueError). Raises
         RolloutServerError on a 4xx (a bad request: the prompt is too long, the model unknown) or when no
-        server answers before the retry deadline; an answer without a message is retried like a 5xx."""
+        server answers before the retry deadline; an answer without a message is retried like a 5xx. A 4xx
+        raises ChatRefused (a RolloutServerError) carrying the status code."""
         body = {
             "model": self.model,
             "messages": [{"role": m["role"], "content": m["content"]} for m in messages],
@@ -123,10 +147,18 @@ class ChatClient:
         }
         if params.seed is not None:
             body["seed"] = params.seed
+        clash = sorted(set(extra_body or {}) & set(body))
+        if clash:
+            raise ValueError(f"extra_body may not set {clash}: use messages/ChatParams")
+        body.update(extra_body or {})
 
         def attempt(k: int) -> ChatReply:
             url = self.urls[k]
-            answer = request_json(url + "/v1/chat/completions", body, timeout=self.timeout_s, headers=self._headers)
+            try:
+                answer = request_json(url + "/v1/chat/completions", body, timeout=self.timeout_s, headers=self._headers)
+            except RolloutServerError as e:  # request_json raises these for a 4xx only
+                status = _HTTP_STATUS.search(str(e))
+                raise ChatRefused(str(e), int(status.group(1)) if status else 400) from None
             try:
                 choice = answer["choices"][0]
                 text, finish = choice["message"]["content"], choice.get("finish_reason") or "stop"
