@@ -9,12 +9,10 @@ import importlib
 
 # subcommand -> module
 SUBCOMMANDS: dict[str, str] = {
-SUBCOMMANDS: dict[str, str] = {
     "mix": "tulu_jax.curation.cmd_mix",
     "personas": "tulu_jax.curation.cmd_personas",
     "preferences": "tulu_jax.curation.cmd_preferences",
     "rlvr-if": "tulu_jax.curation.cmd_rlvr_if",
-}
 }
 
 
