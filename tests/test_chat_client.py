@@ -90,9 +90,11 @@ def test_bad_answers_are_retried_then_succeed(fake, bad):
 
 def test_4xx_is_raised_at_once_and_5xx_until_the_deadline(fake):
     _Fake.plan = [(400, {"error": "prompt too long"})]
-    with pytest.raises(RolloutServerError, match="HTTP 400: .*prompt too long"):
+    with pytest.raises(RolloutServerError, match="HTTP 400: .*prompt too long") as refused:
         _client([fake]).chat([{"role": "user", "content": "q"}], ChatParams())
-    assert len(_Fake.seen) == 1
+    assert len(_Fake.seen) == 1 and refused.value.status == 400
+    _Fake.plan = [(429, {"error": "rate limited"}), _ok("after the limit")]  # 429: back off and retry
+    assert _client([fake]).chat([{"role": "user", "content": "q"}], ChatParams()).text == "after the limit"
     _Fake.plan = [(503, {"error": "overloaded"})]
     start = time.monotonic()
     with pytest.raises(RolloutServerError, match=r"chat request 5: no answer within the 0.3 s retry deadline.*503"):

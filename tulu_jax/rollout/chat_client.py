@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -17,13 +16,6 @@ from tulu_jax.rollout.http import Retryable, RolloutServerError, call_with_retri
 class ChatRefused(RolloutServerError):
     """A server refused one chat request with a 4xx: `status` is the HTTP code. 400 (and 413, 422) is about
     this request (a prompt longer than the model's context); 401/403/404 about every request."""
-
-    def __init__(self, message: str, status: int):
-        super().__init__(message)
-        self.status = status
-
-
-_HTTP_STATUS = re.compile(r": HTTP (\d{3}): ")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,8 +149,7 @@ class ChatClient:
             try:
                 answer = request_json(url + "/v1/chat/completions", body, timeout=self.timeout_s, headers=self._headers)
             except RolloutServerError as e:  # request_json raises these for a 4xx only
-                status = _HTTP_STATUS.search(str(e))
-                raise ChatRefused(str(e), int(status.group(1)) if status else 400) from None
+                raise ChatRefused(str(e), e.status or 400) from None
             try:
                 choice = answer["choices"][0]
                 text, finish = choice["message"]["content"], choice.get("finish_reason") or "stop"

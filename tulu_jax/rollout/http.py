@@ -16,7 +16,12 @@ T = TypeVar("T")
 
 
 class RolloutServerError(RuntimeError):
-    """A server refused a request, or stayed unreachable until the retry deadline."""
+    """A server refused a request (`status`: its HTTP code, 4xx), or stayed unreachable until the retry
+    deadline (`status` None)."""
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
 
 
 class Retryable(Exception):
@@ -32,8 +37,9 @@ def request_json(
     headers: Mapping[str, str] | None = None,
 ) -> Any:
     """One JSON request -> the decoded answer (None when empty); GET without `body`, else POST. `timeout` in
-    seconds. Raises RolloutServerError on a 4xx and Retryable when the server is unreachable, times out or
-    answers 5xx, both naming the URL (never the headers, which may hold an API key)."""
+    seconds. Raises RolloutServerError (with `status`) on a 4xx other than 429, and Retryable when the
+    server is unreachable, times out, answers 5xx or 429 (rate limited: hosted APIs say so under load),
+    both naming the URL (never the headers, which may hold an API key)."""
     data = None if body is None else json.dumps(body).encode()
     req = urllib.request.Request(url, data=data, method=method or ("GET" if body is None else "POST"))
     req.add_header("Content-Type", "application/json")
@@ -45,7 +51,7 @@ def request_json(
     except urllib.error.HTTPError as e:
         detail = e.read()[:2000].decode(errors="replace")
         err = f"{url}: HTTP {e.code}: {detail}"
-        raise (Retryable(err) if e.code >= 500 else RolloutServerError(err)) from None
+        raise (Retryable(err) if e.code >= 500 or e.code == 429 else RolloutServerError(err, e.code)) from None
     except (urllib.error.URLError, OSError, http.client.HTTPException) as e:  # refused, reset, timed out
         raise Retryable(f"{url}: {type(e).__name__}: {getattr(e, 'reason', e)}") from None
     try:
