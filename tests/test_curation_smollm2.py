@@ -41,13 +41,13 @@ def test_personas_then_preferences_on_smollm2(smol_server, tmp_path, capsys):
     model = ChatClient([url]).model
     personas = tmp_path / "personas.jsonl"
     bundled = (REPO / "tulu_jax/assets/personas/personas.jsonl").read_text().splitlines()
-    personas.write_text("\n".join(bundled[:3]) + "\n")
+    personas.write_text("\n".join(bundled[:2]) + "\n")
     out = tmp_path / "gm.jsonl"
     args = ["data", "personas", "--personas", str(personas), "--skill", "grade_math", "--endpoint", url]
-    args += ["--model", model, "--n", "3", "--out", str(out), "--respond", "--max-tokens", "200"]
+    args += ["--model", model, "--n", "2", "--out", str(out), "--respond", "--max-tokens", "160"]
     assert main(args + ["--concurrency", "2", "--retries", "1", "--seed", "0"]) == 0
     prompts, skipped = _jsonl(out), _jsonl(f"{out}.skipped.jsonl")
-    assert sorted([r["id"] for r in prompts] + [s["key"] for s in skipped]) == [f"grade_math-{i}" for i in range(3)]
+    assert sorted([r["id"] for r in prompts] + [s["key"] for s in skipped]) == [f"grade_math-{i}" for i in range(2)]
     responses = _jsonl(responses_path(str(out)))
     resp_skipped = _jsonl(f"{responses_path(str(out))}.skipped.jsonl")
     assert sorted([r["id"] for r in responses] + [s["key"] for s in resp_skipped]) == sorted(r["id"] for r in prompts)
