@@ -8,7 +8,9 @@ import argparse
 import importlib
 
 # subcommand -> module
-SUBCOMMANDS: dict[str, str] = {}
+SUBCOMMANDS: dict[str, str] = {
+    "decontaminate": "tulu_jax.curation.cmd_decontaminate",
+}
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
