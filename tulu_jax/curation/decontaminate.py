@@ -57,8 +57,9 @@ def eval_text(row: dict, where: str, field: str | None = None) -> tuple[str, str
         value = row.get(name)
         if value is None:
             continue
-        if isinstance(value, list):
-            return name, user_text({"messages": value}, f"{where} (field {name!r})")
+        if isinstance(value, list):  # chat messages: their user turns
+            context = where if name == "messages" else f"{where} (--eval-field {name!r}, read as messages)"
+            return name, user_text({"messages": value}, context)
         if not isinstance(value, str):
             raise DataError(f"{where}: field {name!r} must be a string or a list of messages", "bad_eval_text")
         if not value.strip():
