@@ -71,7 +71,17 @@ def test_tokenize_is_invariant_to_case_and_compatibility_forms():
     assert tokenize("ǰ") == tokenize("J\u030c")  # casefold decomposes, the last NFKC recomposes
 
 
-def test_ascii_fast_path_matches_the_full_pattern():
+def test_fast_paths_match_the_full_pattern():
+    """tokenize splits at whitespace and regex-splits only pieces that are not all letters/digits, with an
+    ASCII-only pattern for ASCII text: the same tokens as the full pattern on the whole text."""
+    alphabet = "aZ9_ \t\n\u00a0\u2003.,'$-é\u0301\u0307ßİ\u093f\u0915ｆ①\u200b"
+    rng = random.Random(1)
+    for _ in range(500):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 30)))
+        assert tokenize(text) == ngrams._token_pattern().findall(ngrams.normalize(text)), repr(text)
+
+
+def test_ascii_pattern_matches_the_full_pattern():
     rng = random.Random(0)
     for _ in range(300):
         text = "".join(rng.choice(string.printable) for _ in range(rng.randint(0, 60)))

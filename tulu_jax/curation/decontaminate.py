@@ -21,7 +21,7 @@ import sys
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
-from itertools import repeat
+from itertools import chain, repeat
 from pathlib import Path
 from typing import Any
 
@@ -106,27 +106,32 @@ class Decontaminator:
         if not 0 <= threshold < 1:
             raise InputError(f"--threshold must be in [0, 1), got {threshold}")
         self.sets, self.n, self.threshold = list(sets), n, threshold
-        self.vocab: dict[str, int] = {}  # token -> id >= 1; 0 = a token no instance has
-        self.instances: list[np.ndarray] = []  # int64 token ids per instance
-        self.owner: list[tuple[int, int]] = []  # instance -> (set index, row index in the set)
-        for s, eval_set in enumerate(self.sets):
-            for i, text in enumerate(eval_set.texts):
-                ids = [self.vocab.setdefault(t, len(self.vocab) + 1) for t in tokenize(text)]
-                self.instances.append(np.array(ids, dtype=np.int64))
-                self.owner.append((s, i))
+        tokens = [tokenize(text) for eval_set in self.sets for text in eval_set.texts]
+        # token -> id >= 1 in order of first use; 0 = a token that no instance has
+        self.vocab = {t: k for k, t in enumerate(dict.fromkeys(chain.from_iterable(tokens)), start=1)}
+        self.instances = [np.array([self.vocab[t] for t in toks], dtype=np.int64) for toks in tokens]
+        # instance -> (set index, row index in the set)
+        self.owner = [(s, i) for s, eval_set in enumerate(self.sets) for i in range(len(eval_set.texts))]
         self.index = NgramIndex(self.instances, n, len(self.vocab) + 1)
 
-    def token_ids(self, text: str) -> np.ndarray:
-        """int64 [tokens] ids of `text` (0 for tokens that no instance has)."""
-        return np.fromiter(map(self.vocab.get, tokenize(text), repeat(0)), dtype=np.int64)
+    def token_ids(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """The texts' token ids (0 for tokens that no instance has) as `ngram_index.join` lays them out:
+        (flat int64 [T], starts int64 [len(texts)]), each text followed by a 0."""
+        get, flat, starts = self.vocab.get, [], []
+        for text in texts:
+            starts.append(len(flat))
+            flat += map(get, tokenize(text), repeat(0))
+            flat.append(0)
+        return np.array(flat, dtype=np.int64), np.array(starts, dtype=np.int64)
 
     def scan(self, texts: Sequence[str]) -> list[tuple[int, list[tuple[int, float]], float]]:
         """For each text (by position) sharing at least one n-gram with an instance: (position, matches,
         best_other). `matches`: (instance, exact score) for every instance scoring > threshold, best
         first (ties: lower instance first); `best_other`: the highest hashed score of the other
         instances sharing an n-gram (an upper bound, 0.0 when none)."""
-        docs = [self.token_ids(t) for t in texts]
-        doc, inst, score = self.index.match(docs)
+        flat, starts = self.token_ids(texts)
+        ends = np.append(starts[1:], len(flat)) - 1  # each text's 0 separator
+        doc, inst, score = self.index.match_joined(flat, starts)
         out = []
         heads = np.flatnonzero(np.diff(doc, prepend=-1)) if len(doc) else np.zeros(0, np.int64)
         for lo, hi in zip(heads, [*heads[1:], len(doc)]):
@@ -134,7 +139,8 @@ class Decontaminator:
             doc_ids = None
             for i, s in zip(inst[lo:hi].tolist(), score[lo:hi].tolist()):
                 if s > self.threshold:  # hashed >= exact: only these can pass, so re-score them exactly
-                    doc_ids = docs[doc[lo]].tolist() if doc_ids is None else doc_ids
+                    d = doc[lo]
+                    doc_ids = flat[starts[d] : ends[d]].tolist() if doc_ids is None else doc_ids
                     s = coverage(self.instances[i].tolist(), doc_ids, self.n)
                 if s > self.threshold:
                     matches.append((i, s))

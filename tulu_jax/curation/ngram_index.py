@@ -66,7 +66,7 @@ class NgramIndex:
 
     def _table(self, instances, m: int, members: np.ndarray) -> _LengthTable:
         ids = [np.asarray(instances[i], dtype=np.int64) for i in members]
-        flat, starts = _join(ids)
+        flat, starts = join(ids)
         hashes, valid = window_hashes(flat, m, self.table)
         pos = np.flatnonzero(valid)
         owner = np.searchsorted(starts, pos, side="right") - 1
@@ -87,7 +87,11 @@ class NgramIndex:
 
         documents: int arrays of token ids (0 for tokens that no instance has). Returns (doc int64 [K],
         instance int64 [K], score float64 [K] in (0, 1]), sorted by document then instance."""
-        flat, starts = _join(documents)
+        return self.match_joined(*join(documents))
+
+    def match_joined(self, flat: np.ndarray, starts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """`match` on documents already joined as `join` does: flat int64 [T], starts int64 [D] (document
+        d is flat[starts[d]:] up to its 0 separator)."""
         out = [(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float64))]
         for table in self.tables:
             out.append(self._match_table(table, flat, starts))
@@ -125,7 +129,7 @@ class NgramIndex:
         return doc[heads], inst, covered / self.lengths[inst]
 
 
-def _join(arrays: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+def join(arrays: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """(int64 [sum(len) + len(arrays)], starts int64 [len(arrays)]): the arrays one after another, each
     followed by a 0 so that no window spans two of them."""
     lengths = np.array([len(a) + 1 for a in arrays], dtype=np.int64)
