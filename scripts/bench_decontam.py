@@ -247,6 +247,8 @@ def main(argv=None) -> dict:
         **counts,
         "load_1min": round(max(load, os.getloadavg()[0]), 2),
     }
+    units = {"seconds": "s", "prompts_per_s": "prompts/s", "load_1min": ""}
+    units |= {k: "rows" for k in ("found", "must_remove", "wrong_instance", "below_removed", "false_hits")}
     print(f"CPU: {cpu_model()} ({os.cpu_count()} logical CPUs); 1-minute load average up to {row['load_1min']}")
     head = ("rows", "eval inst", "workers", "seconds", "index s", "scan s", "prompts/s", "found/planted")
     head += ("wrong inst", "below removed", "false hits")
@@ -257,7 +259,8 @@ def main(argv=None) -> dict:
     print("  ".join(f"{str(c):>{max(len(h), 9)}}" for c, h in zip(cells, head)))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"argv": sys.argv, "cpu": cpu_model(), "cores": os.cpu_count(), "rows": [row]}, f, indent=1)
+            doc = {"argv": sys.argv, "cpu": cpu_model(), "cores": os.cpu_count(), "rows": [{**row, "units": units}]}
+            json.dump(doc, f, indent=1)
     failed = row["found"] != row["must_remove"] or row["below_removed"] or row["false_hits"]
     if failed:
         print("FAILED: a planted row was missed, or a row at or below the threshold was removed", file=sys.stderr)

@@ -381,6 +381,13 @@ def test_bad_flags(tmp_path, files, capsys, flags, message):
     assert capsys.readouterr().err.startswith(f"tulu-jax: error: {message}")
 
 
+def test_same_eval_file_twice(tmp_path, files, capsys):
+    evals, train, _, _ = files
+    argv = ["data", "decontaminate", "--data", train, "--eval", evals[0], evals[0], "--out", str(tmp_path / "c.jsonl")]
+    assert main(argv) == 2
+    assert capsys.readouterr().err == f"tulu-jax: error: --eval: {evals[0]} is given twice\n"
+
+
 def test_out_may_not_overwrite_an_input(tmp_path, files, capsys):
     evals, train, _, _ = files
     assert main(["data", "decontaminate", "--data", train, "--eval", *evals, "--out", train]) == 2

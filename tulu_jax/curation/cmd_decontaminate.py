@@ -34,7 +34,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--on-bad-row",
         choices=("error", "skip"),
         default="error",
-        help="a training row that is not JSON or has no user turn: stop (default) or count and leave it out",
+        help="a training row that is not JSON or has no user turn: stop (default) or count it and leave it out; "
+        "a bad evaluation row always stops",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 

@@ -74,8 +74,13 @@ def eval_text(row: dict, where: str, field: str | None = None) -> tuple[str, str
 
 
 def _set_names(paths: Sequence[str]) -> list[str]:
+    """Each file's name without extension, or its whole path where two names are alike."""
     stems = [Path(p).name.removesuffix(".jsonl").removesuffix(".parquet") for p in paths]
-    return [s if stems.count(s) == 1 else str(p) for s, p in zip(stems, paths)]
+    names = [s if stems.count(s) == 1 else str(p) for s, p in zip(stems, paths)]
+    for name in names:
+        if names.count(name) > 1:
+            raise InputError(f"--eval: {name} is given twice")
+    return names
 
 
 def load_eval_sets(paths: Sequence[str], field: str | None = None) -> list[EvalSet]:
