@@ -17,9 +17,9 @@ instance of L tokens):
   below   one run of k = ceil(threshold * L) - 1 tokens, or      k / L <= thr     must be kept
           exactly threshold * L when that is whole (the strict ">")
 The tokens next to each copied run differ from the instance's neighbours there, so the coverage is k / L.
-Then runs `load_eval_sets` + `decontaminate` (what the command runs, reading and writing files) and checks
-the removed rows: found (kinds full/above/split removed, best match the planted instance), `below removed`
-and `false hits` (removed rows that were not planted) must be 0.
+Then runs `load_eval_sets`, `decontaminate` and `write_report` (what the command runs, reading and writing
+files) and checks the removed rows: found (kinds full/above/split removed, best match the planted
+instance), `below removed` and `false hits` (removed rows that were not planted) must be 0.
 
 Columns: rows, eval instances, workers, seconds (whole command: eval loading and index included), index s,
 scan s (reading, scanning and writing the training rows), prompts/s (rows / scan s), found/planted
@@ -210,6 +210,7 @@ def check(removed_path: str, planted: dict, threshold: float, offsets: list[int]
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    from tulu_jax.curation.decontam_report import write_report
     from tulu_jax.curation.decontaminate import decontaminate, load_eval_sets
 
     folder = args.keep or tempfile.mkdtemp(prefix="bench_decontam_")
@@ -229,6 +230,7 @@ def main(argv=None) -> dict:
             threshold=args.threshold,
             workers=args.workers,
         )
+        write_report(summary, os.path.join(folder, "clean.report.md"))
         seconds = time.perf_counter() - start
         offsets = np.concatenate(([0], np.cumsum([len(s.texts) for s in sets]))).tolist()
         counts = check(summary.removed_path, planted, args.threshold, offsets)

@@ -273,7 +273,7 @@ def test_cli_removes_contaminated_rows(tmp_path, files, capsys):
     assert f"`{train} line 3` (source web): score {(size // 2 + 1) / size:.3f} against gsm8k #1" in report
     assert "| web | 2 | 2 | 100.000 |" in report
     assert "| gsm8k | 2 | 0 | 2 | 2 | 2 |" in report and "| math | 2 | 1 | 2 | 2 | 2 |" in report
-    assert "| 0.5–0.6 | 1 |" in report  # the row at exactly 0.5 was kept
+    assert "| [0.5, 0.6) | 1 |" in report  # the row at exactly 0.5 was kept
 
     printed = capsys.readouterr().out
     assert "removed 4, kept 4" in printed

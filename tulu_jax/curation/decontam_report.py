@@ -114,7 +114,7 @@ def render(s: Summary) -> str:
         "n-gram hashes: exact but for a hash collision, which can only raise a score).",
         "",
     ]
-    buckets = [[f"{b:.1f}–{b + 0.1:.1f}", k] for b, k in sorted(s.near_misses.items())]
+    buckets = [[f"[{b:.1f}, {b + 0.1:.1f})", k] for b, k in sorted(s.near_misses.items())]
     lines += _table(["best score", "rows"], buckets) if buckets else ["(none)"]
     return "\n".join(lines) + "\n"
 
