@@ -11,10 +11,10 @@ DESCRIPTION = (
     "Removes every training row (its user turns) against which some evaluation instance scores above "
     "--threshold: the fraction of the instance's tokens covered by those of its n-grams (n = --ngram) that "
     "occur in the row (Tülu 3: 8-grams, 0.5). Tokens are NFKC + casefolded words and single punctuation "
-    "marks; an instance shorter than n tokens matches only when a row contains it whole. Writes the kept rows unchanged and in "
-    "order to --out (.jsonl, .parquet or a datasets folder), the removed ones with their best match to "
-    "OUT.removed.jsonl, and a Markdown report (default OUT.report.md). Evaluation rows give their text in "
-    "the first of prompt, question, problem, messages (user turns), or in --eval-field."
+    "marks; an instance shorter than n tokens matches only when a row contains it whole. Writes the kept "
+    "rows unchanged and in order to --out (.jsonl, .parquet or a datasets folder), the removed ones with "
+    "their best match to OUT.removed.jsonl, and a Markdown report (default OUT.report.md). Evaluation rows "
+    "give their text in the first of prompt, question, problem, messages (user turns), or in --eval-field."
 )
 
 
