@@ -23,8 +23,10 @@ instance), `below removed` and `false hits` (removed rows that were not planted)
 
 Columns: rows, eval instances, workers, seconds (whole command: eval loading and index included), index s,
 scan s (reading, scanning and writing the training rows), prompts/s (rows / scan s), found/planted
-(kinds that must be removed), below removed, false hits. --quick: 20,000 rows, 2,000 instances, 40
-planted. The figure depends on the load of the machine: the 1-minute load average is printed with it.
+(kinds that must be removed), below removed, false hits, and the CPU seconds of this process (reading
+JSON, writing rows, the index) and of the scan workers (tokenizing, matching). --quick: 20,000 rows,
+2,000 instances, 40 planted. The figure depends on the load of the machine: the 1-minute load average is
+printed with it.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import argparse
 import json
 import math
 import os
+import resource
 import shutil
 import sys
 import tempfile
@@ -208,6 +211,12 @@ def check(removed_path: str, planted: dict, threshold: float, offsets: list[int]
     }
 
 
+def _cpu_seconds() -> tuple[float, float]:
+    """(user + system CPU seconds of this process, of its finished children: the scan workers)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime, children.ru_utime + children.ru_stime
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     from tulu_jax.curation.decontam_report import write_report
@@ -220,7 +229,7 @@ def main(argv=None) -> dict:
         eval_paths, train, planted = make_data(args, folder)
         print(f"synthesised {args.rows} rows, {args.eval_instances} instances in {time.perf_counter() - t:.1f} s")
         load = os.getloadavg()[0]
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), _cpu_seconds()
         sets = load_eval_sets(eval_paths)
         summary = decontaminate(
             [train],
@@ -232,6 +241,7 @@ def main(argv=None) -> dict:
         )
         write_report(summary, os.path.join(folder, "clean.report.md"))
         seconds = time.perf_counter() - start
+        cpu_main, cpu_workers = (after - before for after, before in zip(_cpu_seconds(), cpu))
         offsets = np.concatenate(([0], np.cumsum([len(s.texts) for s in sets]))).tolist()
         counts = check(summary.removed_path, planted, args.threshold, offsets)
     finally:
@@ -247,16 +257,19 @@ def main(argv=None) -> dict:
         "scan_s": round(summary.seconds, 2),
         "prompts_per_s": round(args.rows / summary.seconds, 1),
         **counts,
+        "cpu_main_s": round(cpu_main, 1),
+        "cpu_workers_s": round(cpu_workers, 1),
         "load_1min": round(max(load, os.getloadavg()[0]), 2),
     }
-    units = {"seconds": "s", "prompts_per_s": "prompts/s", "load_1min": ""}
+    units = {"seconds": "s", "prompts_per_s": "prompts/s", "load_1min": "", "cpu_main_s": "CPU s"}
+    units["cpu_workers_s"] = "CPU s"
     units |= {k: "rows" for k in ("found", "must_remove", "wrong_instance", "below_removed", "false_hits")}
     print(f"CPU: {cpu_model()} ({os.cpu_count()} logical CPUs); 1-minute load average up to {row['load_1min']}")
     head = ("rows", "eval inst", "workers", "seconds", "index s", "scan s", "prompts/s", "found/planted")
-    head += ("wrong inst", "below removed", "false hits")
+    head += ("wrong inst", "below removed", "false hits", "CPU s main", "CPU s workers")
     cells = (row["rows"], row["eval_instances"], row["workers"], f"{row['seconds']:.1f}", f"{row['index_s']:.1f}")
     cells += (f"{row['scan_s']:.1f}", f"{row['prompts_per_s']:.0f}", f"{row['found']}/{row['must_remove']}")
-    cells += (row["wrong_instance"], row["below_removed"], row["false_hits"])
+    cells += (row["wrong_instance"], row["below_removed"], row["false_hits"], row["cpu_main_s"], row["cpu_workers_s"])
     print("  ".join(f"{h:>{max(len(h), 9)}}" for h in head))
     print("  ".join(f"{str(c):>{max(len(h), 9)}}" for c, h in zip(cells, head)))
     if args.json:
