@@ -14,8 +14,10 @@ data where an evaluation instance scores above 0.5. Here:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import multiprocessing
+import multiprocessing.pool
 import os
 import sys
 import time
@@ -212,31 +214,46 @@ def _verdicts(chunk: list, found: list) -> Iterator[Verdict]:
         yield Verdict(where, source, row, matches, other)
 
 
-def scan_rows(
-    rows: Iterable[tuple[str, str, dict, str]], deco: Decontaminator, *, workers: int = 1, chunk_rows: int = CHUNK_ROWS
-) -> Iterator[Verdict]:
-    """A Verdict for every (where, source, row, text) of `rows`, in order. With workers > 1, chunks of
-    `chunk_rows` texts go to a pool of forked processes (they inherit `deco`), at most 2 * workers chunks
-    in flight, so memory stays bounded however long the input."""
-    if workers <= 1:
-        for chunk in _chunks(rows, chunk_rows):
-            yield from _verdicts(chunk, deco.scan([c[3] for c in chunk]))
-        return
+@contextlib.contextmanager
+def worker_pool(deco: Decontaminator, workers: int) -> Iterator[multiprocessing.pool.Pool | None]:
+    """A pool of `workers` forked processes that inherit `deco` (None for workers <= 1: scan in this
+    process). Enter it before starting threads (a progress bar): fork copies no threads."""
     global _WORKER
+    if workers <= 1:
+        yield None
+        return
     _WORKER = deco
     try:
         with multiprocessing.get_context("fork").Pool(workers) as pool:
-            pending: deque = deque()
-            for chunk in _chunks(rows, chunk_rows):
-                pending.append((chunk, pool.apply_async(_scan_in_worker, ([c[3] for c in chunk],))))
-                if len(pending) >= 2 * workers:
-                    done, result = pending.popleft()
-                    yield from _verdicts(done, result.get())
-            while pending:
-                done, result = pending.popleft()
-                yield from _verdicts(done, result.get())
+            yield pool
     finally:
         _WORKER = None
+
+
+def scan_rows(
+    rows: Iterable[tuple[str, str, dict, str]],
+    deco: Decontaminator,
+    pool: multiprocessing.pool.Pool | None = None,
+    *,
+    chunk_rows: int = CHUNK_ROWS,
+    in_flight: int = 4,
+) -> Iterator[Verdict]:
+    """A Verdict for every (where, source, row, text) of `rows`, in order. Chunks of `chunk_rows` texts
+    are scanned here (pool None) or in `pool` (from `worker_pool`, with the same `deco`), at most
+    `in_flight` chunks at a time, so memory stays bounded however long the input."""
+    if pool is None:
+        for chunk in _chunks(rows, chunk_rows):
+            yield from _verdicts(chunk, deco.scan([c[3] for c in chunk]))
+        return
+    pending: deque = deque()
+    for chunk in _chunks(rows, chunk_rows):
+        pending.append((chunk, pool.apply_async(_scan_in_worker, ([c[3] for c in chunk],))))
+        if len(pending) >= in_flight:
+            done, result = pending.popleft()
+            yield from _verdicts(done, result.get())
+    while pending:
+        done, result = pending.popleft()
+        yield from _verdicts(done, result.get())
 
 
 @dataclasses.dataclass
@@ -380,8 +397,11 @@ def decontaminate(
         from tqdm import tqdm
 
         rows = training_rows(train_paths, on_bad_row, counts)
-        with tqdm(unit=" prompts", file=sys.stderr, disable=not progress, mininterval=1.0) as bar:
-            for v in scan_rows(rows, deco, workers=workers, chunk_rows=chunk_rows):
+        with (
+            worker_pool(deco, workers) as pool,  # forks before tqdm starts its monitor thread
+            tqdm(unit=" prompts", file=sys.stderr, disable=not progress, mininterval=1.0, delay=0.1) as bar,
+        ):
+            for v in scan_rows(rows, deco, pool, chunk_rows=chunk_rows, in_flight=2 * workers):
                 bar.update(1)
                 if _tally(summary, deco, v, matched, removed):
                     yield v.row

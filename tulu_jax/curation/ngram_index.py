@@ -72,10 +72,6 @@ class NgramIndex:
         owner = np.searchsorted(starts, pos, side="right") - 1
         return _LengthTable(m, hashes[pos], members[owner].astype(np.int64), pos - starts[owner])
 
-    @property
-    def num_instances(self) -> int:
-        return len(self.lengths)
-
     def _passes_bitset(self, hashes: np.ndarray) -> np.ndarray:
         slot = hashes >> np.uint64(64 - self.bits)
         byte = self.bitset[slot >> np.uint64(3)]
