@@ -23,7 +23,7 @@ import sys
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
-from itertools import chain, repeat
+from itertools import chain, islice, repeat
 from pathlib import Path
 from typing import Any
 
@@ -197,14 +197,8 @@ def training_rows(
 
 
 def _chunks(items: Iterable, size: int) -> Iterator[list]:
-    chunk = []
-    for item in items:
-        chunk.append(item)
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
+    items = iter(items)
+    return iter(lambda: list(islice(items, size)), [])
 
 
 def _verdicts(chunk: list, found: list) -> Iterator[Verdict]:
