@@ -373,15 +373,10 @@ def decontaminate(
     deco = Decontaminator(sets, n, threshold)
     summary = Summary(n, threshold, [str(p) for p in train_paths], list(sets), str(out), removed_path)
     summary.workers = workers
-    for s, eval_set in enumerate(deco.sets):
-        lengths = [len(deco.instances[k]) for k, (owner, _) in enumerate(deco.owner) if owner == s]
-        summary.per_set[eval_set.name] = {
-            "instances": len(lengths),
-            "short": sum(length < n for length in lengths),
-            "matched": 0,
-            "rows": 0,
-            "best": 0,
-        }
+    summary.per_set = {e.name: dict.fromkeys(("instances", "short", "matched", "rows", "best"), 0) for e in sets}
+    for (s, _), ids in zip(deco.owner, deco.instances):
+        summary.per_set[deco.sets[s].name]["instances"] += 1
+        summary.per_set[deco.sets[s].name]["short"] += len(ids) < n
     counts: dict[str, Any] = {}
     matched: set[int] = set()
     removed: list[dict] = []
