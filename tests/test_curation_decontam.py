@@ -318,6 +318,10 @@ def test_eval_field(tmp_path, files, capsys):
     assert [r["row"] for r in read_jsonl(tmp_path / "c.removed.jsonl")] == [rows[1]]
     assert "| alpaca | 2 | 1 | 1 | 1 | 1 |" in (tmp_path / "r.md").read_text()
     assert not (tmp_path / "c.report.md").exists()
+    partial = write_jsonl(tmp_path / "partial.jsonl", [{"instruction": GSM[0]}, {"question": GSM[1]}])
+    argv = ["data", "decontaminate", "--data", train, "--eval", partial, "--out", str(tmp_path / "d.jsonl")]
+    assert main([*argv, "--eval-field", "instruction"]) == 2
+    assert capsys.readouterr().err == f"tulu-jax: error: {partial} line 2: no field 'instruction' (--eval-field)\n"
 
 
 @pytest.mark.parametrize(
