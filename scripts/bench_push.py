@@ -139,7 +139,7 @@ def reload_rows(url: str | None, model_dir: str | None, dtypes, dirs, reps) -> l
         url = server.url
         print(f"# vLLM server on {model_dir} ready in {server.ready_s:.0f} s", flush=True)
     else:
-        from tulu_jax.rollout.vllm_client import _http
+        from tulu_jax.rollout.http import request_json as _http
 
         model_dir = _http(url.rstrip("/") + "/v1/models", timeout=60)["data"][0]["root"]
     try:

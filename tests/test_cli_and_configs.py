@@ -14,7 +14,8 @@ from tulu_jax.cli import main
 from tulu_jax.config import DPOConfig, RLVRConfig, RMConfig, SFTConfig
 
 REPO = Path(__file__).resolve().parent.parent
-CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
+# Trainer configs; configs/data holds the data commands' configs (mixes, model pools), tested with them.
+CONFIGS = sorted(p for p in (REPO / "configs").rglob("*.yaml") if p.parent.name != "data")
 CONFIG_CLASSES = {"sft": SFTConfig, "dpo": DPOConfig, "rm": RMConfig, "rlvr": RLVRConfig}
 
 

@@ -89,31 +89,45 @@ def _write_jsonl(path: str, rows: Iterable[dict]) -> int:
     return n
 
 
+def _write_to(tmp: str, path: str, rows: Iterable[dict]) -> int:
+    """Writes `rows` to `tmp` in the format `path`'s name asks for -> the number of rows."""
+    if path.endswith(".jsonl"):
+        return _write_jsonl(tmp, rows)
+    import datasets
+
+    rows = list(rows)
+    # JSON-encode through a JSONL file so mixed or nested fields get the schema datasets infers for them.
+    _write_jsonl(tmp + ".jsonl", rows)
+    try:
+        ds = datasets.Dataset.from_json(tmp + ".jsonl") if rows else datasets.Dataset.from_list([])
+    finally:
+        os.remove(tmp + ".jsonl")
+    if path.endswith(".parquet"):
+        ds.to_parquet(tmp)
+    else:
+        ds.save_to_disk(tmp)
+    return len(rows)
+
+
 def write_rows(path: str | Path, rows: Iterable[dict]) -> int:
     """Writes `rows` to `path` whole -> the number of rows. The format follows the name: `.jsonl`,
     `.parquet`, anything else a `datasets.save_to_disk` folder. Written under a temporary name in the same
-    folder and renamed into place, so a killed run never leaves a partial output."""
+    folder and renamed into place, so a killed run never leaves a partial output (an exception or Ctrl-C
+    while `rows` is consumed also removes the temporary; only a hard kill can leave a hidden
+    `.NAME.partial-PID` next to it)."""
     path = str(path)
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
     tmp = os.path.join(parent, f".{os.path.basename(path)}.partial-{os.getpid()}")
-    if path.endswith(".jsonl"):
-        n = _write_jsonl(tmp, rows)
-    else:
-        import datasets
-
-        rows = list(rows)
-        n = len(rows)
-        # JSON-encode through a JSONL file so mixed or nested fields get the schema datasets infers for them.
-        _write_jsonl(tmp + ".jsonl", rows)
-        try:
-            ds = datasets.Dataset.from_json(tmp + ".jsonl") if rows else datasets.Dataset.from_list([])
-        finally:
-            os.remove(tmp + ".jsonl")
-        if path.endswith(".parquet"):
-            ds.to_parquet(tmp)
-        else:
-            ds.save_to_disk(tmp)
+    try:
+        n = _write_to(tmp, path, rows)
+    except BaseException:  # an error or Ctrl-C while rows are produced: leave no temporary behind either
+        for p in (tmp, tmp + ".jsonl"):
+            if os.path.isdir(p):
+                shutil.rmtree(p, ignore_errors=True)
+            elif os.path.exists(p):
+                os.remove(p)
+        raise
     if os.path.isdir(path) and not path.endswith((".jsonl", ".parquet")):
         shutil.rmtree(path)
     os.replace(tmp, path)

@@ -24,19 +24,14 @@ the version check at the start of each `generate`) and reloads the current folde
 from __future__ import annotations
 
 import contextlib
-import http.client
-import json
 import os
 import random
 import re
 import shutil
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
-from typing import Any
 
 import jax
 import numpy as np
@@ -44,6 +39,9 @@ import numpy as np
 from tulu_jax import multihost
 from tulu_jax.models import hf
 from tulu_jax.models.config import DecoderConfig
+from tulu_jax.rollout.http import Retryable as _Retryable
+from tulu_jax.rollout.http import RolloutServerError, call_with_retries
+from tulu_jax.rollout.http import request_json as _http
 from tulu_jax.rollout.types import (
     Completion,
     RolloutBatch,
@@ -58,14 +56,6 @@ from tulu_jax.rollout.weight_sync import (
     push_bytes,
     scratch_weights_dir,
 )
-
-
-class RolloutServerError(RuntimeError):
-    """A server refused a request, or stayed unreachable until the retry deadline."""
-
-
-class _Retryable(Exception):
-    """Connection refused or reset, a timeout, or a 5xx: worth another try, maybe on another server."""
 
 
 class _Server:
@@ -108,24 +98,6 @@ class _Gate:
             with self._cond:
                 self._writer = False
                 self._cond.notify_all()
-
-
-def _http(url: str, body: Any = None, *, method: str | None = None, timeout: float) -> Any:
-    """One JSON request -> the decoded answer (None when empty). 4xx -> RolloutServerError, and
-    unreachable / timed out / 5xx -> _Retryable, both naming the URL."""
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, method=method or ("GET" if body is None else "POST"))
-    req.add_header("Content-Type", "application/json")
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            raw = r.read()
-    except urllib.error.HTTPError as e:
-        detail = e.read()[:2000].decode(errors="replace")
-        err = f"{url}: HTTP {e.code}: {detail}"
-        raise (_Retryable(err) if e.code >= 500 else RolloutServerError(err)) from None
-    except (urllib.error.URLError, OSError, http.client.HTTPException) as e:  # refused, reset, timed out
-        raise _Retryable(f"{url}: {type(e).__name__}: {getattr(e, 'reason', e)}") from None
-    return json.loads(raw) if raw.strip() else None
 
 
 class VLLMClient:
@@ -294,27 +266,28 @@ class VLLMClient:
     def _call(self, i: int, body: dict, parse):
         """POSTs request `i` -> (parse(answer, weight version), attempts). Retries rotate over the servers
         from request i's own until `retry_deadline_s` after the first failure."""
-        attempt, last, deadline = 0, None, None
-        while True:
-            server = self._servers[(i + attempt) % len(self._servers)]
-            attempt += 1
+
+        def attempt(k: int):
+            server = self._servers[k]
             try:
                 if server.stale:
                     self._resync(server)
                 version = server.version
                 answer = _http(server.url + "/v1/completions", body, timeout=self.timeout_s)
-                return parse(answer, version), attempt
-            except _Retryable as e:
-                server.stale, last = True, e
-            now = time.monotonic()
-            deadline = now + self.retry_deadline_s if deadline is None else deadline
-            pause = min(self.backoff_s * 2 ** (attempt - 1), self.max_backoff_s)
-            if now + pause > deadline:
-                raise RolloutServerError(
-                    f"request {i}: no answer within the {self.retry_deadline_s:g} s retry deadline "
-                    f"({attempt} attempts); last error: {last}"
-                )
-            time.sleep(pause)
+                return parse(answer, version)
+            except _Retryable:
+                server.stale = True
+                raise
+
+        return call_with_retries(
+            attempt,
+            start=i,
+            num_servers=len(self._servers),
+            retry_deadline_s=self.retry_deadline_s,
+            backoff_s=self.backoff_s,
+            max_backoff_s=self.max_backoff_s,
+            what=f"request {i}",
+        )
 
     def _parse(self, i: int, prompt: tuple[int, ...], sp: SamplingParams, answer: dict, version) -> list[Completion]:
         choices = sorted(answer["choices"], key=lambda c: c["index"])

@@ -1,0 +1,60 @@
+"""`tulu-jax data rlvr-if`: instruction-following RLVR prompts from any prompts (Tülu 3 §3.1, §6)."""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "append verifiable IF constraints to prompts, with google_ifeval ground truths (RLVR)"
+DESCRIPTION = (
+    "For every row of --prompts (a 'messages' list or a 'prompt' string), write an RLVR row: the user text "
+    "with 1-3 compatible instruction-following constraints appended in words (IFEval's constraint types, kwargs "
+    "drawn at random), 'ground_truth' in the google_ifeval format that checks them all, 'dataset' "
+    "('google_ifeval') and 'constraints' (the instruction ids); the row's other fields are kept and 'source' "
+    "is set to 'rlvr-if' when absent. Deterministic given --seed; the output is written whole (atomic)."
+)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prompts", required=True, help="input rows: .jsonl, .parquet or a datasets folder")
+    p.add_argument("--out", required=True, help="output: .jsonl, .parquet or a datasets folder")
+    p.add_argument("--seed", type=int, default=0, help="seed of the constraint draws (default 0)")
+    p.add_argument("--min-constraints", type=int, default=1, help="fewest constraints per prompt (1-3, default 1)")
+    p.add_argument("--max-constraints", type=int, default=3, help="most constraints per prompt (1-3, default 3)")
+    p.add_argument(
+        "--on-bad-row",
+        default="error",
+        help="error (default): stop at a row that is not JSON or has no prompt; skip: count it and go on",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from tulu_jax.curation.rlvr_if import rlvr_if_rows
+    from tulu_jax.curation.rows import ON_BAD_ROW, format_table, iter_rows, write_rows
+    from tulu_jax.inputs import InputError, check_data_path
+
+    check_data_path(args.prompts, "--prompts")
+    if not 1 <= args.min_constraints <= args.max_constraints <= 3:
+        raise InputError(
+            f"--min-constraints {args.min_constraints} --max-constraints {args.max_constraints}: "
+            "need 1 <= min <= max <= 3"
+        )
+    if args.on_bad_row not in ON_BAD_ROW:
+        raise InputError(f"--on-bad-row {args.on_bad_row}: must be one of {', '.join(ON_BAD_ROW)}")
+    counts: dict = {}
+    rows = iter_rows(args.prompts, on_bad_row=args.on_bad_row, counts=counts)
+    write_rows(
+        args.out,
+        rlvr_if_rows(
+            rows,
+            seed=args.seed,
+            min_constraints=args.min_constraints,
+            max_constraints=args.max_constraints,
+            on_bad_row=args.on_bad_row,
+            counts=counts,
+        ),
+    )
+    table = [("rows in", counts["rows_read"]), ("rows out", counts["rows_out"])]
+    table += [(f"skipped: {reason}", n) for reason, n in sorted(counts["rows_skipped"].items())]
+    table += [(f"constraint {cid}", n) for cid, n in sorted(counts["constraints"].items())]
+    print(format_table(["rlvr-if", "count"], table, title=f"wrote {args.out}"))
+    return 0
