@@ -362,7 +362,7 @@ def test_bad_training_rows_error_or_skip(tmp_path, files, capsys):
     argv = ["data", "decontaminate", "--data", train, "--eval", *evals, "--out", str(out), "--quiet"]
     assert main(argv) == 2
     assert capsys.readouterr().err.startswith(f"tulu-jax: error: {train} line 2: invalid JSON")
-    assert not out.exists()
+    assert not out.exists() and not list(tmp_path.glob(".c.jsonl.partial-*"))
     assert main([*argv, "--on-bad-row", "skip"]) == 0
     assert read_jsonl(out) == [user("fine")]
     printed = capsys.readouterr().out
