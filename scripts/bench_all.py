@@ -14,6 +14,7 @@ Benchmarks (name: script, what it measures):
   gpu       bench_gpu.py                SFT/DPO MFU, decode and RLVR phases on a ~1.2B model: only where
                                         `nvidia-smi -L` lists a GPU (else a "skipped" row)
   push      bench_push.py               weight-push seconds per GB: only if scripts/bench_push.py exists
+  decontam  bench_decontam.py           `tulu-jax data decontaminate` prompts/s and recall, 1M synthetic rows
 
 Each child runs with its own `--json PATH` (its own table still prints, streamed here as it runs), and its
 JSON is read back into rows of (benchmark, case, metric, value, unit). `--quick` gives every benchmark its
@@ -117,6 +118,7 @@ BENCHES = (
            ("seconds", "s", 1)),
           env=(("XLA_PYTHON_CLIENT_PREALLOCATE", "false"),)),  # as bench_gpu.sh: its rows build models in turn
     Bench("push", "bench_push.py"),
+    Bench("decontam", "bench_decontam.py", (), ("--quick",)),
 )  # fmt: skip
 NAMES = tuple(b.name for b in BENCHES)
 

@@ -10,6 +10,7 @@ import importlib
 # subcommand -> module
 SUBCOMMANDS: dict[str, str] = {
     "mix": "tulu_jax.curation.cmd_mix",
+    "decontaminate": "tulu_jax.curation.cmd_decontaminate",
     "personas": "tulu_jax.curation.cmd_personas",
     "preferences": "tulu_jax.curation.cmd_preferences",
     "rlvr-if": "tulu_jax.curation.cmd_rlvr_if",

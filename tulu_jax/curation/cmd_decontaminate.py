@@ -1,0 +1,62 @@
+"""`tulu-jax data decontaminate`: drop training rows whose user turns contain evaluation instances (8-gram
+coverage above 0.5, Tülu 3 §3; open-instruct `decontamination/search.py`), with a removed-rows file and a
+Markdown report. See `tulu_jax.curation.decontaminate`."""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "remove training rows that contain evaluation instances (n-gram overlap)"
+DESCRIPTION = (
+    "Removes every training row (its user turns) against which some evaluation instance scores above "
+    "--threshold: the fraction of the instance's tokens covered by those of its n-grams (n = --ngram) that "
+    "occur in the row (Tülu 3: 8-grams, 0.5). Tokens are NFKC + casefolded words and single punctuation "
+    "marks; an instance shorter than n tokens matches only when a row contains it whole. Writes the kept "
+    "rows unchanged and in order to --out (.jsonl, .parquet or a datasets folder), the removed ones with "
+    "their best match to OUT.removed.jsonl, and a Markdown report (default OUT.report.md). Evaluation rows "
+    "give their text in the first of prompt, question, problem, messages (user turns), or in --eval-field."
+)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The command's flags."""
+    p.add_argument("--data", nargs="+", required=True, metavar="TRAIN", help="training files or folders")
+    p.add_argument("--eval", nargs="+", required=True, metavar="EVAL", help="evaluation files or folders")
+    p.add_argument("--out", required=True, metavar="CLEAN", help="kept rows: .jsonl, .parquet or a folder")
+    p.add_argument("--ngram", type=int, default=8, metavar="N", help="n-gram length in tokens (default 8)")
+    p.add_argument(
+        "--threshold", type=float, default=0.5, help="remove a row when an instance scores above this (default 0.5)"
+    )
+    p.add_argument("--report", default=None, metavar="REPORT.md", help="Markdown report (default OUT.report.md)")
+    p.add_argument("--eval-field", default=None, metavar="FIELD", help="text field of every evaluation row")
+    p.add_argument("--workers", type=int, default=None, metavar="K", help="scanning processes (default: CPUs)")
+    p.add_argument(
+        "--on-bad-row",
+        choices=("error", "skip"),
+        default="error",
+        help="a training row that is not JSON or has no user turn: stop (default) or count it and leave it out; "
+        "a bad evaluation row always stops",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Runs the command; returns 0. Bad inputs raise InputError/DataError/FileNotFoundError (exit 2)."""
+    from tulu_jax.curation.decontam_report import summary_text, write_report
+    from tulu_jax.curation.decontaminate import companion_path, decontaminate, load_eval_sets
+
+    sets = load_eval_sets(args.eval, args.eval_field)
+    summary = decontaminate(
+        args.data,
+        sets,
+        args.out,
+        n=args.ngram,
+        threshold=args.threshold,
+        workers=args.workers,
+        on_bad_row=args.on_bad_row,
+        progress=not args.quiet,
+    )
+    summary.report_path = args.report or companion_path(args.out, ".report.md")
+    write_report(summary, summary.report_path)
+    print(summary_text(summary))
+    return 0
