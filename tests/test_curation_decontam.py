@@ -410,3 +410,23 @@ def test_parquet_output(tmp_path, files):
         r.get("messages") or r["prompt"] for i, r in enumerate(rows) if i not in (1, 2, 5, 7)
     ]
     assert len(read_jsonl(tmp_path / "clean.removed.jsonl")) == 4
+
+
+def test_bundled_demo_removes_exactly_the_quoted_instances(tmp_path, capsys):
+    """The README's offline example: the demo prompts that quote a bundled evaluation instance go, the one
+    quoting only a third of an instance (below 0.5) and the ordinary prompts stay."""
+    from pathlib import Path
+
+    assets = Path(__file__).resolve().parents[1] / "tulu_jax" / "assets"
+    demo = assets / "curation_demo" / "prompts.jsonl"
+    evals = sorted(str(p) for p in (assets / "eval_samples").glob("*.jsonl"))
+    out = tmp_path / "clean.jsonl"
+    assert main(["data", "decontaminate", "--data", str(demo), "--eval", *evals, "--out", str(out), "--quiet"]) == 0
+    rows = [json.loads(line) for line in demo.read_text().splitlines()]
+    removed_file = Path(companion_path(str(out), ".removed.jsonl"))
+    removed = [json.loads(line) for line in removed_file.read_text().splitlines()]
+    assert sorted(r["row"]["id"] for r in removed) == sorted(r["id"] for r in rows if r["note"].startswith("contains"))
+    for r in removed:  # the note names the instance each row quotes
+        assert r["row"]["note"] == f"contains {r['eval_set']} instance {r['eval_index']}" and r["score"] == 1.0
+    kept = [json.loads(line)["id"] for line in out.read_text().splitlines()]
+    assert kept == [r["id"] for r in rows if not r["note"].startswith("contains")]
