@@ -14,7 +14,7 @@ import pytest
 from tests.conftest import REPO, cli_env
 from tulu_jax.cli import main
 from tulu_jax.curation import dedup, mixing
-from tulu_jax.curation.normalize import normalize_text, text_key, word_shingles, words
+from tulu_jax.curation.normalize import normalize_text, shingles, text_key, tokens
 from tulu_jax.curation.rows import iter_rows, write_rows
 
 
@@ -52,19 +52,34 @@ def test_normalize_unicode_case_and_whitespace():
     assert normalize_text("STRASSE") == normalize_text("Straße") == "strasse"
     assert normalize_text("a\u3000\u2003b\r\n\n c") == "a b c"
     assert normalize_text("Ⅻ ①") == "xii 1"  # compatibility forms fold to plain ones
-    # punctuation is content for exact duplicates, but not a word for shingles
+    # zero-width and other format (Cf) characters vanish: U+200B space, U+200D joiner, U+00AD soft hyphen, BOM
+    assert normalize_text("\ufeffwh\u200bat is\u00ad 2\u200d+2") == "what is 2+2"
+    # punctuation is content, for exact duplicates and for shingles alike
     assert normalize_text("What is 2+2?") != normalize_text("What is 2-2?")
-    assert words("what is 2+2?") == words("what is 2-2?") == ["what", "is", "2", "2"]
+    assert tokens("what is 2+2?") == ["what", "is", "2", "+", "2", "?"]
+    assert tokens("f(x) — ok") == ["f", "(", "x", ")", "—", "ok"]
     assert text_key("a b") == text_key(normalize_text(" A  B ")) != text_key("a c")
 
 
-def test_word_shingles_by_hand():
-    assert word_shingles("a b c d", 3) == {b"a b c", b"b c d"}
-    assert word_shingles("a b, c! a b c", 2) == {b"a b", b"b c", b"c a"}
-    assert word_shingles("a b", 3) == {b"a b"}  # shorter than a shingle: one shingle
-    assert word_shingles("?! ...", 3) == set()
+def test_shingles_by_hand():
+    assert shingles("a b c d", 3) == {b"a b c", b"b c d"}
+    assert shingles("a b, c! a b c", 2) == {b"a b", b"b ,", b", c", b"c !", b"! a", b"b c"}
+    assert shingles("a b", 3) == {b"a b"}  # shorter than a shingle: one shingle
+    assert shingles("?!", 3) == {b"? !"}
+    assert shingles("", 3) == set()
     with pytest.raises(ValueError, match="shingle size"):
-        word_shingles("a", 0)
+        shingles("a", 0)
+
+
+def test_arithmetic_prompts_are_not_near_duplicates():
+    """Prompts that differ only in an operator or a number: by hand, "what is 15 + 9 ?" and "what is 15 - 9 ?"
+    share 1 of 7 distinct 3-token shingles ("what is 15"), Jaccard 1/7; with words only they were identical."""
+    a, b = shingles(normalize_text("What is 15 + 9?"), 3), shingles(normalize_text("What is 15 - 9?"), 3)
+    assert jaccard(a, b) == 1 / 7
+    prompts = [f"What is {x} {op} {y}?" for x in (15, 16) for op in "+-*/" for y in (9, 8)]
+    near = dedup.NearDedup(threshold=0.8, num_perm=128, shingle_size=3)
+    assert near.filter([normalize_text(p) for p in prompts]) == [True] * len(prompts)
+    assert near.filter([normalize_text("what  is 15 + 9 ?")]) == [False]  # the same prompt again is caught
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -80,10 +95,10 @@ def test_shingle_hashes_match_word_shingles(size):
     """One hash per distinct shingle: as many distinct hashes per text as word_shingles finds, and two texts
     share a hash exactly when they share a shingle."""
     texts = random_texts(random.Random(size), 60, vocab=15, hi=12)
-    hashes, counts = dedup.shingle_hashes([words(t) for t in texts], size)
+    hashes, counts = dedup.shingle_hashes([tokens(t) for t in texts], size)
     ends = np.cumsum(counts)
     per_text = [set(hashes[e - c : e].tolist()) for c, e in zip(counts, ends)]
-    sets = [word_shingles(t, size) for t in texts]
+    sets = [shingles(t, size) for t in texts]
     assert [len(h) for h in per_text] == [len(s) for s in sets]
     assert any(len(s) == 0 for s in sets) and any(len(s) > 3 for s in sets)
     for i, j in itertools.combinations(range(len(texts)), 2):
@@ -94,7 +109,7 @@ def test_signatures_equal_datasketch_minhash():
     from datasketch import MinHash
 
     texts = random_texts(random.Random(0), 40)
-    hashes, counts = dedup.shingle_hashes([words(t) for t in texts], 3)
+    hashes, counts = dedup.shingle_hashes([tokens(t) for t in texts], 3)
     perms = dedup.permutations(64, seed=7)
     sigs = dedup.signatures(hashes, counts, perms)
     ends = np.cumsum(counts)
@@ -128,7 +143,7 @@ def near_duplicate_corpus(seed):
 def test_near_dedup_matches_brute_force_jaccard(seed):
     threshold = 0.7
     texts = near_duplicate_corpus(seed)
-    sets = [word_shingles(t, 3) for t in texts]
+    sets = [shingles(t, 3) for t in texts]
     sims = [jaccard(a, b) for a, b in itertools.combinations(sets, 2)]
     assert not any(0.45 < s < 0.85 for s in sims)  # the corpus has no pair near the threshold
     assert sum(s > 0.85 for s in sims) >= 15 and sum(s < 0.45 for s in sims) > 100
@@ -146,7 +161,7 @@ def test_near_dedup_matches_brute_force_jaccard(seed):
 
 def test_near_dedup_keeps_wordless_texts_and_checks_arguments():
     near = dedup.NearDedup(threshold=0.9)
-    assert near.filter(["?!", "?!", "a b c"]) == [True, True, True] and len(near) == 1
+    assert near.filter(["", "", "a b c"]) == [True, True, True] and len(near) == 1
     for kwargs in ({"threshold": 0.0}, {"num_perm": 1}, {"shingle_size": 0}):
         with pytest.raises(ValueError):
             dedup.NearDedup(**kwargs)
@@ -341,9 +356,29 @@ def test_mix_output_is_atomic(tmp_path, two_sources):
         ({"kind": "sft", "sources": [{"path": "A.jsonl", "ratio": -1}]}, "sources[0].ratio: ratio must be > 0"),
         ({"kind": "sft", "sources": [{"count": 1}]}, "missing required key 'sources[0].path'"),
         ({"kind": "sft", "sources": [{"path": "A.jsonl", "count": 1, "weight": 2}]}, "unknown key 'sources[0].weight'"),
-        ({"kind": "chat", "sources": [{"path": "A.jsonl", "count": 1}]}, "kind: expected Literal"),
+        ({"kind": "chat", "sources": [{"path": "A.jsonl", "count": 1}]}, "kind: expected one of sft, preference, prompt"),
         ({"sources": [{"path": "A.jsonl", "count": 1}]}, "missing required key 'kind'"),
-        ({"kind": "sft", "sources": []}, "sources: sources is empty"),
+        ({"kind": "sft", "sources": []}, "sources: none given: list at least one source"),
+        ({"kind": "sft", "sources": None}, "sources: none given: list at least one source"),
+        ({"kind": "sft", "sources": "A.jsonl"}, "sources: expected a list of sources, got 'A.jsonl'"),
+        ({"kind": "sft", "sources": ["A.jsonl"]}, "sources[0]: expected a source (a mapping with path"),
+        ({"kind": "sft", "seed": -1, "sources": [{"path": "A.jsonl", "count": 1}]}, "seed: seed must be >= 0, got -1"),
+        (
+            {"kind": "sft", "sources": [{"path": "A.jsonl", "count": 1}], "dedup": {"near": True, "threshold": 0.99}},
+            "dedup.threshold: threshold 0.99 with num_perm 128: datasketch's LSH needs at least 2 bands; the largest "
+            "threshold that works with num_perm 128 is 0.98",
+        ),
+        (
+            {"kind": "sft", "sources": [{"path": "A.jsonl", "count": 1}], "dedup": {"near": True, "num_perm": 4}},
+            "dedup.threshold: threshold 0.8 with num_perm 4",
+        ),
+        ({"kind": "sft", "sources": [{"path": "A.jsonl", "count": 1}], "dedup": {"num_perm": 4096}}, "dedup.num_perm"),
+        ({"kind": "sft", "sources": [{"path": "A.jsonl", "count": 1}], "dedup": {"shingle_size": 99}}, "dedup.shingle"),
+        (
+            {"kind": "sft", "sources": [{"path": "bundled:tiny_arith/nope.jsonl", "count": 1}]},
+            "sources[0].path: bundled:tiny_arith/nope.jsonl: no such bundled file; bundled files: "
+            "bundled:eval_samples/gsm8k.jsonl",
+        ),
         ({"kind": "sft", "sources": [{"path": "A.jsonl", "count": 1}], "dedup": {"threshold": 1.5}}, "dedup.threshold"),
         (
             {"kind": "sft", "sources": [{"path": "A.jsonl", "count": 1, "split": "test"}]},
