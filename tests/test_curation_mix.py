@@ -13,7 +13,7 @@ import pytest
 
 from tests.conftest import REPO, cli_env
 from tulu_jax.cli import main
-from tulu_jax.curation import dedup, mixing
+from tulu_jax.curation import cmd_mix, dedup, mixing
 from tulu_jax.curation.normalize import normalize_text, shingles, text_key, tokens
 from tulu_jax.curation.rows import iter_rows, write_rows
 
@@ -301,7 +301,10 @@ def test_mix_bad_rows_error_or_skip(tmp_path, capsys):
     cfg = yaml_config(tmp_path / "m.yaml", "sft", [{"path": src, "ratio": 1.0}])
     assert run_mix(cfg, tmp_path / "o.jsonl") == 2
     err = capsys.readouterr().err.strip()
-    assert err == f"tulu-jax: error: {src} line 2: field 'messages': no assistant turn"
+    assert err == (
+        f"tulu-jax: error: {src} line 2: field 'messages': no assistant turn "
+        "(the config says kind: sft; rows with a prompt but no reply are kind: prompt)"
+    )
     assert not (tmp_path / "o.jsonl").exists()
     assert run_mix(cfg, tmp_path / "o.jsonl", "--on-bad-row", "skip") == 0
     assert len(read(tmp_path / "o.jsonl")) == 2
@@ -360,7 +363,7 @@ def test_mix_output_is_atomic(tmp_path, two_sources):
         ({"sources": [{"path": "A.jsonl", "count": 1}]}, "missing required key 'kind'"),
         ({"kind": "sft", "sources": []}, "sources: none given: list at least one source"),
         ({"kind": "sft", "sources": None}, "sources: none given: list at least one source"),
-        ({"kind": "sft", "sources": "A.jsonl"}, "sources: expected a list of sources, got 'A.jsonl'"),
+        ({"kind": "sft", "sources": 5}, "sources: expected a list of sources, got 5 (int)"),
         ({"kind": "sft", "sources": ["A.jsonl"]}, "sources[0]: expected a source (a mapping with path"),
         ({"kind": "sft", "seed": -1, "sources": [{"path": "A.jsonl", "count": 1}]}, "seed: seed must be >= 0, got -1"),
         (
@@ -416,16 +419,20 @@ def test_config_errors_are_one_line_naming_file_and_key(tmp_path, monkeypatch, c
 
 
 def test_cli_output_flag_errors(tmp_path, two_sources, capsys):
-    a, _ = two_sources
+    a, b = two_sources
     cfg = yaml_config(tmp_path / "m.yaml", "sft", [{"path": a, "ratio": 1.0}])
     for out, msg in (
         (tmp_path / "o.json", "name it *.jsonl, *.parquet, or a folder"),
-        (a, "exists; pass --overwrite"),
+        (tmp_path / "o.JSON", "name it *.jsonl, *.parquet, or a folder"),
+        (tmp_path / "o.JSONL", "write the suffix in lower case (.jsonl)"),
+        (b, "exists; pass --overwrite"),
+        (a, "is sources[0].path"),
     ):
         assert run_mix(cfg, out) == 2
         assert msg in capsys.readouterr().err
     assert run_mix(cfg, a, "--overwrite") == 2
     assert "is sources[0].path" in capsys.readouterr().err
+    assert not (tmp_path / "o.JSONL").exists()
 
 
 def test_help_config_and_required_flags(capsys):
@@ -503,3 +510,103 @@ def test_hub_source_reads_through_load_dataset(tmp_path, monkeypatch):
     assert len(rows) == 4 and {r["source"] for r in rows} == {"tiny-set"}
     summary = json.loads((tmp_path / "o.jsonl.summary.json").read_text())["sources"][0]
     assert (summary["rows_in"], summary["exact_duplicates"], summary["rows_after_dedup"]) == (7, 1, 6)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Problems a first user found
+
+
+PAIR = {
+    "chosen": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "good"}],
+    "rejected": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "bad"}],
+}
+
+
+def test_a_source_of_only_bad_rows_is_an_error_with_a_kind_hint(tmp_path, capsys):
+    prefs = jsonl(tmp_path / "prefs.jsonl", [PAIR, {**PAIR, "id": 2}])
+    good = jsonl(tmp_path / "good.jsonl", [sft("fine")])
+    cfg = yaml_config(tmp_path / "m.yaml", "sft", [{"path": good, "ratio": 1.0}, {"path": prefs, "ratio": 1.0}])
+    assert run_mix(cfg, tmp_path / "o.jsonl", "--on-bad-row", "skip") == 2
+    assert capsys.readouterr().err.strip() == (
+        f"tulu-jax: error: {cfg}: sources[1] 'prefs': every one of its 2 rows was bad for kind sft "
+        "(2 missing_messages) (the config says kind: sft; rows with chosen/rejected are kind: preference)"
+    )
+    assert run_mix(cfg, tmp_path / "o.jsonl") == 2  # under error, the first row says it
+    assert "rows with chosen/rejected are kind: preference" in capsys.readouterr().err
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_a_source_with_no_rows_out_is_a_warning(tmp_path, capsys):
+    small = jsonl(tmp_path / "small.jsonl", [sft(f"question {i}") for i in range(3)])
+    other = jsonl(tmp_path / "other.jsonl", [sft(f"other {i}") for i in range(5)])
+    cfg = yaml_config(tmp_path / "m.yaml", "sft", [{"path": small, "ratio": 0.2}, {"path": other, "ratio": 1.0}])
+    assert run_mix(cfg, tmp_path / "o.jsonl") == 0
+    warning = f"{cfg}: sources[0] 'small': 0 rows out: ratio 0.2 of its 3 rows left after dedup rounds down to 0"
+    assert capsys.readouterr().err.strip() == f"tulu-jax: warning: {warning}"
+    summary = json.loads((tmp_path / "o.jsonl.summary.json").read_text())
+    assert summary["warnings"] == [warning] and summary["sources"][0]["warning"] == warning
+    assert summary["sources"][1]["warning"] is None and len(read(tmp_path / "o.jsonl")) == 5
+
+
+def test_count_is_checked_and_summary_written_before_the_output_appears(tmp_path, two_sources, monkeypatch, capsys):
+    a, _ = two_sources
+    cfg = yaml_config(tmp_path / "m.yaml", "sft", [{"path": a, "ratio": 1.0}])
+    real_iter_mix = mixing.iter_mix
+    monkeypatch.setattr(mixing, "iter_mix", lambda plans: itertools.chain(real_iter_mix(plans), [sft("grew")]))
+    assert run_mix(cfg, tmp_path / "o.jsonl") == 2
+    assert "wrote 11 rows, planned 10: a source changed while mixing" in capsys.readouterr().err
+    assert not (tmp_path / "o.jsonl").exists()
+    monkeypatch.setattr(mixing, "iter_mix", real_iter_mix)
+
+    def killed(path, summary):
+        raise KeyboardInterrupt  # a kill while the summary is written: the output must not be there yet
+
+    monkeypatch.setattr(cmd_mix, "_write_summary", killed)
+    assert run_mix(cfg, tmp_path / "o.jsonl") == 130  # the CLI's exit code for Ctrl-C
+    assert not (tmp_path / "o.jsonl").exists()
+    assert not [n for n in os.listdir(tmp_path) if ".partial-" in n]
+
+
+def test_out_folder_holding_the_sources_is_refused(tmp_path, two_sources, capsys):
+    a, b = two_sources
+    cfg = yaml_config(tmp_path / "m.yaml", "sft", [{"path": a, "ratio": 1.0}])
+    before = sorted(os.listdir(tmp_path))
+    assert run_mix(cfg, tmp_path, "--overwrite") == 2  # e.g. --out ~/data --overwrite
+    assert "contains sources[0].path" in capsys.readouterr().err
+    cfg2 = yaml_config(tmp_path / "m2.yaml", "sft", [{"path": str(tmp_path / "sub" / "x.jsonl"), "ratio": 1.0}])
+    os.makedirs(tmp_path / "sub")
+    jsonl(tmp_path / "sub" / "x.jsonl", [sft("x")])
+    assert run_mix(cfg2, tmp_path / "sub", "--overwrite") == 2
+    assert "contains sources[0].path" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == sorted([*before, "m2.yaml", "sub"]) and read(b)
+
+
+def test_default_names_of_split_files_are_their_folders(tmp_path):
+    cfg = mixing.load_mix_config(
+        yaml_config(
+            tmp_path / "m.yaml",
+            "prompt",
+            [
+                {"path": "bundled:tiny_arith/train.jsonl", "ratio": 1.0},
+                {"path": "bundled:tiny_if/train.jsonl", "ratio": 1.0},
+                {"path": "data/chat/eval.parquet", "ratio": 1.0},
+                {"path": "mine.jsonl", "ratio": 1.0},
+            ],
+        )
+    )
+    assert mixing.source_names(cfg) == ["tiny_arith", "tiny_if", "chat", "mine"]
+
+
+def test_bundled_tiny_mix_near_dedup_keeps_distinct_arithmetic_prompts():
+    """Under the bundled config's dedup settings, no distinct prompt with a number in it (an arithmetic
+    question, most differing from another in one number) of the three bundled sets is a near duplicate."""
+    cfg = mixing.load_mix_config(str(REPO / "configs/data/tiny_mix.yaml"))
+    texts = []
+    for s in cfg.sources:
+        for where, row in iter_rows(mixing.resolve_path(s.path)):
+            texts.append(normalize_text(mixing.prompt_text(row, where, cfg.kind)))
+    numeric = [t for t in dict.fromkeys(texts) if any(c.isdigit() for c in t)]
+    assert len(numeric) > 4000
+    d = cfg.dedup
+    near = dedup.NearDedup(d.threshold, d.num_perm, d.shingle_size)
+    assert near.filter(numeric) == [True] * len(numeric)

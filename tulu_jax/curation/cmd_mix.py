@@ -44,6 +44,8 @@ def config_help() -> str:
 
 
 def _check_out(args, cfg) -> None:
+    import os
+
     from tulu_jax.curation.mixing import HUB_PREFIX, resolve_path, summary_path
     from tulu_jax.curation.rows import check_output, remove_stale_partials
     from tulu_jax.inputs import InputError
@@ -55,7 +57,10 @@ def _check_out(args, cfg) -> None:
         (f"sources[{i}].path", resolve_path(s.path)) for i, s in enumerate(cfg.sources) if not s.path.startswith(HUB_PREFIX)
     ]
     check_output(out, "--out", overwrite=args.overwrite, sources=sources)
-    remove_stale_partials(summary_path(out))
+    summary = summary_path(out)
+    if os.path.isdir(summary):
+        raise InputError(f"--out {out}: its summary {summary} is a directory; move it or pick another --out")
+    remove_stale_partials(summary)
 
 
 def _write_summary(path: str, summary: dict) -> None:
