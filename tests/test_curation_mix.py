@@ -359,7 +359,10 @@ def test_mix_output_is_atomic(tmp_path, two_sources):
         ({"kind": "sft", "sources": [{"path": "A.jsonl", "ratio": -1}]}, "sources[0].ratio: ratio must be > 0"),
         ({"kind": "sft", "sources": [{"count": 1}]}, "missing required key 'sources[0].path'"),
         ({"kind": "sft", "sources": [{"path": "A.jsonl", "count": 1, "weight": 2}]}, "unknown key 'sources[0].weight'"),
-        ({"kind": "chat", "sources": [{"path": "A.jsonl", "count": 1}]}, "kind: expected one of sft, preference, prompt"),
+        (
+            {"kind": "chat", "sources": [{"path": "A.jsonl", "count": 1}]},
+            "kind: expected one of sft, preference, prompt",
+        ),
         ({"sources": [{"path": "A.jsonl", "count": 1}]}, "missing required key 'kind'"),
         ({"kind": "sft", "sources": []}, "sources: none given: list at least one source"),
         ({"kind": "sft", "sources": None}, "sources: none given: list at least one source"),

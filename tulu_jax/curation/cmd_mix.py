@@ -54,7 +54,9 @@ def _check_out(args, cfg) -> None:
     if out.lower().endswith(_NOT_OUTPUT):
         raise InputError(f"--out {out}: name it *.jsonl, *.parquet, or a folder (datasets.save_to_disk)")
     sources = [
-        (f"sources[{i}].path", resolve_path(s.path)) for i, s in enumerate(cfg.sources) if not s.path.startswith(HUB_PREFIX)
+        (f"sources[{i}].path", resolve_path(s.path))
+        for i, s in enumerate(cfg.sources)
+        if not s.path.startswith(HUB_PREFIX)
     ]
     check_output(out, "--out", overwrite=args.overwrite, sources=sources)
     summary = summary_path(out)

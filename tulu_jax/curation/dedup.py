@@ -2,11 +2,12 @@
 
 - `ExactDedup`: a set of 128-bit digests of the normalised prompt text; the first row with a text wins.
 - `NearDedup`: MinHash signatures of token shingles (words and punctuation, `normalize.tokens`; datasketch's
-  "affine32" permutations) indexed by datasketch's `MinHashLSH`. Rows are checked in order; a row is a near duplicate when one of its LSH
-  candidates, a row already kept, has an estimated Jaccard similarity (the fraction of equal signature
-  entries) >= the threshold; otherwise it is kept and inserted. Signatures are computed for a whole batch
-  of rows at once with NumPy (`shingle_hashes`, `signatures`), several times faster than one `MinHash` per
-  row, with the very hash values `datasketch.MinHash(scheme="affine32")` gives for the same shingle hashes.
+  "affine32" permutations) indexed by datasketch's `MinHashLSH`. Rows are checked in order; a row is a near
+  duplicate when one of its LSH candidates, a row already kept, has an estimated Jaccard similarity (the
+  fraction of equal signature entries) >= the threshold; otherwise it is kept and inserted. Signatures are
+  computed for a whole batch of rows at once with NumPy (`shingle_hashes`, `signatures`), several times faster
+  than one `MinHash` per row, with the very hash values `datasketch.MinHash(scheme="affine32")` gives for the
+  same shingle hashes.
 
 Memory: ~100 bytes per distinct prompt for the exact set; the near index holds `num_perm` x 4 bytes of
 signature per kept row plus datasketch's band tables, ~6 KB per kept row in all at 128 permutations

@@ -144,7 +144,10 @@ class MixConfig:
 _NO_SOURCES = "none given: list at least one source, each with a path and a count or a ratio"
 # configlib's type names, as a config's author would say them
 _PLAIN_WORDS = (
-    (re.compile(r"^sources: expected tuple\[SourceConfig, \.\.\.\], got None \(NoneType\)$"), f"sources: {_NO_SOURCES}"),
+    (
+        re.compile(r"^sources: expected tuple\[SourceConfig, \.\.\.\], got None \(NoneType\)$"),
+        f"sources: {_NO_SOURCES}",
+    ),
     (re.compile(r"^<root> \(MixConfig\): "), ""),
     (re.compile(r"^" + re.escape(_NO_SOURCES)), f"sources: {_NO_SOURCES}"),
     (re.compile(r"expected tuple\[SourceConfig, \.\.\.\]"), "expected a list of sources"),

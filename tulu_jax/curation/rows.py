@@ -107,7 +107,9 @@ def is_saved_dataset(path: str) -> bool:
         return False
     names = os.listdir(path)
     return (
-        all(n in _SAVED_DATASET_FILES or (n.endswith(".arrow") and os.path.isfile(os.path.join(path, n))) for n in names)
+        all(
+            n in _SAVED_DATASET_FILES or (n.endswith(".arrow") and os.path.isfile(os.path.join(path, n))) for n in names
+        )
         and all(n in names for n in _SAVED_DATASET_FILES)
         and any(n.endswith(".arrow") for n in names)
     )
