@@ -332,6 +332,9 @@ def test_mix_parquet_and_folder_inputs_and_outputs(tmp_path, two_sources, fmt):
     assert read(tmp_path / f"out{ext}") == read(tmp_path / "ref.jsonl")
     assert len(read(tmp_path / "ref.jsonl")) == 13
     assert (tmp_path / f"out{ext}.summary.json").exists()
+    if fmt == "parquet":  # the same config writes the same bytes (a folder's state.json has a fresh fingerprint)
+        assert run_mix(cfg, tmp_path / "again.parquet") == 0
+        assert (tmp_path / "again.parquet").read_bytes() == (tmp_path / "out.parquet").read_bytes()
 
 
 def test_mix_output_is_atomic(tmp_path, two_sources):

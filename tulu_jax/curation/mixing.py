@@ -517,7 +517,8 @@ def summary_path(out: str) -> str:
 
 
 def mix_summary(cfg: MixConfig, config_path: str, out: str, plans: list[SourcePlan]) -> dict[str, Any]:
-    """The JSON summary: config, output, per-source counts and totals."""
+    """The JSON summary: config, output, per-source counts (and `warning`, None unless the source gave no
+    rows), totals, and `warnings` (the sources' warnings, in order)."""
     sources = [p.summary() for p in plans]
     keys = ("rows_in", "bad_rows", "exact_duplicates", "near_duplicates", "rows_after_dedup", "rows_out")
     return {

@@ -191,6 +191,11 @@ def check_output(
         check_writable_output(path, flag)
     else:
         parent = os.path.dirname(os.path.abspath(path))
+        above = parent
+        while not os.path.exists(above):
+            above = os.path.dirname(above)
+        if not os.path.isdir(above):
+            raise InputError(f"{flag} {path}: {above} is a file, so no folder can be made below it")
         try:
             os.makedirs(parent, exist_ok=True)
             probe = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(path.rstrip('/'))}.probe-")
