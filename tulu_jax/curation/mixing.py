@@ -154,7 +154,7 @@ _PLAIN_WORDS = (
     (re.compile(r"expected SourceConfig"), "expected a source (a mapping with path, and count or ratio)"),
     (re.compile(r"expected DedupConfig"), "expected a mapping of dedup settings"),
     (re.compile(r"expected Literal\['sft', 'preference', 'prompt'\]"), "expected one of sft, preference, prompt"),
-    (re.compile(r" \(NoneType\)$"), " (nothing)"),
+    (re.compile(r"got None \(NoneType\)$"), "got nothing (an empty value)"),
 )
 
 
@@ -201,7 +201,7 @@ def bundled_files() -> list[str]:
 
 def source_names(cfg: MixConfig) -> list[str]:
     """Each source's `source` tag: its `name`, else the data set name of an hf: path, else the file's stem
-    (or folder name); a split file (train/eval/test/validation.jsonl or .parquet, as in the bundled sets)
+    (or folder name); a split file (train/eval/test/validation/dev.jsonl or .parquet, as in the bundled sets)
     is named after its folder: bundled:tiny_arith/train.jsonl -> tiny_arith."""
     out = []
     for s in cfg.sources:
