@@ -13,8 +13,8 @@ import pytest
 
 from tests.conftest import REPO, cli_env
 from tulu_jax.cli import main
-from tulu_jax.curation import dedup, mixing
-from tulu_jax.curation.normalize import normalize_text, text_key, word_shingles, words
+from tulu_jax.curation import cmd_mix, dedup, mixing
+from tulu_jax.curation.normalize import normalize_text, shingles, text_key, tokens
 from tulu_jax.curation.rows import iter_rows, write_rows
 
 
@@ -52,19 +52,34 @@ def test_normalize_unicode_case_and_whitespace():
     assert normalize_text("STRASSE") == normalize_text("Straße") == "strasse"
     assert normalize_text("a\u3000\u2003b\r\n\n c") == "a b c"
     assert normalize_text("Ⅻ ①") == "xii 1"  # compatibility forms fold to plain ones
-    # punctuation is content for exact duplicates, but not a word for shingles
+    # zero-width and other format (Cf) characters vanish: U+200B space, U+200D joiner, U+00AD soft hyphen, BOM
+    assert normalize_text("\ufeffwh\u200bat is\u00ad 2\u200d+2") == "what is 2+2"
+    # punctuation is content, for exact duplicates and for shingles alike
     assert normalize_text("What is 2+2?") != normalize_text("What is 2-2?")
-    assert words("what is 2+2?") == words("what is 2-2?") == ["what", "is", "2", "2"]
+    assert tokens("what is 2+2?") == ["what", "is", "2", "+", "2", "?"]
+    assert tokens("f(x) — ok") == ["f", "(", "x", ")", "—", "ok"]
     assert text_key("a b") == text_key(normalize_text(" A  B ")) != text_key("a c")
 
 
-def test_word_shingles_by_hand():
-    assert word_shingles("a b c d", 3) == {b"a b c", b"b c d"}
-    assert word_shingles("a b, c! a b c", 2) == {b"a b", b"b c", b"c a"}
-    assert word_shingles("a b", 3) == {b"a b"}  # shorter than a shingle: one shingle
-    assert word_shingles("?! ...", 3) == set()
+def test_shingles_by_hand():
+    assert shingles("a b c d", 3) == {b"a b c", b"b c d"}
+    assert shingles("a b, c! a b c", 2) == {b"a b", b"b ,", b", c", b"c !", b"! a", b"b c"}
+    assert shingles("a b", 3) == {b"a b"}  # shorter than a shingle: one shingle
+    assert shingles("?!", 3) == {b"? !"}
+    assert shingles("", 3) == set()
     with pytest.raises(ValueError, match="shingle size"):
-        word_shingles("a", 0)
+        shingles("a", 0)
+
+
+def test_arithmetic_prompts_are_not_near_duplicates():
+    """Prompts that differ only in an operator or a number: by hand, "what is 15 + 9 ?" and "what is 15 - 9 ?"
+    share 1 of 7 distinct 3-token shingles ("what is 15"), Jaccard 1/7; with words only they were identical."""
+    a, b = shingles(normalize_text("What is 15 + 9?"), 3), shingles(normalize_text("What is 15 - 9?"), 3)
+    assert jaccard(a, b) == 1 / 7
+    prompts = [f"What is {x} {op} {y}?" for x in (15, 16) for op in "+-*/" for y in (9, 8)]
+    near = dedup.NearDedup(threshold=0.8, num_perm=128, shingle_size=3)
+    assert near.filter([normalize_text(p) for p in prompts]) == [True] * len(prompts)
+    assert near.filter([normalize_text("what  is 15 + 9 ?")]) == [False]  # the same prompt again is caught
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -80,10 +95,10 @@ def test_shingle_hashes_match_word_shingles(size):
     """One hash per distinct shingle: as many distinct hashes per text as word_shingles finds, and two texts
     share a hash exactly when they share a shingle."""
     texts = random_texts(random.Random(size), 60, vocab=15, hi=12)
-    hashes, counts = dedup.shingle_hashes([words(t) for t in texts], size)
+    hashes, counts = dedup.shingle_hashes([tokens(t) for t in texts], size)
     ends = np.cumsum(counts)
     per_text = [set(hashes[e - c : e].tolist()) for c, e in zip(counts, ends)]
-    sets = [word_shingles(t, size) for t in texts]
+    sets = [shingles(t, size) for t in texts]
     assert [len(h) for h in per_text] == [len(s) for s in sets]
     assert any(len(s) == 0 for s in sets) and any(len(s) > 3 for s in sets)
     for i, j in itertools.combinations(range(len(texts)), 2):
@@ -94,7 +109,7 @@ def test_signatures_equal_datasketch_minhash():
     from datasketch import MinHash
 
     texts = random_texts(random.Random(0), 40)
-    hashes, counts = dedup.shingle_hashes([words(t) for t in texts], 3)
+    hashes, counts = dedup.shingle_hashes([tokens(t) for t in texts], 3)
     perms = dedup.permutations(64, seed=7)
     sigs = dedup.signatures(hashes, counts, perms)
     ends = np.cumsum(counts)
@@ -128,7 +143,7 @@ def near_duplicate_corpus(seed):
 def test_near_dedup_matches_brute_force_jaccard(seed):
     threshold = 0.7
     texts = near_duplicate_corpus(seed)
-    sets = [word_shingles(t, 3) for t in texts]
+    sets = [shingles(t, 3) for t in texts]
     sims = [jaccard(a, b) for a, b in itertools.combinations(sets, 2)]
     assert not any(0.45 < s < 0.85 for s in sims)  # the corpus has no pair near the threshold
     assert sum(s > 0.85 for s in sims) >= 15 and sum(s < 0.45 for s in sims) > 100
@@ -146,7 +161,7 @@ def test_near_dedup_matches_brute_force_jaccard(seed):
 
 def test_near_dedup_keeps_wordless_texts_and_checks_arguments():
     near = dedup.NearDedup(threshold=0.9)
-    assert near.filter(["?!", "?!", "a b c"]) == [True, True, True] and len(near) == 1
+    assert near.filter(["", "", "a b c"]) == [True, True, True] and len(near) == 1
     for kwargs in ({"threshold": 0.0}, {"num_perm": 1}, {"shingle_size": 0}):
         with pytest.raises(ValueError):
             dedup.NearDedup(**kwargs)
@@ -286,7 +301,10 @@ def test_mix_bad_rows_error_or_skip(tmp_path, capsys):
     cfg = yaml_config(tmp_path / "m.yaml", "sft", [{"path": src, "ratio": 1.0}])
     assert run_mix(cfg, tmp_path / "o.jsonl") == 2
     err = capsys.readouterr().err.strip()
-    assert err == f"tulu-jax: error: {src} line 2: field 'messages': no assistant turn"
+    assert err == (
+        f"tulu-jax: error: {src} line 2: field 'messages': no assistant turn "
+        "(the config says kind: sft; rows with a prompt but no reply are kind: prompt)"
+    )
     assert not (tmp_path / "o.jsonl").exists()
     assert run_mix(cfg, tmp_path / "o.jsonl", "--on-bad-row", "skip") == 0
     assert len(read(tmp_path / "o.jsonl")) == 2
@@ -314,6 +332,9 @@ def test_mix_parquet_and_folder_inputs_and_outputs(tmp_path, two_sources, fmt):
     assert read(tmp_path / f"out{ext}") == read(tmp_path / "ref.jsonl")
     assert len(read(tmp_path / "ref.jsonl")) == 13
     assert (tmp_path / f"out{ext}.summary.json").exists()
+    if fmt == "parquet":  # the same config writes the same bytes (a folder's state.json has a fresh fingerprint)
+        assert run_mix(cfg, tmp_path / "again.parquet") == 0
+        assert (tmp_path / "again.parquet").read_bytes() == (tmp_path / "out.parquet").read_bytes()
 
 
 def test_mix_output_is_atomic(tmp_path, two_sources):
@@ -341,9 +362,32 @@ def test_mix_output_is_atomic(tmp_path, two_sources):
         ({"kind": "sft", "sources": [{"path": "A.jsonl", "ratio": -1}]}, "sources[0].ratio: ratio must be > 0"),
         ({"kind": "sft", "sources": [{"count": 1}]}, "missing required key 'sources[0].path'"),
         ({"kind": "sft", "sources": [{"path": "A.jsonl", "count": 1, "weight": 2}]}, "unknown key 'sources[0].weight'"),
-        ({"kind": "chat", "sources": [{"path": "A.jsonl", "count": 1}]}, "kind: expected Literal"),
+        (
+            {"kind": "chat", "sources": [{"path": "A.jsonl", "count": 1}]},
+            "kind: expected one of sft, preference, prompt",
+        ),
         ({"sources": [{"path": "A.jsonl", "count": 1}]}, "missing required key 'kind'"),
-        ({"kind": "sft", "sources": []}, "sources: sources is empty"),
+        ({"kind": "sft", "sources": []}, "sources: none given: list at least one source"),
+        ({"kind": "sft", "sources": None}, "sources: none given: list at least one source"),
+        ({"kind": "sft", "sources": 5}, "sources: expected a list of sources, got 5 (int)"),
+        ({"kind": "sft", "sources": ["A.jsonl"]}, "sources[0]: expected a source (a mapping with path"),
+        ({"kind": "sft", "seed": -1, "sources": [{"path": "A.jsonl", "count": 1}]}, "seed: seed must be >= 0, got -1"),
+        (
+            {"kind": "sft", "sources": [{"path": "A.jsonl", "count": 1}], "dedup": {"near": True, "threshold": 0.99}},
+            "dedup.threshold: threshold 0.99 with num_perm 128: datasketch's LSH needs at least 2 bands; the largest "
+            "threshold that works with num_perm 128 is 0.98",
+        ),
+        (
+            {"kind": "sft", "sources": [{"path": "A.jsonl", "count": 1}], "dedup": {"near": True, "num_perm": 4}},
+            "dedup.threshold: threshold 0.8 with num_perm 4",
+        ),
+        ({"kind": "sft", "sources": [{"path": "A.jsonl", "count": 1}], "dedup": {"num_perm": 4096}}, "dedup.num_perm"),
+        ({"kind": "sft", "sources": [{"path": "A.jsonl", "count": 1}], "dedup": {"shingle_size": 99}}, "dedup.shingle"),
+        (
+            {"kind": "sft", "sources": [{"path": "bundled:tiny_arith/nope.jsonl", "count": 1}]},
+            "sources[0].path: bundled:tiny_arith/nope.jsonl: no such bundled file; bundled files: "
+            "bundled:eval_samples/gsm8k.jsonl",
+        ),
         ({"kind": "sft", "sources": [{"path": "A.jsonl", "count": 1}], "dedup": {"threshold": 1.5}}, "dedup.threshold"),
         (
             {"kind": "sft", "sources": [{"path": "A.jsonl", "count": 1, "split": "test"}]},
@@ -381,16 +425,20 @@ def test_config_errors_are_one_line_naming_file_and_key(tmp_path, monkeypatch, c
 
 
 def test_cli_output_flag_errors(tmp_path, two_sources, capsys):
-    a, _ = two_sources
+    a, b = two_sources
     cfg = yaml_config(tmp_path / "m.yaml", "sft", [{"path": a, "ratio": 1.0}])
     for out, msg in (
         (tmp_path / "o.json", "name it *.jsonl, *.parquet, or a folder"),
-        (a, "exists; pass --overwrite"),
+        (tmp_path / "o.JSON", "name it *.jsonl, *.parquet, or a folder"),
+        (tmp_path / "o.JSONL", "write the suffix in lower case (.jsonl)"),
+        (b, "exists; pass --overwrite"),
+        (a, "is sources[0].path"),
     ):
         assert run_mix(cfg, out) == 2
         assert msg in capsys.readouterr().err
     assert run_mix(cfg, a, "--overwrite") == 2
     assert "is sources[0].path" in capsys.readouterr().err
+    assert not (tmp_path / "o.JSONL").exists()
 
 
 def test_help_config_and_required_flags(capsys):
@@ -468,3 +516,103 @@ def test_hub_source_reads_through_load_dataset(tmp_path, monkeypatch):
     assert len(rows) == 4 and {r["source"] for r in rows} == {"tiny-set"}
     summary = json.loads((tmp_path / "o.jsonl.summary.json").read_text())["sources"][0]
     assert (summary["rows_in"], summary["exact_duplicates"], summary["rows_after_dedup"]) == (7, 1, 6)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Problems a first user found
+
+
+PAIR = {
+    "chosen": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "good"}],
+    "rejected": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "bad"}],
+}
+
+
+def test_a_source_of_only_bad_rows_is_an_error_with_a_kind_hint(tmp_path, capsys):
+    prefs = jsonl(tmp_path / "prefs.jsonl", [PAIR, {**PAIR, "id": 2}])
+    good = jsonl(tmp_path / "good.jsonl", [sft("fine")])
+    cfg = yaml_config(tmp_path / "m.yaml", "sft", [{"path": good, "ratio": 1.0}, {"path": prefs, "ratio": 1.0}])
+    assert run_mix(cfg, tmp_path / "o.jsonl", "--on-bad-row", "skip") == 2
+    assert capsys.readouterr().err.strip() == (
+        f"tulu-jax: error: {cfg}: sources[1] 'prefs': every one of its 2 rows was bad for kind sft "
+        "(2 missing_messages) (the config says kind: sft; rows with chosen/rejected are kind: preference)"
+    )
+    assert run_mix(cfg, tmp_path / "o.jsonl") == 2  # under error, the first row says it
+    assert "rows with chosen/rejected are kind: preference" in capsys.readouterr().err
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_a_source_with_no_rows_out_is_a_warning(tmp_path, capsys):
+    small = jsonl(tmp_path / "small.jsonl", [sft(f"question {i}") for i in range(3)])
+    other = jsonl(tmp_path / "other.jsonl", [sft(f"other {i}") for i in range(5)])
+    cfg = yaml_config(tmp_path / "m.yaml", "sft", [{"path": small, "ratio": 0.2}, {"path": other, "ratio": 1.0}])
+    assert run_mix(cfg, tmp_path / "o.jsonl") == 0
+    warning = f"{cfg}: sources[0] 'small': 0 rows out: ratio 0.2 of its 3 rows left after dedup rounds down to 0"
+    assert capsys.readouterr().err.strip() == f"tulu-jax: warning: {warning}"
+    summary = json.loads((tmp_path / "o.jsonl.summary.json").read_text())
+    assert summary["warnings"] == [warning] and summary["sources"][0]["warning"] == warning
+    assert summary["sources"][1]["warning"] is None and len(read(tmp_path / "o.jsonl")) == 5
+
+
+def test_count_is_checked_and_summary_written_before_the_output_appears(tmp_path, two_sources, monkeypatch, capsys):
+    a, _ = two_sources
+    cfg = yaml_config(tmp_path / "m.yaml", "sft", [{"path": a, "ratio": 1.0}])
+    real_iter_mix = mixing.iter_mix
+    monkeypatch.setattr(mixing, "iter_mix", lambda plans: itertools.chain(real_iter_mix(plans), [sft("grew")]))
+    assert run_mix(cfg, tmp_path / "o.jsonl") == 2
+    assert "wrote 11 rows, planned 10: a source changed while mixing" in capsys.readouterr().err
+    assert not (tmp_path / "o.jsonl").exists()
+    monkeypatch.setattr(mixing, "iter_mix", real_iter_mix)
+
+    def killed(path, summary):
+        raise KeyboardInterrupt  # a kill while the summary is written: the output must not be there yet
+
+    monkeypatch.setattr(cmd_mix, "_write_summary", killed)
+    assert run_mix(cfg, tmp_path / "o.jsonl") == 130  # the CLI's exit code for Ctrl-C
+    assert not (tmp_path / "o.jsonl").exists()
+    assert not [n for n in os.listdir(tmp_path) if ".partial-" in n]
+
+
+def test_out_folder_holding_the_sources_is_refused(tmp_path, two_sources, capsys):
+    a, b = two_sources
+    cfg = yaml_config(tmp_path / "m.yaml", "sft", [{"path": a, "ratio": 1.0}])
+    before = sorted(os.listdir(tmp_path))
+    assert run_mix(cfg, tmp_path, "--overwrite") == 2  # e.g. --out ~/data --overwrite
+    assert "contains sources[0].path" in capsys.readouterr().err
+    cfg2 = yaml_config(tmp_path / "m2.yaml", "sft", [{"path": str(tmp_path / "sub" / "x.jsonl"), "ratio": 1.0}])
+    os.makedirs(tmp_path / "sub")
+    jsonl(tmp_path / "sub" / "x.jsonl", [sft("x")])
+    assert run_mix(cfg2, tmp_path / "sub", "--overwrite") == 2
+    assert "contains sources[0].path" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == sorted([*before, "m2.yaml", "sub"]) and read(b)
+
+
+def test_default_names_of_split_files_are_their_folders(tmp_path):
+    cfg = mixing.load_mix_config(
+        yaml_config(
+            tmp_path / "m.yaml",
+            "prompt",
+            [
+                {"path": "bundled:tiny_arith/train.jsonl", "ratio": 1.0},
+                {"path": "bundled:tiny_if/train.jsonl", "ratio": 1.0},
+                {"path": "data/chat/eval.parquet", "ratio": 1.0},
+                {"path": "mine.jsonl", "ratio": 1.0},
+            ],
+        )
+    )
+    assert mixing.source_names(cfg) == ["tiny_arith", "tiny_if", "chat", "mine"]
+
+
+def test_bundled_tiny_mix_near_dedup_keeps_distinct_arithmetic_prompts():
+    """Under the bundled config's dedup settings, no distinct prompt with a number in it (an arithmetic
+    question, most differing from another in one number) of the three bundled sets is a near duplicate."""
+    cfg = mixing.load_mix_config(str(REPO / "configs/data/tiny_mix.yaml"))
+    texts = []
+    for s in cfg.sources:
+        for where, row in iter_rows(mixing.resolve_path(s.path)):
+            texts.append(normalize_text(mixing.prompt_text(row, where, cfg.kind)))
+    numeric = [t for t in dict.fromkeys(texts) if any(c.isdigit() for c in t)]
+    assert len(numeric) > 4000
+    d = cfg.dedup
+    near = dedup.NearDedup(d.threshold, d.num_perm, d.shingle_size)
+    assert near.filter(numeric) == [True] * len(numeric)

@@ -1,13 +1,26 @@
 """tulu_jax.curation.rows: reading rows with bad-row handling, the prompt text of a row, whole-file writes in
-three formats, and the resumable row-by-row JSONL writer."""
+three formats (and the checks that keep them from destroying anything), and the resumable JSONL writer."""
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
-from tulu_jax.curation.rows import ResumableJsonl, format_table, iter_rows, read_all, user_text, write_rows
+from tulu_jax.curation.rows import (
+    ResumableJsonl,
+    check_output,
+    format_table,
+    is_saved_dataset,
+    iter_rows,
+    output_format,
+    read_all,
+    user_text,
+    write_rows,
+)
 from tulu_jax.data import DataError
+from tulu_jax.inputs import InputError
 
 GOOD = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
 
@@ -163,3 +176,115 @@ def test_format_table_aligns_numbers_right():
         "long name   1234",
         "f          0.500",
     ]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Output safety (write_rows / check_output)
+
+
+def test_write_rows_replaces_only_a_saved_dataset_folder(tmp_path):
+    """--out ~/data --overwrite used to rmtree whatever folder was there."""
+    home = tmp_path / "data"
+    home.mkdir()
+    (home / "notes.txt").write_text("precious")
+    with pytest.raises(InputError, match="not a datasets.save_to_disk output"):
+        write_rows(home, ROWS)
+    with pytest.raises(InputError, match="not a datasets.save_to_disk output"):
+        check_output(str(home), "--out", overwrite=True)
+    assert (home / "notes.txt").read_text() == "precious"
+    saved = tmp_path / "saved"
+    write_rows(saved, ROWS)
+    assert is_saved_dataset(str(saved)) and not is_saved_dataset(str(home))
+    (saved / "extra.json").write_text("{}")  # something a user put there: no longer ours to delete
+    with pytest.raises(InputError, match="refusing to replace"):
+        write_rows(saved, ROWS[:1])
+    assert (saved / "extra.json").exists() and len(list(iter_rows(saved))) == 2
+
+
+def test_check_output_compares_real_paths_with_sources(tmp_path):
+    real = tmp_path / "real.jsonl"
+    real.write_text('{"a": 1}\n')
+    (tmp_path / "alias.jsonl").symlink_to(real)
+    src = [("sources[0].path", str(tmp_path / "alias.jsonl"))]
+    with pytest.raises(InputError, match=r"--out .*real.jsonl: is sources\[0\].path"):
+        check_output(str(real), "--out", overwrite=True, sources=src)
+    with pytest.raises(InputError, match=r"contains sources\[0\].path"):  # a folder --out holding a source
+        check_output(str(tmp_path), "--out", overwrite=True, sources=src)
+    folder_src = [("sources[0].path", str(tmp_path))]
+    with pytest.raises(InputError, match=r"is inside sources\[0\].path"):
+        check_output(str(tmp_path / "sub" / "out.jsonl"), "--out", sources=folder_src)
+    assert real.read_text() == '{"a": 1}\n'
+    assert check_output(str(tmp_path / "other.jsonl"), "--out", sources=src) == str(tmp_path / "other.jsonl")
+
+
+@pytest.mark.parametrize("name", ["out.jsonl", "out_folder"])
+def test_check_output_refuses_an_unwritable_place_up_front(tmp_path, name):
+    (tmp_path / "file").write_text("x")
+    out = tmp_path / "file" / name  # below a regular file: no folder can be made there
+    with pytest.raises(InputError, match="--out .*file/out"):
+        check_output(str(out), "--out")
+
+
+def test_uppercase_suffix_is_an_error_not_a_folder(tmp_path):
+    for name in ("out.JSONL", "out.Parquet"):
+        with pytest.raises(InputError, match="lower case"):
+            write_rows(tmp_path / name, ROWS)
+    assert os.listdir(tmp_path) == []
+    assert output_format("a.parquet") == "parquet" and output_format("a/b") == "folder"
+
+
+def test_stale_partials_of_dead_writers_are_removed(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid, live_pid = int(dead.stdout), os.getppid()  # a finished process; our parent is running
+    out = tmp_path / "out.jsonl"
+    stale = [tmp_path / f".out.jsonl.partial-{dead_pid}", tmp_path / f".out.jsonl.partial-{dead_pid}.jsonl"]
+    (tmp_path / f".out.jsonl.partial-{dead_pid}.old").mkdir()
+    for p in stale:
+        p.write_text("torn")
+    alive = tmp_path / f".out.jsonl.partial-{live_pid}"
+    alive.write_text("someone else is writing")
+    other = tmp_path / f".other.jsonl.partial-{dead_pid}"
+    other.write_text("not ours")
+    write_rows(out, ROWS)
+    assert sorted(os.listdir(tmp_path)) == sorted(["out.jsonl", alive.name, other.name])
+
+
+def test_before_replace_runs_before_the_rename(tmp_path):
+    out = tmp_path / "out.jsonl"
+    write_rows(out, ROWS)
+    seen = []
+
+    def check(n):
+        seen.append((n, [r for _, r in iter_rows(out)]))  # the old output is still in place
+        raise DataError("count mismatch", "changed")
+
+    with pytest.raises(DataError, match="count mismatch"):
+        write_rows(out, ROWS[:1], before_replace=check)
+    assert seen == [(1, ROWS)] and [r for _, r in iter_rows(out)] == ROWS
+    assert os.listdir(tmp_path) == ["out.jsonl"]
+
+
+@pytest.mark.parametrize("name", ["out.parquet", "out_folder"])
+def test_table_outputs_skip_the_hf_cache_and_refuse_mixed_types(tmp_path, monkeypatch, name):
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
+    nested = [{"id": 1, "meta": {"a": 1}}, {"id": 2, "meta": {"b": "x"}, "extra": [1, 2]}]
+    write_rows(tmp_path / name, nested)
+    assert [r for _, r in iter_rows(tmp_path / name)] == [
+        {"id": 1, "meta": {"a": 1, "b": None}, "extra": None},  # keys other rows have read back as null
+        {"id": 2, "meta": {"a": None, "b": "x"}, "extra": [1, 2]},
+    ]
+    assert not (tmp_path / "cache").exists()
+    mixed = [{"id": 1, "text": "a"}, {"id": "b2", "text": "b"}]
+    with pytest.raises(DataError, match=r"field 'id' has values of different types across rows \(number and string\)"):
+        write_rows(tmp_path / name, mixed)
+    assert write_rows(tmp_path / "mixed.jsonl", mixed) == 2  # JSONL keeps each row as it is
+
+
+def test_jsonl_with_a_byte_order_mark(tmp_path):
+    path = _jsonl(tmp_path / "bom.jsonl", [b'\xef\xbb\xbf{"id": 1}', b'{"id": 2}'])
+    assert [r for _, r in iter_rows(path)] == [{"id": 1}, {"id": 2}]
+    bad = _jsonl(tmp_path / "bom2.jsonl", [b'{"id": 1}', b'\xef\xbb\xbf{"id": 2}'])  # only the first line may
+    with pytest.raises(DataError, match="bom2.jsonl line 2: invalid JSON"):
+        list(iter_rows(bad))

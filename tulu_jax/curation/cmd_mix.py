@@ -10,8 +10,10 @@ DESCRIPTION = (
     "Builds a mixture from the sources of a YAML config (kind: sft|preference|prompt, seed, sources with path "
     "and count or ratio, dedup: exact/near/threshold/num_perm/shingle_size). Rows keep their fields and gain "
     "a `source` tag when they have none. Duplicates by normalised user turns (NFKC, case-folded, whitespace "
-    "collapsed) are removed, earlier sources winning; near duplicates by MinHash + LSH over word shingles. "
-    "Same config -> byte-identical output, written atomically; a JSON summary goes to OUT.summary.json. "
+    "collapsed) are removed, earlier sources winning; near duplicates by MinHash + LSH over shingles of words "
+    "and punctuation. Same config -> byte-identical JSONL or Parquet output, written atomically; a JSON summary "
+    "goes to OUT.summary.json. --overwrite replaces a file, or a folder only when it is an earlier "
+    "save_to_disk output. "
     "Example: tulu-jax data mix --config configs/data/tiny_mix.yaml --out /tmp/mix.jsonl"
 )
 
@@ -44,28 +46,47 @@ def config_help() -> str:
 def _check_out(args, cfg) -> None:
     import os
 
-    from tulu_jax.curation.mixing import HUB_PREFIX, resolve_path
-    from tulu_jax.inputs import InputError, check_writable_output
+    from tulu_jax.curation.mixing import HUB_PREFIX, resolve_path, summary_path
+    from tulu_jax.curation.rows import check_output, remove_stale_partials
+    from tulu_jax.inputs import InputError
 
     out = args.out
-    if out.endswith(_NOT_OUTPUT):
+    if out.lower().endswith(_NOT_OUTPUT):
         raise InputError(f"--out {out}: name it *.jsonl, *.parquet, or a folder (datasets.save_to_disk)")
-    if os.path.exists(out) and not args.overwrite:
-        raise InputError(f"--out {out}: exists; pass --overwrite to replace it")
-    for i, s in enumerate(cfg.sources):
-        if not s.path.startswith(HUB_PREFIX) and os.path.abspath(resolve_path(s.path)) == os.path.abspath(out):
-            raise InputError(f"--out {out}: is sources[{i}].path; write the mix elsewhere")
-    if out.endswith((".jsonl", ".parquet")):
-        check_writable_output(out, "--out")
-    elif os.path.isfile(out):
-        raise InputError(f"--out {out}: is a file; a name without .jsonl/.parquet is a save_to_disk folder")
+    sources = [
+        (f"sources[{i}].path", resolve_path(s.path))
+        for i, s in enumerate(cfg.sources)
+        if not s.path.startswith(HUB_PREFIX)
+    ]
+    check_output(out, "--out", overwrite=args.overwrite, sources=sources)
+    summary = summary_path(out)
+    if os.path.isdir(summary):
+        raise InputError(f"--out {out}: its summary {summary} is a directory; move it or pick another --out")
+    remove_stale_partials(summary)
+
+
+def _write_summary(path: str, summary: dict) -> None:
+    """Writes the JSON summary atomically (temporary name, then rename)."""
+    import json
+    import os
+
+    from tulu_jax.curation.rows import partial_path
+
+    tmp = partial_path(path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(summary, f, indent=2, ensure_ascii=False)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def run(args: argparse.Namespace) -> int:
     """Builds the mix -> exit code 0; errors are raised for the CLI to print (ConfigError, InputError,
-    DataError: exit 2)."""
-    import json
-    import os
+    DataError: exit 2). Warnings (a source that gives no rows) go to stderr and the summary."""
     import sys
 
     from tulu_jax.curation.mixing import iter_mix, load_mix_config, mix_summary, plan_mix, summary_path
@@ -84,17 +105,20 @@ def run(args: argparse.Namespace) -> int:
     _check_out(args, cfg)
     plans = plan_mix(cfg, args.config, on_bad_row=args.on_bad_row)
     expected = sum(p.rows_out for p in plans)
-    n = write_rows(args.out, iter_mix(plans))
-    if n != expected:  # iter_mix raises first when a source shrank; this catches one that grew
-        raise DataError(
-            f"--out {args.out}: wrote {n} rows, planned {expected}: a source changed while mixing", "changed"
-        )
     summary = mix_summary(cfg, args.config, args.out, plans)
-    tmp = summary_path(args.out) + f".partial-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(summary, f, indent=2, ensure_ascii=False)
-        f.write("\n")
-    os.replace(tmp, summary_path(args.out))
+    for warning in summary["warnings"]:
+        print(f"tulu-jax: warning: {warning}", file=sys.stderr)
+
+    def check_and_summarise(n: int) -> None:
+        # before the output is renamed into place: a wrong count leaves no output, and an output always
+        # has its summary (a kill in between leaves a summary without output, which a rerun replaces)
+        if n != expected:  # iter_mix raises first when a source shrank; this catches one that grew
+            raise DataError(
+                f"--out {args.out}: wrote {n} rows, planned {expected}: a source changed while mixing", "changed"
+            )
+        _write_summary(summary_path(args.out), summary)
+
+    write_rows(args.out, iter_mix(plans), before_replace=check_and_summarise)
     header = ["source", "rows in", "bad rows", "exact dups", "near dups", "after dedup", "rows out"]
     keys = ("rows_in", "bad_rows", "exact_duplicates", "near_duplicates", "rows_after_dedup", "rows_out")
     rows = [[s["name"], *(s[k] for k in keys)] for s in summary["sources"]]

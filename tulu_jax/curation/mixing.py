@@ -15,7 +15,9 @@ A mix is read in two passes, so its rows never have to fit in memory:
 
 Rows pass through unchanged except for a `source` field (the source's name) added when a row has none
 (or a null one): an existing `source` (e.g. the original dataset of a Tülu 3 mixture row) is kept.
-Same config and inputs -> byte-identical output.
+Same config and inputs -> byte-identical JSONL or Parquet output (a save_to_disk folder holds the same rows,
+but datasets writes a fresh fingerprint into its state.json). A source left with no rows is an error when
+every one of its rows was bad (almost always the wrong `kind`), else a warning in the summary.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import dataclasses
 import importlib.resources
 import math
 import os
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import field
 from pathlib import Path
@@ -45,26 +48,38 @@ class DedupConfig:
     """Duplicate removal over the normalised user turns of each row."""
 
     exact: bool = field(default=True, metadata={"help": "drop rows whose normalised prompt was seen before"})
-    near: bool = field(default=False, metadata={"help": "drop near duplicates (MinHash + LSH over word shingles)"})
+    near: bool = field(
+        default=False,
+        metadata={"help": "drop near duplicates (MinHash + LSH over shingles of words and punctuation)"},
+    )
     threshold: float = field(
         default=0.8,
-        metadata={"help": "estimated Jaccard of word shingles at which a row is a near duplicate"},
+        metadata={
+            "help": "estimated Jaccard of shingles at which a row is a near duplicate; the largest that "
+            "datasketch's LSH allows grows with num_perm (0.98 at 128)"
+        },
     )
     num_perm: int = field(
         default=128,
         metadata={
-            "help": "MinHash permutations: the Jaccard estimate's std is sqrt(J(1-J)/num_perm); cost grows with it"
+            "help": "MinHash permutations (2..1024): the Jaccard estimate's std is sqrt(J(1-J)/num_perm); "
+            "cost grows with it"
         },
     )
-    shingle_size: int = field(default=3, metadata={"help": "words per shingle"})
+    shingle_size: int = field(default=3, metadata={"help": "tokens (words, punctuation marks) per shingle (1..32)"})
 
     def __post_init__(self):
+        from tulu_jax.curation.dedup import MAX_NUM_PERM, MAX_SHINGLE_SIZE, lsh_problem
+
         if not 0.0 < self.threshold <= 1.0:
             raise ValueError(f"threshold must be in (0, 1], got {self.threshold}")
-        if self.num_perm < 2:
-            raise ValueError(f"num_perm must be >= 2, got {self.num_perm}")
-        if self.shingle_size < 1:
-            raise ValueError(f"shingle_size must be >= 1, got {self.shingle_size}")
+        if not 2 <= self.num_perm <= MAX_NUM_PERM:
+            raise ValueError(f"num_perm must be in 2..{MAX_NUM_PERM}, got {self.num_perm}")
+        if not 1 <= self.shingle_size <= MAX_SHINGLE_SIZE:
+            raise ValueError(f"shingle_size must be in 1..{MAX_SHINGLE_SIZE}, got {self.shingle_size}")
+        problem = lsh_problem(self.threshold, self.num_perm) if self.near else None
+        if problem:  # starts with the key to blame: "threshold ..." or "num_perm ..."
+            raise ValueError(problem)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -115,26 +130,49 @@ class MixConfig:
             "prompt: `messages` or a `prompt` string"
         }
     )
-    seed: int = field(default=0, metadata={"help": "seed of the draws (same config -> same output)"})
+    seed: int = field(default=0, metadata={"help": "seed of the draws, >= 0 (same config -> same output)"})
     sources: tuple[SourceConfig, ...] = field(metadata={"help": "the inputs, earlier ones winning duplicates"})
     dedup: DedupConfig = field(default_factory=DedupConfig, metadata={"help": "duplicate removal"})
 
     def __post_init__(self):
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
         if not self.sources:
-            raise ValueError("sources is empty: list at least one source")
+            raise ValueError(_NO_SOURCES)
+
+
+_NO_SOURCES = "none given: list at least one source, each with a path and a count or a ratio"
+# configlib's type names, as a config's author would say them
+_PLAIN_WORDS = (
+    (
+        re.compile(r"^sources: expected tuple\[SourceConfig, \.\.\.\], got None \(NoneType\)$"),
+        f"sources: {_NO_SOURCES}",
+    ),
+    (re.compile(r"^<root> \(MixConfig\): "), ""),
+    (re.compile(r"^" + re.escape(_NO_SOURCES)), f"sources: {_NO_SOURCES}"),
+    (re.compile(r"expected tuple\[SourceConfig, \.\.\.\]"), "expected a list of sources"),
+    (re.compile(r"expected SourceConfig"), "expected a source (a mapping with path, and count or ratio)"),
+    (re.compile(r"expected DedupConfig"), "expected a mapping of dedup settings"),
+    (re.compile(r"expected Literal\['sft', 'preference', 'prompt'\]"), "expected one of sft, preference, prompt"),
+    (re.compile(r"got None \(NoneType\)$"), "got nothing (an empty value)"),
+)
 
 
 def load_mix_config(path: str) -> MixConfig:
     """Reads and checks a mix config -> MixConfig. Raises ConfigError as one line naming the file and the
-    key (`configs/data/x.yaml: sources[2].count: must be >= 1, got 0`), including two sources with the same
-    name."""
+    key (`configs/data/x.yaml: sources[2].count: must be >= 1, got 0`), in plain words (no Python type
+    names), including two sources with the same name and a dedup threshold datasketch's LSH cannot serve
+    at that num_perm."""
     from tulu_jax.configlib import load_config
 
     try:
         cfg = load_config(MixConfig, path)
     except ConfigError as e:
         msg = str(e)
-        raise ConfigError(msg if msg.startswith(f"{path}:") else f"{path}: {msg}") from None
+        msg = msg[len(path) + 2 :] if msg.startswith(f"{path}: ") else msg
+        for pattern, words in _PLAIN_WORDS:
+            msg = pattern.sub(words, msg)
+        raise ConfigError(f"{path}: {msg}") from None
     seen: dict[str, int] = {}
     for i, name in enumerate(source_names(cfg)):
         if name in seen:
@@ -146,9 +184,25 @@ def load_mix_config(path: str) -> MixConfig:
     return cfg
 
 
+_SPLIT_NAMES = ("train", "eval", "test", "validation", "dev")
+
+
+def bundled_files() -> list[str]:
+    """The data files under the package's tulu_jax/assets, as `bundled:` paths (NAME/FILE), sorted."""
+    root = importlib.resources.files("tulu_jax") / "assets"
+    return sorted(
+        f"{d.name}/{f.name}"
+        for d in root.iterdir()
+        if d.is_dir()
+        for f in d.iterdir()
+        if f.name.endswith((".jsonl", ".parquet"))
+    )
+
+
 def source_names(cfg: MixConfig) -> list[str]:
     """Each source's `source` tag: its `name`, else the data set name of an hf: path, else the file's stem
-    (or folder name)."""
+    (or folder name); a split file (train/eval/test/validation/dev.jsonl or .parquet, as in the bundled sets)
+    is named after its folder: bundled:tiny_arith/train.jsonl -> tiny_arith."""
     out = []
     for s in cfg.sources:
         if s.name is not None:
@@ -157,7 +211,10 @@ def source_names(cfg: MixConfig) -> list[str]:
             out.append(s.path[len(HUB_PREFIX) :].rstrip("/").split("/")[-1])
         else:
             p = Path(s.path.removeprefix(BUNDLED_PREFIX).rstrip("/"))
-            out.append(p.stem if p.suffix in (".jsonl", ".parquet") else p.name)
+            name = p.stem if p.suffix.lower() in (".jsonl", ".parquet") else p.name
+            if name.lower() in _SPLIT_NAMES and p.parent.name:
+                name = p.parent.name
+            out.append(name)
     return out
 
 
@@ -182,6 +239,11 @@ def open_source(source: SourceConfig, key: str) -> RowReader:
 
     if not source.path.startswith(HUB_PREFIX):
         path = resolve_path(source.path)
+        if source.path.startswith(BUNDLED_PREFIX) and not os.path.exists(path):
+            raise InputError(
+                f"{key}.path: {source.path}: no such bundled file; bundled files: "
+                + ", ".join(BUNDLED_PREFIX + f for f in bundled_files())
+            )
         check_data_path(path, f"{key}.path")
         from tulu_jax.data.sources import iter_raw_rows
 
@@ -212,13 +274,43 @@ def _user_turns(messages: list[dict[str, str]], where: str, field_name: str) -> 
     return text
 
 
+def kind_hint(row: Any, kind: str) -> str:
+    """When `row` looks like another kind of row than `kind` says, a sentence that points at `kind`
+    (starting with "; "), else "". Preference rows have `chosen` and `rejected`; SFT rows `messages` with an
+    assistant turn; prompt rows `messages` without one, or a `prompt` string."""
+    if not isinstance(row, dict):
+        return ""
+    if "chosen" in row and "rejected" in row:
+        looks, why = "preference", "rows with chosen/rejected are kind: preference"
+    elif isinstance(row.get("messages"), list) and any(
+        isinstance(m, dict) and m.get("role") == "assistant" for m in row["messages"]
+    ):
+        looks, why = "sft", "rows with an assistant turn in messages are kind: sft (or prompt, to use the prompts)"
+    elif row.get("messages") is not None or isinstance(row.get("prompt"), str):
+        looks, why = "prompt", "rows with a prompt but no reply are kind: prompt"
+    else:
+        return ""
+    return "" if looks == kind or (kind == "prompt" and looks == "sft") else f" (the config says kind: {kind}; {why})"
+
+
 def prompt_text(row: Any, where: str, kind: str) -> str:
     """Validates one row for `kind` and returns its prompt: the user turns joined by newlines.
 
     sft: `messages` valid for SFT training (roles, string contents, an assistant reply) with a user turn;
     preference: a pair `tulu_jax.data.preference.parse_preference_row` accepts (Tülu 3 `chosen`/`rejected`
     message lists, or `prompt` + replies), the prompt taken from `chosen`; prompt: `messages` with a user
-    turn, or a non-empty `prompt` string. Raises DataError naming `where` and the field."""
+    turn, or a non-empty `prompt` string. Raises DataError naming `where` and the field, with `kind_hint`
+    appended when the row looks like another kind."""
+    try:
+        return _prompt_text(row, where, kind)
+    except DataError as e:
+        hint = kind_hint(row, kind)
+        if not hint:
+            raise
+        raise DataError(f"{e}{hint}", e.reason) from None
+
+
+def _prompt_text(row: Any, where: str, kind: str) -> str:
     if not isinstance(row, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}", "not_an_object")
     if kind == "sft":
@@ -276,6 +368,8 @@ class SourcePlan:
     near_duplicates: int = 0
     kept: list[int] = dataclasses.field(default_factory=list)  # raw-row ordinals (0-based) left after dedup
     draws: np.ndarray | None = None  # (len(kept),) int64 multiplicities
+    bad_hint: str = ""  # kind_hint of the first bad row
+    warning: str | None = None  # why the source gives no rows, when it gives none
 
     @property
     def rows_out(self) -> int:
@@ -293,6 +387,7 @@ class SourcePlan:
             "near_duplicates": self.near_duplicates,
             "rows_after_dedup": len(self.kept),
             "rows_out": self.rows_out,
+            "warning": self.warning,
         }
 
 
@@ -344,6 +439,8 @@ def plan_mix(cfg: MixConfig, config_path: str, *, on_bad_row: str = "error") -> 
                 except DataError as e:
                     if on_bad_row == "error":
                         raise
+                    if not plan.bad_rows:
+                        plan.bad_hint = kind_hint(row, cfg.kind)
                     plan.bad_rows[e.reason] = plan.bad_rows.get(e.reason, 0) + 1
                     continue
                 if exact is not None and not exact.add(text):
@@ -362,8 +459,30 @@ def plan_mix(cfg: MixConfig, config_path: str, *, on_bad_row: str = "error") -> 
                 f"{len(plan.kept)} are left of its {plan.rows_in} after bad rows and duplicates "
                 f"({sum(plan.bad_rows.values())} bad, {plan.exact_duplicates} exact, {plan.near_duplicates} near)"
             ) from None
+        _check_yield(plan, cfg.kind, f"{config_path}: sources[{i}] {name!r}", src)
         plans.append(plan)
     return plans
+
+
+def _check_yield(plan: SourcePlan, kind: str, key: str, src: SourceConfig) -> None:
+    """A source with no rows out: an error when every row was bad (the wrong `kind`, as a rule), else a
+    warning kept on the plan (an empty file, all rows duplicates of earlier ones, a ratio too small)."""
+    bad = sum(plan.bad_rows.values())
+    if plan.rows_in and bad == plan.rows_in:
+        reasons = ", ".join(f"{n} {r}" for r, n in sorted(plan.bad_rows.items()))
+        raise ConfigError(
+            f"{key}: every one of its {plan.rows_in} rows was bad for kind {kind} ({reasons})"
+            + (plan.bad_hint or "; check `kind` and the file's rows")
+        )
+    if plan.rows_out:
+        return
+    if not plan.rows_in:
+        why = "it has no rows"
+    elif not plan.kept:
+        why = f"all {plan.rows_in - bad} of its good rows are duplicates of earlier rows"
+    else:
+        why = f"ratio {src.ratio} of its {len(plan.kept)} rows left after dedup rounds down to 0"
+    plan.warning = f"{key}: 0 rows out: {why}"
 
 
 def iter_mix(plans: list[SourcePlan]) -> Iterator[dict]:
@@ -398,7 +517,8 @@ def summary_path(out: str) -> str:
 
 
 def mix_summary(cfg: MixConfig, config_path: str, out: str, plans: list[SourcePlan]) -> dict[str, Any]:
-    """The JSON summary: config, output, per-source counts and totals."""
+    """The JSON summary: config, output, per-source counts (and `warning`, None unless the source gave no
+    rows), totals, and `warnings` (the sources' warnings, in order)."""
     sources = [p.summary() for p in plans]
     keys = ("rows_in", "bad_rows", "exact_duplicates", "near_duplicates", "rows_after_dedup", "rows_out")
     return {
@@ -409,4 +529,5 @@ def mix_summary(cfg: MixConfig, config_path: str, out: str, plans: list[SourcePl
         "out": out,
         "sources": sources,
         "totals": {k: sum(s[k] for s in sources) for k in keys},
+        "warnings": [p.warning for p in plans if p.warning],
     }

@@ -3,7 +3,8 @@
 Input: any file the trainers read (JSONL, Parquet, a `datasets.save_to_disk` folder), each row a JSON object
 located as "<path> line N" / "<path> row N". Output, two ways:
 - `write_rows`: a whole result written to a temporary name and renamed into place, so a killed run leaves
-  either nothing or the complete file (and rerunning the same command writes the same file);
+  either nothing or the complete file (and rerunning the same command writes the same JSONL or Parquet
+  file); `check_output` checks such an output path before any work;
 - `ResumableJsonl`: rows appended one by one as model calls finish, flushed per row; a restarted run cuts a
   torn last line, skips every key already written (or recorded as skipped) and does only the rest.
 """
@@ -12,7 +13,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import tempfile
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -78,6 +81,146 @@ def user_text(row: dict, where: str) -> str:
     raise DataError(f"{where}: no prompt field (expected one of {', '.join(PROMPT_FIELDS)})", "no_prompt")
 
 
+OUTPUT_SUFFIXES = (".jsonl", ".parquet")
+_SAVED_DATASET_FILES = ("dataset_info.json", "state.json")
+
+
+def output_format(path: str, flag: str = "--out") -> str:
+    """The format a name asks for: "jsonl", "parquet", or "folder" (a `datasets.save_to_disk` folder) for
+    any other name. Raises InputError naming `flag` for a suffix in the wrong case (`.JSONL`): the readers
+    know only the lower-case ones, so it would otherwise become a folder."""
+    from tulu_jax.inputs import InputError
+
+    lower = str(path).lower().rstrip("/")
+    for suffix in OUTPUT_SUFFIXES:
+        if lower.endswith(suffix):
+            if not str(path).rstrip("/").endswith(suffix):
+                raise InputError(f"{flag} {path}: write the suffix in lower case ({suffix})")
+            return suffix[1:]
+    return "folder"
+
+
+def is_saved_dataset(path: str) -> bool:
+    """True when `path` is a folder a single `datasets.Dataset.save_to_disk` wrote: dataset_info.json,
+    state.json, one or more *.arrow shards and nothing else (so replacing it loses nothing else)."""
+    if not os.path.isdir(path):
+        return False
+    names = os.listdir(path)
+    return (
+        all(
+            n in _SAVED_DATASET_FILES or (n.endswith(".arrow") and os.path.isfile(os.path.join(path, n))) for n in names
+        )
+        and all(n in names for n in _SAVED_DATASET_FILES)
+        and any(n.endswith(".arrow") for n in names)
+    )
+
+
+def partial_path(path: str, pid: int | None = None) -> str:
+    """The temporary name `path` is written under before it is renamed into place: `.NAME.partial-PID`
+    in the same folder."""
+    path = str(path).rstrip("/")
+    parent, name = os.path.split(os.path.abspath(path))
+    return os.path.join(parent, f".{name}.partial-{os.getpid() if pid is None else pid}")
+
+
+def _pid_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale_partials(path: str) -> list[str]:
+    """Removes the temporaries a killed writer of `path` left (`.NAME.partial-PID*` of a PID that is not
+    running) -> the removed paths."""
+    parent, name = os.path.split(os.path.abspath(str(path).rstrip("/")))
+    pattern = re.compile(rf"\.{re.escape(name)}\.partial-(\d+)(\..*)?")
+    removed = []
+    for entry in os.listdir(parent) if os.path.isdir(parent) else ():
+        m = pattern.fullmatch(entry)
+        if m is None or int(m.group(1)) == os.getpid() or _pid_running(int(m.group(1))):
+            continue
+        _remove(os.path.join(parent, entry))
+        removed.append(os.path.join(parent, entry))
+    return removed
+
+
+def _remove(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    elif os.path.lexists(path):
+        os.remove(path)
+
+
+def _overlap(out: str, source: str) -> str | None:
+    """How output `out` collides with input `source` (both real paths), or None."""
+    if out == source or (os.path.exists(out) and os.path.exists(source) and os.path.samefile(out, source)):
+        return "is"
+    if os.path.commonpath([out, source]) == source:
+        return "is inside"
+    if os.path.commonpath([out, source]) == out:
+        return "contains"
+    return None
+
+
+def check_output(
+    path: str, flag: str = "--out", *, overwrite: bool = False, sources: Iterable[tuple[str, str]] = ()
+) -> str:
+    """Checks an output path before any work -> `path`; InputError (one line naming `flag` and `path`) when:
+    the suffix is in the wrong case; it exists and `overwrite` is off; it exists and is not what
+    `write_rows` would replace (a folder that is not a save_to_disk output, a folder where a file is
+    asked for); it is, is inside or contains one of `sources` ((label, path) pairs, e.g.
+    ("sources[0].path", "a.jsonl"), compared by real path so symlinks count); it cannot be written. Also
+    removes stale temporaries of `path` (`remove_stale_partials`)."""
+    from tulu_jax.inputs import InputError, check_writable_output
+
+    fmt = output_format(path, flag)
+    real = os.path.realpath(path)
+    for label, src in sources:
+        how = _overlap(real, os.path.realpath(src))
+        if how:
+            raise InputError(f"{flag} {path}: {how} {label} ({src}); write the output elsewhere")
+    if os.path.lexists(path):
+        if not overwrite:
+            raise InputError(f"{flag} {path}: exists; pass --overwrite to replace it")
+        _check_replaceable(path, fmt, flag)
+    if fmt != "folder":
+        check_writable_output(path, flag)
+    else:
+        parent = os.path.dirname(os.path.abspath(path))
+        above = parent
+        while not os.path.exists(above):
+            above = os.path.dirname(above)
+        if not os.path.isdir(above):
+            raise InputError(f"{flag} {path}: {above} is a file, so no folder can be made below it")
+        try:
+            os.makedirs(parent, exist_ok=True)
+            probe = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(path.rstrip('/'))}.probe-")
+            os.rmdir(probe)
+        except OSError as e:
+            raise InputError(f"{flag} {path}: cannot write a folder there: {e.strerror or e}") from None
+    remove_stale_partials(path)
+    return path
+
+
+def _check_replaceable(path: str, fmt: str, flag: str) -> None:
+    from tulu_jax.inputs import InputError
+
+    if fmt == "folder":
+        if not os.path.isdir(path):
+            raise InputError(f"{flag} {path}: is a file; a name without .jsonl/.parquet is a save_to_disk folder")
+        if not is_saved_dataset(path):
+            raise InputError(
+                f"{flag} {path}: is a folder that is not a datasets.save_to_disk output (only dataset_info.json, "
+                "state.json and *.arrow); refusing to replace it: pick another --out"
+            )
+    elif os.path.isdir(path):
+        raise InputError(f"{flag} {path}: is a directory, expected a file")
+
+
 def _write_jsonl(path: str, rows: Iterable[dict]) -> int:
     n = 0
     with open(path, "w", encoding="utf-8") as f:
@@ -89,48 +232,97 @@ def _write_jsonl(path: str, rows: Iterable[dict]) -> int:
     return n
 
 
-def _write_to(tmp: str, path: str, rows: Iterable[dict]) -> int:
-    """Writes `rows` to `tmp` in the format `path`'s name asks for -> the number of rows."""
-    if path.endswith(".jsonl"):
+def _json_type(value: Any) -> str:
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    return {str: "string", list: "list", dict: "object"}.get(type(value), type(value).__name__)
+
+
+def rows_table(rows: list[dict], path: str):
+    """`rows` as a pyarrow Table, one column per field (in order of first appearance; a row without a field
+    gets null there, and so do the keys a nested object lacks that others have). Integers and floats in
+    one field become float64. Raises DataError naming `path` and the field when a field's values cannot
+    share one Arrow type (an id that is a number in one source and a string in another): JSONL keeps them."""
+    import pyarrow as pa
+
+    names = dict.fromkeys(k for row in rows for k in row)
+    columns = {}
+    for name in names:
+        values = [row.get(name) for row in rows]
+        try:
+            columns[name] = pa.array(values)
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+            types = sorted({_json_type(v) for v in values if v is not None})
+            what = " and ".join(types) if len(types) > 1 else (str(e).splitlines() or ["mixed types"])[0]
+            raise DataError(
+                f"{path}: field {name!r} has values of different types across rows ({what}); a Parquet or "
+                "save_to_disk column needs one type: write a .jsonl output, or make the field one type in every "
+                "source",
+                "mixed_types",
+            ) from None
+    return pa.table(columns)
+
+
+def _write_to(tmp: str, path: str, fmt: str, rows: Iterable[dict]) -> int:
+    """Writes `rows` to `tmp` in format `fmt` -> the number of rows. Tables go through pyarrow directly, so
+    nothing lands in the Hugging Face datasets cache."""
+    if fmt == "jsonl":
         return _write_jsonl(tmp, rows)
+    rows = list(rows)
+    table = rows_table(rows, path)
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        pq.write_table(table, tmp)
+        return len(rows)
+    if not rows:  # datasets cannot write (nor read back) a folder without a row
+        raise DataError(f"{path}: no rows to write; a save_to_disk folder needs one: write a .jsonl output", "empty")
     import datasets
 
-    rows = list(rows)
-    # JSON-encode through a JSONL file so mixed or nested fields get the schema datasets infers for them.
-    _write_jsonl(tmp + ".jsonl", rows)
-    try:
-        ds = datasets.Dataset.from_json(tmp + ".jsonl") if rows else datasets.Dataset.from_list([])
-    finally:
-        os.remove(tmp + ".jsonl")
-    if path.endswith(".parquet"):
-        ds.to_parquet(tmp)
-    else:
-        ds.save_to_disk(tmp)
+    datasets.Dataset(table).save_to_disk(tmp)
     return len(rows)
 
 
-def write_rows(path: str | Path, rows: Iterable[dict]) -> int:
-    """Writes `rows` to `path` whole -> the number of rows. The format follows the name: `.jsonl`,
-    `.parquet`, anything else a `datasets.save_to_disk` folder. Written under a temporary name in the same
-    folder and renamed into place, so a killed run never leaves a partial output (an exception or Ctrl-C
-    while `rows` is consumed also removes the temporary; only a hard kill can leave a hidden
-    `.NAME.partial-PID` next to it)."""
-    path = str(path)
+def write_rows(path: str | Path, rows: Iterable[dict], *, before_replace: Callable[[int], None] | None = None) -> int:
+    """Writes `rows` to `path` whole -> the number of rows. The format follows the name (`output_format`):
+    `.jsonl`, `.parquet`, anything else a `datasets.save_to_disk` folder. Written under a temporary name in
+    the same folder (`partial_path`) and renamed into place, so a killed run never leaves a partial output;
+    an exception or Ctrl-C while `rows` is consumed also removes the temporary, and stale temporaries of
+    killed runs are removed at the start. `before_replace(n)` runs after the rows are written and before
+    the rename (check the count, write a summary); an exception there leaves `path` as it was.
+
+    An existing folder is replaced only when it is a save_to_disk output (`is_saved_dataset`); anything
+    else raises InputError before a row is read (call `check_output` first to also refuse an output that
+    overlaps an input). DataError for a field of mixed types in a table output (`rows_table`)."""
+    from tulu_jax.inputs import InputError
+
+    path = str(path).rstrip("/") or "/"
+    fmt = output_format(path, "output")
+    if os.path.lexists(path):
+        _check_replaceable(path, fmt, "output")
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{os.path.basename(path)}.partial-{os.getpid()}")
+    remove_stale_partials(path)
+    tmp = partial_path(path)
     try:
-        n = _write_to(tmp, path, rows)
+        n = _write_to(tmp, path, fmt, rows)
+        if before_replace is not None:
+            before_replace(n)
     except BaseException:  # an error or Ctrl-C while rows are produced: leave no temporary behind either
-        for p in (tmp, tmp + ".jsonl"):
-            if os.path.isdir(p):
-                shutil.rmtree(p, ignore_errors=True)
-            elif os.path.exists(p):
-                os.remove(p)
+        _remove(tmp)
         raise
-    if os.path.isdir(path) and not path.endswith((".jsonl", ".parquet")):
-        shutil.rmtree(path)
-    os.replace(tmp, path)
+    if fmt == "folder" and os.path.isdir(path):
+        if not is_saved_dataset(path):  # it changed while we wrote
+            _remove(tmp)
+            raise InputError(f"output {path}: is no longer a datasets.save_to_disk folder; refusing to replace it")
+        old = tmp + ".old"
+        os.replace(path, old)
+        os.replace(tmp, path)
+        _remove(old)
+    else:
+        os.replace(tmp, path)
     return n
 
 

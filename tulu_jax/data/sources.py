@@ -19,8 +19,8 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[str, Any]]:
     with path.open("rb") as f:  # bytes, so that one line that is not UTF-8 is a bad row, not a crash
         for n, raw in enumerate(f, start=1):
             where = f"{path} line {n}"
-            try:
-                line = raw.decode("utf-8")
+            try:  # a UTF-8 byte-order mark (Windows editors write one) may open the file
+                line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
             except UnicodeDecodeError as e:
                 yield where, DataError(f"{where}: not UTF-8 text (byte {e.start + 1})", "not_utf8")
                 continue
