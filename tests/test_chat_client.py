@@ -88,6 +88,23 @@ def test_bad_answers_are_retried_then_succeed(fake, bad):
     assert reply.text == "fine" and reply.attempts == 3
 
 
+def test_declined_answers_are_refusals_about_this_request(fake):
+    from tulu_jax.rollout.chat_client import ChatRefused
+
+    for answer in (
+        _ok("partial", "content_filter"),
+        (200, {"choices": [{"message": {"content": None, "refusal": "I can't help"}, "finish_reason": "stop"}]}),
+    ):
+        _Fake.plan, _Fake.seen = [answer], []
+        with pytest.raises(ChatRefused, match="declined") as refused:
+            _client([fake]).chat([{"role": "user", "content": "q"}], ChatParams())
+        assert refused.value.about_this_request and len(_Fake.seen) == 1  # not retried
+    _Fake.plan = [(401, {"error": "bad key"})]
+    with pytest.raises(ChatRefused) as refused:
+        _client([fake]).chat([{"role": "user", "content": "q"}], ChatParams())
+    assert refused.value.status == 401 and not refused.value.about_this_request
+
+
 def test_4xx_is_raised_at_once_and_5xx_until_the_deadline(fake):
     _Fake.plan = [(400, {"error": "prompt too long"})]
     with pytest.raises(RolloutServerError, match="HTTP 400: .*prompt too long") as refused:
@@ -146,6 +163,19 @@ def test_run_requests_bounds_concurrency_and_reports_errors():
     assert all(r is None and str(e) == f"bad {i}" for i, r, e in out if i % 5 == 0)
     assert peak[0] <= 4
     assert stats["requests"] == 40 and stats["failed"] == 8 and stats["requests_per_s"] > 0
+
+
+def test_run_requests_stops_starting_new_items_after_a_fatal_error():
+    def call(i):
+        time.sleep(0.005)
+        if i == 3:
+            raise RolloutServerError("server gone")
+        return i
+
+    stats = {}
+    out = list(run_requests(range(100), call, max_in_flight=2, stats=stats, stop_when=lambda e: "gone" in str(e)))
+    assert [i for i, _, e in out if e is not None] == [3]
+    assert len(out) <= 6 and stats["stopped"] is True  # 3 plus what was in flight or drawn before it failed
 
 
 def test_run_requests_draws_items_lazily():

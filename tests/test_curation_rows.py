@@ -140,10 +140,11 @@ def test_resumable_jsonl_resumes_and_cuts_torn_line(tmp_path):
         out.skip("c", "duplicate", of="a")
     with open(path, "a", encoding="utf-8") as f:
         f.write('{"id": "d", "x"')  # killed mid-line
-    out = ResumableJsonl(path, _key)
+    seen: list[dict] = []
+    out = ResumableJsonl(path, _key, on_row=seen.append)
     assert out.repaired_torn_row
     assert out.done == {"a", "b", "c"}  # d is made again
-    assert out.rows == [{"id": "a", "x": 1}, {"id": "b", "x": 2}]
+    assert seen == [{"id": "a", "x": 1}, {"id": "b", "x": 2}]
     out.append({"id": "d", "x": 4})
     out.close()
     assert [json.loads(line)["id"] for line in path.read_text().splitlines()] == ["a", "b", "d"]
@@ -156,14 +157,30 @@ def test_resumable_jsonl_overwrite_and_foreign_files(tmp_path):
     path = tmp_path / "gen.jsonl"
     path.write_text('{"id": "a"}\n')
     (tmp_path / "gen.jsonl.skipped.jsonl").write_text('{"key": "b", "reason": "r"}\n')
-    with ResumableJsonl(path, _key, overwrite=True) as out:
-        assert out.done == set() and out.rows == []
+    seen: list[dict] = []
+    with ResumableJsonl(path, _key, overwrite=True, on_row=seen.append) as out:
+        assert out.done == set() and seen == []
     assert path.read_text() == "" and (tmp_path / "gen.jsonl.skipped.jsonl").read_text() == ""
     path.write_text('{"id": "a"}\n{"other": 1}\n')
     with pytest.raises(DataError, match=rf"{path} line 2: not a row this command wrote; pass --overwrite"):
         ResumableJsonl(path, _key)
     with pytest.raises(DataError, match="name it \\*.jsonl"):
         ResumableJsonl(tmp_path / "gen.parquet", _key)
+
+
+def test_resumable_jsonl_refuses_other_settings_and_a_second_writer(tmp_path):
+    path = tmp_path / "gen.jsonl"
+    with ResumableJsonl(path, _key, settings={"seed": 0, "model": "m"}) as out:
+        out.append({"id": "a"})
+        with pytest.raises(DataError, match=rf"{path}: another command is writing it"):
+            ResumableJsonl(path, _key)
+    with ResumableJsonl(path, _key, settings={"seed": 0, "model": "m"}) as out:  # same settings: resumes
+        assert out.done == {"a"}
+    with pytest.raises(DataError, match=r"other settings \(seed: 0 -> 1\); rerun with the same ones"):
+        ResumableJsonl(path, _key, settings={"seed": 1, "model": "m"})
+    with ResumableJsonl(path, _key, settings={"seed": 1, "model": "m"}, overwrite=True) as out:
+        assert out.done == set()
+    assert json.loads((tmp_path / "gen.jsonl.settings.json").read_text()) == {"seed": 1, "model": "m"}
 
 
 def test_format_table_aligns_numbers_right():

@@ -131,14 +131,16 @@ def run(args: argparse.Namespace) -> int:
     )
     jobs = plan_jobs(personas, args.skill, args.n, args.seed)
     counts: dict = {}
-    with ResumableJsonl(args.out, key=lambda r: r["id"], overwrite=args.overwrite) as out:
-        synthesize_prompts(client, jobs, out, skill=args.skill, settings=settings, counts=counts)
+    existing: list[dict] = []
+    with ResumableJsonl(args.out, key=lambda r: r["id"], overwrite=args.overwrite, on_row=existing.append) as out:
+        synthesize_prompts(client, jobs, out, skill=args.skill, settings=settings, counts=counts, existing=existing)
     print(_table(f"{args.out} ({len(personas)} personas in {args.personas})", counts, len(jobs)))
     failed = counts["failed"]
     if args.respond:
         keys = {j.key for j in jobs}
-        with ResumableJsonl(args.out, key=lambda r: r["id"]) as prompts:
-            rows = [r for r in prompts.rows if r["id"] in keys]
+        rows: list[dict] = []
+        with ResumableJsonl(args.out, key=lambda r: r["id"], on_row=lambda r: r["id"] in keys and rows.append(r)):
+            pass
         resp_counts: dict = {}
         with ResumableJsonl(responses_path(args.out), key=lambda r: r["id"], overwrite=args.overwrite) as out:
             synthesize_responses(client, rows, out, settings=settings, counts=resp_counts)

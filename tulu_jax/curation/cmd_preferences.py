@@ -157,15 +157,10 @@ def _clients(args, pool, pool_path: str):
     return clients, judge
 
 
-# 4xx codes about one request (its prompt does not fit the model's context): that completion or rating is
-# left out. Any other refusal (401 bad key, 404, 429) is about every request: the prompt fails, to be rerun.
-_REQUEST_REFUSALS = (400, 413, 422)
-
-
 def _refused(error: Exception) -> bool:
     from tulu_jax.rollout.chat_client import ChatRefused
 
-    return isinstance(error, ChatRefused) and error.status in _REQUEST_REFUSALS
+    return isinstance(error, ChatRefused) and error.about_this_request
 
 
 class _Annotator:

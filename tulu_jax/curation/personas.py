@@ -200,19 +200,27 @@ def _run_pass(client, todo: list, spec: _Pass, out: ResumableJsonl, settings: Se
 
 
 def synthesize_prompts(
-    client: ChatClient, jobs: Iterable[Job], out: ResumableJsonl, *, skill: str, settings: Settings, counts: dict
+    client: ChatClient,
+    jobs: Iterable[Job],
+    out: ResumableJsonl,
+    *,
+    skill: str,
+    settings: Settings,
+    counts: dict,
+    existing: Iterable[dict] = (),
 ) -> None:
     """Asks for a prompt for every job whose key `out` has not done yet and appends each row as it finishes
     (see the module docstring for malformed replies, duplicates and failures). Rows: `id`, `persona_id`,
     `persona`, `skill`, `messages` (one user turn), `source` ("personas-<skill>"), `model`, `endpoint`,
     `seed`, `attempts`; for "if" also `request` (the model's text), `ground_truth` (google_ifeval JSON),
     `dataset` and `constraints`. `counts` receives resumed/written/duplicates/failed, `malformed` (a
-    Counter of final reasons), `failures` (error lines), `requests` (chat calls) and `seconds`."""
+    Counter of final reasons), `failures` (error lines), `requests` (chat calls) and `seconds`. `existing`:
+    the rows already in `out` (a resumed run), whose prompts new ones must not duplicate."""
     _new_counts(counts)
     jobs = list(jobs)
     todo = [(j.index, j) for j in jobs if j.key not in out.done]
     counts["resumed"] += len(jobs) - len(todo)
-    seen = {_row_dedup_key(r): r["id"] for r in out.rows}
+    seen = {_row_dedup_key(r): r["id"] for r in existing}
 
     def messages(job: Job) -> list[dict]:
         rules = [c.instruction() for c in job.constraints]

@@ -331,46 +331,105 @@ class ResumableJsonl:
 
     `key(row)` names what a row was made from (a prompt id, a persona index); keys already in `path`, or in
     `<path>.skipped.jsonl` (rows given up on for good, with the reason), are in `done` when the object is
-    made, so a restarted command skips them. A torn last line (a kill mid-write) is cut away and its row
-    made again (`repaired_torn_row`). `overwrite=True` starts both files afresh. Raises DataError naming the
-    file and line when a complete line is not a JSON object with a key, i.e. not an output of this command."""
+    made, so a restarted command skips them. The files are read line by line (never whole), and `on_row`,
+    when given, sees every row already in `path` (to rebuild dedup state). A torn last line (a kill
+    mid-write) is cut away and its row made again (`repaired_torn_row`). `settings` (a JSON-able dict of
+    what shapes the rows: seed, model, skill...) is kept in `<path>.settings.json`; resuming with other
+    settings is refused, since the file would mix rows of two runs. `overwrite=True` starts every file
+    afresh. A second command writing the same `path` at the same time is refused (an flock on the file).
+    Raises DataError (one line naming the file) for a line that is not a JSON object with a key (not an
+    output of this command), for changed settings, and for a file another run holds."""
 
-    def __init__(self, path: str | Path, key: Callable[[dict], str], *, overwrite: bool = False):
+    def __init__(
+        self,
+        path: str | Path,
+        key: Callable[[dict], str],
+        *,
+        overwrite: bool = False,
+        on_row: Callable[[dict], None] | None = None,
+        settings: dict[str, Any] | None = None,
+    ):
+        import fcntl
+
         self.path, self.skipped_path, self.key = str(path), f"{path}.skipped.jsonl", key
+        self.settings_path = f"{path}.settings.json"
         if not self.path.endswith(".jsonl"):
             raise DataError(f"{self.path}: row-by-row outputs are JSONL: name it *.jsonl", "bad_output")
         os.makedirs(os.path.dirname(os.path.abspath(self.path)) or ".", exist_ok=True)
-        self.done: set[str] = set()
-        self.rows: list[dict] = []  # the rows already in `path` (dedup state is rebuilt from them)
-        self.repaired_torn_row = False
-        for p in (self.path, self.skipped_path):
-            if overwrite and os.path.exists(p):
-                os.remove(p)
-            if os.path.exists(p):
-                self._resume(p)
-        self._lock = threading.Lock()
         self._out = open(self.path, "a", encoding="utf-8")
+        try:
+            fcntl.flock(self._out, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._out.close()
+            raise DataError(
+                f"{self.path}: another command is writing it right now; wait for it or pick another --out", "busy"
+            ) from None
+        self.done: set[str] = set()
+        self.repaired_torn_row = False
+        if overwrite:
+            for p in (self.path, self.skipped_path, self.settings_path):
+                if p == self.path:
+                    self._out.truncate(0)
+                elif os.path.exists(p):
+                    os.remove(p)
+        if settings is not None:
+            self._check_settings(settings)
+        self._resume(self.path, on_row)
+        if os.path.exists(self.skipped_path):
+            self._resume(self.skipped_path, None)
+        self._lock = threading.Lock()
         self._skips = open(self.skipped_path, "a", encoding="utf-8")
         self.written = self.skipped = 0
 
-    def _resume(self, path: str) -> None:
-        with open(path, "rb") as f:
-            data = f.read()
-        *complete, tail = data.split(b"\n")
-        for n, line in enumerate(complete, 1):
+    def _check_settings(self, settings: dict[str, Any]) -> None:
+        settings = json.loads(json.dumps(settings))  # the form it has on disk (tuples as lists...)
+        if os.path.exists(self.settings_path):
             try:
-                row = json.loads(line)
-                k = self.key(row) if path == self.path else row["key"]
-            except (ValueError, KeyError, TypeError):
+                with open(self.settings_path, encoding="utf-8") as f:
+                    before = json.load(f)
+            except (OSError, ValueError):
+                before = None
+            if isinstance(before, dict) and before != settings:
+                changed = [
+                    f"{k}: {before.get(k)!r} -> {settings.get(k)!r}"
+                    for k in sorted(set(before) | set(settings))
+                    if before.get(k) != settings.get(k)
+                ]
                 raise DataError(
-                    f"{path} line {n}: not a row this command wrote; pass --overwrite or another --out", "bad_output"
-                ) from None
-            self.done.add(str(k))
-            if path == self.path:
-                self.rows.append(row)
-        if tail:
+                    f"{self.path}: written by a run with other settings ({'; '.join(changed)}); rerun with the "
+                    "same ones, or pass --overwrite or another --out",
+                    "settings_changed",
+                )
+            if isinstance(before, dict):
+                return
+        elif os.path.getsize(self.path) > 0:
+            return  # rows from before settings were recorded: nothing to compare with
+        tmp = self.settings_path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(settings, f, indent=1, sort_keys=True)
+        os.replace(tmp, self.settings_path)
+
+    def _resume(self, path: str, on_row: Callable[[dict], None] | None) -> None:
+        good = 0  # bytes of complete lines
+        with open(path, "rb") as f:
+            for n, line in enumerate(f, 1):
+                if not line.endswith(b"\n"):
+                    break  # torn: cut below
+                try:
+                    row = json.loads(line)
+                    k = self.key(row) if path == self.path else row["key"]
+                except (ValueError, KeyError, TypeError):
+                    raise DataError(
+                        f"{path} line {n}: not a row this command wrote; pass --overwrite or another --out",
+                        "bad_output",
+                    ) from None
+                self.done.add(str(k))
+                if on_row is not None:
+                    on_row(row)
+                good += len(line)
+        if good < os.path.getsize(path):
             with open(path, "rb+") as f:
-                f.truncate(len(data) - len(tail))
+                f.truncate(good)
             self.repaired_torn_row = True
 
     def append(self, row: dict) -> None:

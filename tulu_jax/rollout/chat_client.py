@@ -14,8 +14,15 @@ from tulu_jax.rollout.http import Retryable, RolloutServerError, call_with_retri
 
 
 class ChatRefused(RolloutServerError):
-    """A server refused one chat request with a 4xx: `status` is the HTTP code. 400 (and 413, 422) is about
-    this request (a prompt longer than the model's context); 401/403/404 about every request."""
+    """A server refused one chat request: `status` is the HTTP code of a 4xx, or None when a 200 answer
+    declined it (finish_reason "content_filter", or an OpenAI-style `refusal` instead of content).
+    `about_this_request` tells the two kinds apart: 400, 413, 422 and declined answers concern this request
+    (a prompt longer than the model's context, filtered content), and asking again gets the same answer;
+    401, 403, 404... concern every request (a bad key, an unknown model)."""
+
+    @property
+    def about_this_request(self) -> bool:
+        return self.status in (None, 400, 413, 422)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,6 +162,9 @@ class ChatClient:
                 text, finish = choice["message"]["content"], choice.get("finish_reason") or "stop"
             except (KeyError, IndexError, TypeError):
                 raise Retryable(f"{url}: an answer without choices[0].message.content: {str(answer)[:200]}") from None
+            refusal = choice["message"].get("refusal") if isinstance(choice["message"], dict) else None
+            if finish == "content_filter" or (text is None and refusal):
+                raise ChatRefused(f"{url}: the model declined: {refusal or finish}"[:500], None)
             if not isinstance(text, str):
                 raise Retryable(f"{url}: choices[0].message.content is not text: {text!r:.100}")
             if finish not in ("stop", "length"):  # aborted inside the engine
