@@ -7,7 +7,7 @@ the endpoints through `run_requests`), so a killed run, rerun, does only what is
 - a reply that `persona_templates.extract_prompt` rejects (empty, cut at max_tokens, a refusal, no prefix,
   too short) is asked again with another seed, up to `retries` more times, then recorded as skipped with its
   reason; nothing is ever made up in its place;
-- a prompt whose normalised text (`dedup_key`) an earlier row already has is recorded as a duplicate;
+- a prompt whose normalised text (`normalize.normalize_text`) an earlier row already has is recorded as a duplicate;
 - a request the server refuses as such (HTTP 400/413/422: a persona or prompt longer than the model's
   context; a content filter) is recorded as skipped (`refused`, with the server's message): asking again
   gets the same answer. But when no row was written yet and the first `PROBE` requests are all refused,
