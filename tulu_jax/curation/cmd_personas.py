@@ -172,6 +172,7 @@ def run(args: argparse.Namespace) -> int:
         retries=args.retries,
         seed=args.seed,
         concurrency=args.concurrency,
+        progress=not args.quiet,
     )
     jobs = plan_jobs(personas, args.skill, args.n, args.seed)
     counts: dict = {}

@@ -127,12 +127,14 @@ class _Calls:
 class Settings:
     """What every request of a run shares: sampling `params` (its seed is replaced per attempt), `retries`
     (extra attempts after a malformed reply), the run's `seed` (request seeds are
-    `cli_args.request_seed(seed, key, attempt)`) and `concurrency` (requests in flight)."""
+    `cli_args.request_seed(seed, key, attempt)`), `concurrency` (requests in flight) and `progress` (show
+    a progress bar)."""
 
     params: ChatParams
     retries: int = 2
     seed: int = 0
     concurrency: int = 32
+    progress: bool = True
 
 
 def _ask(client: ChatClient, messages: list[dict], key: str, index: int, settings: Settings, calls: _Calls, check):
@@ -237,6 +239,7 @@ def _run_pass(client, todo: list, spec: _Pass, out: ResumableJsonl, settings: Se
             total=len(todo),
             stats=stats,
             stop_when=_stops_the_run,
+            progress=settings.progress,
         )
         for (_, entry), result, error in results:
             key = spec.key(entry)
