@@ -113,14 +113,14 @@ def render(s: Summary) -> str:
     skipped = sum(s.rows_skipped.values())
     short = sum(v["short"] for v in s.per_set.values())
     instances = sum(v["instances"] for v in s.per_set.values())
+    short_how = "skipped (as open-instruct)" if s.short_instances == "skip" else "matched when a row contains one whole"
     lines = [
         "# Decontamination report",
         "",
         f"A training row is removed when some evaluation instance scores **> {s.threshold}** against it: the "
         f"fraction of the instance's tokens covered by its {s.n}-grams that also occur in the row's user turns "
         "(Tülu 3 §3; open-instruct `decontamination/search.py`). Tokens: NFKC + casefold, words and single "
-        f"punctuation marks; no n-gram spans two user turns. Instances shorter than {s.n} tokens: "
-        + ("skipped (as open-instruct)." if s.short_instances == "skip" else "matched only when a row contains one whole."),
+        f"punctuation marks; no n-gram spans two user turns. Instances shorter than {s.n} tokens: {short_how}.",
         "",
         f"- Training rows: {s.rows_read} read, {skipped} skipped as bad, {scanned} scanned; "
         f"**{s.rows_removed} removed** ({_pct(s.rows_removed, scanned):.3f}%), {s.rows_kept} kept.",

@@ -372,7 +372,7 @@ def check_outputs(
     --overwrite (a run killed before `out` was renamed into place can leave them)."""
     check_output(out, "--out", overwrite=overwrite, sources=sources)
     outputs = [("--out", out)]
-    for flag, path in [("removed-rows file (from --out)", removed_path), ("--report", report_path)]:
+    for flag, path in [("--out (removed-rows file)", removed_path), ("--report", report_path)]:
         if path is None:
             continue
         real = os.path.realpath(path)
