@@ -305,3 +305,14 @@ def test_jsonl_with_a_byte_order_mark(tmp_path):
     bad = _jsonl(tmp_path / "bom2.jsonl", [b'{"id": 1}', b'\xef\xbb\xbf{"id": 2}'])  # only the first line may
     with pytest.raises(DataError, match="bom2.jsonl line 2: invalid JSON"):
         list(iter_rows(bad))
+
+
+@pytest.mark.parametrize("name", ["out.txt", "out.json", "eval.jsonl.copy", "x.csv"])
+def test_output_names_with_another_suffix_are_refused(tmp_path, name):
+    from tulu_jax.curation.rows import output_format
+    from tulu_jax.inputs import InputError
+
+    with pytest.raises(InputError, match=rf"--out .*{name}: unsupported output type"):
+        output_format(str(tmp_path / name))
+    assert output_format(str(tmp_path / name) + "/") == "folder"  # an explicit folder
+    assert output_format(str(tmp_path / "clean")) == "folder"

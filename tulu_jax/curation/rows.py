@@ -87,8 +87,9 @@ _SAVED_DATASET_FILES = ("dataset_info.json", "state.json")
 
 def output_format(path: str, flag: str = "--out") -> str:
     """The format a name asks for: "jsonl", "parquet", or "folder" (a `datasets.save_to_disk` folder) for
-    any other name. Raises InputError naming `flag` for a suffix in the wrong case (`.JSONL`): the readers
-    know only the lower-case ones, so it would otherwise become a folder."""
+    a name without a suffix or ending in /. Raises InputError naming `flag` for a suffix in the wrong case
+    (`.JSONL`: the readers know only the lower-case ones) and for any other suffix (`.json`, `.txt`), which
+    would otherwise silently become a folder."""
     from tulu_jax.inputs import InputError
 
     lower = str(path).lower().rstrip("/")
@@ -97,6 +98,12 @@ def output_format(path: str, flag: str = "--out") -> str:
             if not str(path).rstrip("/").endswith(suffix):
                 raise InputError(f"{flag} {path}: write the suffix in lower case ({suffix})")
             return suffix[1:]
+    ext = os.path.splitext(os.path.basename(lower))[1]
+    if ext and not str(path).endswith("/"):
+        raise InputError(
+            f"{flag} {path}: unsupported output type {ext!r}: name a .jsonl or .parquet file, or a folder "
+            "(a datasets.save_to_disk folder; end its name with / if it has a dot)"
+        )
     return "folder"
 
 
