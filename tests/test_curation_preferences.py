@@ -20,7 +20,7 @@ import yaml
 
 from tulu_jax.cli import main
 from tulu_jax.configlib import ConfigError
-from tulu_jax.curation.judge import ASPECTS, STYLES, judge_messages, parse_rating
+from tulu_jax.curation.judge import ASPECTS, STYLES, judge_messages, parse_rating, render_conversation
 from tulu_jax.curation.preferences import (
     Judged,
     PoolConfig,
@@ -28,8 +28,10 @@ from tulu_jax.curation.preferences import (
     binarize,
     load_pool,
     pair_row,
+    prompt_messages,
     prompt_rng,
 )
+from tulu_jax.data.chat import DataError
 from tulu_jax.data.preference import iter_preference_pairs, parse_preference_row
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -66,6 +68,19 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         ("between 3 and 4", None),  # several unlabelled numbers
         ("It is a 4 because it has 3 errors", None),
         ("Rationale: fine.", None),  # "Rationale" is no rating label
+        # "rating" only as a word
+        ("The answer is good at generating 2 paragraphs.", None),
+        ("Operating 5 stars", None),
+        ("Rating: 4. It lists 3 causes.", 4),  # the number after the sentence ends is another clause
+        # a range, an alternative or a second candidate in the labelled clause: the judge has not settled
+        ("Rating: 3-4", None),
+        ("Rating: 3 – 4", None),
+        ("Rating: 3 or 4", None),
+        ("Rating: 3 to 4", None),
+        ("Rating: 3+", None),
+        ("Rating: 3 + 1", None),
+        ("Rating: 2 (could be 3)", None),
+        ("**Rating:** 4, maybe 5", None),
     ],
 )
 def test_parse_rating(text, rating):
@@ -274,7 +289,8 @@ def test_pair_row_is_a_dpo_row():
     comps = [_judged("A", 5, 4, 4, 3), _judged("B", 3, 3, 3, 3), _judged("C", None, 1, 1, 1)]
     result = binarize(comps, prompt_rng(0, "row-1", "binarize"))
     row = {"id": "row-1", "messages": [{"role": "user", "content": "Hi?"}], "extra": 3}
-    out = pair_row(row, "Hi?", comps, result, policy="off")
+    conversation = prompt_messages(row, "row-1")
+    out = pair_row(row, conversation, comps, result, policy="off")
     assert {k: out[k] for k in row} == row  # input fields kept
     assert out["chosen_model"] == "A" and out["rejected_model"] == "B"
     assert (out["chosen_rating"], out["rejected_rating"]) == (4.0, 3.0)
@@ -283,7 +299,54 @@ def test_pair_row_is_a_dpo_row():
     chosen, rejected = parse_preference_row(json.loads(json.dumps(out)), "row")
     assert chosen == [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "answer of A"}]
     assert rejected[-1]["content"] == "answer of B"
-    assert pair_row({**row, "source": "mine"}, "Hi?", comps, result, policy="on")["source"] == "mine"
+    assert pair_row({**row, "source": "mine"}, conversation, comps, result, policy="on")["source"] == "mine"
+
+
+MULTI_TURN = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Name a prime."},
+    {"role": "assistant", "content": "7."},
+    {"role": "user", "content": "A larger one?"},
+]
+
+
+def test_prompt_messages_keep_the_conversation():
+    # a trailing assistant turn is the reply being replaced; earlier turns and the system prompt stay
+    row = {"messages": [*MULTI_TURN, {"role": "assistant", "content": "11.", "extra": 1}]}
+    assert prompt_messages(row, "r") == MULTI_TURN
+    assert prompt_messages({"chosen": MULTI_TURN}, "r") == MULTI_TURN
+    assert prompt_messages({"prompt": "Hi?"}, "r") == [{"role": "user", "content": "Hi?"}]
+    # the pair shares the earlier turns, as `tulu-jax dpo` expects
+    comps = [_judged("A", 5, 5, 5, 5), _judged("B", 1, 1, 1, 1)]
+    out = pair_row(row, prompt_messages(row, "r"), comps, binarize(comps, np.random.default_rng(0)), policy="off")
+    chosen, rejected = parse_preference_row(json.loads(json.dumps(out)), "r")
+    assert chosen == [*MULTI_TURN, {"role": "assistant", "content": "answer of A"}]
+    assert rejected == [*MULTI_TURN, {"role": "assistant", "content": "answer of B"}]
+
+
+@pytest.mark.parametrize(
+    "row, message",
+    [
+        ({"messages": [*MULTI_TURN[:3], {"role": "assistant", "content": "x"}]}, "the turn before the reply is assistant"),
+        ({"messages": [{"role": "assistant", "content": "x"}]}, "the turn before the reply is nothing"),
+        ({"messages": [{"role": "system", "content": "x"}]}, "the turn before the reply is system"),
+        ({"messages": [{"role": "tool", "content": "x"}]}, r"messages\[0\] must be an object with a role"),
+        ({"messages": [{"role": "user", "content": " "}]}, r"messages\[0\] has an empty content"),
+        ({"messages": []}, "must be a non-empty list"),
+        ({"prompt": ""}, "field 'prompt' must be a non-empty string"),
+        ({"text": "x"}, "no prompt field"),
+    ],
+)
+def test_prompt_messages_bad_rows(row, message):
+    with pytest.raises(DataError, match=message) as e:
+        prompt_messages(row, "f.jsonl line 3")
+    assert str(e.value).startswith("f.jsonl line 3: ")
+
+
+def test_render_conversation():
+    assert render_conversation([{"role": "user", "content": "Hi?"}]) == "Hi?"  # one turn: verbatim
+    text = render_conversation(MULTI_TURN)
+    assert text == "[System]\nBe brief.\n\n[User]\nName a prime.\n\n[Assistant]\n7.\n\n[User]\nA larger one?"
 
 
 # ---------------------------------------------------------------------------------------------- CLI input errors
