@@ -26,9 +26,10 @@ DESCRIPTION = (
     "--pool configs/data/pool.yaml --judge http://localhost:8001 --out prefs.jsonl"
 )
 
-# Requests to one model (or the judge) that may all be refused before the run stops: a refusal of every
-# request is a setting the server rejects (structured outputs on a hosted API, max_tokens beyond its
-# context), not a property of the prompts.
+# Prompts whose requests to one model (or the judge) may all be refused before the run stops: a refusal of
+# every request is a setting the server rejects (structured outputs on a hosted API, max_tokens beyond its
+# context), not a property of the prompts. Counted in prompts, not requests, since one long prompt makes
+# up to 4 judge requests per completion, all refused.
 REFUSAL_PROBE = 8
 
 
@@ -184,7 +185,7 @@ def _one_line(text: str, limit: int = 300) -> str:
 
 
 class _AllRefused(Exception):
-    """Every one of the first REFUSAL_PROBE requests to `target` (a pool model name, or "judge") was refused
+    """Every request of the first REFUSAL_PROBE prompts to `target` (a pool model name, or "judge") was refused
     (or, at the end of a run, every request to it was): a setting the server rejects, not the prompts."""
 
     def __init__(self, target: str, message: str):
@@ -193,12 +194,13 @@ class _AllRefused(Exception):
 
 
 class _Refusals:
-    """Counts, per target (a pool model name or "judge"), requests answered and requests refused as about
-    that request (ChatRefused.about_this_request), and trips once the first `probe` requests to a target
-    were all refused: from then on every request of the run raises _AllRefused. Thread-safe."""
+    """Counts, per target (a pool model name or "judge"), requests answered and the prompts whose requests
+    were refused as about that request (ChatRefused.about_this_request), and trips once `probe` prompts
+    were refused by a target that has answered nothing yet: from then on every request of the run raises
+    _AllRefused. Thread-safe."""
 
     def __init__(self, probe: int = REFUSAL_PROBE):
-        self.probe, self.answered, self.refused, self.first = probe, {}, {}, {}
+        self.probe, self.answered, self.refused, self.first = probe, {}, {}, {}  # refused: target -> prompt keys
         self.tripped: _AllRefused | None = None
         self._lock = threading.Lock()
 
@@ -211,20 +213,20 @@ class _Refusals:
         with self._lock:
             self.answered[target] = self.answered.get(target, 0) + 1
 
-    def refuse(self, target: str, error: Exception) -> str:
-        """Counts a refusal -> the server's message (one line)."""
+    def refuse(self, target: str, key: str, error: Exception) -> str:
+        """Counts a refusal of a request of prompt `key` -> the server's message (one line)."""
         message = _one_line(error)
         with self._lock:
-            self.refused[target] = self.refused.get(target, 0) + 1
+            self.refused.setdefault(target, set()).add(key)
             self.first.setdefault(target, message)
-            if self.tripped is None and not self.answered.get(target) and self.refused[target] >= self.probe:
+            if self.tripped is None and not self.answered.get(target) and len(self.refused[target]) >= self.probe:
                 self.tripped = _AllRefused(target, self.first[target])
         return message
 
     def never_answered(self) -> _AllRefused | None:
         """At the end of a run: a target every request to which was refused, else None."""
-        for target, n in self.refused.items():
-            if n and not self.answered.get(target):
+        for target, keys in self.refused.items():
+            if keys and not self.answered.get(target):
                 return _AllRefused(target, self.first[target])
         return None
 
@@ -252,14 +254,14 @@ class _Annotator:
         with self._lock:
             return next(self._index)
 
-    def _ask(self, target: str, client, messages, params, extra_body=None):
+    def _ask(self, key: str, target: str, client, messages, params, extra_body=None):
         """One chat request -> (reply text, None), or (None, the server's message) when it was refused."""
         self.refusals.check()
         try:
             reply = client.chat(messages, params, index=self._next_index(), extra_body=extra_body)
         except Exception as e:
             if _refused(e):  # the same request would be refused again
-                return None, self.refusals.refuse(target, e)
+                return None, self.refusals.refuse(target, key, e)
             raise
         self.refusals.ok(target)
         return reply.text, None
@@ -271,7 +273,7 @@ class _Annotator:
 
         s = self.pool.by_name(name).sampling
         params = ChatParams(s.temperature, s.top_p, s.max_tokens, request_seed(self.args.seed, key, name, "complete"))
-        return self._ask(name, self.clients[name], conversation, params)
+        return self._ask(key, name, self.clients[name], conversation, params)
 
     def _rate(self, key: str, model: str, aspect: str, request: str, text: str) -> tuple[int | None, int, str | None]:
         """(rating or None after every retry, requests made, the server's message if it refused the request)."""
@@ -286,7 +288,7 @@ class _Annotator:
             temperature = a.judge_temperature if attempt == 0 else max(a.judge_temperature, 1.0)
             seed = request_seed(a.seed, key, model, aspect, "judge", attempt)
             params = ChatParams(temperature, 1.0, a.judge_max_tokens, seed)
-            answer, refusal = self._ask("judge", self.judge, messages, params, self.guided)
+            answer, refusal = self._ask(key, "judge", self.judge, messages, params, self.guided)
             if refusal is not None:
                 return None, attempt + 1, refusal
             rating = parse_rating(answer)
@@ -358,7 +360,7 @@ def _settings(args, pool, clients, judge, judge_urls) -> dict:
     }
 
 
-def _all_refused_error(error: _AllRefused, args, pool) -> str:
+def _all_refused_error(error: _AllRefused, args, pool, recorded: bool) -> str:
     """The one-line reason a run stopped because every request to one target was refused."""
     if error.target == "judge":
         what = f"--judge {args.judge} (model {args.judge_model or 'served'})"
@@ -368,9 +370,12 @@ def _all_refused_error(error: _AllRefused, args, pool) -> str:
         m = pool.models[i]
         what = f"{args.pool}: models[{i}] ({m.name}, model {m.model or 'served'})"
         hint = f"check models[{i}].sampling.max_tokens against the server's context, and its model"
+    rerun = (
+        "add --overwrite if the fix changes a setting, since rows were written" if recorded else "nothing was written"
+    )
     return (
-        f"{what}: the server refused every request it got ({error.message}); {hint}. "
-        "Nothing was recorded for the prompts this cost: fix it and rerun the same command"
+        f"{what}: the server refused every request it got ({error.message}); {hint}. The prompts this cost "
+        f"were not recorded: fix it and rerun ({rerun})"
     )
 
 
@@ -399,6 +404,7 @@ def run(args: argparse.Namespace) -> int:
     row_counts: dict = {}
     # every row checked before any request
     keys = [key for key, _, _ in _read_prompts(args.prompts, args.on_bad_row, row_counts)]
+    clients, judge = _clients(args, pool, args.pool, judge_urls)
     n_off = len(pool.off_policy_names)
     few_models = n_off < pool.off_policy_models and args.on_policy_share < 1
     if few_models:
@@ -407,7 +413,6 @@ def run(args: argparse.Namespace) -> int:
             f"{pool.off_policy_models}: off-policy prompts get {n_off} completions",
             file=sys.stderr,
         )
-    clients, judge = _clients(args, pool, args.pool, judge_urls)
 
     counts = dict.fromkeys(("completions", "empty", "judge_requests", "unparseable", "unrated_aspects", "refused"), 0)
     reasons: dict[str, int] = {}
@@ -458,6 +463,10 @@ def run(args: argparse.Namespace) -> int:
                 for o in held:
                     sink.skip(o.key, "refused", server_error=next(iter(o.refused_by.values())), **o.detail)
                 reasons["refused"] = len(held)
+        if aborted is not None and resumed == sink.written == sink.skipped == 0:
+            # nothing was recorded under these settings: the fixed rerun may change them
+            if os.path.exists(sink.settings_path):
+                os.remove(sink.settings_path)
     finally:
         http.shutdown(wait=False, cancel_futures=True)
 
@@ -487,7 +496,8 @@ def run(args: argparse.Namespace) -> int:
         rows.append((f"off-policy models (off_policy_models {pool.off_policy_models})", n_off))
     print(format_table(["", "count"], rows, title=f"data preferences -> {args.out}"))
     if aborted is not None:
-        raise InputError(_all_refused_error(aborted, args, pool))
+        recorded = resumed + sum(policies.values()) + sum(reasons.values()) > 0
+        raise InputError(_all_refused_error(aborted, args, pool, recorded))
     if failed:
         print(
             f"tulu-jax: {failed} prompts failed and were not recorded (first: {first_error}); "

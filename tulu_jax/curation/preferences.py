@@ -157,7 +157,6 @@ def prompt_messages(row: Mapping, where: str) -> list[dict[str, str]]:
     raise DataError(f"{where}: no prompt field (expected one of {', '.join(PROMPT_FIELDS)})", "no_prompt")
 
 
-
 def prompt_rng(seed: int, prompt_id: str, purpose: str) -> np.random.Generator:
     """A generator determined by (seed, prompt id, purpose) alone, so every choice made for a prompt is the
     same in a resumed run, whatever order the prompts finish in."""
@@ -233,7 +232,12 @@ def binarize(completions: Sequence[Judged], rng: np.random.Generator) -> Binariz
 
 
 def pair_row(
-    row: dict, conversation: Sequence[Mapping[str, str]], completions: Sequence[Judged], result: Binarized, *, policy: str
+    row: dict,
+    conversation: Sequence[Mapping[str, str]],
+    completions: Sequence[Judged],
+    result: Binarized,
+    *,
+    policy: str,
 ) -> dict:
     """The output row: the input `row`'s fields plus `chosen`/`rejected` (the prompt `conversation`, as
     `prompt_messages` gives it, then the completion as the assistant's reply: the Tülu format
