@@ -460,6 +460,7 @@ def test_failures_fail_prompts_and_stop_new_ones(tmp_path, capsys, status):
     s = _summary(stdout)
     assert rc == 1 and "rerun the same command" in err and f"HTTP {status}" in err
     assert s["failed (server error)"] == 3 and _jsonl(out) == _jsonl(f"{out}.skipped.jsonl") == []
+    assert s["not started (run stopped)"] == 2
     asked = {b["messages"][-1]["content"] for b in _Failing.bodies}
     assert asked == {"What is 0 + 0?"}  # only the first prompt was started
 
@@ -553,6 +554,13 @@ def test_stub_pairs_multi_turn_and_settings(tmp_path, capsys, stub):
     assert len(pool_asked) == 2 and all(m == MULTI_TURN for m in pool_asked)
     judged = [b["messages"][1]["content"] for b in bodies if b["model"] == "judge"]
     assert sum(render_conversation(MULTI_TURN) in j for j in judged) == 8  # 2 completions x 4 aspects
+    # a rerun resumes; so does one against a server restarted elsewhere (the served model ids are the same)
+    url2, bodies2 = stub(_judging)
+    moved = _stub_args(tmp_path, url2, out, prompts)
+    for again in (args, moved):
+        rc, stdout, err = _cli(again, capsys)
+        assert rc == 0 and _summary(stdout)["done before (resumed)"] == 2, err
+    assert bodies2 == []  # only the up-front model checks, no chat request
     # a rerun with another setting is refused; with --overwrite it starts afresh
     rc, _, err = _cli(args + ["--seed", "1"], capsys)
     assert rc == 2 and "other settings" in err and "seed: 0 -> 1" in err and err.count("\n") == 1, err

@@ -341,13 +341,20 @@ class _Annotator:
         return out
 
 
-def _settings(args, pool, clients, judge, judge_urls) -> dict:
-    """What shapes the rows of --out: a resumed run must use the same (ResumableJsonl refuses otherwise)."""
+# Where a model is served and how to authenticate do not shape the rows (the served model id, compared
+# instead, does): a server restarted on another port, or a new key, resumes the same output.
+_NOT_SETTINGS = ("urls", "api_key_env")
+
+
+def _settings(args, pool, clients, judge) -> dict:
+    """What shapes the rows of --out: a resumed run must use the same (ResumableJsonl refuses otherwise).
+    The pool (sampling, mix), the served model ids, the judge's model, prompt, sampling, guidance and
+    retries, the on-policy share and the seed."""
+    models = [{k: v for k, v in dataclasses.asdict(m).items() if k not in _NOT_SETTINGS} for m in pool.models]
     return {
-        "pool": dataclasses.asdict(pool),
+        "pool": {"off_policy_models": pool.off_policy_models, "models": models},
         "served_models": {name: c.model for name, c in clients.items()},
         "judge": {
-            "urls": judge_urls,
             "model": judge.model,
             "guided": args.judge_guided,
             "prompt": args.judge_prompt,
@@ -417,10 +424,10 @@ def run(args: argparse.Namespace) -> int:
     counts = dict.fromkeys(("completions", "empty", "judge_requests", "unparseable", "unrated_aspects", "refused"), 0)
     reasons: dict[str, int] = {}
     policies = {"on": 0, "off": 0}
-    failed, first_error, stats, held, aborted = 0, None, {}, [], None
+    failed, first_error, stats, held, aborted, not_started = 0, None, {}, [], None, 0
     refusals = _Refusals()
     http = ThreadPoolExecutor(args.concurrency, thread_name_prefix="prefs-http")
-    settings = _settings(args, pool, clients, judge, judge_urls)
+    settings = _settings(args, pool, clients, judge)
     try:
         with ResumableJsonl(args.out, key=lambda r: str(r["id"]), overwrite=args.overwrite, settings=settings) as sink:
             resumed = sum(key in sink.done for key in keys)
@@ -483,6 +490,7 @@ def run(args: argparse.Namespace) -> int:
         ("skipped: no strictly lower", reasons.get("no_strictly_lower", 0)),
         ("skipped: refused", reasons.get("refused", 0)),
         ("failed (server error)", failed),
+        ("  not started (run stopped)", not_started),
         ("left for a rerun (refused)", len(held) if aborted else 0),
         ("completions", counts["completions"]),
         ("  empty (not judged)", counts["empty"]),
