@@ -17,7 +17,7 @@ instance of L tokens):
   below   one run of k = ceil(threshold * L) - 1 tokens, or      k / L <= thr     must be kept
           exactly threshold * L when that is whole (the strict ">")
 The tokens next to each copied run differ from the instance's neighbours there, so the coverage is k / L.
-Then runs `load_eval_sets`, `decontaminate` and `write_report` (what the command runs, reading and writing
+Then runs `load_eval_sets` and `decontaminate` with a report (what the command runs, reading and writing
 files) and checks the removed rows: found (kinds full/above/split removed, best match the planted
 instance), `below removed` and `false hits` (removed rows that were not planted) must be 0.
 
@@ -219,7 +219,6 @@ def _cpu_seconds() -> tuple[float, float]:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    from tulu_jax.curation.decontam_report import write_report
     from tulu_jax.curation.decontaminate import decontaminate, load_eval_sets
 
     folder = args.keep or tempfile.mkdtemp(prefix="bench_decontam_")
@@ -238,8 +237,8 @@ def main(argv=None) -> dict:
             n=args.ngram,
             threshold=args.threshold,
             workers=args.workers,
+            report_path=os.path.join(folder, "clean.report.md"),
         )
-        write_report(summary, os.path.join(folder, "clean.report.md"))
         seconds = time.perf_counter() - start
         cpu_main, cpu_workers = (after - before for after, before in zip(_cpu_seconds(), cpu))
         offsets = np.concatenate(([0], np.cumsum([len(s.texts) for s in sets]))).tolist()

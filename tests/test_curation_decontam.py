@@ -242,10 +242,11 @@ def files(tmp_path):
 
 
 def test_cli_removes_contaminated_rows(tmp_path, files, capsys):
+    """--short-instances whole: the 6-token instance MATH[1] removes the row that contains it whole."""
     evals, train, rows, size = files
     out = tmp_path / "out" / "clean.jsonl"
     argv = ["data", "decontaminate", "--data", train, "--eval", *evals, "--out", str(out), "--workers", "1"]
-    assert main(argv) == 0
+    assert main([*argv, "--short-instances", "whole"]) == 0
     removed_idx = [1, 2, 5, 7]
     assert read_jsonl(out) == [r for i, r in enumerate(rows) if i not in removed_idx]
     removed = read_jsonl(tmp_path / "out" / "clean.removed.jsonl")
@@ -275,7 +276,10 @@ def test_cli_removes_contaminated_rows(tmp_path, files, capsys):
     assert "| gsm8k | 2 | 0 | 2 | 2 | 2 |" in report and "| math | 2 | 1 | 2 | 2 | 2 |" in report
     assert "| [0.5, 0.6) | 1 |" in report  # the row at exactly 0.5 was kept
 
-    printed = capsys.readouterr().out
+    assert "## Evaluation instances shorter than 8 tokens" in report and "matched whole" in report
+    captured = capsys.readouterr()
+    assert "math: 1 of 2 instances (50.0%) are shorter than 8 tokens; each removes every" in captured.err
+    printed = captured.out
     assert "removed 4, kept 4" in printed
     assert re.search(r"^gsm8k\s+2\s+0\s+2\s+2\s+2$", printed, re.M)
     assert re.search(r"^web\s+2\s+2\s+100\.000$", printed, re.M)
@@ -287,7 +291,9 @@ def test_workers_and_chunks_give_identical_outputs(tmp_path, files):
     outs = []
     for workers, chunk in ((1, 4096), (2, 1), (2, 3)):
         out = tmp_path / f"w{workers}c{chunk}.jsonl"
-        s = decontaminate([train, train], sets, str(out), workers=workers, chunk_rows=chunk, progress=False)
+        s = decontaminate(
+            [train, train], sets, str(out), short_instances="whole", workers=workers, chunk_rows=chunk, progress=False
+        )
         assert (s.rows_removed, s.rows_kept, s.workers) == (8, 8, workers)
         outs.append((out.read_bytes(), (tmp_path / f"w{workers}c{chunk}.removed.jsonl").read_bytes()))
     assert outs[0] == outs[1] == outs[2]
@@ -318,6 +324,7 @@ def test_eval_field(tmp_path, files, capsys):
     assert [r["row"] for r in read_jsonl(tmp_path / "c.removed.jsonl")] == [rows[1]]
     assert "| alpaca | 2 | 1 | 1 | 1 | 1 |" in (tmp_path / "r.md").read_text()
     assert not (tmp_path / "c.report.md").exists()
+    assert "alpaca: 1 of 2 instances (50.0%) are shorter than 8 tokens" in capsys.readouterr().err
     partial = write_jsonl(tmp_path / "partial.jsonl", [{"instruction": GSM[0]}, {"question": GSM[1]}])
     argv = ["data", "decontaminate", "--data", train, "--eval", partial, "--out", str(tmp_path / "d.jsonl")]
     assert main([*argv, "--eval-field", "instruction"]) == 2
@@ -360,9 +367,11 @@ def test_bad_training_rows_error_or_skip(tmp_path, files, capsys):
     train = write_jsonl(tmp_path / "t.jsonl", [user(GSM[0]), "{oops", {"text": "no prompt"}, user("fine")])
     out = tmp_path / "c.jsonl"
     argv = ["data", "decontaminate", "--data", train, "--eval", *evals, "--out", str(out), "--quiet"]
+    before = sorted(tmp_path.iterdir())
     assert main(argv) == 2
-    assert capsys.readouterr().err.startswith(f"tulu-jax: error: {train} line 2: invalid JSON")
-    assert not out.exists() and not list(tmp_path.glob(".c.jsonl.partial-*"))
+    err = capsys.readouterr().err.splitlines()  # the first line: a warning about the short instance
+    assert len(err) == 2 and err[1].startswith(f"tulu-jax: error: {train} line 2: invalid JSON")
+    assert sorted(tmp_path.iterdir()) == before  # neither CLEAN, its companions nor a temporary
     assert main([*argv, "--on-bad-row", "skip"]) == 0
     assert read_jsonl(out) == [user("fine")]
     printed = capsys.readouterr().out
@@ -373,16 +382,23 @@ def test_bad_training_rows_error_or_skip(tmp_path, files, capsys):
 @pytest.mark.parametrize(
     "flags,message",
     [
-        (["--ngram", "0"], "--ngram must be >= 1"),
-        (["--threshold", "1"], "--threshold must be in [0, 1)"),
-        (["--workers", "0"], "--workers must be >= 1"),
+        (["--ngram", "0"], "--ngram must be >= 1, got 0"),
+        (["--ngram", "-3"], "--ngram must be >= 1, got -3"),
+        (["--threshold", "1"], "--threshold must be in [0, 1), got 1.0"),
+        (["--threshold", "-0.1"], "--threshold must be in [0, 1), got -0.1"),
+        (["--threshold", "nan"], "--threshold must be in [0, 1), got nan"),
+        (["--workers", "0"], "--workers must be >= 1, got 0"),
     ],
 )
 def test_bad_flags(tmp_path, files, capsys, flags, message):
-    evals, train, _, _ = files
-    argv = ["data", "decontaminate", "--data", train, "--eval", *evals, "--out", str(tmp_path / "c.jsonl")]
+    """Checked before anything is read: the evaluation file given here is not even JSON."""
+    _, train, _, _ = files
+    bad_eval = write_jsonl(tmp_path / "ev.jsonl", ["{not json"])
+    argv = ["data", "decontaminate", "--data", train, "--eval", bad_eval, "--out", str(tmp_path / "c.jsonl")]
+    before = sorted(tmp_path.iterdir())
     assert main([*argv, *flags]) == 2
-    assert capsys.readouterr().err.startswith(f"tulu-jax: error: {message}")
+    assert capsys.readouterr().err == f"tulu-jax: error: {message}\n"
+    assert sorted(tmp_path.iterdir()) == before
 
 
 def test_same_eval_file_twice(tmp_path, files, capsys):
@@ -395,7 +411,9 @@ def test_same_eval_file_twice(tmp_path, files, capsys):
 def test_out_may_not_overwrite_an_input(tmp_path, files, capsys):
     evals, train, _, _ = files
     assert main(["data", "decontaminate", "--data", train, "--eval", *evals, "--out", train]) == 2
-    assert "is also a training input" in capsys.readouterr().err
+    assert (
+        capsys.readouterr().err == f"tulu-jax: error: --out {train}: is --data ({train}); write the output elsewhere\n"
+    )
 
 
 def test_parquet_output(tmp_path, files):
@@ -407,9 +425,9 @@ def test_parquet_output(tmp_path, files):
     assert main(argv) == 0
     kept = [r for _, r in iter_rows(out)]
     assert [r["messages"] if r.get("messages") else r["prompt"] for r in kept] == [
-        r.get("messages") or r["prompt"] for i, r in enumerate(rows) if i not in (1, 2, 5, 7)
+        r.get("messages") or r["prompt"] for i, r in enumerate(rows) if i not in (1, 2, 7)
     ]
-    assert len(read_jsonl(tmp_path / "clean.removed.jsonl")) == 4
+    assert len(read_jsonl(tmp_path / "clean.removed.jsonl")) == 3
 
 
 def test_bundled_demo_removes_exactly_the_quoted_instances(tmp_path, capsys):
@@ -430,3 +448,172 @@ def test_bundled_demo_removes_exactly_the_quoted_instances(tmp_path, capsys):
         assert r["row"]["note"] == f"contains {r['eval_set']} instance {r['eval_index']}" and r["score"] == 1.0
     kept = [json.loads(line)["id"] for line in out.read_text().splitlines()]
     assert kept == [r["id"] for r in rows if not r["note"].startswith("contains")]
+
+
+# --- short instances, turns, outputs, workers -------------------------------------------------------------
+
+
+def test_short_instances_are_skipped_by_default(tmp_path, files, capsys):
+    """As open-instruct: the 6-token MATH[1] matches nothing, so the row quoting it whole stays; it is
+    counted, listed in the report and warned about (1 of 2 instances > 1%)."""
+    evals, train, rows, _ = files
+    out = tmp_path / "clean.jsonl"
+    assert main(["data", "decontaminate", "--data", train, "--eval", *evals, "--out", str(out), "--quiet"]) == 0
+    assert read_jsonl(out) == [r for i, r in enumerate(rows) if i not in (1, 2, 7)]
+    captured = capsys.readouterr()
+    assert captured.err == (
+        "decontaminate: warning: math: 1 of 2 instances (50.0%) are shorter than 8 tokens; they are skipped, as "
+        "in open-instruct (--short-instances whole: a row containing one whole is removed)\n"
+    )
+    assert re.search(r"^math\s+2\s+1\s+1\s+1\s+1$", captured.out, re.M)
+    report = (tmp_path / "clean.report.md").read_text()
+    assert "\n## Evaluation instances shorter than 8 tokens\n" in report
+    assert "- gsm8k: 0 of 2\n- math: 1 of 2\n  - #1: What is 7 + 5?\n" in report
+
+
+def test_short_instance_modes_on_a_one_token_instance():
+    """The instance "Hi" (1 token) removes every row with "hi" only under "whole"; a set of 200 instances with 2 short
+    ones (1%) is not warned about, 3 (1.5%) is."""
+    sets = [EvalSet("e", "e.jsonl", ["Hi", "w0 w1 w2 w3 w4 w5 w6 w7"], {})]
+    texts = ["hi there", "say HI", "w0 w1 w2 w3 w4 w5 w6 w7 hi"]
+    assert Decontaminator(sets, 8, short_instances="skip").scan(texts) == [(2, [(1, 1.0)], 0.0)]
+    whole = Decontaminator(sets, 8, short_instances="whole").scan(texts)
+    assert whole == [(0, [(0, 1.0)], 0.0), (1, [(0, 1.0)], 0.0), (2, [(0, 1.0), (1, 1.0)], 0.0)]
+    with pytest.raises(ValueError, match="--short-instances must be one of skip, whole"):
+        Decontaminator(sets, 8, short_instances="drop")
+    from tulu_jax.curation.decontaminate import _new_summary, short_warnings
+
+    long = [" ".join(f"t{k}" for k in range(i, i + 8)) for i in range(200)]
+    for short, warned in ((2, False), (3, True)):
+        deco = Decontaminator([EvalSet("s", "s.jsonl", ["a"] * short + long[short:], {})], 8)
+        assert bool(short_warnings(_new_summary(deco, [], "c.jsonl", "r.jsonl", 1))) == warned
+
+
+def test_ngrams_do_not_span_user_turns(tmp_path):
+    """An instance split across two user turns is no match: the turns are separated by a token that no
+    n-gram contains (joined by "\\n" it would score 1.0)."""
+    inst = "alpha beta gamma delta epsilon zeta eta theta"
+    sets = [EvalSet("e", "e.jsonl", [inst], {})]
+    deco = Decontaminator(sets, 8)
+    first, second = "please alpha beta gamma delta", "epsilon zeta eta theta thanks"
+    assert deco.scan([[first, second]]) == []
+    assert deco.scan([f"{first}\n{second}"]) == [(0, [(0, 1.0)], 0.0)]
+    assert deco.scan([[first, "x", f"{first} {second}"]]) == [(0, [(0, 1.0)], 0.0)]
+    split = {
+        "messages": [user(first)["messages"][0], {"role": "assistant", "content": "go on"}, user(second)["messages"][0]]
+    }
+    whole = user(f"{first} {second}")
+    train = write_jsonl(tmp_path / "t.jsonl", [split, whole])
+    ev = write_jsonl(tmp_path / "e.jsonl", [{"prompt": inst}])
+    s = decontaminate([train], load_eval_sets([ev]), str(tmp_path / "c.jsonl"), workers=1, progress=False)
+    assert (s.rows_kept, s.rows_removed) == (1, 1)
+    assert read_jsonl(tmp_path / "c.jsonl") == [split]
+
+
+def test_bad_out_paths_are_one_line_before_reading(tmp_path, files, capsys):
+    """Every output path is checked before anything is read: the evaluation file here is not even JSON."""
+    _, train, _, _ = files
+    afile = write_jsonl(tmp_path / "afile", [])
+    bad_eval = write_jsonl(tmp_path / "ev.jsonl", ["{not json"])
+    base = ["data", "decontaminate", "--data", train, "--eval", bad_eval, "--quiet"]
+    cases = [
+        (["--out", f"{afile}/x.jsonl"], f"--out {afile}/x.jsonl: cannot create its folder"),
+        (["--out", bad_eval], f"--out {bad_eval}: is --eval ({bad_eval}); write the output elsewhere"),
+        (
+            ["--out", str(tmp_path / "c.jsonl"), "--report", train],
+            f"--report {train}: is, is inside or contains --data",
+        ),
+        (["--out", str(tmp_path / "c.jsonl"), "--report", str(tmp_path / "c.jsonl")], "--report"),
+        (["--out", str(tmp_path / "c.jsonl"), "--report", f"{afile}/r.md"], f"--report {afile}/r.md: cannot create"),
+        (
+            ["--out", str(tmp_path / "d.jsonl"), "--report", str(tmp_path)],
+            f"--report {tmp_path}: is, is inside or contains",
+        ),
+    ]
+    (tmp_path / "e.removed.jsonl").mkdir()
+    cases.append(
+        (["--out", str(tmp_path / "e.jsonl")], f"--out (removed-rows file) {tmp_path}/e.removed.jsonl: is a dir")
+    )
+    before = sorted(tmp_path.iterdir())
+    for flags, message in cases:
+        assert main([*base, *flags]) == 2, flags
+        err = capsys.readouterr().err
+        assert err.startswith(f"tulu-jax: error: {message}") and err.count("\n") == 1, (flags, err)
+    assert sorted(tmp_path.iterdir()) == before
+
+
+def test_existing_out_needs_overwrite(tmp_path, files, capsys):
+    evals, train, _, _ = files
+    out = tmp_path / "clean.jsonl"
+    argv = ["data", "decontaminate", "--data", train, "--eval", *evals, "--out", str(out), "--quiet"]
+    assert main(argv) == 0
+    first = [out.read_bytes(), (tmp_path / "clean.removed.jsonl").read_bytes()]
+    capsys.readouterr()
+    assert main(argv) == 2
+    assert capsys.readouterr().err == f"tulu-jax: error: --out {out}: exists; pass --overwrite to replace it\n"
+    assert main([*argv, "--overwrite", "--short-instances", "whole"]) == 0
+    assert out.read_bytes() != first[0] and len(read_jsonl(tmp_path / "clean.removed.jsonl")) == 4
+
+
+def test_failed_run_leaves_no_output(tmp_path, files, monkeypatch, capsys):
+    """The removed file and the report are renamed into place before CLEAN: a failure while writing the
+    report (after every row was scanned) leaves none of the three, nor a temporary."""
+    from tulu_jax.curation import decontam_report
+
+    evals, train, _, _ = files
+    before = sorted(tmp_path.iterdir())
+
+    def broken(summary, path):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(decontam_report, "write_report", broken)
+    out = tmp_path / "clean.jsonl"
+    with pytest.raises(OSError, match="disk full"):
+        main(["data", "decontaminate", "--data", train, "--eval", *evals, "--out", str(out), "--quiet"])
+    assert sorted(tmp_path.iterdir()) == before
+
+
+WORKER_DIES = """
+import os, sys
+from tulu_jax.curation import decontaminate
+decontaminate.Decontaminator.scan = lambda self, texts: os._exit(9)  # inherited by the forked workers
+from tulu_jax.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_dead_worker_is_an_error_not_a_hang(tmp_path, files):
+    """A scan worker that dies (as when OOM-killed) ends the run with one line naming --workers and
+    leaves no output; the subprocess timeout guards against the old hang."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    evals, train, _, _ = files
+    out = tmp_path / "clean.jsonl"
+    argv = ["data", "decontaminate", "--data", train, "--eval", *evals, "--out", str(out), "--workers", "2"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    done = subprocess.run(
+        [sys.executable, "-c", WORKER_DIES, *argv, "--quiet"], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.endswith("tulu-jax: error: a scan worker died (out of memory?); rerun with fewer --workers\n"), (
+        done.stderr
+    )
+    assert not out.exists() and not list(tmp_path.glob(".clean*")) and not list(tmp_path.glob("clean*"))
+
+
+def test_source_tables_are_capped(tmp_path, files):
+    """A `source` per row: the tables show the 50 sources with most removals and one row for the rest."""
+    from tulu_jax.curation.decontam_report import render, source_rows
+
+    evals, _, _, _ = files
+    rows = [user(GSM[0] if i % 2 else "a harmless prompt", source=f"s{i:02d}") for i in range(60)]
+    train = write_jsonl(tmp_path / "t.jsonl", rows)
+    s = decontaminate([train], load_eval_sets(evals), str(tmp_path / "c.jsonl"), workers=1, progress=False)
+    table = source_rows(s)
+    assert len(table) == 51 and [r[2] for r in table[:30]] == [1] * 30
+    assert table[-1] == ["(others: 10 sources)", 10, 0, 0.0]
+    assert sum(r[1] for r in table) == 60 and sum(r[2] for r in table) == 30
+    assert "| (others: 10 sources) | 10 | 0 | 0.000 |" in render(s)

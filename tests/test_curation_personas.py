@@ -20,10 +20,12 @@ import pytest
 from conftest import cli_env
 
 from tulu_jax.cli import main
+from tulu_jax.curation.cli_args import request_seed
 from tulu_jax.curation.cmd_personas import responses_path
 from tulu_jax.curation.if_constraints import CONFLICTS
+from tulu_jax.curation.normalize import normalize_text
 from tulu_jax.curation.persona_templates import PREFIXES, SKILLS, check_response, extract_prompt, render_template
-from tulu_jax.curation.personas import dedup_key, load_personas, plan_jobs, request_seed
+from tulu_jax.curation.personas import load_personas, plan_jobs
 from tulu_jax.rewards.registry import check_ground_truth
 from tulu_jax.rollout.chat_client import ChatClient
 
@@ -36,7 +38,7 @@ MALFORMED = {"empty", "truncated", "refusal", "no_prefix", "too_short"}
 def test_bundled_personas_are_distinct_and_load():
     personas = load_personas(BUNDLED)
     assert 45 <= len(personas) <= 60
-    assert len({p["id"] for p in personas}) == len({dedup_key(p["persona"]) for p in personas}) == len(personas)
+    assert len({p["id"] for p in personas}) == len({normalize_text(p["persona"]) for p in personas}) == len(personas)
 
 
 def test_templates_name_the_persona_and_the_prefix():
@@ -70,6 +72,19 @@ def test_templates_name_the_persona_and_the_prefix():
         ("I'm sorry, but I cannot help with that.", "stop", (None, "refusal")),
         ("Here is a problem about trains and speeds.", "stop", (None, "no_prefix")),
         ("Math problem: Solve it.", "stop", (None, "too_short")),
+        # Only clear solution headers cut the prompt; an instruction that starts with "Answer" stays.
+        (
+            "Math problem: Reduce 6/8.\nAnswer in simplest form.",
+            "stop",
+            ("Reduce 6/8.\nAnswer in simplest form.", None),
+        ),
+        ("Math problem: Add 3 to 4 apples.\n## Solution\n7", "stop", ("Add 3 to 4 apples.", None)),
+        ("Math problem: Add 3 to 4 apples.\n**Answer:** 7", "stop", ("Add 3 to 4 apples.", None)),
+        (
+            "Math problem: Add 3 to 4 apples.\nSolving it needs care.",
+            "stop",
+            ("Add 3 to 4 apples.\nSolving it needs care.", None),
+        ),
     ],
 )
 def test_extract_prompt(text, finish, expected):
@@ -85,15 +100,6 @@ def test_extract_prompt_uses_each_skills_prefix():
     assert extract_prompt("if", "Request: Tell me about your favourite river please.")[0].startswith("Tell me")
     assert check_response("An answer.") is None
     assert check_response(" ") == "empty" and check_response("An answ", "length") == "truncated"
-
-
-def test_dedup_key_normalises():
-    assert (
-        dedup_key("  Ｆｉｎｄ\tthe\n\n ﬁrst  STRASSE ")
-        == dedup_key("find the first straße")
-        == "find the first strasse"
-    )
-    assert dedup_key("Find the first") != dedup_key("Find the second")
 
 
 def test_plan_jobs_takes_the_first_n_then_cycles():
@@ -112,12 +118,6 @@ def test_plan_jobs_takes_the_first_n_then_cycles():
         plan_jobs(personas, "math", 0, 0)
 
 
-def test_request_seeds_are_deterministic_and_distinct():
-    seeds = {request_seed(0, f"math-{i}", a) for i in range(200) for a in range(3)}
-    assert len(seeds) == 600 and all(0 <= s < 2**31 for s in seeds)
-    assert request_seed(0, "math-1", 0) == request_seed(0, "math-1", 0) != request_seed(1, "math-1", 0)
-
-
 def test_load_personas_errors(tmp_path):
     from tulu_jax.data import DataError
 
@@ -130,6 +130,25 @@ def test_load_personas_errors(tmp_path):
         load_personas(str(bad))
     bad.write_text('{"persona": "x"}\n{"persona": "y"}\n')
     assert [p["id"] for p in load_personas(str(bad))] == ["0", "1"]
+    bad.write_text('{"id": 7, "persona": "x"}\n{"id": "b", "persona": "y"}\n')
+    assert [p["id"] for p in load_personas(str(bad))] == ["7", "b"]
+    for row2, match in [
+        ('{"id": null, "persona": "y"}', r"line 2: field 'id' must be a non-empty string or an integer, got None"),
+        ('{"id": true, "persona": "y"}', r"line 2: field 'id' must be .* got True"),
+        ('{"id": 1.5, "persona": "y"}', r"line 2: field 'id' must be .* got 1.5"),
+        ('{"id": "1", "persona": "y"}', r"line 2: persona id '1' repeats"),  # 1 and "1" are one id
+    ]:
+        bad.write_text('{"id": 1, "persona": "x"}\n' + row2 + "\n")
+        with pytest.raises(DataError, match=match):
+            load_personas(str(bad))
+    # A default (position) id may not collide with an explicit one.
+    bad.write_text('{"persona": "x"}\n{"id": 0, "persona": "y"}\n')
+    with pytest.raises(DataError, match="line 2: persona id '0' repeats"):
+        load_personas(str(bad))
+    bad.write_text('{"id": "a", "persona": "x"}\n{"id": null, "persona": "y"}\nnot json\n{"id": "a", "persona": "z"}\n')
+    counts: dict = {}
+    assert load_personas(str(bad), on_bad_row="skip", counts=counts) == [{"id": "a", "persona": "x"}]
+    assert counts["rows_skipped"] == {"bad_id": 1, "duplicate_id": 1, "invalid_json": 1}
 
 
 # ---------------------------------------------------------------- a scripted OpenAI-compatible server
@@ -138,9 +157,10 @@ def test_load_personas_errors(tmp_path):
 class _Scripted(http.server.BaseHTTPRequestHandler):
     """/v1/models lists "fake"; /v1/chat/completions answers from the persona in the template: "TWIN"
     personas all get one same prompt, "REFUSE" a refusal, "FLAKY" a reply without the prefix the first
-    time; a message without a template (a --respond request) gets an answer. mode "500": chats fail."""
+    time; a message without a template (a --respond request) gets an answer; "LONG" personas, and every
+    chat in mode "400", get HTTP 400 (a prompt beyond the context). mode "500": chats fail; "401": bad key."""
 
-    mode, delay, hits, seen = "ok", 0.0, 0, Counter()
+    mode, delay, hits, seen, models = "ok", 0.0, 0, Counter(), ["fake"]
     lock = threading.Lock()
 
     def _send(self, code, payload):
@@ -152,7 +172,7 @@ class _Scripted(http.server.BaseHTTPRequestHandler):
         self.wfile.write(body)
 
     def do_GET(self):
-        self._send(200, {"data": [{"id": "fake"}]})
+        self._send(200, {"data": [{"id": m} for m in type(self).models]})
 
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
@@ -162,15 +182,19 @@ class _Scripted(http.server.BaseHTTPRequestHandler):
             content = body["messages"][-1]["content"]
             cls.seen[content] += 1
             first = cls.seen[content] == 1
-        if cls.mode == "500":
-            return self._send(500, {"error": "boom"})
+        if cls.mode in ("500", "401"):
+            return self._send(int(cls.mode), {"error": "boom"})
+        if cls.mode == "400" or "The person:\n\nLONG" in content:
+            return self._send(400, {"error": {"message": "prompt is longer than the context (2048 tokens)"}})
         time.sleep(cls.delay)
         prefix = re.search(r'Start your reply with "([^"]+)"', content)
         if prefix is None:
             text = f"An answer to: {content[:40]}"
         else:
             persona = content.split("The person:\n\n", 1)[1].split("\n\n", 1)[0]
-            if "TWIN" in persona:
+            if "ZWTWIN" in persona:  # the twin's prompt with a zero-width space and other case
+                text = f"{prefix[1]} Add up the first\u200b ten odd NUMBERS, twin."
+            elif "TWIN" in persona:
                 text = f"{prefix[1]} Add up the first ten odd numbers, twin."
             elif "REFUSE" in persona:
                 text = "I'm sorry, I can't write that."
@@ -191,6 +215,7 @@ def scripted():
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, daemon=True).start()
     _Scripted.mode, _Scripted.delay, _Scripted.hits, _Scripted.seen = "ok", 0.0, 0, Counter()
+    _Scripted.models = ["fake"]
     yield f"http://127.0.0.1:{server.server_address[1]}"
     server.shutdown()
     server.server_close()
@@ -300,6 +325,84 @@ def test_a_failing_server_records_nothing_and_a_rerun_finishes(scripted, tmp_pat
     assert _recorded(out) == Counter({"math-0": 1, "math-1": 1})
 
 
+def test_a_prompt_differing_only_in_invisible_characters_is_a_duplicate(scripted, tmp_path):
+    personas, out = _personas(tmp_path / "p.jsonl", ["TWIN one.", "ZWTWIN two."]), tmp_path / "o.jsonl"
+    assert main(_args(personas, "math", scripted, out, "--concurrency", "1", n=2)) == 0
+    assert [r["id"] for r in _jsonl(out)] == ["math-0"]
+    assert [(r["key"], r["reason"], r["of"]) for r in _jsonl(f"{out}.skipped.jsonl")] == [
+        ("math-1", "duplicate", "math-0")
+    ]
+
+
+def test_a_refused_request_is_recorded_and_the_run_finishes(scripted, tmp_path, capsys):
+    """A 400 for one persona (too long for the model) is recorded as refused, with the server's message,
+    so the run exits 0 and a rerun does not ask again."""
+    names = ["A beekeeper.", "LONG " + "very " * 50 + "long persona.", "A chess coach."]
+    personas, out = _personas(tmp_path / "p.jsonl", names), tmp_path / "o.jsonl"
+    assert main(_args(personas, "math", scripted, out, "--concurrency", "1", n=3)) == 0
+    assert {r["id"] for r in _jsonl(out)} == {"math-0", "math-2"}
+    (skip,) = _jsonl(f"{out}.skipped.jsonl")
+    assert skip["key"] == "math-1" and skip["reason"] == "refused" and skip["status"] == 400
+    assert "longer than the context" in skip["message"]
+    assert re.search(r"refused by the server \(skipped\)\s+1\b", capsys.readouterr().out)
+    hits = _Scripted.hits
+    assert main(_args(personas, "math", scripted, out, n=3)) == 0
+    assert _Scripted.hits == hits
+
+
+@pytest.mark.parametrize(("mode", "n", "expected"), [("400", 10, r"first 8 requests were all refused"),
+                                                      ("400", 3, r"first 3 requests were all refused"),
+                                                      ("401", 10, r"refuses every request: .*401")])  # fmt: skip
+def test_refusing_every_request_stops_with_exit_2(scripted, tmp_path, capsys, mode, n, expected):
+    """Settings the server refuses for every request (400s from the start: max tokens beyond the context)
+    or a bad key (401): one error line quoting the server, exit 2, nothing recorded, few requests sent."""
+    personas, out = _personas(tmp_path / "p.jsonl", [f"Persona {i}." for i in range(n)]), tmp_path / "o.jsonl"
+    _Scripted.mode = mode
+    assert main(_args(personas, "math", scripted, out, "--concurrency", "2", n=n)) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("tulu-jax: error: --endpoint") and re.search(expected, err)
+    if mode == "400":
+        assert "longer than the context" in err
+    assert _recorded(out) == Counter()
+    # 400: the first 8 (or all n) answers, plus at most the 2 then in flight; 401: the first and one in flight.
+    assert _Scripted.hits <= (min(8, n) + 2 if mode == "400" else 2)
+
+
+def test_a_down_server_stops_new_requests(scripted, tmp_path, capsys):
+    """With the server down past --retry-deadline, no new persona starts after the first failure: the run
+    costs one deadline, not one per persona; all count as failed, a few lines are printed, exit 1."""
+    personas, out = _personas(tmp_path / "p.jsonl", [f"Persona {i}." for i in range(24)]), tmp_path / "o.jsonl"
+    _Scripted.mode = "500"
+    start = time.monotonic()
+    assert main(_args(personas, "math", scripted, out, "--concurrency", "2", "--retry-deadline", "0.5", n=24)) == 1
+    assert time.monotonic() - start < 24 * 0.5 / 2  # the deadline of every persona, two at a time
+    assert len(_Scripted.seen) <= 3  # the first two in flight, and perhaps one started as the first failed
+    err = capsys.readouterr().err
+    assert "24 requests got no answer" in err and "rerun the same command" in err
+    assert 1 <= err.count("tulu-jax: failed:") <= 3 and "not started" in err
+    assert _recorded(out) == Counter()
+
+
+def test_a_rerun_with_other_settings_is_refused(scripted, tmp_path, capsys):
+    personas, out = _personas(tmp_path / "p.jsonl", ["A beekeeper.", "A chess coach."]), tmp_path / "o.jsonl"
+    assert main(_args(personas, "math", scripted, out, "--respond", n=2)) == 0
+    before = out.read_text()
+    for extra in (["--temperature", "0.9"], ["--seed", "1"], ["--max-tokens", "99"]):
+        assert main(_args(personas, "math", scripted, out, *extra, n=2)) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "other settings" in err and extra[0][2:].replace("-", "_") in err
+    assert out.read_text() == before
+    _personas(tmp_path / "p.jsonl", ["A beekeeper.", "A chess teacher."])  # the personas changed
+    assert main(_args(personas, "math", scripted, out, n=2)) == 2
+    assert "personas_sha256" in capsys.readouterr().err
+    _personas(tmp_path / "p.jsonl", ["A beekeeper.", "A chess coach."])
+    assert main(_args(personas, "math", scripted, out, "--respond", "--n", "3", n=2)) == 0  # more rows: fine
+    # --overwrite starts afresh with the new settings, prompts and responses alike.
+    assert main(_args(personas, "math", scripted, out, "--respond", "--seed", "1", "--overwrite", n=2)) == 0
+    assert [r["seed"] for r in _jsonl(out)] != [json.loads(x)["seed"] for x in before.splitlines()]
+    assert len(_jsonl(responses_path(str(out)))) == 2
+
+
 def test_requests_move_to_the_next_endpoint(scripted, tmp_path):
     """The up-front model check refuses a dead endpoint among live ones (exit 2); a request that starts on
     a dead server (index 0) is retried on the next and answered there."""
@@ -331,6 +434,10 @@ def _params():
         ({"--out": "o.parquet"}, r"--out o.parquet: must be a .jsonl"),
         ({"--retries": "-1"}, r"--retries -1: must be >= 0"),
         ({"--api-key-env": "TULU_JAX_TEST_UNSET_KEY"}, r"--api-key-env TULU_JAX_TEST_UNSET_KEY: .*not set"),
+        ({"--out": "p.jsonl"}, r"--out p.jsonl: is --personas"),
+        ({"--out": "p.jsonl/o.jsonl"}, r"--out p.jsonl/o.jsonl: cannot create its folder"),
+        ({"--endpoint": "ftp://x"}, r"--endpoint ftp://x: not an http"),
+        ({"--request-timeout": "0"}, r"--request-timeout 0.0: must be > 0"),
     ],
 )
 def test_cli_errors_are_one_line(scripted, tmp_path, capsys, monkeypatch, change, expected):
@@ -341,7 +448,7 @@ def test_cli_errors_are_one_line(scripted, tmp_path, capsys, monkeypatch, change
     args = _args(
         _personas(tmp_path / "p.jsonl", ["A beekeeper."]), "math", scripted, "o.jsonl", "--retry-deadline", "0.3"
     )
-    args += ["--retries", "2", "--api-key-env", ""]
+    args += ["--retries", "2", "--api-key-env", "", "--request-timeout", "600", "--on-bad-row", "error"]
     for flag, value in change.items():
         args[args.index(flag) + 1] = value.replace("DEAD", f"http://127.0.0.1:{free_port()}")
     assert main(args) == 2
@@ -379,7 +486,7 @@ def test_sigkill_mid_run_then_rerun_does_each_persona_once(scripted, tmp_path):
     assert _recorded(out) == Counter({f"grade_math-{i}": 1 for i in range(12)})
     assert Path(out).read_text().endswith("}\n")
     rows = _jsonl(out)
-    assert len({dedup_key(r["messages"][0]["content"]) for r in rows}) == len(rows) == 12
+    assert len({normalize_text(r["messages"][0]["content"]) for r in rows}) == len(rows) == 12
 
 
 # ---------------------------------------------------------------- the real vLLM server (garbage replies)
@@ -414,13 +521,18 @@ def test_vllm_respond_and_a_500_server_then_rerun(vllm_server, vllm_model, scrip
     server leaves the responses undone (exit 1), a rerun against vLLM records every one."""
     personas = _personas(tmp_path / "p.jsonl", ["A beekeeper.", "A chess coach.", "A pastry chef.", "A farmer."])
     out = tmp_path / "o.jsonl"
-    assert main(_args(personas, "code", scripted, out)) == 0
+    # The prompts' settings are kept with the file, so the scripted server plays the vLLM model here.
+    _Scripted.models = [vllm_model]
+    same = ("--max-tokens", "32", "--retries", "1")
+    assert main(_args(personas, "code", scripted, out, *same, model=vllm_model)) == 0
     _Scripted.mode = "500"
-    assert main(_args(personas, "code", scripted, out, "--respond", "--retry-deadline", "0.5")) == 1
+    assert (
+        main(_args(personas, "code", scripted, out, *same, "--respond", "--retry-deadline", "0.5", model=vllm_model))
+        == 1
+    )
     assert _recorded(responses_path(str(out))) == Counter()
     capsys.readouterr()
-    args = _args(personas, "code", vllm_server.url, out, "--respond", "--max-tokens", "32", "--retries", "1",
-                 "--retry-deadline", "60", model=vllm_model)  # fmt: skip
+    args = _args(personas, "code", vllm_server.url, out, "--respond", *same, "--retry-deadline", "60", model=vllm_model)
     assert main(args) == 0
     resp = responses_path(str(out))
     assert _recorded(resp) == Counter({f"code-{i}": 1 for i in range(4)})

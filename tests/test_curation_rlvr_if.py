@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from collections import Counter
 
 import pytest
@@ -226,7 +227,10 @@ def test_cli_writes_verifiable_rows_deterministically(tmp_path, capsys):
     table = capsys.readouterr().out
     assert "rows in" in table and "rows out" in table
     assert sum(Counter(c for r in got for c in r["constraints"]).values()) == sum(len(r["constraints"]) for r in got)
-    main(["data", "rlvr-if", "--prompts", str(tmp_path / "in.jsonl"), "--out", str(out2), "--seed", "4"])
+    again = ["data", "rlvr-if", "--prompts", str(tmp_path / "in.jsonl"), "--out", str(out2), "--seed", "4"]
+    assert main(again) == 2  # an existing --out needs --overwrite
+    assert "exists; pass --overwrite" in capsys.readouterr().err
+    assert main([*again, "--overwrite"]) == 0
     assert out1.read_text() != out2.read_text()
 
 
@@ -244,3 +248,81 @@ def test_cli_bad_rows_and_flags(tmp_path, capsys):
     assert "--min-constraints" in capsys.readouterr().err
     assert main(["data", "rlvr-if", "--prompts", str(tmp_path / "missing.jsonl"), "--out", "x.jsonl"]) == 2
     assert "missing.jsonl" in capsys.readouterr().err
+
+
+def test_multi_turn_rows_keep_the_conversation(tmp_path):
+    """Constraints go on the last user turn; earlier turns stay; a trailing answer is dropped and counted
+    (the RLVR policy writes it); a preference row's `chosen` is read the same way."""
+    convo = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Name a river."},
+        {"role": "assistant", "content": "The Nile."},
+        {"role": "user", "content": "Describe its delta."},
+        {"role": "assistant", "content": "It is wide."},
+    ]
+    rows = [
+        {"id": "m", "messages": convo},
+        {"id": "c", "chosen": convo[1:4], "rejected": convo[1:3] + [{"role": "user", "content": "x"}]},
+    ]
+    _write(tmp_path / "in.jsonl", rows)
+    out = tmp_path / "o.jsonl"
+    assert main(["data", "rlvr-if", "--prompts", str(tmp_path / "in.jsonl"), "--out", str(out)]) == 0
+    got = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
+    m, c = got["m"], got["c"]
+    assert m["messages"][:3] == convo[:3] and len(m["messages"]) == 4 and m["dropped_turns"] == 1
+    assert c["messages"][:2] == convo[1:3] and len(c["messages"]) == 3 and c["dropped_turns"] == 0
+    for r in (m, c):
+        last = r["messages"][-1]
+        assert last["role"] == "user" and last["content"].startswith("Describe its delta.\n\n")
+        assert json.loads(r["ground_truth"])["prompt"] == last["content"]
+        check_ground_truth(r["dataset"], r["ground_truth"])
+    assert rows[0]["messages"] == convo  # the input row is not changed in place
+
+
+def test_existing_ground_truth_is_kept_under_original(tmp_path, capsys):
+    _write(
+        tmp_path / "in.jsonl",
+        [{"prompt": "Add 2 and 3.", "ground_truth": "5", "dataset": "gsm8k"}, {"prompt": "Plan a picnic."}],
+    )
+    out = tmp_path / "o.jsonl"
+    assert main(["data", "rlvr-if", "--prompts", str(tmp_path / "in.jsonl"), "--out", str(out)]) == 0
+    a, b = map(json.loads, out.read_text().splitlines())
+    assert (a["original_ground_truth"], a["original_dataset"], a["dataset"]) == ("5", "gsm8k", DATASET)
+    check_ground_truth(a["dataset"], a["ground_truth"])
+    assert "original_ground_truth" not in b and "original_dataset" not in b
+    assert re.search(r"old ground_truth kept as original_ground_truth\s+1\b", capsys.readouterr().out)
+    # Feeding the output back in would stack constraints on a row whose first ones are already set aside.
+    again = tmp_path / "again.jsonl"
+    assert main(["data", "rlvr-if", "--prompts", str(out), "--out", str(again)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "o.jsonl line 1: already has 'original_ground_truth'" in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("messages", "expected"),
+    [
+        ([{"role": "user", "content": "Hi."}, {"role": "system", "content": "x"}], "ends with system"),
+        ([{"role": "assistant", "content": "Hello."}], "has no user turn"),
+        ([{"role": "user", "content": "  "}, {"role": "assistant", "content": "x"}], "last user turn is blank"),
+    ],
+)
+def test_a_conversation_without_a_last_user_turn_is_a_bad_row(tmp_path, capsys, messages, expected):
+    _write(tmp_path / "in.jsonl", [{"messages": messages}])
+    assert main(["data", "rlvr-if", "--prompts", str(tmp_path / "in.jsonl"), "--out", str(tmp_path / "o.jsonl")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "in.jsonl line 1" in err and expected in err and len(err.splitlines()) == 1
+
+
+def test_out_may_not_be_the_prompts_file(tmp_path, capsys):
+    prompts = tmp_path / "p.jsonl"
+    _write(prompts, [{"prompt": "Plan a picnic."}])
+    before = prompts.read_text()
+    for out in (prompts, tmp_path / "link.jsonl"):
+        if out != prompts:
+            out.symlink_to(prompts)
+        assert main(["data", "rlvr-if", "--prompts", str(prompts), "--out", str(out), "--overwrite"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert f"--out {out}: is --prompts" in err and len(err.splitlines()) == 1
+    assert prompts.read_text() == before
+    with pytest.raises(SystemExit):  # argparse choices
+        main(["data", "rlvr-if", "--prompts", str(prompts), "--out", str(tmp_path / "o.jsonl"), "--on-bad-row", "x"])

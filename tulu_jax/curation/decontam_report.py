@@ -8,9 +8,11 @@ import os
 import re
 
 from tulu_jax.curation.decontaminate import Summary
-from tulu_jax.curation.rows import format_table, user_text
+from tulu_jax.curation.rows import format_table, partial_path, remove_stale_partials, user_text
 
 EXAMPLE_CHARS = 240  # characters of an evaluation instance / training prompt shown in an example
+TOP_SOURCES = 50  # rows of the per-source tables; the rest are summed into one "(others: K sources)" row
+SHORT_LISTED = 20  # short instances listed per evaluation set
 
 
 def _short(text: str, limit: int = EXAMPLE_CHARS) -> str:
@@ -46,10 +48,51 @@ def _examples(records: list[dict]) -> list[str]:
     return lines or ["(none)"]
 
 
+def _top_sources(s: Summary) -> list[str]:
+    """The TOP_SOURCES sources with most removals (then most rows, then by name)."""
+    items = sorted(s.per_source.items(), key=lambda kv: (-kv[1]["removed"], -kv[1]["rows"], kv[0]))
+    return [k for k, _ in items[:TOP_SOURCES]]
+
+
 def source_rows(s: Summary) -> list[list]:
-    """[source, rows, removed, removed %] per training source, most removals first."""
-    items = sorted(s.per_source.items(), key=lambda kv: (-kv[1]["removed"], kv[0]))
-    return [[k, v["rows"], v["removed"], _pct(v["removed"], v["rows"])] for k, v in items]
+    """[source, rows, removed, removed %] per training source, most removals first: the TOP_SOURCES first
+    ones, then one "(others: K sources)" row summing the rest (a `source` per row makes many)."""
+    top = _top_sources(s)
+    out = [[k, s.per_source[k]["rows"], s.per_source[k]["removed"]] for k in top]
+    if len(s.per_source) > len(top):
+        shown = set(top)
+        rest = [v for k, v in s.per_source.items() if k not in shown]
+        out.append([f"(others: {len(rest)} sources)", sum(v["rows"] for v in rest), sum(v["removed"] for v in rest)])
+    return [[k, rows, removed, _pct(removed, rows)] for k, rows, removed in out]
+
+
+def pair_rows(s: Summary) -> list[list]:
+    """[source, evaluation set, rows] of the best matches, most rows first: TOP_SOURCES rows, then one
+    "(others: K pairs)" row."""
+    items = sorted(s.pairs.items(), key=lambda kv: (-kv[1], kv[0]))
+    out = [[a, b, k] for (a, b), k in items[:TOP_SOURCES]]
+    if len(items) > TOP_SOURCES:
+        out.append([f"(others: {len(items) - TOP_SOURCES} pairs)", "", sum(k for _, k in items[TOP_SOURCES:])])
+    return out
+
+
+def _short_section(s: Summary) -> list[str]:
+    if not any(s.short.values()):
+        return []
+    how = (
+        "skipped: they have no n-gram, and open-instruct never matches them (`--short-instances whole` removes "
+        "every row that contains one whole)"
+        if s.short_instances == "skip"
+        else "matched whole (`--short-instances whole`): a row containing one's tokens in order scores 1.0"
+    )
+    lines = ["", f"## Evaluation instances shorter than {s.n} tokens", "", f"These were {how}.", ""]
+    for e in s.sets:
+        idx = s.short.get(e.name, [])
+        lines += [f"- {_short(e.name, 120)}: {len(idx)} of {len(e.texts)}"]
+        lines += [f"  - #{i}: {_short(e.texts[i], 120)}" for i in idx[:SHORT_LISTED]]
+        if len(idx) > SHORT_LISTED:
+            lines.append(f"  - ... and {len(idx) - SHORT_LISTED} more")
+    return lines
 
 
 def set_rows(s: Summary) -> list[list]:
@@ -70,13 +113,14 @@ def render(s: Summary) -> str:
     skipped = sum(s.rows_skipped.values())
     short = sum(v["short"] for v in s.per_set.values())
     instances = sum(v["instances"] for v in s.per_set.values())
+    short_how = "skipped (as open-instruct)" if s.short_instances == "skip" else "matched when a row contains one whole"
     lines = [
         "# Decontamination report",
         "",
         f"A training row is removed when some evaluation instance scores **> {s.threshold}** against it: the "
         f"fraction of the instance's tokens covered by its {s.n}-grams that also occur in the row's user turns "
         "(Tülu 3 §3; open-instruct `decontamination/search.py`). Tokens: NFKC + casefold, words and single "
-        f"punctuation marks. An instance shorter than {s.n} tokens matches only when the row contains it whole.",
+        f"punctuation marks; no n-gram spans two user turns. Instances shorter than {s.n} tokens: {short_how}.",
         "",
         f"- Training rows: {s.rows_read} read, {skipped} skipped as bad, {scanned} scanned; "
         f"**{s.rows_removed} removed** ({_pct(s.rows_removed, scanned):.3f}%), {s.rows_kept} kept.",
@@ -88,8 +132,8 @@ def render(s: Summary) -> str:
         lines.append(f"- Skipped rows by reason: {', '.join(f'{k}: {v}' for k, v in sorted(s.rows_skipped.items()))}.")
     lines += ["", "## Removed rows per training source", ""]
     lines += _table(["source", "rows", "removed", "removed %"], source_rows(s))
-    for source, v in sorted(s.per_source.items()):
-        if v["removed"]:
+    for source in sorted(_top_sources(s)):
+        if s.per_source[source]["removed"]:
             lines += ["", f"### {_short(source, 120)}", ""] + _examples(s.examples.get(f"source:{source}", []))
     lines += ["", "## Matches per evaluation set", ""]
     lines += [
@@ -105,7 +149,8 @@ def render(s: Summary) -> str:
             lines += ["", f"### {_short(e.name, 120)}", ""] + _examples(s.examples.get(f"set:{e.name}", []))
     if s.pairs:
         lines += ["", "## Removed rows by training source and evaluation set (best match)", ""]
-        lines += _table(["source", "evaluation set", "rows"], [[a, b, k] for (a, b), k in sorted(s.pairs.items())])
+        lines += _table(["source", "evaluation set", "rows"], pair_rows(s))
+    lines += _short_section(s)
     lines += [
         "",
         "## Kept rows that share n-grams with an instance",
@@ -120,11 +165,17 @@ def render(s: Summary) -> str:
 
 
 def write_report(s: Summary, path: str) -> None:
-    """Writes `render(s)` to `path` (via a temporary file renamed into place)."""
+    """Writes `render(s)` to `path` (via a temporary file, `rows.partial_path`, renamed into place)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.partial-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(render(s))
+    remove_stale_partials(path)
+    tmp = partial_path(path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(render(s))
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
     os.replace(tmp, path)
 
 

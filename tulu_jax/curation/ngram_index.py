@@ -87,7 +87,7 @@ class NgramIndex:
 
     def match_joined(self, flat: np.ndarray, starts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """`match` on documents already joined as `join` does: flat int64 [T], starts int64 [D] (document
-        d is flat[starts[d]:] up to its 0 separator)."""
+        d is flat[starts[d]:starts[d + 1]]; 0s inside it, such as separators between turns, end windows)."""
         out = [(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float64))]
         for table in self.tables:
             out.append(self._match_table(table, flat, starts))

@@ -16,8 +16,10 @@ Differences from the reference, on purpose:
   "İ" becomes "i" plus a combining dot above and "İstanbul" does not match "istanbul" (but "ISTANBUL" does).
 - A repeated n-gram of the instance covers the tokens of every occurrence (the reference keys its map by
   n-gram text, so only the last occurrence counted).
-- An instance shorter than n tokens (the reference never matches it) is one "n-gram" of its own length:
-  a document containing its whole token sequence covers it completely (score 1.0), else it scores 0.
+- An instance shorter than n tokens has no n-gram, and the reference never matches it; the command skips
+  it too by default (`decontaminate.Decontaminator`). Here, and under `--short-instances whole`, it is
+  one "n-gram" of its own length: a document containing its whole token sequence covers it completely
+  (score 1.0), else it scores 0.
 """
 
 from __future__ import annotations

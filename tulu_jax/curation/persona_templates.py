@@ -64,8 +64,14 @@ def render_template(skill: str, persona: str, rules: Sequence[str] = ()) -> str:
 
 REFUSALS = ("i'm sorry", "i am sorry", "sorry,", "i cannot", "i can't", "i can not", "as an ai", "i apologize")
 
-# A solution the model wrote although told not to starts on a line of its own with one of these words.
-_SOLUTION = re.compile(r"^\W*(solution|answer|solving|step 1|here is the solution)\b", re.IGNORECASE | re.MULTILINE)
+# A solution the model wrote although told not to starts on a line of its own with a clear header:
+# "Solution:" / "Answer: 42" (bold allowed), a markdown heading "## Solution", a bold "**Answer**" line, or
+# "Here is the solution". A line like "Answer in simplest form." is part of the prompt and is kept.
+_HEAD = r"(?:solution|answer)"
+_SOLUTION = re.compile(
+    rf"^[ \t]*(?:#+[ \t]*{_HEAD}\b|\**[ \t]*{_HEAD}[ \t]*\**[ \t]*:|\*\*{_HEAD}\*\*[ \t]*$|here is the solution\b)",
+    re.IGNORECASE | re.MULTILINE,
+)
 
 MIN_PROMPT_WORDS = 4
 
@@ -76,7 +82,8 @@ def extract_prompt(skill: str, text: str, finish_reason: str = "stop") -> tuple[
     incomplete), "refusal" (starts like a refusal and has no prefix), "no_prefix" (the skill's prefix is
     absent), "too_short" (fewer than MIN_PROMPT_WORDS words after it). The prompt is the text after the
     first occurrence of the prefix (any case, markdown bold around it dropped), cut before a line that
-    starts a solution ("Solution", "Answer", ...), stripped of surrounding quotes and whitespace."""
+    starts a solution ("Solution:", "Answer: ...", "## Solution", "**Answer**"), stripped of surrounding
+    quotes and whitespace."""
     stripped = text.strip()
     if not stripped:
         return None, "empty"

@@ -7,50 +7,77 @@ the endpoints through `run_requests`), so a killed run, rerun, does only what is
 - a reply that `persona_templates.extract_prompt` rejects (empty, cut at max_tokens, a refusal, no prefix,
   too short) is asked again with another seed, up to `retries` more times, then recorded as skipped with its
   reason; nothing is ever made up in its place;
-- a prompt whose normalised text (`dedup_key`) an earlier row already has is recorded as a duplicate;
+- a prompt whose normalised text (`normalize.normalize_text`) an earlier row already has is recorded as a duplicate;
+- a request the server refuses as such (HTTP 400/413/422: a persona or prompt longer than the model's
+  context; a content filter) is recorded as skipped (`refused`, with the server's message): asking again
+  gets the same answer. But when no row was written yet and the first `PROBE` requests are all refused,
+  the settings are at fault (max tokens beyond the context, a bad model option): `Aborted` is raised
+  quoting the server, and nothing is recorded. A refusal that concerns every request (401/403/404: a bad
+  key, an unknown model) raises `Aborted` at once;
 - a request the servers do not answer before the retry deadline is *failed*: not recorded, so a rerun
-  tries it again.
+  tries it again; after the first such failure no new request starts (the servers are down), and the
+  requests never started count as failed too.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import random
 import threading
-import unicodedata
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+from tulu_jax.curation.cli_args import request_seed
 from tulu_jax.curation.if_constraints import Constraint, make_if_prompt, sample_constraints
+from tulu_jax.curation.normalize import normalize_text
 from tulu_jax.curation.persona_templates import SKILLS, check_response, extract_prompt, render_template
 from tulu_jax.curation.requests import run_requests
 from tulu_jax.curation.rows import ResumableJsonl, iter_rows
 from tulu_jax.data.chat import DataError
-from tulu_jax.rollout.chat_client import ChatClient, ChatParams
+from tulu_jax.rollout.chat_client import ChatClient, ChatParams, ChatRefused
+from tulu_jax.rollout.http import RolloutServerError
+
+PROBE = 8  # refusals in a row, before any row is written, that abort the run
+FAILURE_LINES = 3  # error lines kept for the report
 
 
-def dedup_key(text: str) -> str:
-    """The text a duplicate check compares: NFKC-normalised, casefolded, whitespace runs collapsed to one
-    space, stripped."""
-    return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
+class Aborted(Exception):
+    """The servers refuse every request (a bad key, an unknown model, settings beyond the model's limits):
+    the message quotes the server. Nothing more is worth asking; the CLI exits 2."""
 
 
-def load_personas(path: str) -> list[dict[str, str]]:
+def _persona_row(where: str, row: dict, index: int) -> dict[str, str]:
+    persona = row.get("persona")
+    if not isinstance(persona, str) or not persona.strip():
+        raise DataError(f"{where}: field 'persona' must be a non-empty string", "bad_persona")
+    pid = row.get("id", index)
+    if isinstance(pid, bool) or not isinstance(pid, (str, int)) or (isinstance(pid, str) and not pid.strip()):
+        raise DataError(f"{where}: field 'id' must be a non-empty string or an integer, got {pid!r}", "bad_id")
+    return {"id": str(pid), "persona": persona.strip()}
+
+
+def load_personas(path: str, *, on_bad_row: str = "error", counts: dict | None = None) -> list[dict[str, str]]:
     """[{"id", "persona"}] from a persona file (JSONL, Parquet or datasets folder; rows {"persona": str} with an
-    optional "id", which defaults to the row's 0-based position). Raises FileNotFoundError, or DataError
-    naming the file and line for a row without a non-empty string persona, a repeated id or no rows."""
+    optional "id" (a string or an integer), which defaults to the row's 0-based position; ids are compared
+    as strings, so 3 and "3" are the same id, and a default id may not equal another row's explicit one).
+    A bad row (not JSON, no non-empty string persona, a bad or repeated id) raises DataError naming the
+    file and line under on_bad_row="error", or is counted in `counts["rows_skipped"][reason]` under "skip".
+    Raises FileNotFoundError, or DataError for no personas at all."""
+    counts = {} if counts is None else counts
     personas, ids = [], set()
-    for index, (where, row) in enumerate(iter_rows(path)):
-        persona = row.get("persona")
-        if not isinstance(persona, str) or not persona.strip():
-            raise DataError(f"{where}: field 'persona' must be a non-empty string", "bad_persona")
-        pid = str(row.get("id", index))
-        if pid in ids:
-            raise DataError(f"{where}: persona id {pid!r} repeats an earlier row's", "duplicate_id")
-        ids.add(pid)
-        personas.append({"id": pid, "persona": persona.strip()})
+    for index, (where, row) in enumerate(iter_rows(path, on_bad_row=on_bad_row, counts=counts)):
+        try:
+            p = _persona_row(where, row, index)
+            if p["id"] in ids:
+                raise DataError(f"{where}: persona id {p['id']!r} repeats an earlier row's", "duplicate_id")
+        except DataError as e:
+            if on_bad_row == "error":
+                raise
+            counts["rows_skipped"][e.reason] = counts["rows_skipped"].get(e.reason, 0) + 1
+            continue
+        ids.add(p["id"])
+        personas.append(p)
     if not personas:
         raise DataError(f"{path}: no personas", "empty")
     return personas
@@ -85,12 +112,6 @@ def plan_jobs(personas: Sequence[dict[str, str]], skill: str, n: int, seed: int)
     return jobs
 
 
-def request_seed(seed: int, key: str, attempt: int) -> int:
-    """The sampling seed of one attempt at one request: a hash of (seed, key, attempt) in [0, 2**31)."""
-    digest = hashlib.sha256(f"{seed}:{key}:{attempt}".encode()).digest()
-    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
-
-
 class _Calls:
     """A thread-safe count of chat calls (malformed retries included)."""
 
@@ -105,17 +126,20 @@ class _Calls:
 @dataclasses.dataclass(frozen=True)
 class Settings:
     """What every request of a run shares: sampling `params` (its seed is replaced per attempt), `retries`
-    (extra attempts after a malformed reply), the run's `seed` and `concurrency` (requests in flight)."""
+    (extra attempts after a malformed reply), the run's `seed` (request seeds are
+    `cli_args.request_seed(seed, key, attempt)`), `concurrency` (requests in flight) and `progress` (show
+    a progress bar)."""
 
     params: ChatParams
     retries: int = 2
     seed: int = 0
     concurrency: int = 32
+    progress: bool = True
 
 
 def _ask(client: ChatClient, messages: list[dict], key: str, index: int, settings: Settings, calls: _Calls, check):
     """Up to 1 + retries chat calls until `check(reply) -> (value, reason)` gives a value -> (value, reply,
-    attempts, reasons). RolloutServerError (the servers gave up) propagates."""
+    attempts, seed, reasons). RolloutServerError (the servers gave up, or refused: ChatRefused) propagates."""
     reasons = []
     for attempt in range(settings.retries + 1):
         seed = request_seed(settings.seed, key, attempt)
@@ -146,11 +170,12 @@ def _one_line(error: BaseException) -> str:
 
 
 def _row_dedup_key(row: dict) -> str:
-    return dedup_key(row.get("request") or row["messages"][0]["content"])
+    """What two prompts must differ in: the model's request text, `normalize_text`-ed."""
+    return normalize_text(row.get("request") or row["messages"][0]["content"])
 
 
 def _new_counts(counts: dict[str, Any]) -> dict[str, Any]:
-    for k in ("resumed", "written", "duplicates", "failed"):
+    for k in ("resumed", "written", "duplicates", "refused", "failed"):
         counts.setdefault(k, 0)
     counts.setdefault("malformed", Counter())
     counts.setdefault("failures", [])
@@ -171,10 +196,24 @@ class _Pass:
     seed_prefix: str = ""
 
 
+def _stops_the_run(error: BaseException) -> bool:
+    """Errors after which no new request is worth starting: servers down past the retry deadline, or a
+    refusal of every request (401/404). A refusal of one request (400/413/422) is not one."""
+    if isinstance(error, ChatRefused):
+        return not error.about_this_request
+    return isinstance(error, RolloutServerError)
+
+
 def _run_pass(client, todo: list, spec: _Pass, out: ResumableJsonl, settings: Settings, counts: dict) -> None:
-    """Runs one pass's requests concurrently: failures counted (not recorded), malformed replies recorded
-    as skipped, good ones handed to `spec.accept`; adds `requests` and `seconds` to `counts`."""
+    """Runs one pass's requests concurrently: malformed replies and per-request refusals recorded as
+    skipped, good ones handed to `spec.accept`, failures counted (not recorded; the first FAILURE_LINES
+    kept in `counts["failures"]`), and once the servers are down (`_stops_the_run`) no new request is
+    started and the rest count as failed. Raises Aborted (see the module docstring) for a refusal of every
+    request, or when `out` has no row yet and the first PROBE answers are all refusals. Adds `requests`
+    and `seconds` to `counts`."""
     calls, stats = _Calls(), {}
+    fresh = not out.done  # nothing the servers answered is recorded yet: these settings are unproven
+    probe: list[tuple[str, ChatRefused]] = []  # refusals held back until an answer shows they are per-request
 
     def call(item):
         index, entry = item
@@ -182,21 +221,69 @@ def _run_pass(client, todo: list, spec: _Pass, out: ResumableJsonl, settings: Se
             client, spec.messages(entry), spec.seed_prefix + spec.key(entry), index, settings, calls, spec.check
         )
 
-    results = run_requests(todo, call, max_in_flight=settings.concurrency, desc=spec.desc, total=len(todo), stats=stats)
-    for (_, entry), result, error in results:
-        key = spec.key(entry)
-        if error is not None:
-            counts["failed"] += 1
-            counts["failures"].append(f"{key}: {_one_line(error)}")
-            continue
-        value, reply, attempts, seed, reasons = result
-        if value is None:
-            counts["malformed"][reasons[-1]] += 1
-            out.skip(key, "malformed", reasons=reasons, last_reply=reply.text[:500])
-            continue
-        spec.accept(entry, value, reply, attempts, seed)
-    counts["requests"] = counts.get("requests", 0) + calls.n
-    counts["seconds"] = counts.get("seconds", 0.0) + stats.get("seconds", 0.0)
+    def refuse(key: str, error: ChatRefused) -> None:
+        counts["refused"] += 1
+        out.skip(key, "refused", status=error.status, message=_one_line(error)[:500])
+
+    def flush_probe() -> None:
+        for key, error in probe:
+            refuse(key, error)
+        probe.clear()
+
+    try:
+        results = run_requests(
+            todo,
+            call,
+            max_in_flight=settings.concurrency,
+            desc=spec.desc,
+            total=len(todo),
+            stats=stats,
+            stop_when=_stops_the_run,
+            progress=settings.progress,
+        )
+        for (_, entry), result, error in results:
+            key = spec.key(entry)
+            if isinstance(error, ChatRefused) and not error.about_this_request:
+                raise Aborted(f"the server refuses every request: {_one_line(error)}")
+            if isinstance(error, ChatRefused):
+                if not fresh:
+                    refuse(key, error)
+                    continue
+                probe.append((key, error))
+                if len(probe) == min(PROBE, len(todo)):
+                    raise Aborted(
+                        f"the first {len(probe)} requests were all refused (check --model, --max-tokens and "
+                        f"the server's limits): {_one_line(probe[0][1])}"
+                    )
+                continue
+            if error is not None:
+                counts["failed"] += 1
+                _note_failure(counts, f"{key}: {_one_line(error)}")
+                continue
+            if fresh:  # an answer: the settings are not what the server refuses
+                fresh = False
+                flush_probe()
+            value, reply, attempts, seed, reasons = result
+            if value is None:
+                counts["malformed"][reasons[-1]] += 1
+                out.skip(key, "malformed", reasons=reasons, last_reply=reply.text[:500])
+                continue
+            spec.accept(entry, value, reply, attempts, seed)
+    finally:
+        counts["requests"] = counts.get("requests", 0) + calls.n
+        counts["seconds"] = counts.get("seconds", 0.0) + stats.get("seconds", 0.0)
+    if probe:  # refusals no answer vouched for (the servers went down): not recorded, a rerun asks again
+        counts["failed"] += len(probe)
+        _note_failure(counts, f"{probe[0][0]}: {_one_line(probe[0][1])}")
+    not_started = len(todo) - stats.get("requests", len(todo))
+    if not_started:
+        counts["failed"] += not_started
+        _note_failure(counts, f"{not_started} requests not started: the servers stopped answering")
+
+
+def _note_failure(counts: dict, line: str) -> None:
+    if len(counts["failures"]) < FAILURE_LINES:
+        counts["failures"].append(line)
 
 
 def synthesize_prompts(
@@ -213,8 +300,8 @@ def synthesize_prompts(
     (see the module docstring for malformed replies, duplicates and failures). Rows: `id`, `persona_id`,
     `persona`, `skill`, `messages` (one user turn), `source` ("personas-<skill>"), `model`, `endpoint`,
     `seed`, `attempts`; for "if" also `request` (the model's text), `ground_truth` (google_ifeval JSON),
-    `dataset` and `constraints`. `counts` receives resumed/written/duplicates/failed, `malformed` (a
-    Counter of final reasons), `failures` (error lines), `requests` (chat calls) and `seconds`. `existing`:
+    `dataset` and `constraints`. `counts` receives resumed/written/duplicates/refused/failed, `malformed` (a
+    Counter of final reasons), `failures` (the first error lines), `requests` (chat calls) and `seconds`. `existing`:
     the rows already in `out` (a resumed run), whose prompts new ones must not duplicate."""
     _new_counts(counts)
     jobs = list(jobs)

@@ -23,13 +23,15 @@ def run_requests(
     total: int | None = None,
     stats: dict[str, float] | None = None,
     stop_when: Callable[[BaseException], bool] | None = None,
+    progress: bool = True,
 ) -> Iterator[tuple[T, Any, BaseException | None]]:
     """Runs `call(item)` for every item on up to `max_in_flight` threads and yields (item, result, None), or
     (item, None, exception) when the call raised, in completion order. Items are drawn lazily, so a long
     input is never held whole. Once an exception satisfies `stop_when` (say, a server that stayed down past
     its retry deadline), no new item is started: the calls in flight finish and are yielded, the rest are
     never drawn (`stats["stopped"]` is then True), so a dead server costs one deadline, not one per item.
-    A tqdm bar on stderr (`desc`, `total`) shows progress and the rate; `stats`, when given, receives
+    A tqdm bar on stderr (`desc`, `total`; off with `progress=False` or when stderr is not a terminal) shows
+    progress and the rate; `stats`, when given, receives
     `requests`, `failed`, `seconds`, `requests_per_s` and `stopped` at the end. The threads are daemons:
     stopping the iteration early (an exception in the caller, Ctrl-C) leaves calls in flight behind
     without waiting for them, and the process can exit at once."""
@@ -53,7 +55,7 @@ def run_requests(
     threads = [threading.Thread(target=work, daemon=True) for _ in range(max_in_flight)]
     for t in threads:
         t.start()
-    bar = tqdm(total=total, desc=desc, unit="req", dynamic_ncols=True, disable=None)
+    bar = tqdm(total=total, desc=desc, unit="req", dynamic_ncols=True, disable=None if progress else True)
     try:
         exhausted = False
         while True:
