@@ -968,3 +968,17 @@ def test_requests_too_long_for_the_context_are_left_out(served, tmp_path, capsys
     unrated = s["aspects left unrated"]
     assert unrated > 0 and unrated % 4 == 0 and s["unparseable ratings"] == 0  # guided: refusals only
     assert s["requests refused"] == len(names4) + unrated and s["skipped: refused"] == 2
+
+
+@pytest.mark.parametrize("quiet", [False, True])
+def test_quiet_hides_the_progress_bar(tmp_path, capsys, stub, monkeypatch, quiet):
+    import tulu_jax.curation.requests as requests
+
+    seen, real = [], requests.run_requests
+    monkeypatch.setattr(requests, "run_requests", lambda *a, **kw: seen.append(kw["progress"]) or real(*a, **kw))
+    url, _ = stub(_judging)
+    args = _stub_args(tmp_path, url, tmp_path / "out.jsonl", _prompts(tmp_path, n=1))
+    if not quiet:
+        args.remove("--quiet")
+    rc, _, err = _cli(args, capsys)
+    assert rc == 0 and seen == [not quiet], err

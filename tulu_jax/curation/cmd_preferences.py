@@ -441,6 +441,7 @@ def run(args: argparse.Namespace) -> int:
                 total=len(keys) - resumed,
                 stats=stats,
                 stop_when=lambda e: isinstance(e, (RolloutServerError, _AllRefused)),
+                progress=not args.quiet,
             )
             for (key, _, _), outcome, error in results:
                 if error is not None:
