@@ -20,7 +20,7 @@ import yaml
 
 from tulu_jax.cli import main
 from tulu_jax.configlib import ConfigError
-from tulu_jax.curation.judge import ASPECTS, STYLES, judge_messages, parse_rating
+from tulu_jax.curation.judge import ASPECTS, STYLES, judge_messages, parse_rating, render_conversation
 from tulu_jax.curation.preferences import (
     Judged,
     PoolConfig,
@@ -28,8 +28,10 @@ from tulu_jax.curation.preferences import (
     binarize,
     load_pool,
     pair_row,
+    prompt_messages,
     prompt_rng,
 )
+from tulu_jax.data.chat import DataError
 from tulu_jax.data.preference import iter_preference_pairs, parse_preference_row
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -66,6 +68,19 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         ("between 3 and 4", None),  # several unlabelled numbers
         ("It is a 4 because it has 3 errors", None),
         ("Rationale: fine.", None),  # "Rationale" is no rating label
+        # "rating" only as a word
+        ("The answer is good at generating 2 paragraphs.", None),
+        ("Operating 5 stars", None),
+        ("Rating: 4. It lists 3 causes.", 4),  # the number after the sentence ends is another clause
+        # a range, an alternative or a second candidate in the labelled clause: the judge has not settled
+        ("Rating: 3-4", None),
+        ("Rating: 3 – 4", None),
+        ("Rating: 3 or 4", None),
+        ("Rating: 3 to 4", None),
+        ("Rating: 3+", None),
+        ("Rating: 3 + 1", None),
+        ("Rating: 2 (could be 3)", None),
+        ("**Rating:** 4, maybe 5", None),
     ],
 )
 def test_parse_rating(text, rating):
@@ -274,7 +289,8 @@ def test_pair_row_is_a_dpo_row():
     comps = [_judged("A", 5, 4, 4, 3), _judged("B", 3, 3, 3, 3), _judged("C", None, 1, 1, 1)]
     result = binarize(comps, prompt_rng(0, "row-1", "binarize"))
     row = {"id": "row-1", "messages": [{"role": "user", "content": "Hi?"}], "extra": 3}
-    out = pair_row(row, "Hi?", comps, result, policy="off")
+    conversation = prompt_messages(row, "row-1")
+    out = pair_row(row, conversation, comps, result, policy="off")
     assert {k: out[k] for k in row} == row  # input fields kept
     assert out["chosen_model"] == "A" and out["rejected_model"] == "B"
     assert (out["chosen_rating"], out["rejected_rating"]) == (4.0, 3.0)
@@ -283,7 +299,57 @@ def test_pair_row_is_a_dpo_row():
     chosen, rejected = parse_preference_row(json.loads(json.dumps(out)), "row")
     assert chosen == [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "answer of A"}]
     assert rejected[-1]["content"] == "answer of B"
-    assert pair_row({**row, "source": "mine"}, "Hi?", comps, result, policy="on")["source"] == "mine"
+    assert pair_row({**row, "source": "mine"}, conversation, comps, result, policy="on")["source"] == "mine"
+
+
+MULTI_TURN = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Name a prime."},
+    {"role": "assistant", "content": "7."},
+    {"role": "user", "content": "A larger one?"},
+]
+
+
+def test_prompt_messages_keep_the_conversation():
+    # a trailing assistant turn is the reply being replaced; earlier turns and the system prompt stay
+    row = {"messages": [*MULTI_TURN, {"role": "assistant", "content": "11.", "extra": 1}]}
+    assert prompt_messages(row, "r") == MULTI_TURN
+    assert prompt_messages({"chosen": MULTI_TURN}, "r") == MULTI_TURN
+    assert prompt_messages({"prompt": "Hi?"}, "r") == [{"role": "user", "content": "Hi?"}]
+    # the pair shares the earlier turns, as `tulu-jax dpo` expects
+    comps = [_judged("A", 5, 5, 5, 5), _judged("B", 1, 1, 1, 1)]
+    out = pair_row(row, prompt_messages(row, "r"), comps, binarize(comps, np.random.default_rng(0)), policy="off")
+    chosen, rejected = parse_preference_row(json.loads(json.dumps(out)), "r")
+    assert chosen == [*MULTI_TURN, {"role": "assistant", "content": "answer of A"}]
+    assert rejected == [*MULTI_TURN, {"role": "assistant", "content": "answer of B"}]
+
+
+@pytest.mark.parametrize(
+    "row, message",
+    [
+        (
+            {"messages": [*MULTI_TURN[:3], {"role": "assistant", "content": "x"}]},
+            "the turn before the reply is assistant",
+        ),
+        ({"messages": [{"role": "assistant", "content": "x"}]}, "the turn before the reply is nothing"),
+        ({"messages": [{"role": "system", "content": "x"}]}, "the turn before the reply is system"),
+        ({"messages": [{"role": "tool", "content": "x"}]}, r"messages\[0\] must be an object with a role"),
+        ({"messages": [{"role": "user", "content": " "}]}, r"messages\[0\] has an empty content"),
+        ({"messages": []}, "must be a non-empty list"),
+        ({"prompt": ""}, "field 'prompt' must be a non-empty string"),
+        ({"text": "x"}, "no prompt field"),
+    ],
+)
+def test_prompt_messages_bad_rows(row, message):
+    with pytest.raises(DataError, match=message) as e:
+        prompt_messages(row, "f.jsonl line 3")
+    assert str(e.value).startswith("f.jsonl line 3: ")
+
+
+def test_render_conversation():
+    assert render_conversation([{"role": "user", "content": "Hi?"}]) == "Hi?"  # one turn: verbatim
+    text = render_conversation(MULTI_TURN)
+    assert text == "[System]\nBe brief.\n\n[User]\nName a prime.\n\n[Assistant]\n7.\n\n[User]\nA larger one?"
 
 
 # ---------------------------------------------------------------------------------------------- CLI input errors
@@ -374,10 +440,11 @@ def test_chat_client_extra_body_and_refusals():
         server.server_close()
 
 
-@pytest.mark.parametrize("status", [400, 401, 503])
-def test_refusals_and_failures(tmp_path, capsys, status):
-    """A 400 (this request too long) leaves the completion out: the prompt is recorded as too_few_rated and
-    the run succeeds. A 401 (every request) or a 5xx past the deadline fails the prompt: not recorded, exit 1."""
+@pytest.mark.parametrize("status", [401, 503])
+def test_failures_fail_prompts_and_stop_new_ones(tmp_path, capsys, status):
+    """A 401 (about every request) or a 5xx past the deadline fails the prompt: not recorded, exit 1, and no
+    new prompt starts after the first failure (one deadline, not one per prompt); the prompts never started
+    count as failed too."""
     server, url = _start_failing(["org/m0", "org/m1"], status=status)
     try:
         data = _pool_dict(n_off=2, on=False)
@@ -385,19 +452,208 @@ def test_refusals_and_failures(tmp_path, capsys, status):
             m["urls"] = [url]
         out = tmp_path / "out.jsonl"
         args = ["--prompts", _prompts(tmp_path, n=3), "--pool", _write_yaml(tmp_path, data), "--judge", url]
-        args += ["--judge-model", "org/m0", "--out", str(out), "--on-policy-share", "0", "--retry-deadline", "0"]
-        rc, stdout, err = _cli(args, capsys)
+        args += ["--judge-model", "org/m0", "--out", str(out), "--on-policy-share", "0", "--retry-deadline", "0.2"]
+        rc, stdout, err = _cli(args + ["--concurrency", "1", "--quiet"], capsys)
     finally:
         server.shutdown()
         server.server_close()
     s = _summary(stdout)
-    if status == 400:
-        assert rc == 0, err
-        assert [x["reason"] for x in _jsonl(f"{out}.skipped.jsonl")] == ["too_few_rated"] * 3
-        assert s["requests refused (too long)"] == 6 and s["completions"] == 0
-    else:
-        assert rc == 1 and "rerun the same command" in err and f"HTTP {status}" in err
-        assert s["failed (server error)"] == 3 and _jsonl(out) == _jsonl(f"{out}.skipped.jsonl") == []
+    assert rc == 1 and "rerun the same command" in err and f"HTTP {status}" in err
+    assert s["failed (server error)"] == 3 and _jsonl(out) == _jsonl(f"{out}.skipped.jsonl") == []
+    assert s["not started (run stopped)"] == 2
+    asked = {b["messages"][-1]["content"] for b in _Failing.bodies}
+    assert asked == {"What is 0 + 0?"}  # only the first prompt was started
+
+
+class _Stub(http.server.BaseHTTPRequestHandler):
+    """An OpenAI-compatible stub: lists `models`, answers each chat request with `answer(body)` -> (HTTP
+    status, text), keeping every request body in `bodies`."""
+
+    models: list[str] = []
+    bodies: list[dict] = []
+
+    def answer(self, body):
+        raise NotImplementedError
+
+    def do_GET(self):
+        self._send(200, {"object": "list", "data": [{"id": m, "object": "model"} for m in self.models]})
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.bodies.append(body)
+        status, text = type(self).answer(body)
+        if status != 200:
+            return self._send(status, {"error": {"message": text}})
+        msg = {"role": "assistant", "content": text}
+        self._send(200, {"model": body["model"], "choices": [{"message": msg, "finish_reason": "stop"}]})
+
+    def _send(self, status, obj):
+        data = json.dumps(obj).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def stub():
+    """stub(answer) -> (url, bodies): a stub server serving "org/m0", "org/m1" and "judge"."""
+    servers = []
+
+    def start(answer):
+        handler = type("Handler", (_Stub,), {"models": ["org/m0", "org/m1", "judge"], "bodies": []})
+        handler.answer = staticmethod(answer)
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        server.daemon_threads = True
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_address[1]}", handler.bodies
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+def _judging(body, refuse=lambda body: False):
+    """m0 answers "good", m1 "bad"; the judge rates "good" 5 and "bad" 2, or refuses (400) when `refuse`."""
+    if body["model"] != "judge":
+        return 200, "good" if body["model"] == "org/m0" else "bad"
+    if refuse(body):
+        return 400, "This model's maximum context length is 512 tokens"
+    return 200, "Rating: 5" if "<answer>\ngood\n</answer>" in body["messages"][-1]["content"] else "Rating: 2"
+
+
+def _stub_args(tmp_path, url, out, prompts, *extra, k=2):
+    data = _pool_dict(n_off=2, on=False, k=k)
+    for m in data["models"]:
+        m["urls"] = [url]
+    pool = _write_yaml(tmp_path, data)
+    args = ["--prompts", prompts, "--pool", pool, "--judge", url, "--judge-model", "judge", "--out", str(out)]
+    return args + ["--on-policy-share", "0", "--retry-deadline", "0.5", "--quiet", *map(str, extra)]
+
+
+def test_stub_pairs_multi_turn_and_settings(tmp_path, capsys, stub):
+    url, bodies = stub(_judging)
+    rows = [{"messages": [*MULTI_TURN, {"role": "assistant", "content": "11."}]}, {"prompt": "Hi?"}]
+    prompts, out = _prompts(tmp_path, rows=rows), tmp_path / "out.jsonl"
+    args = _stub_args(tmp_path, url, out, prompts)
+    rc, stdout, err = _cli(args, capsys)
+    assert rc == 0, err
+    pairs = {r["id"]: r for r in _jsonl(out)}
+    assert set(pairs) == {"prompts-0", "prompts-1"} and _summary(stdout)["pairs written"] == 2
+    chosen, rejected = parse_preference_row(pairs["prompts-0"], "row")
+    assert chosen == [*MULTI_TURN, {"role": "assistant", "content": "good"}]
+    assert rejected == [*MULTI_TURN, {"role": "assistant", "content": "bad"}]
+    # the pool got the conversation up to its last user turn; the judge the conversation as text
+    pool_asked = [b["messages"] for b in bodies if b["model"] != "judge" and b["messages"][0]["role"] == "system"]
+    assert len(pool_asked) == 2 and all(m == MULTI_TURN for m in pool_asked)
+    judged = [b["messages"][1]["content"] for b in bodies if b["model"] == "judge"]
+    assert sum(render_conversation(MULTI_TURN) in j for j in judged) == 8  # 2 completions x 4 aspects
+    # a rerun resumes; so does one against a server restarted elsewhere (the served model ids are the same)
+    url2, bodies2 = stub(_judging)
+    moved = _stub_args(tmp_path, url2, out, prompts)
+    for again in (args, moved):
+        rc, stdout, err = _cli(again, capsys)
+        assert rc == 0 and _summary(stdout)["done before (resumed)"] == 2, err
+    assert bodies2 == []  # only the up-front model checks, no chat request
+    # a rerun with another setting is refused; with --overwrite it starts afresh
+    rc, _, err = _cli(args + ["--seed", "1"], capsys)
+    assert rc == 2 and "other settings" in err and "seed: 0 -> 1" in err and err.count("\n") == 1, err
+    rc, _, err = _cli(args + ["--judge-prompt", "brief"], capsys)
+    assert rc == 2 and "other settings" in err, err
+    rc, stdout, err = _cli(args + ["--seed", "1", "--overwrite"], capsys)
+    assert rc == 0 and _summary(stdout)["pairs written"] == 2, err
+
+
+def test_bad_rows_skipped_and_counted(tmp_path, capsys, stub):
+    url, _ = stub(_judging)
+    rows = [{"prompt": "Hi?"}, {"messages": [{"role": "assistant", "content": "x"}]}, {"text": "no prompt"}]
+    prompts, out = _prompts(tmp_path, rows=rows), tmp_path / "out.jsonl"
+    rc, _, err = _cli(_stub_args(tmp_path, url, out, prompts), capsys)
+    assert rc == 2 and "line 2: field 'messages': the turn before the reply is nothing" in err, err
+    rc, stdout, err = _cli(_stub_args(tmp_path, url, out, prompts, "--on-bad-row", "skip"), capsys)
+    assert rc == 0, err
+    s = _summary(stdout)
+    assert (
+        s["prompts"] == 1 and s["bad rows skipped: last_turn_not_user"] == 1 and s["bad rows skipped: no_prompt"] == 1
+    )
+    assert [r["id"] for r in _jsonl(out)] == ["prompts-0"]
+
+
+def test_fewer_off_policy_models_than_asked_is_said(tmp_path, capsys, stub):
+    url, _ = stub(_judging)
+    out = tmp_path / "out.jsonl"
+    rc, stdout, err = _cli(_stub_args(tmp_path, url, out, _prompts(tmp_path, n=1), k=4), capsys)
+    assert rc == 0, err
+    assert "has 2 off-policy models, fewer than off_policy_models 4" in err
+    assert _summary(stdout)["off-policy models (off_policy_models 4)"] == 2
+
+
+def test_per_prompt_refusals_are_recorded_as_refused(tmp_path, capsys, stub):
+    """The judge refuses (400) only the requests of a prompt too long for it; other requests succeed, so the
+    refusal is the prompt's: it is recorded as `refused` with the server's message, and the run succeeds,
+    even when the long prompt comes first (its 8 refused judge requests are one prompt, not 8)."""
+    url, _ = stub(lambda body: _judging(body, refuse=lambda b: "LONG" in b["messages"][-1]["content"]))
+    rows = [{"prompt": "LONG " * 50}, {"prompt": "Hi?"}, {"prompt": "Bye?"}]
+    prompts, out = _prompts(tmp_path, rows=rows), tmp_path / "out.jsonl"
+    rc, stdout, err = _cli(_stub_args(tmp_path, url, out, prompts, "--concurrency", "1"), capsys)
+    assert rc == 0, err
+    skipped = _jsonl(f"{out}.skipped.jsonl")
+    assert [(x["key"], x["reason"]) for x in skipped] == [("prompts-0", "refused")]
+    assert "maximum context length is 512" in skipped[0]["server_error"]
+    s = _summary(stdout)
+    assert s["skipped: refused"] == 1 and s["requests refused"] == 8 and s["pairs written"] == 2
+
+
+@pytest.mark.parametrize("refuser", ["everything", "judge", "m1"])
+def test_a_server_refusing_everything_stops_the_run(tmp_path, capsys, stub, refuser):
+    """A server that refuses every request (--judge-guided against a hosted API, max_tokens beyond its
+    context) stops the run with exit 2 naming it and quoting the server; the prompts it cost are not recorded,
+    so the rerun after the fix does them."""
+
+    def refuse(body):
+        if refuser == "everything" or body["model"] == {"judge": "judge", "m1": "org/m1"}[refuser]:
+            if refuser != "judge" or "structured_outputs" in body:
+                return 400, "structured outputs are not supported"
+        return _judging(body)
+
+    url, bodies = stub(refuse)
+    n = 20
+    prompts, out = _prompts(tmp_path, n=n), tmp_path / "out.jsonl"
+    guided = ["--judge-guided"] if refuser == "judge" else []
+    args = _stub_args(tmp_path, url, out, prompts, "--concurrency", 4, *guided)
+    rc, stdout, err = _cli(args, capsys)
+    assert rc == 2 and err.startswith("tulu-jax: error: ") and err.count("\n") == 1, err
+    assert "refused every request" in err and "structured outputs are not supported" in err
+    who = "--judge" if refuser == "judge" else "models[1] (m1" if refuser == "m1" else "models["
+    assert who in err, err
+    assert _jsonl(out) == [] and _jsonl(f"{out}.skipped.jsonl") == []
+    # the run stopped after REFUSAL_PROBE (8) prompts were refused, plus the 4 prompts in flight, instead of
+    # asking for every prompt
+    targets = {"everything": ["org/m0", "org/m1"], "judge": ["judge"], "m1": ["org/m1"]}[refuser]
+    per_prompt = 8 if refuser == "judge" else 1  # requests of one prompt to that server
+    for target in targets:
+        assert len([b for b in bodies if b["model"] == target]) <= (8 + 4) * per_prompt
+    asked = {b["messages"][-1]["content"] for b in bodies if b["model"] != "judge"}
+    assert len(asked) < n
+    if refuser == "judge":  # the fixed rerun (no --judge-guided) does every prompt
+        args.remove("--judge-guided")
+        rc, stdout, err = _cli(args, capsys)
+        assert rc == 0 and _summary(stdout)["pairs written"] == n, err
+
+
+def test_all_refused_in_a_short_run_is_caught_at_the_end(tmp_path, capsys, stub):
+    url, _ = stub(lambda body: (400, "prompt too long"))
+    out = tmp_path / "out.jsonl"
+    rc, stdout, err = _cli(_stub_args(tmp_path, url, out, _prompts(tmp_path, n=1)), capsys)  # 2 requests only
+    assert rc == 2 and "refused every request it got (" in err and "prompt too long" in err, err
+    assert _summary(stdout)["left for a rerun (refused)"] == 1
+    assert _jsonl(f"{out}.skipped.jsonl") == []
 
 
 CLI_ERRORS = [
@@ -414,6 +670,10 @@ CLI_ERRORS = [
     "judge-down",
     "judge-not-a-url",
     "model-not-served",
+    "out-is-pool",
+    "out-is-prompts-via-symlink",
+    "out-folder-not-writable",
+    "--retry-deadline",
 ]
 
 
@@ -455,20 +715,36 @@ def test_cli_input_errors_exit_2(tmp_path, capsys, failing_pool_server, case):
         ),
         "model-server-down": ({}, f"{flags['--pool']}: models[0] (m0): "),  # checked before any prompt
         "judge-down": ({"--on-policy-share": "0", "--pool": listed}, f"--judge {dead}: "),
-        "judge-not-a-url": ({"--judge": "localhost:8000"}, "--judge localhost:8000: expected http(s):// URL(s)"),
+        "judge-not-a-url": ({"--judge": "localhost:8000"}, "--judge localhost:8000: not an http(s):// URL"),
         "model-not-served": (
             {"--pool": not_listed, "--on-policy-share": "0"},
             f"models[2] (m2): {failing_pool_server} does not serve model 'org/m2'",
         ),
     }
+    link = tmp_path / "link.jsonl"
+    os.symlink(flags["--prompts"], link)
+    cases.update(  # each refused before any server is contacted (every server here is down)
+        {
+            "out-is-pool": ({"--out": flags["--pool"]}, f"--out {flags['--pool']}: pairs are written row by row"),
+            "out-is-prompts-via-symlink": ({"--out": str(link)}, f"--out {link}: is --prompts"),
+            "out-folder-not-writable": (
+                {"--out": f"{flags['--prompts']}/x.jsonl"},
+                f"--out {flags['--prompts']}/x.jsonl: cannot create its folder",
+            ),
+            "--retry-deadline": ({"--retry-deadline": "-1"}, "--retry-deadline -1.0: must be > 0 seconds"),
+        }
+    )
     changed, message = cases[case]
     flags.update(changed)
-    args = [x for kv in flags.items() for x in kv] + ["--retry-deadline", "0"]
+    flags.setdefault("--retry-deadline", "0.01")
+    args = [x for kv in flags.items() for x in kv]
     rc, _, err = _cli(args, capsys)
     assert rc == 2
     assert err.startswith("tulu-jax: error: ") and err.count("\n") == 1, err
     assert message in err, err
     assert not os.path.exists(out)
+    if case.startswith("out-"):
+        assert "/v1/models" not in err  # no server was asked
 
 
 # ---------------------------------------------------------------------------------------------- vLLM end to end
@@ -671,21 +947,38 @@ def test_server_down_fails_prompts_then_rerun_completes(served, failing, tmp_pat
 @pytest.mark.vllm
 def test_requests_too_long_for_the_context_are_left_out(served, tmp_path, capsys):
     """The tiny server's context is 512 tokens ("apple " is 2 tokens of the tiny tokenizer): a 480-token prompt
-    gets completions but its judge requests are refused (HTTP 400); a 600-token one gets no completion. Both
-    are recorded as too_few_rated, nothing is retried forever, the run succeeds."""
+    gets completions but its judge requests are refused (HTTP 400); a 600-token one gets no completion. The
+    short prompts' requests succeed, so those refusals are the long prompts' own: both are recorded as
+    `refused` with the server's message, nothing is retried forever, the run succeeds."""
     url, _ = served
-    rows = [{"prompt": "Name a color."}, {"prompt": "apple " * 240}, {"prompt": "apple " * 300}]
+    short = [{"prompt": f"Name a {thing}."} for thing in ("color", "fruit", "city")]
+    rows = [*short, {"prompt": "apple " * 240}, {"prompt": "apple " * 300}]
     prompts, out = _prompts(tmp_path, rows=rows), tmp_path / "prefs.jsonl"
     pool_path = _e2e_pool(tmp_path, {"*": url})
     rc, stdout, err = _cli(_args(tmp_path, pool_path, url, out, prompts, "--judge-guided"), capsys)
     assert rc == 0, err
     skipped = {s["key"]: s for s in _jsonl(f"{out}.skipped.jsonl")}
-    assert skipped["prompts-1"]["reason"] == skipped["prompts-2"]["reason"] == "too_few_rated"
-    assert skipped["prompts-2"]["ratings"] == []  # every completion request refused
-    assert all(v is None for e in skipped["prompts-1"]["ratings"] for v in e["ratings"].values())
-    assert "prompts-1" not in {r["id"] for r in _jsonl(out)}
+    assert skipped["prompts-3"]["reason"] == skipped["prompts-4"]["reason"] == "refused"
+    assert all("HTTP 400" in skipped[k]["server_error"] for k in ("prompts-3", "prompts-4"))
+    assert skipped["prompts-4"]["ratings"] == []  # every completion request refused
+    assert all(v is None for e in skipped["prompts-3"]["ratings"] for v in e["ratings"].values())
+    assert {"prompts-3", "prompts-4"}.isdisjoint(r["id"] for r in _jsonl(out))
     s = _summary(stdout)
-    _, names2 = annotation_mix(load_pool(pool_path), "prompts-2", on_policy_share=0.5, seed=0)
+    _, names4 = annotation_mix(load_pool(pool_path), "prompts-4", on_policy_share=0.5, seed=0)
     unrated = s["aspects left unrated"]
     assert unrated > 0 and unrated % 4 == 0 and s["unparseable ratings"] == 0  # guided: refusals only
-    assert s["requests refused (too long)"] == len(names2) + unrated
+    assert s["requests refused"] == len(names4) + unrated and s["skipped: refused"] == 2
+
+
+@pytest.mark.parametrize("quiet", [False, True])
+def test_quiet_hides_the_progress_bar(tmp_path, capsys, stub, monkeypatch, quiet):
+    import tulu_jax.curation.requests as requests
+
+    seen, real = [], requests.run_requests
+    monkeypatch.setattr(requests, "run_requests", lambda *a, **kw: seen.append(kw["progress"]) or real(*a, **kw))
+    url, _ = stub(_judging)
+    args = _stub_args(tmp_path, url, tmp_path / "out.jsonl", _prompts(tmp_path, n=1))
+    if not quiet:
+        args.remove("--quiet")
+    rc, _, err = _cli(args, capsys)
+    assert rc == 0 and seen == [not quiet], err

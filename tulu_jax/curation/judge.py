@@ -81,6 +81,15 @@ _RUBRICS: dict[str, tuple[str, str, str, tuple[str, ...]]] = {
 STYLES: tuple[str, ...] = ("full", "brief")
 
 
+def render_conversation(messages: list[dict[str, str]]) -> str:
+    """The request the judge sees: a conversation that ends in a user turn, as text. A single user turn is
+    its content verbatim; a longer conversation (earlier turns, a system prompt) is every turn under its
+    role, `[User]`, `[Assistant]`, `[System]`, the answer to judge replying to the last user turn."""
+    if len(messages) == 1 and messages[0]["role"] == "user":
+        return messages[0]["content"]
+    return "\n\n".join(f"[{m['role'].capitalize()}]\n{m['content']}" for m in messages)
+
+
 def judge_messages(aspect: str, prompt: str, completion: str, *, style: str = "full") -> list[dict[str, str]]:
     """The chat messages ([system, user]) asking the judge to rate `completion`, an answer to `prompt`, on
     `aspect` (one of ASPECTS) from 1 to 5, answering `Rating: N` on its first line. `style` "full" describes
@@ -105,11 +114,16 @@ def judge_messages(aspect: str, prompt: str, completion: str, *, style: str = "f
     return [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": user}]
 
 
-# "Rating", possibly bolded or headed ("**Rating**:", "## Rating"), then a number; the number may carry
-# markup, a decimal part and a scale ("4/5", "4 out of 5"), which `parse_rating` checks.
+# "Rating" as a word (not "generating", "operating"), possibly bolded or headed ("**Rating**:", "## Rating"),
+# then a number; the number may carry markup, a decimal part and a scale ("4/5", "4 out of 5"), which
+# `parse_rating` checks, as it checks the rest of the clause for a second candidate.
 _LABELLED = re.compile(
-    r"rating[\s*_#]*(?:[:=\-]|is\b|of\b)?[\s*_]*(\d+(?:\.\d+)?)(?:\s*(?:/|out\s+of)\s*(\d+))?", re.IGNORECASE
+    r"\brating\b[\s*_#]*(?:[:=\-]|is\b|of\b)?[\s*_]*(\d+(?:\.\d+)?)(?:\s*(?:/|out\s+of)\s*(\d+))?", re.IGNORECASE
 )
+# The clause a labelled rating stands in: up to the end of the line or of the sentence.
+_CLAUSE_END = re.compile(r"\n|[.;!?](?:\s|$)")
+# After the number, in its clause: another number ("3-4", "3 or 4", "2 (could be 3)") or a bare "+" ("3+").
+_SECOND_CANDIDATE = re.compile(r"\d|\+")
 # A bare answer: only a number, maybe with markup, a trailing full stop or "/5" (what a guided judge writes).
 _BARE = re.compile(r"[\s*_`#]*(\d+(?:\.\d+)?)(?:\s*/\s*(\d+))?[\s*_`.]*")
 
@@ -123,21 +137,33 @@ def _on_scale(number: str, scale: str | None) -> int | None:
     return value if 1 <= value <= 5 else None
 
 
+def _labelled_value(text: str, match: re.Match) -> int | None:
+    """The grade of one labelled rating; None when its clause offers another candidate after it."""
+    rest = text[match.end() :]
+    end = _CLAUSE_END.search(rest)
+    if _SECOND_CANDIDATE.search(rest[: end.start() if end else len(rest)]):
+        return None
+    return _on_scale(match.group(1), match.group(2))
+
+
 def parse_rating(text: str) -> int | None:
     """The 1-5 rating in a judge's answer, or None when there is no unambiguous one (never a guess).
 
     Read, in order:
-    - labelled ratings, `Rating: 4`, `**Rating**: 5/5`, `Rating - 3 out of 5`, `rating is 2`, `a rating of 4`:
-      the answer when every labelled rating agrees and is a whole number from 1 to 5 (on a /5 scale if one is
-      given); None when they disagree or any is out of range or fractional;
+    - labelled ratings (the word "rating", not "generating"), `Rating: 4`, `**Rating**: 5/5`,
+      `Rating - 3 out of 5`, `rating is 2`, `a rating of 4`: the answer when every labelled rating agrees and
+      is a whole number from 1 to 5 (on a /5 scale if one is given); None when they disagree, any is out of
+      range or fractional, or its clause (up to the end of the line or sentence) holds a second candidate:
+      a range or alternative (`3-4`, `3 to 4`, `3 or 4`, `3+`) or any other number, so `Rating: 2 (could be
+      3)` is None too, since the judge has not settled on one grade;
     - without a label, an answer that is only a number (`4`, `**4**`, `4.`, `4/5`): that number if in 1-5.
     Anything else, a text with several unlabelled numbers ("between 3 and 4") or none, is None.
     """
     if not isinstance(text, str):
         return None
-    labelled = _LABELLED.findall(text)
+    labelled = list(_LABELLED.finditer(text))
     if labelled:
-        values = {_on_scale(number, scale or None) for number, scale in labelled}
+        values = {_labelled_value(text, m) for m in labelled}
         return values.pop() if len(values) == 1 else None  # {None} stays None
     bare = _BARE.fullmatch(text.strip())
     return _on_scale(bare.group(1), bare.group(2)) if bare else None

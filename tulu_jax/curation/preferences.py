@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from tulu_jax.configlib import ConfigError, load_config
+from tulu_jax.data.chat import DataError
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -113,17 +114,54 @@ def load_pool(path: str) -> PoolConfig:
 # ---------------------------------------------------------------------------------------------- the mix
 
 
+PROMPT_FIELDS = ("messages", "chosen", "prompt")
+_ROLES = ("system", "user", "assistant")
+
+
+def prompt_messages(row: Mapping, where: str) -> list[dict[str, str]]:
+    """The conversation a prompt row asks the pool to continue: its `messages` (SFT and RLVR rows), else
+    `chosen` (preference rows), up to and including the last user turn, a trailing assistant turn dropped
+    (that is the reply being replaced), system and earlier turns kept; else a string `prompt` as one user
+    turn. Each message is reduced to {"role", "content"}. Raises DataError naming `where` and the field for
+    a missing or malformed field, an empty content, an unknown role, or a conversation whose last turn is
+    not the user's once a trailing assistant turn is dropped."""
+    for name in PROMPT_FIELDS:
+        value = row.get(name)
+        if value is None:
+            continue
+        if name == "prompt":
+            if not isinstance(value, str) or not value.strip():
+                raise DataError(f"{where}: field 'prompt' must be a non-empty string", "bad_prompt")
+            return [{"role": "user", "content": value}]
+        if not isinstance(value, list) or not value:
+            raise DataError(f"{where}: field {name!r} must be a non-empty list of messages", "bad_messages")
+        turns = []
+        for k, m in enumerate(value):
+            if not isinstance(m, Mapping) or not isinstance(m.get("content"), str) or m.get("role") not in _ROLES:
+                raise DataError(
+                    f"{where}: {name}[{k}] must be an object with a role ({', '.join(_ROLES)}) and a string content",
+                    "bad_messages",
+                )
+            if not m["content"].strip():
+                raise DataError(f"{where}: {name}[{k}] has an empty content", "bad_messages")
+            turns.append({"role": m["role"], "content": m["content"]})
+        if turns[-1]["role"] == "assistant":
+            turns = turns[:-1]  # the reply the pool's completions replace
+        if not turns or turns[-1]["role"] != "user":
+            last = turns[-1]["role"] if turns else "nothing"
+            raise DataError(
+                f"{where}: field {name!r}: the turn before the reply is {last}, expected the user's request",
+                "last_turn_not_user",
+            )
+        return turns
+    raise DataError(f"{where}: no prompt field (expected one of {', '.join(PROMPT_FIELDS)})", "no_prompt")
+
+
 def prompt_rng(seed: int, prompt_id: str, purpose: str) -> np.random.Generator:
     """A generator determined by (seed, prompt id, purpose) alone, so every choice made for a prompt is the
     same in a resumed run, whatever order the prompts finish in."""
     digest = hashlib.sha256(f"{seed}\0{prompt_id}\0{purpose}".encode()).digest()
     return np.random.default_rng(int.from_bytes(digest[:16], "little"))
-
-
-def request_seed(seed: int, *parts: object) -> int:
-    """A 31-bit sampling seed for one request, determined by `seed` and `parts` (prompt id, model, attempt)."""
-    digest = hashlib.sha256("\0".join(map(str, (seed, *parts))).encode()).digest()
-    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
 def annotation_mix(pool: PoolConfig, prompt_id: str, *, on_policy_share: float, seed: int) -> tuple[str, list[str]]:
@@ -193,16 +231,25 @@ def binarize(completions: Sequence[Judged], rng: np.random.Generator) -> Binariz
     return Binarized(best[int(rng.integers(len(best)))], lower[int(rng.integers(len(lower)))])
 
 
-def pair_row(row: dict, prompt: str, completions: Sequence[Judged], result: Binarized, *, policy: str) -> dict:
-    """The output row: the input `row`'s fields plus `chosen`/`rejected` (two-turn conversations: the user
-    `prompt`, then the completion; the Tülu format `tulu_jax.data.preference.parse_preference_row` reads),
-    `chosen_rating`/`rejected_rating` (mean ratings), `chosen_model`/`rejected_model`, `ratings` (per
-    completion: model, ratings per aspect, mean), `policy` ("on"/"off") and `source` when the row has none."""
+def pair_row(
+    row: dict,
+    conversation: Sequence[Mapping[str, str]],
+    completions: Sequence[Judged],
+    result: Binarized,
+    *,
+    policy: str,
+) -> dict:
+    """The output row: the input `row`'s fields plus `chosen`/`rejected` (the prompt `conversation`, as
+    `prompt_messages` gives it, then the completion as the assistant's reply: the Tülu format
+    `tulu_jax.data.preference.parse_preference_row` reads, earlier turns shared), `chosen_rating`/
+    `rejected_rating` (mean ratings), `chosen_model`/`rejected_model`, `ratings` (per completion: model,
+    ratings per aspect, mean), `policy` ("on"/"off") and `source` when the row has none."""
     chosen, rejected = completions[result.chosen], completions[result.rejected]
+    turns = [dict(m) for m in conversation]
     out = dict(row)
     out.update(
-        chosen=[{"role": "user", "content": prompt}, {"role": "assistant", "content": chosen.text}],
-        rejected=[{"role": "user", "content": prompt}, {"role": "assistant", "content": rejected.text}],
+        chosen=turns + [{"role": "assistant", "content": chosen.text}],
+        rejected=[dict(m) for m in turns] + [{"role": "assistant", "content": rejected.text}],
         chosen_rating=chosen.mean,
         rejected_rating=rejected.mean,
         chosen_model=chosen.model,
@@ -224,6 +271,6 @@ __all__ = [
     "binarize",
     "load_pool",
     "pair_row",
+    "prompt_messages",
     "prompt_rng",
-    "request_seed",
 ]
