@@ -295,7 +295,7 @@ def test_existing_ground_truth_is_kept_under_original(tmp_path, capsys):
     again = tmp_path / "again.jsonl"
     assert main(["data", "rlvr-if", "--prompts", str(out), "--out", str(again)]) == 2
     err = capsys.readouterr().err.strip()
-    assert "o.jsonl line 1: already has 'original_ground_truth'" in err and len(err.splitlines()) == 1
+    assert "o.jsonl line 1: already has 'original_" in err and len(err.splitlines()) == 1
 
 
 @pytest.mark.parametrize(
@@ -326,3 +326,15 @@ def test_out_may_not_be_the_prompts_file(tmp_path, capsys):
     assert prompts.read_text() == before
     with pytest.raises(SystemExit):  # argparse choices
         main(["data", "rlvr-if", "--prompts", str(prompts), "--out", str(tmp_path / "o.jsonl"), "--on-bad-row", "x"])
+
+
+def test_a_prompt_string_moves_to_original_prompt(tmp_path, capsys):
+    """The row holds one prompt, the constrained one: a `prompt` (or `messages`) it had is set aside."""
+    src = tmp_path / "p.jsonl"
+    src.write_text(json.dumps({"id": 7, "prompt": "Describe a lighthouse."}) + "\n")
+    out = tmp_path / "o.jsonl"
+    assert main(["data", "rlvr-if", "--prompts", str(src), "--out", str(out), "--seed", "1"]) == 0
+    (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert "prompt" not in row and row["original_prompt"] == "Describe a lighthouse."
+    assert row["messages"][-1]["content"].startswith("Describe a lighthouse.") and row["id"] == 7
+    assert json.loads(row["ground_truth"])["prompt"] == row["messages"][-1]["content"]

@@ -9,6 +9,17 @@ import hashlib
 from tulu_jax.inputs import InputError
 
 
+def add_on_bad_row_arg(p: argparse.ArgumentParser, what: str) -> None:
+    """--on-bad-row error|skip; `what` says which rows it concerns and what makes one bad."""
+    p.add_argument(
+        "--on-bad-row",
+        choices=("error", "skip"),
+        default="error",
+        help=f"{what}: stop with a one-line error naming file, line and field (error, the default), or count it "
+        "in the summary and go on (skip)",
+    )
+
+
 def add_request_args(p: argparse.ArgumentParser, *, retries_help: str) -> None:
     """--concurrency, --retries, --request-timeout, --retry-deadline, --seed, --overwrite, --quiet."""
     p.add_argument("--concurrency", type=int, default=32, help="requests in flight at once (default 32)")

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import argparse
 
+from tulu_jax.curation.cli_args import add_on_bad_row_arg
+
 HELP = "remove training rows that contain evaluation instances (n-gram overlap)"
 DESCRIPTION = (
     "Removes every training row (its user turns) against which some evaluation instance scores above "
@@ -43,13 +45,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--report", default=None, metavar="REPORT.md", help="Markdown report (default OUT.report.md)")
     p.add_argument("--eval-field", default=None, metavar="FIELD", help="text field of every evaluation row")
     p.add_argument("--workers", type=int, default=None, metavar="K", help="scanning processes (default: CPUs)")
-    p.add_argument(
-        "--on-bad-row",
-        choices=("error", "skip"),
-        default="error",
-        help="a training row that is not JSON or has no user turn: stop (default) or count it and leave it out; "
-        "a bad evaluation row always stops",
-    )
+    add_on_bad_row_arg(p, "a training row that is not JSON or has no user turn (a bad evaluation row always stops)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 
+from tulu_jax.curation.cli_args import add_on_bad_row_arg
+
 HELP = "mix SFT / preference / prompt sources with exact and near-duplicate removal"
 DESCRIPTION = (
     "Builds a mixture from the sources of a YAML config (kind: sft|preference|prompt, seed, sources with path "
@@ -25,12 +27,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """Flags of `tulu-jax data mix`."""
     p.add_argument("--config", help="mix config YAML, e.g. configs/data/tiny_mix.yaml (required)")
     p.add_argument("--out", help="output: *.jsonl, *.parquet, or a datasets.save_to_disk folder (required)")
-    p.add_argument(
-        "--on-bad-row",
-        choices=("error", "skip"),
-        default="error",
-        help="error: stop at the first invalid row, naming file, line and field; skip: count it and go on",
-    )
+    add_on_bad_row_arg(p, "a row that is not JSON or not valid for the kind")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--help-config", action="store_true", help="list every config key with its type and default")
 

@@ -28,8 +28,7 @@ DESCRIPTION = (
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from tulu_jax.curation.cli_args import add_request_args
-    from tulu_jax.curation.rows import ON_BAD_ROW
+    from tulu_jax.curation.cli_args import add_on_bad_row_arg, add_request_args
 
     p.add_argument(
         "--personas", required=True, help="persona rows {'id', 'persona'} (.jsonl, .parquet, datasets folder)"
@@ -44,12 +43,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (default 1.0)")
     p.add_argument("--max-tokens", type=int, default=1024, help="most new tokens per reply (default 1024)")
     p.add_argument("--api-key-env", default=None, help="environment variable holding the API key (bearer token)")
-    p.add_argument(
-        "--on-bad-row",
-        choices=ON_BAD_ROW,
-        default="error",
-        help="error (default): stop at a persona row that is not JSON or has no persona or a bad id; skip: count it",
-    )
+    add_on_bad_row_arg(p, "a persona row that is not JSON or has no persona or a bad id")
     add_request_args(p, retries_help="new tries of a malformed reply")
 
 

@@ -35,8 +35,7 @@ REFUSAL_PROBE = 8
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Flags of `tulu-jax data preferences`."""
-    from tulu_jax.curation.cli_args import add_request_args
-    from tulu_jax.curation.rows import ON_BAD_ROW
+    from tulu_jax.curation.cli_args import add_on_bad_row_arg, add_request_args
 
     p.add_argument("--prompts", required=True, help="prompt rows (messages or prompt): .jsonl, .parquet or a folder")
     p.add_argument("--pool", required=True, help="model pool YAML, e.g. configs/data/pool.yaml")
@@ -45,12 +44,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--judge-api-key-env", default=None, help="environment variable holding the judge's API key")
     p.add_argument("--out", required=True, help="output *.jsonl (pairs); OUT.skipped.jsonl gets prompts without one")
     p.add_argument("--on-policy-share", type=float, default=0.5, help="share of prompts answered on-policy [0, 1]")
-    p.add_argument(
-        "--on-bad-row",
-        choices=ON_BAD_ROW,
-        default="error",
-        help="a prompt row without a usable conversation or id: stop with an error, or skip it (counted)",
-    )
+    add_on_bad_row_arg(p, "a prompt row without a usable conversation or id")
     add_request_args(p, retries_help="new judge requests after an unparseable rating")
     p.add_argument(
         "--judge-guided",

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from tulu_jax.curation.cli_args import add_on_bad_row_arg
+
 HELP = "append verifiable IF constraints to prompts, with google_ifeval ground truths (RLVR)"
 DESCRIPTION = (
     "For every row of --prompts (a 'messages' list, a preference row's 'chosen' or a 'prompt' string), write an "
@@ -18,7 +20,6 @@ DESCRIPTION = (
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from tulu_jax.curation.rows import ON_BAD_ROW
 
     p.add_argument("--prompts", required=True, help="input rows: .jsonl, .parquet or a datasets folder")
     p.add_argument("--out", required=True, help="output: .jsonl, .parquet or a datasets folder")
@@ -26,12 +27,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-constraints", type=int, default=1, help="fewest constraints per prompt (1-3, default 1)")
     p.add_argument("--max-constraints", type=int, default=3, help="most constraints per prompt (1-3, default 3)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    p.add_argument(
-        "--on-bad-row",
-        choices=ON_BAD_ROW,
-        default="error",
-        help="error (default): stop at a row that is not JSON or has no prompt; skip: count it and go on",
-    )
+    add_on_bad_row_arg(p, "a row that is not JSON or has no prompt")
 
 
 def run(args: argparse.Namespace) -> int:

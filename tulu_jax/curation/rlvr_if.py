@@ -49,18 +49,23 @@ def _conversation(row: dict, where: str) -> tuple[list[dict], int]:
     return turns, dropped
 
 
+# Fields an RLVR row gets new values for; the input's values move to original_<field>.
+_REPLACED = ("messages", "prompt", "ground_truth", "dataset")
+
+
 def rlvr_if_row(row: dict, where: str, rng: random.Random, *, min_constraints: int, max_constraints: int) -> dict:
     """The RLVR row for one input row: its fields kept (`source` set to "rlvr-if" when absent); `messages`
     the row's conversation (`messages`, else `chosen`, else a `prompt` string as one user turn) up to its
     last user turn, i.e. trailing assistant turns dropped (the RLVR policy writes that answer), with the
     constraints' instructions appended to that last user turn; `ground_truth` (google_ifeval JSON checking
     them, its prompt the last user turn), `dataset` ("google_ifeval"), `constraints` (instruction ids) and
-    `dropped_turns` (how many trailing assistant turns were removed) added. A row that already has a
-    `ground_truth` or `dataset` keeps them as `original_ground_truth` / `original_dataset` (the reward now
-    checks the constraints only). Raises DataError naming `where` when the row has no usable prompt, or
-    already has `original_ground_truth`/`original_dataset` (constraints were added to it before)."""
+    `dropped_turns` (how many trailing assistant turns were removed) added. The fields this replaces keep
+    their old values under `original_<field>`: `messages` and a `prompt` string (so the row holds one prompt,
+    the constrained one), `ground_truth` and `dataset` (the reward now checks the constraints only). Raises
+    DataError naming `where` when the row has no usable prompt, or already has an `original_<field>`
+    (constraints were added to it before)."""
     turns, dropped = _conversation(row, where)
-    for field in ("ground_truth", "dataset"):
+    for field in _REPLACED:
         if f"original_{field}" in row:
             raise DataError(
                 f"{where}: already has 'original_{field}': constraints were added to it before", "already_rlvr_if"
@@ -68,7 +73,7 @@ def rlvr_if_row(row: dict, where: str, rng: random.Random, *, min_constraints: i
     made = make_if_prompt(turns[-1]["content"].strip(), sample_constraints(rng, min_constraints, max_constraints))
     turns[-1]["content"] = made.pop("prompt")
     out = dict(row)
-    for field in ("ground_truth", "dataset"):
+    for field in _REPLACED:
         if field in out:
             out[f"original_{field}"] = out.pop(field)
     out.update(messages=turns, dropped_turns=dropped, **made)
