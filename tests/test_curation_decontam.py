@@ -617,3 +617,13 @@ def test_source_tables_are_capped(tmp_path, files):
     assert table[-1] == ["(others: 10 sources)", 10, 0, 0.0]
     assert sum(r[1] for r in table) == 60 and sum(r[2] for r in table) == 30
     assert "| (others: 10 sources) | 10 | 0 | 0.000 |" in render(s)
+
+
+@pytest.mark.parametrize("flag", ["--data", "--eval"])
+def test_a_missing_input_names_its_flag(tmp_path, capsys, flag):
+    good = tmp_path / "good.jsonl"
+    good.write_text(json.dumps({"prompt": "a question with enough words to index"}) + "\n")
+    missing = str(tmp_path / "missing.jsonl")
+    data, ev = (missing, str(good)) if flag == "--data" else (str(good), missing)
+    assert main(["data", "decontaminate", "--data", data, "--eval", ev, "--out", str(tmp_path / "c.jsonl")]) == 2
+    assert capsys.readouterr().err.strip() == f"tulu-jax: error: {flag} {missing}: no such file or directory"

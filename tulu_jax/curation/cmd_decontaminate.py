@@ -59,9 +59,13 @@ def run(args: argparse.Namespace) -> int:
         decontaminate,
         load_eval_sets,
     )
+    from tulu_jax.inputs import check_data_path
 
-    # Every flag and output path is checked before anything is read.
+    # Every flag, input and output path is checked before anything is read.
     check_settings(args.ngram, args.threshold, args.workers, args.short_instances)
+    for flag, paths in (("--data", args.data), ("--eval", args.eval)):
+        for path in paths:
+            check_data_path(path, flag)
     removed = companion_path(args.out, ".removed.jsonl")
     report = args.report or companion_path(args.out, ".report.md")
     sources = [("--data", p) for p in args.data] + [("--eval", p) for p in args.eval]
