@@ -36,6 +36,8 @@ class Outcome:
 
 
 def one_line(text: str, limit: int = 300) -> str:
+    """`text` (any object, str() taken) on one line, whitespace runs collapsed, cut to `limit` characters with
+    "...": for server messages in summaries and errors."""
     text = " ".join(str(text).split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
@@ -66,6 +68,7 @@ class Refusals:
             raise self.tripped
 
     def ok(self, target: str) -> None:
+        """Counts a request to `target` that was answered (such a target never trips the probe)."""
         with self._lock:
             self.answered[target] = self.answered.get(target, 0) + 1
 
@@ -88,6 +91,8 @@ class Refusals:
 
 
 def is_refusal(error: Exception) -> bool:
+    """True when `error` is a ChatRefused about this one request (400/413/422 or a declined answer): the same
+    request would be refused again, so it is counted, not retried."""
     from tulu_jax.rollout.chat_client import ChatRefused
 
     return isinstance(error, ChatRefused) and error.about_this_request

@@ -28,6 +28,7 @@ DESCRIPTION = (
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Flags of `tulu-jax data personas` (the request flags come from `cli_args`)."""
     from tulu_jax.curation.cli_args import add_on_bad_row_arg, add_request_args
 
     p.add_argument(
@@ -145,6 +146,10 @@ def _table(title: str, counts: dict, requested: int):
 
 
 def run(args: argparse.Namespace) -> int:
+    """Runs the prompt pass (and, with --respond, the response pass) -> 0, or 1 when requests went unanswered before
+    the retry deadline (rerun to finish). Bad flags or files raise InputError/DataError/FileNotFoundError (exit 2);
+    a run whose first requests are all refused, or refused for every request (401/404), raises InputError quoting
+    the server."""
     from tulu_jax.curation.personas import (
         Aborted,
         Settings,

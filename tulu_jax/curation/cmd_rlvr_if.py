@@ -20,7 +20,7 @@ DESCRIPTION = (
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-
+    """Flags of `tulu-jax data rlvr-if`."""
     p.add_argument("--prompts", required=True, help="input rows: .jsonl, .parquet or a datasets folder")
     p.add_argument("--out", required=True, help="output: .jsonl, .parquet or a datasets folder")
     p.add_argument("--seed", type=int, default=0, help="seed of the constraint draws (default 0)")
@@ -31,6 +31,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Writes the RLVR rows of --prompts to --out (whole, atomically) and prints the summary -> 0. Bad flags, paths
+    or rows raise InputError/DataError/FileNotFoundError (exit 2)."""
     from tulu_jax.curation.rlvr_if import rlvr_if_rows
     from tulu_jax.curation.rows import check_output, format_table, iter_rows, write_rows
     from tulu_jax.inputs import InputError, check_data_path

@@ -349,6 +349,7 @@ class Summary:
 
     @property
     def prompts_per_s(self) -> float:
+        """Training rows scanned per second of the whole run (0.0 before any time has passed)."""
         scanned = self.rows_kept + self.rows_removed
         return scanned / self.seconds if self.seconds > 0 else 0.0
 

@@ -373,6 +373,7 @@ class SourcePlan:
 
     @property
     def rows_out(self) -> int:
+        """Rows this source contributes to the mixture (repeats of upsampled rows included); 0 before the draw."""
         return int(self.draws.sum()) if self.draws is not None else 0
 
     def summary(self) -> dict[str, Any]:

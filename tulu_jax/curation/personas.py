@@ -119,6 +119,7 @@ class _Calls:
         self.n, self._lock = 0, threading.Lock()
 
     def add(self) -> None:
+        """Counts one chat call."""
         with self._lock:
             self.n += 1
 

@@ -197,10 +197,12 @@ class Judged:
 
     @property
     def rated(self) -> bool:
+        """Whether every aspect got a 1-5 rating (only rated completions take part in the pair)."""
         return bool(self.ratings) and all(r is not None for r in self.ratings.values())
 
     @property
     def mean(self) -> float | None:
+        """Mean of the four aspect ratings (exact: integers over 4), None when not `rated`."""
         return float(np.mean(list(self.ratings.values()))) if self.rated else None
 
 
