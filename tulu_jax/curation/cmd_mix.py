@@ -19,9 +19,6 @@ DESCRIPTION = (
     "Example: tulu-jax data mix --config configs/data/tiny_mix.yaml --out /tmp/mix.jsonl"
 )
 
-# Names that look like a file but are not a format write_rows can produce (it would make a folder).
-_NOT_OUTPUT = (".json", ".csv", ".tsv", ".txt", ".gz", ".arrow", ".yaml", ".yml")
-
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Flags of `tulu-jax data mix`."""
@@ -48,8 +45,6 @@ def _check_out(args, cfg) -> None:
     from tulu_jax.inputs import InputError
 
     out = args.out
-    if out.lower().endswith(_NOT_OUTPUT):
-        raise InputError(f"--out {out}: name it *.jsonl, *.parquet, or a folder (datasets.save_to_disk)")
     sources = [
         (f"sources[{i}].path", resolve_path(s.path))
         for i, s in enumerate(cfg.sources)

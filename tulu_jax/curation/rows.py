@@ -22,31 +22,23 @@ from pathlib import Path
 from typing import Any
 
 from tulu_jax.data.chat import DataError
-from tulu_jax.data.sources import iter_raw_rows
-
-ON_BAD_ROW = ("error", "skip")
+from tulu_jax.data.sources import iter_valid_rows
 
 
-def iter_rows(path: str | Path, *, on_bad_row: str = "error", counts: dict[str, Any] | None = None):
+def iter_rows(
+    path: str | Path, *, on_bad_row: str = "error", counts: dict[str, Any] | None = None
+) -> Iterator[tuple[str, dict]]:
     """Yields (where, row) for every JSON-object row of one file or folder, in order. A line that is not
     JSON, not UTF-8 or not an object raises DataError (naming file and line) under on_bad_row="error", or is
     counted in `counts["rows_skipped"][reason]` under "skip". Raises FileNotFoundError for a missing path,
-    DataError for an unsupported file type."""
-    if on_bad_row not in ON_BAD_ROW:
-        raise ValueError(f"on_bad_row must be one of {ON_BAD_ROW}, got {on_bad_row!r}")
-    counts = {} if counts is None else counts
-    counts.setdefault("rows_read", 0)
-    skipped = counts.setdefault("rows_skipped", {})
-    for where, row in iter_raw_rows(path):
-        counts["rows_read"] += 1
-        if not isinstance(row, (dict, DataError)):
-            row = DataError(f"{where}: expected a JSON object, got {type(row).__name__}", "not_an_object")
-        if isinstance(row, DataError):
-            if on_bad_row == "error":
-                raise row
-            skipped[row.reason] = skipped.get(row.reason, 0) + 1
-            continue
-        yield where, row
+    DataError for an unsupported file type. (`tulu_jax.data.sources.iter_valid_rows` with an object check.)"""
+    return iter_valid_rows([path], on_bad_row, {} if counts is None else counts, _json_object)
+
+
+def _json_object(row: Any, where: str) -> tuple[str, dict]:
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}", "not_an_object")
+    return where, row
 
 
 def _turns_text(messages: Any, where: str, field: str, role: str = "user") -> str:
@@ -101,8 +93,8 @@ def output_format(path: str, flag: str = "--out") -> str:
     ext = os.path.splitext(os.path.basename(lower))[1]
     if ext and not str(path).endswith("/"):
         raise InputError(
-            f"{flag} {path}: unsupported output type {ext!r}: name a .jsonl or .parquet file, or a folder "
-            "(a datasets.save_to_disk folder; end its name with / if it has a dot)"
+            f"{flag} {path}: unsupported output type {ext!r}: name it *.jsonl, *.parquet, or a folder "
+            "(datasets.save_to_disk; end its name with / if it has a dot)"
         )
     return "folder"
 
